@@ -1,0 +1,326 @@
+// Local (EP = 1) token dispatch and combine kernels.
+//
+//   MoeEpDispatch      x [T, H], expert_ids [T, K] int32, capacity [1] int32
+//                      -> grouped_x [T*K, H], positions [T, K] int32,
+//                         tokens_per_expert [E] int32, num_dropped [1] int32
+//   MoeEpCombine       expert_out [N, H], positions [T, K] int32, weights [T, K] float32
+//                      -> y [T, H]
+//   MoeEpGatherSum     rows [N, H], positions [T, K] int32 -> y [T, H]
+//                      (an unweighted combine; the gradient of dispatch)
+//   MoeEpCombineGrad   dy [T, H], expert_out [N, H], positions [T, K] int32,
+//                      weights [T, K] float32 -> d_expert_out [N, H], d_weights [T, K] float32
+//
+// E (the number of experts) is read from the shape of the tokens_per_expert output.
+#include <limits>
+
+#include "kernel_common.h"
+
+namespace moe_ep {
+namespace {
+
+// Rows per thread below which copying is left to one thread (thread start-up costs ~20 us).
+constexpr int64_t kMinRowsPerThread = 256;
+
+// Fails unless every value of `ids` lies in [lowest, limit).
+void RequireIndicesInRange(const TensorArg &ids, int64_t lowest, int64_t limit) {
+  const int32_t *values = ids.data_as<const int32_t>();
+  const int64_t row_length = ids.rank == 2 ? ids.dim(1) : 1;
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    if (values[i] < lowest || values[i] >= limit) {
+      Fail(kOutOfRange, ids.name, IndexString(i, row_length), " = ", values[i],
+           " is out of range [", lowest, ", ", limit, ")");
+    }
+  }
+}
+
+// Checks that positions [T, K] refers to rows of a [num_rows, H] tensor, -1 meaning "none".
+void CheckPositions(const TensorArg &positions, int64_t num_tokens, int64_t num_rows) {
+  positions.RequireRank(2);
+  positions.RequireDtype("int32");
+  positions.RequireDim(0, num_tokens, "the number of tokens");
+  RequireIndicesInRange(positions, -1, num_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------------------------
+
+// Assigns each (token, k) a row of grouped_x: experts in ascending order, and inside an expert
+// tokens in ascending order, then k (a stable counting sort of the flattened expert_ids).
+// With capacity > 0 only the first `capacity` assignments of each expert keep a row; the others
+// get position -1. Returns the number of dropped assignments.
+int32_t ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assignments,
+                              int64_t num_experts, int64_t capacity, int32_t *positions,
+                              int32_t *tokens_per_expert) {
+  std::vector<int64_t> requested(num_experts, 0);
+  for (int64_t i = 0; i < num_assignments; ++i) ++requested[expert_ids[i]];
+
+  std::vector<int64_t> next_row(num_experts);  // next free row of each expert's group
+  std::vector<int64_t> group_end(num_experts);
+  int64_t group_start = 0;
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    const int64_t kept = capacity > 0 ? std::min(requested[expert], capacity) : requested[expert];
+    tokens_per_expert[expert] = static_cast<int32_t>(kept);
+    next_row[expert] = group_start;
+    group_start += kept;
+    group_end[expert] = group_start;
+  }
+
+  int32_t dropped = 0;
+  for (int64_t i = 0; i < num_assignments; ++i) {
+    const int32_t expert = expert_ids[i];
+    if (next_row[expert] < group_end[expert]) {
+      positions[i] = static_cast<int32_t>(next_row[expert]++);
+    } else {
+      positions[i] = -1;
+      ++dropped;
+    }
+  }
+  return dropped;
+}
+
+// grouped_x[positions[t, k]] = x[t]; rows from `used_rows` on are zeroed.
+template <typename T>
+void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
+              const int32_t *positions, int64_t used_rows, int64_t total_rows, T *grouped_x) {
+  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);
+  ParallelFor(num_tokens, kMinRowsPerThread, [&](int64_t token_begin, int64_t token_end) {
+    for (int64_t token = token_begin; token < token_end; ++token) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int32_t row = positions[token * top_k + k];
+        if (row >= 0) std::memcpy(grouped_x + row * hidden, x + token * hidden, row_bytes);
+      }
+    }
+  });
+  std::memset(grouped_x + used_rows * hidden, 0, (total_rows - used_rows) * row_bytes);
+}
+
+void Dispatch(std::vector<TensorArg> &args) {
+  const TensorArg &x = args[0], &expert_ids = args[1], &capacity = args[2];
+  const TensorArg &grouped_x = args[3], &positions = args[4];
+  const TensorArg &tokens_per_expert = args[5], &num_dropped = args[6];
+
+  x.RequireRank(2);
+  expert_ids.RequireRank(2);
+  expert_ids.RequireDtype("int32");
+  expert_ids.RequireDim(0, x.dim(0), "x.shape[0] (tokens)");
+  const int64_t num_tokens = x.dim(0), hidden = x.dim(1), top_k = expert_ids.dim(1);
+  const int64_t num_assignments = num_tokens * top_k;
+  if (num_assignments > std::numeric_limits<int32_t>::max()) {
+    Fail(kInvalidArgument, "tokens * top_k = ", num_assignments, " does not fit in int32");
+  }
+  capacity.RequireDtype("int32");
+  if (capacity.numel() != 1) {
+    Fail(kInvalidArgument, "capacity must hold one value, got shape ", capacity.ShapeString());
+  }
+  const int64_t capacity_value = *capacity.data_as<const int32_t>();
+  if (capacity_value < 0) Fail(kOutOfRange, "capacity = ", capacity_value, " must be >= 0");
+
+  grouped_x.RequireSameDtype(x);
+  grouped_x.RequireRank(2);
+  grouped_x.RequireDim(0, num_assignments, "tokens * top_k");
+  grouped_x.RequireDim(1, hidden, "x.shape[1] (hidden)");
+  positions.RequireDtype("int32");
+  positions.RequireRank(2);
+  positions.RequireDim(0, num_tokens, "the number of tokens");
+  positions.RequireDim(1, top_k, "top_k");
+  tokens_per_expert.RequireDtype("int32");
+  tokens_per_expert.RequireRank(1);
+  num_dropped.RequireDtype("int32");
+  if (num_dropped.numel() != 1) {
+    Fail(kInvalidArgument, "num_dropped must hold one value, got shape ",
+         num_dropped.ShapeString());
+  }
+  const int64_t num_experts = tokens_per_expert.dim(0);
+  RequireIndicesInRange(expert_ids, 0, num_experts);
+
+  int32_t *position_data = positions.data_as<int32_t>();
+  int32_t *count_data = tokens_per_expert.data_as<int32_t>();
+  const int32_t dropped =
+      ComputeDispatchLayout(expert_ids.data_as<const int32_t>(), num_assignments, num_experts,
+                            capacity_value, position_data, count_data);
+  *num_dropped.data_as<int32_t>() = dropped;
+
+  VisitFloatType(x, [&](auto element) {
+    using T = decltype(element);
+    PackRows(x.data_as<const T>(), num_tokens, top_k, hidden, position_data,
+             num_assignments - dropped, num_assignments, grouped_x.data_as<T>());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine and its gradients
+// ---------------------------------------------------------------------------------------------
+
+// y[t] = sum over k (in order, skipping -1) of weights[t, k] * rows[positions[t, k]],
+// accumulated in float32. A null `weights` means all weights are 1.
+template <typename T>
+void WeightedGatherSum(const T *rows, int64_t hidden, const int32_t *positions,
+                       const float *weights, int64_t num_tokens, int64_t top_k, T *y) {
+  ParallelFor(num_tokens, kMinRowsPerThread / 4, [&](int64_t token_begin, int64_t token_end) {
+    std::vector<float> sum(hidden);  // [hidden]
+    for (int64_t token = token_begin; token < token_end; ++token) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t slot = token * top_k + k;
+        if (positions[slot] < 0) continue;
+        const float weight = weights ? weights[slot] : 1.0f;
+        const T *row = rows + positions[slot] * hidden;
+        for (int64_t h = 0; h < hidden; ++h) sum[h] += weight * ToFloat(row[h]);
+      }
+      T *out = y + token * hidden;
+      for (int64_t h = 0; h < hidden; ++h) out[h] = FromFloat<T>(sum[h]);
+    }
+  });
+}
+
+// Shared by Combine (with weights) and GatherSum (weights == nullptr).
+void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
+               const TensorArg &y) {
+  rows.RequireRank(2);
+  y.RequireRank(2);
+  y.RequireSameDtype(rows);
+  y.RequireDim(1, rows.dim(1), "the hidden size");
+  const int64_t num_tokens = y.dim(0), hidden = rows.dim(1);
+  CheckPositions(positions, num_tokens, rows.dim(0));
+  const int64_t top_k = positions.dim(1);
+  const float *weight_data = nullptr;
+  if (weights != nullptr) {
+    weights->RequireDtype("float32");
+    weights->RequireRank(2);
+    weights->RequireDim(0, num_tokens, "the number of tokens");
+    weights->RequireDim(1, top_k, "top_k");
+    weight_data = weights->data_as<const float>();
+  }
+  VisitFloatType(rows, [&](auto element) {
+    using T = decltype(element);
+    WeightedGatherSum(rows.data_as<const T>(), hidden, positions.data_as<const int32_t>(),
+                      weight_data, num_tokens, top_k, y.data_as<T>());
+  });
+}
+
+// d_expert_out[positions[t, k]] = weights[t, k] * dy[t]   (rows no position refers to: 0)
+// d_weights[t, k] = <dy[t], expert_out[positions[t, k]]>   (0 where positions[t, k] = -1)
+template <typename T>
+void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t hidden,
+                     const int32_t *positions, const float *weights, int64_t num_tokens,
+                     int64_t top_k, const std::vector<bool> &row_is_used, T *d_expert_out,
+                     float *d_weights) {
+  ParallelFor(num_tokens, kMinRowsPerThread / 4, [&](int64_t token_begin, int64_t token_end) {
+    for (int64_t token = token_begin; token < token_end; ++token) {
+      const T *dy_row = dy + token * hidden;
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t slot = token * top_k + k;
+        const int32_t row = positions[slot];
+        if (row < 0) {
+          d_weights[slot] = 0.0f;
+          continue;
+        }
+        const T *value_row = expert_out + row * hidden;
+        T *grad_row = d_expert_out + row * hidden;
+        float dot = 0.0f;
+        for (int64_t h = 0; h < hidden; ++h) {
+          const float upstream = ToFloat(dy_row[h]);
+          grad_row[h] = FromFloat<T>(weights[slot] * upstream);
+          dot += upstream * ToFloat(value_row[h]);
+        }
+        d_weights[slot] = dot;
+      }
+    }
+  });
+  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);
+  for (int64_t row = 0; row < num_rows; ++row) {
+    if (!row_is_used[row]) std::memset(d_expert_out + row * hidden, 0, row_bytes);
+  }
+}
+
+void CombineGrad(std::vector<TensorArg> &args) {
+  const TensorArg &dy = args[0], &expert_out = args[1], &positions = args[2];
+  const TensorArg &weights = args[3], &d_expert_out = args[4], &d_weights = args[5];
+
+  dy.RequireRank(2);
+  expert_out.RequireRank(2);
+  expert_out.RequireSameDtype(dy);
+  expert_out.RequireDim(1, dy.dim(1), "dy.shape[1] (hidden)");
+  const int64_t num_tokens = dy.dim(0), hidden = dy.dim(1), num_rows = expert_out.dim(0);
+  CheckPositions(positions, num_tokens, num_rows);
+  const int64_t top_k = positions.dim(1);
+  weights.RequireDtype("float32");
+  weights.RequireRank(2);
+  weights.RequireDim(0, num_tokens, "the number of tokens");
+  weights.RequireDim(1, top_k, "top_k");
+  d_expert_out.RequireSameDtype(expert_out);
+  d_expert_out.RequireRank(2);
+  d_expert_out.RequireDim(0, num_rows, "expert_out.shape[0]");
+  d_expert_out.RequireDim(1, hidden, "the hidden size");
+  d_weights.RequireDtype("float32");
+  d_weights.RequireRank(2);
+  d_weights.RequireDim(0, num_tokens, "the number of tokens");
+  d_weights.RequireDim(1, top_k, "top_k");
+
+  // Each row of expert_out feeds at most one (t, k), so its gradient is written, not summed.
+  const int32_t *position_data = positions.data_as<const int32_t>();
+  std::vector<bool> row_is_used(num_rows, false);
+  for (int64_t slot = 0; slot < num_tokens * top_k; ++slot) {
+    const int32_t row = position_data[slot];
+    if (row < 0) continue;
+    if (row_is_used[row]) {
+      Fail(kInvalidArgument, "positions", IndexString(slot, top_k), " = ", row,
+           " repeats an earlier position; every row may be used once");
+    }
+    row_is_used[row] = true;
+  }
+
+  VisitFloatType(dy, [&](auto element) {
+    using T = decltype(element);
+    CombineBackward(dy.data_as<const T>(), expert_out.data_as<const T>(), num_rows, hidden,
+                    position_data, weights.data_as<const float>(), num_tokens, top_k,
+                    row_is_used, d_expert_out.data_as<T>(), d_weights.data_as<float>());
+  });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+using moe_ep::BindArgs;
+using moe_ep::RunKernel;
+using moe_ep::TensorArg;
+
+MOE_EP_EXPORT int MoeEpDispatch(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpDispatch", [&] {
+    std::vector<TensorArg> args =
+        BindArgs(nparam, params, ndims, shapes, dtypes,
+                 {"x", "expert_ids", "capacity", "grouped_x", "positions", "tokens_per_expert",
+                  "num_dropped"});
+    moe_ep::Dispatch(args);
+  });
+}
+
+MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **shapes,
+                               const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpCombine", [&] {
+    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+                                           {"expert_out", "positions", "weights", "y"});
+    moe_ep::GatherSum(args[0], args[1], &args[2], args[3]);
+  });
+}
+
+MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t **shapes,
+                                 const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpGatherSum", [&] {
+    std::vector<TensorArg> args =
+        BindArgs(nparam, params, ndims, shapes, dtypes, {"rows", "positions", "y"});
+    moe_ep::GatherSum(args[0], args[1], nullptr, args[2]);
+  });
+}
+
+MOE_EP_EXPORT int MoeEpCombineGrad(int nparam, void **params, int *ndims, int64_t **shapes,
+                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpCombineGrad", [&] {
+    std::vector<TensorArg> args =
+        BindArgs(nparam, params, ndims, shapes, dtypes,
+                 {"dy", "expert_out", "positions", "weights", "d_expert_out", "d_weights"});
+    moe_ep::CombineGrad(args);
+  });
+}

@@ -1,0 +1,176 @@
+// oneDNN lookup and the float32 / bfloat16 / float16 row-major GEMM (see gemm_backend.h).
+#include "gemm_backend.h"
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <type_traits>
+#include <vector>
+
+namespace moe_ep {
+namespace {
+
+constexpr const char *kOneDnnPathVariable = "MOE_EP_DNNL_LIBRARY";
+
+// oneDNN's row-major C GEMM entry points (dnnl_status_t is an int-sized enum, 0 = success).
+using SgemmFunction = int (*)(char transa, char transb, int64_t m, int64_t n, int64_t k,
+                              float alpha, const float *a, int64_t lda, const float *b,
+                              int64_t ldb, float beta, float *c, int64_t ldc);
+using Bf16GemmFunction = int (*)(char transa, char transb, int64_t m, int64_t n, int64_t k,
+                                 float alpha, const uint16_t *a, int64_t lda, const uint16_t *b,
+                                 int64_t ldb, float beta, float *c, int64_t ldc);
+
+struct OneDnn {
+  SgemmFunction sgemm = nullptr;
+  Bf16GemmFunction gemm_bf16 = nullptr;
+};
+
+// Finds oneDNN once: first among the libraries already loaded with global symbols, then in the
+// library named by MOE_EP_DNNL_LIBRARY (normally already loaded by MindSpore, so cheap).
+const OneDnn &LoadedOneDnn() {
+  static const OneDnn one_dnn = [] {
+    OneDnn found;
+    found.sgemm = reinterpret_cast<SgemmFunction>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
+    found.gemm_bf16 =
+        reinterpret_cast<Bf16GemmFunction>(dlsym(RTLD_DEFAULT, "dnnl_gemm_bf16bf16f32"));
+    const char *path = std::getenv(kOneDnnPathVariable);
+    if ((found.sgemm == nullptr || found.gemm_bf16 == nullptr) && path != nullptr && *path) {
+      if (void *library = dlopen(path, RTLD_NOW | RTLD_LOCAL)) {
+        found.sgemm = reinterpret_cast<SgemmFunction>(dlsym(library, "dnnl_sgemm"));
+        found.gemm_bf16 =
+            reinterpret_cast<Bf16GemmFunction>(dlsym(library, "dnnl_gemm_bf16bf16f32"));
+      }
+    }
+    return found;
+  }();
+  return one_dnn;
+}
+
+// Set through MoeEpSetGemmBackend("reference"), e.g. to test the fallback loop.
+std::atomic<bool> reference_gemm_requested{false};
+
+bool UseOneDnn() { return !reference_gemm_requested && LoadedOneDnn().sgemm != nullptr; }
+
+char TransposeFlag(bool transpose) { return transpose ? 'T' : 'N'; }
+
+// The fallback: C[i, j] = sum_p op(A)[i, p] * op(B)[p, j], accumulated in float32.
+void ReferenceGemm(const GemmProblem &p, const float *a, const float *b, float *c) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    float *c_row = c + i * p.ldc;
+    std::fill(c_row, c_row + p.n, 0.0f);
+    for (int64_t inner = 0; inner < p.k; ++inner) {
+      const float a_value = p.trans_a ? a[inner * p.lda + i] : a[i * p.lda + inner];
+      for (int64_t j = 0; j < p.n; ++j) {
+        const float b_value = p.trans_b ? b[j * p.ldb + inner] : b[inner * p.ldb + j];
+        c_row[j] += a_value * b_value;
+      }
+    }
+  }
+}
+
+// Copies a stored [rows, cols] matrix with row stride `stride` into a dense float32 matrix.
+template <typename T>
+std::vector<float> ToDenseFloat(const T *source, int64_t rows, int64_t cols, int64_t stride) {
+  std::vector<float> dense(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dense[r * cols + c] = ToFloat(source[r * stride + c]);
+  }
+  return dense;
+}
+
+// C (float32) = op(A) op(B) for 16-bit A and B, by converting A and B to float32 first.
+template <typename T>
+void GemmThroughFloat32(const GemmProblem &p, const T *a, const T *b, float *c) {
+  GemmProblem dense = p;
+  const int64_t a_rows = p.trans_a ? p.k : p.m, a_cols = p.trans_a ? p.m : p.k;
+  const int64_t b_rows = p.trans_b ? p.n : p.k, b_cols = p.trans_b ? p.k : p.n;
+  const std::vector<float> a_float = ToDenseFloat(a, a_rows, a_cols, p.lda);  // op(A) stored
+  const std::vector<float> b_float = ToDenseFloat(b, b_rows, b_cols, p.ldb);  // op(B) stored
+  dense.lda = a_cols;
+  dense.ldb = b_cols;
+  GemmFloat32(dense, a_float.data(), b_float.data(), c);
+}
+
+// Sets C [m, n] to zero (used when the inner dimension k is 0).
+template <typename T>
+void ZeroMatrix(T *c, int64_t rows, int64_t cols, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) std::memset(c + r * stride, 0, cols * sizeof(T));
+}
+
+void RequireSuccess(int status, const char *function, const GemmProblem &p) {
+  if (status != 0) {
+    Fail(kInternalError, function, " failed with status ", status, " (m=", p.m, ", n=", p.n,
+         ", k=", p.k, ", lda=", p.lda, ", ldb=", p.ldb, ", ldc=", p.ldc, ")");
+  }
+}
+
+}  // namespace
+
+void GemmFloat32(const GemmProblem &p, const float *a, const float *b, float *c) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) return ZeroMatrix(c, p.m, p.n, p.ldc);
+  if (!UseOneDnn()) return ReferenceGemm(p, a, b, c);
+  const int status = LoadedOneDnn().sgemm(TransposeFlag(p.trans_a), TransposeFlag(p.trans_b),
+                                          p.m, p.n, p.k, 1.0f, a, p.lda, b, p.ldb, 0.0f, c, p.ldc);
+  RequireSuccess(status, "dnnl_sgemm", p);
+}
+
+void GemmBFloat16(const GemmProblem &p, const BFloat16 *a, const BFloat16 *b, float *c) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) return ZeroMatrix(c, p.m, p.n, p.ldc);
+  const Bf16GemmFunction gemm_bf16 = LoadedOneDnn().gemm_bf16;
+  if (!UseOneDnn() || gemm_bf16 == nullptr) return GemmThroughFloat32(p, a, b, c);
+  static_assert(sizeof(BFloat16) == sizeof(uint16_t), "BFloat16 must be 16 raw bits");
+  const int status = gemm_bf16(TransposeFlag(p.trans_a), TransposeFlag(p.trans_b), p.m, p.n,
+                               p.k, 1.0f, reinterpret_cast<const uint16_t *>(a), p.lda,
+                               reinterpret_cast<const uint16_t *>(b), p.ldb, 0.0f, c, p.ldc);
+  RequireSuccess(status, "dnnl_gemm_bf16bf16f32", p);
+}
+
+template <typename T>
+void Gemm(const GemmProblem &p, const T *a, const T *b, T *c) {
+  if constexpr (std::is_same_v<T, float>) {
+    GemmFloat32(p, a, b, c);
+  } else {
+    // 16-bit output: compute into a dense float32 product, then round once into C.
+    GemmProblem into_product = p;
+    into_product.ldc = p.n;
+    std::vector<float> product(p.m * p.n);  // [m, n]
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      GemmBFloat16(into_product, a, b, product.data());
+    } else {
+      GemmThroughFloat32(into_product, a, b, product.data());
+    }
+    for (int64_t i = 0; i < p.m; ++i) {
+      for (int64_t j = 0; j < p.n; ++j) c[i * p.ldc + j] = FromFloat<T>(product[i * p.n + j]);
+    }
+  }
+}
+
+template void Gemm<float>(const GemmProblem &, const float *, const float *, float *);
+template void Gemm<Half>(const GemmProblem &, const Half *, const Half *, Half *);
+template void Gemm<BFloat16>(const GemmProblem &, const BFloat16 *, const BFloat16 *,
+                             BFloat16 *);
+
+}  // namespace moe_ep
+
+// "onednn" if the grouped matmuls currently use oneDNN, else "reference" (the C++ loop).
+MOE_EP_EXPORT const char *MoeEpGemmBackend() {
+  return moe_ep::UseOneDnn() ? "onednn" : "reference";
+}
+
+// Selects the GEMM backend: "onednn" (the default when available) or "reference".
+// Returns 0 on success, 1 for an unknown name or if oneDNN was not found.
+MOE_EP_EXPORT int MoeEpSetGemmBackend(const char *name) {
+  const std::string_view requested(name ? name : "");
+  if (requested == "reference") {
+    moe_ep::reference_gemm_requested = true;
+    return 0;
+  }
+  if (requested == "onednn" && moe_ep::LoadedOneDnn().sgemm != nullptr) {
+    moe_ep::reference_gemm_requested = false;
+    return 0;
+  }
+  return 1;
+}

@@ -1,0 +1,210 @@
+// Grouped matrix multiplication over rows grouped by expert.
+//
+//   MoeEpGroupedMatmul             rows [N, K_in], weights [E, K_in, N_out],
+//                                  tokens_per_expert [E] int32 -> out [N, N_out]
+//   MoeEpGroupedMatmulTransposedB  rows [N, K_in], weights [E, N_out, K_in],
+//                                  tokens_per_expert [E] int32 -> out [N, N_out]
+//   MoeEpGroupedMatmulWeightGrad   a [N, P], b [N, Q], tokens_per_expert [E] int32
+//                                  -> out [E, P, Q], out[e] = a_e^T @ b_e
+//
+// Group e is the tokens_per_expert[e] consecutive rows after the rows of groups 0..e-1; rows past
+// the sum of tokens_per_expert produce zeros. The work is cut into fixed-size blocks (independent
+// of the thread count, so results do not depend on it) that run on KernelThreadCount() threads;
+// every block writes its own part of the output.
+#include <algorithm>
+#include <vector>
+
+#include "gemm_backend.h"
+#include "kernel_common.h"
+
+namespace moe_ep {
+namespace {
+
+// Rows of the output computed by one GEMM call; big enough to keep oneDNN efficient.
+constexpr int64_t kRowsPerBlock = 128;
+
+// Where each expert's rows are: group e is rows [offsets[e], offsets[e + 1]).
+struct Groups {
+  std::vector<int64_t> offsets;  // [E + 1]
+
+  int64_t num_experts() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  int64_t start(int64_t expert) const { return offsets[expert]; }
+  int64_t size(int64_t expert) const { return offsets[expert + 1] - offsets[expert]; }
+  int64_t total_rows() const { return offsets.back(); }
+};
+
+// Validates tokens_per_expert [E] against the number of rows and returns the groups.
+Groups GroupsOf(const TensorArg &tokens_per_expert, int64_t num_rows) {
+  tokens_per_expert.RequireRank(1);
+  tokens_per_expert.RequireDtype("int32");
+  const int32_t *counts = tokens_per_expert.data_as<const int32_t>();
+  Groups groups;
+  groups.offsets.assign(tokens_per_expert.dim(0) + 1, 0);
+  for (int64_t expert = 0; expert < tokens_per_expert.dim(0); ++expert) {
+    if (counts[expert] < 0) {
+      Fail(kOutOfRange, "tokens_per_expert[", expert, "] = ", counts[expert], " is negative");
+    }
+    groups.offsets[expert + 1] = groups.offsets[expert] + counts[expert];
+  }
+  if (groups.total_rows() > num_rows) {
+    Fail(kOutOfRange, "tokens_per_expert sums to ", groups.total_rows(), ", more than the ",
+         num_rows, " rows available");
+  }
+  return groups;
+}
+
+// One GEMM call: `count` output rows starting at row `first` of expert `expert`'s output
+// (its group of rows for the matmul, its [P, Q] gradient for the weight gradient).
+struct Block {
+  int64_t expert;
+  int64_t first;
+  int64_t count;
+};
+
+// Splits each expert's `output_rows(expert)` output rows into blocks of kRowsPerBlock.
+template <typename OutputRows>
+std::vector<Block> MakeBlocks(const Groups &groups, OutputRows &&output_rows) {
+  std::vector<Block> blocks;
+  for (int64_t expert = 0; expert < groups.num_experts(); ++expert) {
+    const int64_t rows_of_expert = output_rows(expert);
+    for (int64_t first = 0; first < rows_of_expert; first += kRowsPerBlock) {
+      blocks.push_back(Block{expert, first, std::min(kRowsPerBlock, rows_of_expert - first)});
+    }
+  }
+  return blocks;
+}
+
+// Runs gemm_of(block) for every block on the kernel threads.
+template <typename GemmOfBlock>
+void RunBlocks(const std::vector<Block> &blocks, GemmOfBlock &&gemm_of) {
+  ParallelFor(static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) gemm_of(blocks[index]);
+  });
+}
+
+// out [N, N_out] = rows of group e @ W_e, where W_e is weights[e] (or its transpose).
+template <typename T>
+void GroupedMatmul(const T *rows, int64_t num_rows, int64_t k_in, const T *weights,
+                   int64_t n_out, bool transpose_b, const Groups &groups, T *out) {
+  const std::vector<Block> blocks =
+      MakeBlocks(groups, [&](int64_t expert) { return groups.size(expert); });
+  RunBlocks(blocks, [&](const Block &block) {
+    const int64_t first_row = groups.start(block.expert) + block.first;
+    GemmProblem problem;
+    problem.trans_b = transpose_b;
+    problem.m = block.count;
+    problem.n = n_out;
+    problem.k = k_in;
+    problem.lda = k_in;
+    problem.ldb = transpose_b ? k_in : n_out;
+    problem.ldc = n_out;
+    Gemm(problem, rows + first_row * k_in, weights + block.expert * k_in * n_out,
+         out + first_row * n_out);
+  });
+  const int64_t used_rows = groups.total_rows();
+  std::memset(out + used_rows * n_out, 0, (num_rows - used_rows) * n_out * sizeof(T));
+}
+
+// out[e] [P, Q] = a_e^T @ b_e; experts without rows get zeros. Blocks split the P rows of out[e].
+template <typename T>
+void GroupedWeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size,
+                       const Groups &groups, T *out) {
+  const std::vector<Block> blocks =
+      MakeBlocks(groups, [&](int64_t /*expert*/) { return p_size; });
+  RunBlocks(blocks, [&](const Block &block) {
+    const int64_t group_start = groups.start(block.expert);
+    GemmProblem problem;
+    problem.trans_a = true;
+    problem.m = block.count;
+    problem.n = q_size;
+    problem.k = groups.size(block.expert);
+    problem.lda = p_size;
+    problem.ldb = q_size;
+    problem.ldc = q_size;
+    Gemm(problem, a + group_start * p_size + block.first, b + group_start * q_size,
+         out + (block.expert * p_size + block.first) * q_size);
+  });
+}
+
+void RunGroupedMatmul(std::vector<TensorArg> &args, bool transpose_b) {
+  const TensorArg &rows = args[0], &weights = args[1], &tokens_per_expert = args[2];
+  const TensorArg &out = args[3];
+  rows.RequireRank(2);
+  weights.RequireRank(3);
+  weights.RequireSameDtype(rows);
+  tokens_per_expert.RequireRank(1);
+  const int64_t num_rows = rows.dim(0), k_in = rows.dim(1);
+  const int64_t num_experts = weights.dim(0);
+  weights.RequireDim(transpose_b ? 2 : 1, k_in, "rows.shape[1] (K_in)");
+  const int64_t n_out = weights.dim(transpose_b ? 1 : 2);
+  tokens_per_expert.RequireDim(0, num_experts, "weights.shape[0] (experts)");
+  out.RequireSameDtype(rows);
+  out.RequireRank(2);
+  out.RequireDim(0, num_rows, "rows.shape[0]");
+  out.RequireDim(1, n_out, "N_out of weights");
+  const Groups groups = GroupsOf(tokens_per_expert, num_rows);
+
+  VisitFloatType(rows, [&](auto element) {
+    using T = decltype(element);
+    GroupedMatmul(rows.data_as<const T>(), num_rows, k_in, weights.data_as<const T>(), n_out,
+                  transpose_b, groups, out.data_as<T>());
+  });
+}
+
+void RunGroupedWeightGrad(std::vector<TensorArg> &args) {
+  const TensorArg &a = args[0], &b = args[1], &tokens_per_expert = args[2], &out = args[3];
+  a.RequireRank(2);
+  b.RequireRank(2);
+  b.RequireSameDtype(a);
+  b.RequireDim(0, a.dim(0), "a.shape[0] (rows)");
+  tokens_per_expert.RequireRank(1);
+  const int64_t num_experts = tokens_per_expert.dim(0);
+  out.RequireSameDtype(a);
+  out.RequireRank(3);
+  out.RequireDim(0, num_experts, "tokens_per_expert.shape[0] (experts)");
+  out.RequireDim(1, a.dim(1), "a.shape[1]");
+  out.RequireDim(2, b.dim(1), "b.shape[1]");
+  const Groups groups = GroupsOf(tokens_per_expert, a.dim(0));
+
+  VisitFloatType(a, [&](auto element) {
+    using T = decltype(element);
+    GroupedWeightGrad(a.data_as<const T>(), a.dim(1), b.data_as<const T>(), b.dim(1),
+                      groups, out.data_as<T>());
+  });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+using moe_ep::BindArgs;
+using moe_ep::RunKernel;
+using moe_ep::TensorArg;
+
+MOE_EP_EXPORT int MoeEpGroupedMatmul(int nparam, void **params, int *ndims, int64_t **shapes,
+                                     const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpGroupedMatmul", [&] {
+    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+                                           {"rows", "weights", "tokens_per_expert", "out"});
+    moe_ep::RunGroupedMatmul(args, /*transpose_b=*/false);
+  });
+}
+
+MOE_EP_EXPORT int MoeEpGroupedMatmulTransposedB(int nparam, void **params, int *ndims,
+                                                int64_t **shapes, const char **dtypes,
+                                                void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpGroupedMatmulTransposedB", [&] {
+    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+                                           {"rows", "weights", "tokens_per_expert", "out"});
+    moe_ep::RunGroupedMatmul(args, /*transpose_b=*/true);
+  });
+}
+
+MOE_EP_EXPORT int MoeEpGroupedMatmulWeightGrad(int nparam, void **params, int *ndims,
+                                               int64_t **shapes, const char **dtypes,
+                                               void * /*stream*/, void * /*extra*/) {
+  return RunKernel("MoeEpGroupedMatmulWeightGrad", [&] {
+    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+                                           {"a", "b", "tokens_per_expert", "out"});
+    moe_ep::RunGroupedWeightGrad(args);
+  });
+}

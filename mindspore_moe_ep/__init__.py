@@ -1,0 +1,26 @@
+"""mindspore-moe-ep: expert-parallel Mixture-of-Experts for MindSpore.
+
+Public API::
+
+    cfg = mindspore_moe_ep.load_config("yaml_configs/tiny.yaml", top_k=2)
+    cfg = mindspore_moe_ep.config_from_hf(hf_config_dict, expert_parallel=4)
+    layer = mindspore_moe_ep.MoELayer(cfg)
+    y = layer(x)                     # [batch, seq, hidden] or [tokens, hidden]
+
+The configuration part is pure Python; MindSpore is imported only when a Cell is first used.
+"""
+import importlib
+
+from .config import ConfigError, MoEConfig, config_from_hf, load_config
+
+__all__ = ["ConfigError", "MoEConfig", "MoELayer", "config_from_hf", "load_config",
+           "setup_runtime"]
+__version__ = "0.1.0"
+
+_LAZY = {"MoELayer": ".layer", "setup_runtime": ".runtime"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'mindspore_moe_ep' has no attribute '{name}'")

@@ -1,0 +1,521 @@
+"""The typed configuration of an expert-parallel MoE layer, and its validation.
+
+Each YAML section is a frozen dataclass. Every field is declared once, with :func:`option`, and
+carries its meaning and numeric lower bound in the field metadata; the type checks, the error
+messages and the key tables of ``docs/config_reference.md`` (:func:`reference_markdown`) are all
+derived from those declarations, so they cannot drift apart.
+
+Validation happens on construction: a section checks its own fields, :class:`MoEConfig` checks the
+rules that span sections. Every problem raises :class:`ConfigError` naming the ``section.field``
+path, the value and what is allowed.
+
+This module is pure Python: it must not import mindspore.
+"""
+import dataclasses
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import get_args, get_origin
+
+from .errors import ConfigError, located_in
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+AuxLossType = Literal["none", "switch", "seq"]
+Transport = Literal["auto", "shm", "allgather"]
+ExecutionMode = Literal["graph", "pynative"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+def option(doc: str, *, default: Any = MISSING, ge: Optional[float] = None,
+           gt: Optional[float] = None) -> Any:
+    """Declare a config field: its meaning, its default (none given = required) and lower bound.
+
+    ``ge`` is an inclusive lower bound and ``gt`` an exclusive one; both apply to numbers only.
+    """
+    return field(default=default, metadata={"doc": doc, "ge": ge, "gt": gt})
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking one value against its field declaration
+# ----------------------------------------------------------------------------------------------
+
+def _split_optional(annotation: Any) -> Tuple[Any, bool]:
+    """The annotation without ``Optional[...]``, and whether it allowed None."""
+    if get_origin(annotation) is Union:
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return kinds[0], len(kinds) < len(get_args(annotation))
+    return annotation, False
+
+
+def allowed_values(spec: dataclasses.Field) -> str:
+    """What a field accepts, in words, e.g. ``an integer >= 1 or null``."""
+    kind, nullable = _split_optional(spec.type)
+    if get_origin(kind) is Literal:
+        text = "one of " + ", ".join(repr(choice) for choice in get_args(kind))
+    elif kind is bool:
+        text = "true or false"
+    else:
+        text = {int: "an integer", float: "a number", str: "a string"}[kind]
+        if spec.metadata["ge"] is not None:
+            text += f" >= {spec.metadata['ge']:g}"
+        if spec.metadata["gt"] is not None:
+            text += f" > {spec.metadata['gt']:g}"
+    return text + " or null" if nullable else text
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the (non-optional) annotated type; bools are not numbers here."""
+    if get_origin(kind) is Literal:
+        return any(type(value) is type(choice) and value == choice for choice in get_args(kind))
+    if kind is bool:
+        return type(value) is bool
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _within_bounds(value: Any, spec: dataclasses.Field) -> bool:
+    """Whether a value of the right type respects the field's lower bound (NaN never does)."""
+    ge, gt = spec.metadata["ge"], spec.metadata["gt"]
+    return (ge is None or value >= ge) and (gt is None or value > gt)
+
+
+def _hint(value: Any, kind: Any) -> str:
+    """A parenthesised hint for the common mistakes behind a rejected value, or ''."""
+    if isinstance(value, bool) and kind in (int, float):
+        return " (true/false is not a number)"
+    if isinstance(value, str) and kind in (int, float) and _parses_as_float(value):
+        mantissa, _, exponent = value.lower().partition("e")
+        if exponent and "." not in mantissa:
+            return f" (YAML reads {value} as a string; write {mantissa}.0e{exponent})"
+        return " (a quoted number is a string; remove the quotes)"
+    if isinstance(value, str) and get_origin(kind) is Literal:
+        return suggestion(value, [str(choice) for choice in get_args(kind)])
+    return ""
+
+
+def _parses_as_float(text: str) -> bool:
+    """Whether Python reads ``text`` as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def checked_value(path: str, value: Any, spec: dataclasses.Field) -> Any:
+    """``value`` if the field allows it (ints widened to float for float fields); else raise."""
+    kind, nullable = _split_optional(spec.type)
+    if value is None and nullable:
+        return None
+    if _has_type(value, kind) and _within_bounds(value, spec):
+        return float(value) if kind is float else value
+    raise ConfigError(f"{path} = {value!r} is not allowed; expected {allowed_values(spec)}"
+                      f"{_hint(value, kind)}", key=path)
+
+
+def suggestion(name: str, candidates: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the candidate nearest to ``name``, or '' if none is close."""
+    nearest = difflib.get_close_matches(str(name), list(candidates), n=1)
+    return f" (did you mean '{nearest[0]}'?)" if nearest else ""
+
+
+def _require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition`` holds (for rules between fields).
+
+    The error has no single ``key``: it is about the combination, not about where one value
+    was set.
+    """
+    if not condition:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections
+# ----------------------------------------------------------------------------------------------
+
+class _Section:
+    """What every section does on construction: check each field, then the rules between them."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            path = f"{self.SECTION}.{spec.name}"
+            object.__setattr__(self, spec.name, checked_value(path, getattr(self, spec.name), spec))
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """Rules between fields of this section (none by default)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Sizes of the MoE layer."""
+
+    SECTION: ClassVar[str] = "model"
+
+    hidden_size: int = option("Width of the token vectors entering and leaving the layer.", gt=0)
+    num_experts: int = option("Number of routed experts in the layer, over all ranks.", gt=0)
+    expert_ffn_size: int = option("Intermediate size of each routed SwiGLU expert.", gt=0)
+    num_shared_experts: int = option(
+        "Number of shared experts, which see every token; together they act as one dense SwiGLU "
+        "of intermediate size `shared_ffn_size`, added to the routed output.", default=0, ge=0)
+    shared_expert_ffn_size: Optional[int] = option(
+        "Intermediate size of the combined shared experts; null means "
+        "`expert_ffn_size * num_shared_experts`.", default=None, gt=0)
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Effective intermediate size of the combined shared experts (0 if there are none)."""
+        if self.shared_expert_ffn_size is not None:
+            return self.shared_expert_ffn_size
+        return self.expert_ffn_size * self.num_shared_experts
+
+    def _check_consistency(self) -> None:
+        _require(self.shared_expert_ffn_size is None or self.num_shared_experts > 0,
+                 f"model.shared_expert_ffn_size = {self.shared_expert_ffn_size} is set but "
+                 f"model.num_shared_experts = 0; set model.num_shared_experts or remove "
+                 f"model.shared_expert_ffn_size")
+
+
+@dataclass(frozen=True)
+class RouterConfig(_Section):
+    """How each token chooses its experts, and the load-balancing losses."""
+
+    SECTION: ClassVar[str] = "router"
+
+    top_k: int = option("Number of experts each token is sent to.", ge=1)
+    score_func: ScoreFunc = option(
+        "How gate logits become expert scores: a softmax over the experts, or an independent "
+        "sigmoid per expert (DeepSeek-V3).", default="softmax")
+    num_groups: int = option(
+        "Number of equal expert groups for group-limited routing (DeepSeek); 1 = no group limit.",
+        default=1, ge=1)
+    topk_groups: Optional[int] = option(
+        "Number of groups a token may pick its experts from; null means all `num_groups`.",
+        default=None, ge=1)
+    norm_topk_prob: bool = option(
+        "Renormalise each token's top-k scores to sum to 1 (before `routed_scaling_factor`).",
+        default=True)
+    routed_scaling_factor: float = option(
+        "Multiplier applied to the routing weights of the routed experts.", default=1.0, gt=0)
+    expert_bias: bool = option(
+        "Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores "
+        "for choosing experts only; the routing weights use the unbiased scores.", default=False)
+    bias_update_rate: float = option(
+        "Step by which the expert bias moves towards balance after each training step "
+        "(used only when `expert_bias` is true).", default=0.001, ge=0)
+    aux_loss_type: AuxLossType = option(
+        "Load-balancing auxiliary loss: none, switch (over the batch, Switch Transformer) or seq "
+        "(per sequence, DeepSeek).", default="none")
+    aux_loss_coeff: float = option(
+        "Weight of the auxiliary loss; must be > 0 exactly when `aux_loss_type` is not none.",
+        default=0.0, ge=0)
+    z_loss_coeff: float = option(
+        "Weight of the router z-loss (mean squared log-sum-exp of the gate logits); 0 = off.",
+        default=0.0, ge=0)
+    capacity_factor: Optional[float] = option(
+        "Expert capacity = ceil(capacity_factor * tokens * top_k / num_experts) rows; rows beyond "
+        "it are dropped. null = dropless.", default=None, gt=0)
+
+    @property
+    def effective_topk_groups(self) -> int:
+        """Number of groups a token may pick from, with null resolved to ``num_groups``."""
+        return self.num_groups if self.topk_groups is None else self.topk_groups
+
+    @property
+    def dropless(self) -> bool:
+        """Whether every routed (token, expert) pair is kept (no capacity limit)."""
+        return self.capacity_factor is None
+
+    def _check_consistency(self) -> None:
+        _require(self.effective_topk_groups <= self.num_groups,
+                 f"router.topk_groups = {self.topk_groups} exceeds router.num_groups = "
+                 f"{self.num_groups}")
+        _require(self.aux_loss_type == "none" or self.aux_loss_coeff > 0,
+                 f"router.aux_loss_type = {self.aux_loss_type!r} needs router.aux_loss_coeff > 0 "
+                 f"(got {self.aux_loss_coeff}); set the coefficient or use aux_loss_type 'none'")
+        _require(self.aux_loss_type != "none" or self.aux_loss_coeff == 0,
+                 f"router.aux_loss_coeff = {self.aux_loss_coeff} has no effect while "
+                 f"router.aux_loss_type = 'none'; set router.aux_loss_type to 'switch' or 'seq'")
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_Section):
+    """How the experts and the data are spread over the ranks."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    expert_parallel: int = option(
+        "Number of ranks the experts are spread over; each holds num_experts / expert_parallel.",
+        default=1, ge=1)
+    data_parallel: Optional[int] = option(
+        "Number of expert-parallel groups; null means world_size / expert_parallel, decided at "
+        "run time.", default=None, ge=1)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` ranks, checking that the sizes fit."""
+        _require(world_size % self.expert_parallel == 0,
+                 f"world size {world_size} is not divisible by parallel.expert_parallel = "
+                 f"{self.expert_parallel}")
+        data_parallel = world_size // self.expert_parallel
+        _require(self.data_parallel in (None, data_parallel),
+                 f"parallel.data_parallel = {self.data_parallel} * parallel.expert_parallel = "
+                 f"{self.expert_parallel} does not match the world size {world_size}")
+        return data_parallel
+
+
+@dataclass(frozen=True)
+class DispatchConfig(_Section):
+    """Static buffer sizes, path selection and token exchange between ranks."""
+
+    SECTION: ClassVar[str] = "dispatch"
+
+    max_tokens_per_rank: int = option(
+        "Most tokens one rank may route in one step; sizes the static dispatch buffers "
+        "(like CANN's globalBs / ep).", default=4096, gt=0)
+    decode_token_threshold: int = option(
+        "Steps with at most this many tokens per rank take the decode path (fused "
+        "dispatch/combine); larger steps take the prefill path (all-to-all-v).", default=64, ge=0)
+    transport: Transport = option(
+        "How ranks exchange tokens: shm (shared-memory buffers between processes on one host), "
+        "allgather (collective communication), or auto (chosen at run time).", default="auto")
+    timeout_s: float = option(
+        "Seconds a rank waits for its peers in one exchange before failing.", default=60.0, gt=0)
+    attach_timeout_s: float = option(
+        "Seconds a rank waits at start-up for its peers' communication buffers to appear.",
+        default=300.0, gt=0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    """MindSpore execution settings."""
+
+    SECTION: ClassVar[str] = "runtime"
+
+    mode: ExecutionMode = option(
+        "MindSpore execution mode: graph (compiled GRAPH_MODE) or pynative (eager).",
+        default="graph")
+    dtype: DType = option("Data type of the layer's parameters and activations.",
+                          default="float32")
+    seed: int = option("Seed for weight initialisation and synthetic inputs.", default=0, ge=0)
+
+
+@dataclass(frozen=True)
+class WorkloadConfig(_Section):
+    """The synthetic work a run performs: prefill, decode and training steps."""
+
+    SECTION: ClassVar[str] = "workload"
+
+    batch_size: int = option("Sequences per rank in each prefill and training step.",
+                             default=2, gt=0)
+    prefill_seq_len: int = option("Tokens per sequence in prefill and training steps.",
+                                  default=128, gt=0)
+    decode_steps: int = option("Number of decode steps after the prefill.", default=4, ge=0)
+    decode_batch_size: int = option("Tokens per rank in each decode step.", default=8, gt=0)
+    train_steps: int = option("Number of training steps (forward, backward, optimiser update).",
+                              default=1, ge=0)
+    learning_rate: float = option("Optimiser learning rate for the training steps.",
+                                  default=1e-3, gt=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The complete, validated configuration: one frozen section per YAML section."""
+
+    model: ModelConfig
+    router: RouterConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            section = getattr(self, spec.name)
+            if not isinstance(section, spec.type):
+                raise ConfigError(f"MoEConfig.{spec.name} must be a {spec.type.__name__}, "
+                                  f"got {type(section).__name__}", key=spec.name)
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """The rules that span sections; divisibility first, as the later rules rely on it."""
+        model, router = self.model, self.router
+        experts, groups = model.num_experts, router.num_groups
+        _require(experts % groups == 0,
+                 f"model.num_experts = {experts} is not divisible by router.num_groups = {groups}; "
+                 f"expert groups must be equal in size")
+        _require(router.top_k <= experts,
+                 f"router.top_k = {router.top_k} exceeds model.num_experts = {experts}")
+        selectable = router.effective_topk_groups * (experts // groups)
+        _require(router.top_k <= selectable,
+                 f"router.top_k = {router.top_k} exceeds the {selectable} experts in the "
+                 f"router.topk_groups = {router.effective_topk_groups} groups a token may use "
+                 f"({experts // groups} experts per group: model.num_experts = {experts} / "
+                 f"router.num_groups = {groups})")
+        ranks = self.parallel.expert_parallel
+        _require(experts % ranks == 0,
+                 f"model.num_experts = {experts} is not divisible by parallel.expert_parallel = "
+                 f"{ranks}; every rank must hold the same number of experts")
+
+    @property
+    def num_local_experts(self) -> int:
+        """Number of routed experts held by each rank."""
+        return self.model.num_experts // self.parallel.expert_parallel
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "MoEConfig":
+        """Validate a nested ``{section: {field: value}}`` mapping; errors name ``source``."""
+        with located_in(source):
+            check_keys(data)
+            return cls(**{name: _build_section(section, data.get(name))
+                          for name, section in SECTIONS.items()})
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        """The nested ``{section: {field: value}}`` form; ``from_dict`` inverts it."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "MoEConfig":
+        """A re-validated copy with fields replaced; keys are ``top_k`` or ``"router.top_k"``."""
+        with located_in("replace()"):
+            tree = apply_overrides(self.to_dict(), overrides)
+        return MoEConfig.from_dict(tree, source="replace()")
+
+
+SECTIONS: Dict[str, Type[_Section]] = {spec.name: spec.type for spec in fields(MoEConfig)}
+"""The YAML sections, in order, and the dataclass of each."""
+
+
+def _index_field_paths() -> Dict[str, str]:
+    """Map each bare field name to its ``section.field`` path; bare names must be unique."""
+    paths: Dict[str, str] = {}
+    for section_name, section in SECTIONS.items():
+        for spec in fields(section):
+            if spec.name in paths:
+                raise TypeError(f"field name {spec.name!r} is used by two sections "
+                                f"({paths[spec.name]} and {section_name}.{spec.name})")
+            paths[spec.name] = f"{section_name}.{spec.name}"
+    return paths
+
+
+FIELD_PATHS: Dict[str, str] = _index_field_paths()
+"""Bare field name -> ``section.field`` path, e.g. ``top_k`` -> ``router.top_k``."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking and editing nested mappings
+# ----------------------------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    """How a YAML value reads in prose: 'a list', 'a string', ..."""
+    names = {list: "a list", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def check_keys(tree: Any, *, allow_base: bool = False) -> None:
+    """Reject anything but a mapping of known sections, each a mapping of its known keys.
+
+    A section may be null (an empty section). ``allow_base`` admits the ``base`` key of a file.
+    Values and required keys are not checked here (see :meth:`MoEConfig.from_dict`).
+    """
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"the top level must be a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {_type_name(tree)}")
+    top_level_keys = [*SECTIONS, "base"] if allow_base else list(SECTIONS)
+    for name, body in tree.items():
+        if name not in top_level_keys:
+            raise ConfigError(f"unknown section '{name}'{suggestion(name, top_level_keys)}",
+                              key=str(name))
+        if name == "base" or body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"section '{name}' must be a mapping of keys to values, got "
+                              f"{_type_name(body)}", key=name)
+        known = [spec.name for spec in fields(SECTIONS[name])]
+        for key in body:
+            if key not in known:
+                raise ConfigError(f"unknown key '{name}.{key}'{_suggest_key(name, key, known)}",
+                                  key=f"{name}.{key}")
+
+
+def _suggest_key(section: str, key: Any, known: Sequence[str]) -> str:
+    """Suggest the same key of another section, else a close key of this or another section."""
+    if key in FIELD_PATHS:
+        return f" (did you mean '{FIELD_PATHS[key]}'?)"
+    nearest = difflib.get_close_matches(str(key), known, n=1)
+    if nearest:
+        return f" (did you mean '{section}.{nearest[0]}'?)"
+    nearest = difflib.get_close_matches(str(key), list(FIELD_PATHS), n=1)
+    return f" (did you mean '{FIELD_PATHS[nearest[0]]}'?)" if nearest else ""
+
+
+def _build_section(section: Type[_Section], body: Optional[Mapping[str, Any]]) -> _Section:
+    """Construct one section from its (key-checked) mapping, naming a missing required key."""
+    body = body or {}
+    for spec in fields(section):
+        if spec.default is MISSING and spec.name not in body:
+            path = f"{section.SECTION}.{spec.name}"
+            raise ConfigError(f"missing required key '{path}' ({allowed_values(spec)})", key=path)
+    return section(**body)
+
+
+def resolve_field_name(name: str) -> str:
+    """The ``section.field`` path of a field named bare (``top_k``) or dotted (``router.top_k``)."""
+    if name in FIELD_PATHS:
+        return FIELD_PATHS[name]
+    if name in FIELD_PATHS.values():
+        return name
+    candidates = list(FIELD_PATHS.values()) if "." in name else list(FIELD_PATHS)
+    raise ConfigError(f"unknown override '{name}'{suggestion(name, candidates)}")
+
+
+def apply_overrides(tree: Mapping[str, Any],
+                    overrides: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """A copy of the nested ``tree`` with each override set (values are checked later)."""
+    result = {section: dict(body or {}) for section, body in tree.items()}
+    given_as: Dict[str, str] = {}
+    for name, value in overrides.items():
+        path = resolve_field_name(name)
+        if path in given_as:
+            raise ConfigError(f"override '{path}' is given twice (as '{given_as[path]}' and "
+                              f"'{name}')", key=path)
+        given_as[path] = name
+        section, key = path.split(".")
+        result.setdefault(section, {})[key] = value
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference documentation
+# ----------------------------------------------------------------------------------------------
+
+def _yaml_text(value: Any) -> str:
+    """A default value as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def reference_markdown() -> str:
+    """The key tables of ``docs/config_reference.md``, generated from the field declarations."""
+    lines = []
+    for name, section in SECTIONS.items():
+        lines += [f"### `{name}`", "", section.__doc__, "",
+                  "| key | allowed values | default | meaning |", "| --- | --- | --- | --- |"]
+        for spec in fields(section):
+            default = ("**required**" if spec.default is MISSING
+                       else f"`{_yaml_text(spec.default)}`")
+            lines.append(f"| `{name}.{spec.name}` | {allowed_values(spec)} | {default} | "
+                         f"{spec.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)

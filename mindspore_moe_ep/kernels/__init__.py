@@ -1,0 +1,1 @@
+"""Compiled AOT kernel libraries live here (built by setup.py from custom_ops/)."""

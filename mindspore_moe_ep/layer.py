@@ -1,0 +1,111 @@
+"""MoELayer: router -> dispatcher -> experts -> combine (+ shared expert), as one Cell."""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from .config import MoEConfig
+from .experts import GroupedSwiGLUExperts, SharedExpert
+from .router import TopKRouter
+from .runtime import mindspore_dtype
+from .state_dict import load_hf_moe_state_dict
+from .token_dispatcher import LocalTokenDispatcher
+
+
+class AuxLossScaler(nn.Cell):
+    """Identity on the activation that gives ``aux_loss`` a gradient of 1 in backward.
+
+    This is how the router's auxiliary losses join training without changing what the layer
+    returns (Megatron-Core's MoEAuxLossAutoScaler): the caller's loss only needs the output.
+    """
+
+    def construct(self, activation, aux_loss):
+        return activation
+
+    def bprop(self, activation, aux_loss, out, dout):
+        return dout, ops.ones_like(aux_loss)
+
+
+class MoELayer(nn.Cell):
+    """A Mixture-of-Experts FFN layer configured by a :class:`MoEConfig`.
+
+    ``layer(x)`` takes [batch, seq, hidden] or [tokens, hidden] and returns the same shape.
+    Statistics of the last forward (expert load, dropped rows, losses) are kept in non-trainable
+    Parameters so they survive GRAPH_MODE; read them with :meth:`stats`.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer(config): expected a MoEConfig (see load_config / "
+                            f"config_from_hf), got {type(config).__name__}")
+        self.config = config
+        model, router = config.model, config.router
+        dtype = mindspore_dtype(config.runtime.dtype)
+        self.hidden_size = model.hidden_size
+        self.dispatcher = LocalTokenDispatcher(model.num_experts, router.top_k,
+                                               router.capacity_factor)
+        self.local_expert_indices = list(range(model.num_experts))
+        self.router = TopKRouter(config, param_dtype=dtype)
+        self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
+                                            model.expert_ffn_size, dtype,
+                                            seed=(config.runtime.seed, 1))
+        self.shared_expert = (SharedExpert(model.hidden_size, model.shared_ffn_size, dtype,
+                                           seed=(config.runtime.seed, 2))
+                              if model.num_shared_experts > 0 else None)
+        self.aux_loss_scaler = AuxLossScaler()
+
+        def statistic(name, value):
+            return Parameter(Tensor(value), name=name, requires_grad=False)
+        self.last_tokens_per_expert = statistic("last_tokens_per_expert",
+                                                np.zeros(model.num_experts, np.float32))
+        self.last_num_dropped = statistic("last_num_dropped", np.zeros(1, np.int32))
+        self.last_aux_loss = statistic("last_aux_loss", np.zeros((), np.float32))
+        self.last_z_loss = statistic("last_z_loss", np.zeros((), np.float32))
+
+    def construct(self, x):
+        """x: [B, S, H] or [T, H] -> same shape."""
+        input_shape = x.shape
+        num_sequences = input_shape[0] if len(input_shape) == 3 else 1
+        tokens = x.reshape(-1, self.hidden_size)                                   # [T, H]
+
+        routing = self.router(tokens, num_sequences)
+        rows, tokens_per_expert, num_dropped, handle = self.dispatcher.dispatch(
+            tokens, routing.expert_ids, routing.routing_weights)                   # [N, H]
+        expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
+        output = self.dispatcher.combine(expert_out, handle)                       # [T, H]
+        if self.shared_expert is not None:
+            output = output + self.shared_expert(tokens)
+        output = self.aux_loss_scaler(output, routing.aux_loss + routing.z_loss)
+
+        ops.assign(self.last_tokens_per_expert, routing.tokens_per_expert)
+        ops.assign(self.last_num_dropped, num_dropped)
+        ops.assign(self.last_aux_loss, routing.aux_loss)
+        ops.assign(self.last_z_loss, routing.z_loss)
+        return output.reshape(input_shape)
+
+    def route(self, x):
+        """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""
+        routing = self.router(x.reshape(-1, self.hidden_size))
+        return routing.expert_ids, routing.routing_weights
+
+    def stats(self):
+        """Statistics of the last forward, as plain Python / NumPy values."""
+        return {
+            "tokens_per_expert": self.last_tokens_per_expert.asnumpy().astype(np.int64),
+            "num_dropped": int(self.last_num_dropped.asnumpy().sum()),
+            "aux_loss": float(self.last_aux_loss.asnumpy()),
+            "z_loss": float(self.last_z_loss.asnumpy()),
+        }
+
+    def update_expert_bias(self, tokens_per_expert=None):
+        """One aux-loss-free balancing step from observed load (default: the last forward's)."""
+        if not self.config.router.expert_bias:
+            raise ValueError("update_expert_bias needs router.expert_bias: true in the config")
+        if tokens_per_expert is None:
+            tokens_per_expert = self.stats()["tokens_per_expert"]
+        return self.router.update_expert_bias(tokens_per_expert,
+                                              self.config.router.bias_update_rate)
+
+    def load_hf_state_dict(self, state_dict, prefix=""):
+        """Load DeepSeek-V3-named NumPy weights (only this rank's experts); see state_dict.py."""
+        load_hf_moe_state_dict(self, state_dict, prefix)

@@ -1,0 +1,16 @@
+"""Kernels behind small Python interfaces: the local dispatch / combine / grouped matmul Cells."""
+from .kernel_library import (KernelError, KernelLibraryNotFoundError, explain_kernel_errors,
+                             gemm_backend, kernel_func, set_gemm_backend)
+from .local_kernels import CombineKernel, DispatchKernel, GroupedMatmul
+
+__all__ = [
+    "CombineKernel",
+    "DispatchKernel",
+    "GroupedMatmul",
+    "KernelError",
+    "KernelLibraryNotFoundError",
+    "explain_kernel_errors",
+    "gemm_backend",
+    "kernel_func",
+    "set_gemm_backend",
+]

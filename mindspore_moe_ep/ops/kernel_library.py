@@ -1,0 +1,122 @@
+"""Locating the compiled AOT kernel library and explaining its errors.
+
+The C++ kernels in ``custom_ops/cpu`` are compiled by ``setup.py`` into
+``mindspore_moe_ep/kernels/libmoe_ep_cpu.so``. MindSpore loads that library itself when a Custom op
+runs; this module only builds the ``"path.so:FunctionName"`` strings for ``ops.Custom``, points the
+kernels at MindSpore's bundled oneDNN, and reads the library's last error message through ctypes.
+
+A failing kernel makes MindSpore raise ``RuntimeError("Return value from CPU AOT kernel ... is N")``
+without the reason. :func:`explain_kernel_errors` re-raises such errors as :class:`KernelError`
+carrying the kernel's own message, e.g. ``expert_ids[3,1] = 9 is out of range [0, 8)``.
+"""
+import contextlib
+import ctypes
+import functools
+import os
+
+import mindspore
+
+LIBRARY_FILE_NAME = "libmoe_ep_cpu.so"
+# Environment variable through which the kernels find MindSpore's oneDNN (see gemm_backend.h).
+ONEDNN_PATH_VARIABLE = "MOE_EP_DNNL_LIBRARY"
+# The start of MindSpore's message for a non-zero kernel return value.
+_AOT_FAILURE_MARKER = "Return value from CPU AOT kernel"
+
+
+class KernelLibraryNotFoundError(ImportError):
+    """The compiled kernel library is missing (the package was not installed with pip)."""
+
+
+class KernelError(RuntimeError):
+    """A kernel of this package rejected its inputs; the message says why."""
+
+
+def _packaged_library_path() -> str:
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(package_dir, "kernels", LIBRARY_FILE_NAME)
+
+
+def _point_kernels_at_onednn() -> None:
+    """Tells the GEMM kernels where MindSpore's oneDNN is, unless the user already chose one."""
+    bundled = os.path.join(os.path.dirname(mindspore.__file__), "lib", "libdnnl.so.3")
+    if os.path.exists(bundled):
+        os.environ.setdefault(ONEDNN_PATH_VARIABLE, bundled)
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> str:
+    """Absolute path of the compiled kernel library; raises KernelLibraryNotFoundError if absent."""
+    path = _packaged_library_path()
+    if not os.path.exists(path):
+        raise KernelLibraryNotFoundError(
+            f"The compiled kernels of mindspore-moe-ep were not found at {path}. They are built "
+            f"when the package is installed: run 'pip install -e .' (development) or "
+            f"'pip install .' from the repository root (g++ with C++17 is needed).")
+    _point_kernels_at_onednn()
+    return path
+
+
+def kernel_func(name: str) -> str:
+    """The ``func`` string of ``ops.Custom`` for the kernel ``name``: ``"/abs/lib.so:name"``."""
+    return f"{library_path()}:{name}"
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    library = ctypes.CDLL(library_path())
+    library.MoeEpLastError.restype = ctypes.c_char_p
+    library.MoeEpLastError.argtypes = []
+    library.MoeEpClearLastError.restype = None
+    library.MoeEpClearLastError.argtypes = []
+    library.MoeEpGemmBackend.restype = ctypes.c_char_p
+    library.MoeEpGemmBackend.argtypes = []
+    library.MoeEpSetGemmBackend.restype = ctypes.c_int
+    library.MoeEpSetGemmBackend.argtypes = [ctypes.c_char_p]
+    return library
+
+
+def take_last_kernel_error() -> str:
+    """The message of the most recent kernel failure ("" if none); clears it."""
+    library = _library()
+    message = library.MoeEpLastError().decode("utf-8", errors="replace")
+    library.MoeEpClearLastError()
+    return message
+
+
+def is_kernel_failure(error: BaseException) -> bool:
+    """Whether ``error`` is MindSpore's report of a non-zero return from a kernel of this library."""
+    text = str(error)
+    return (isinstance(error, RuntimeError) and _AOT_FAILURE_MARKER in text
+            and LIBRARY_FILE_NAME in text)
+
+
+@contextlib.contextmanager
+def explain_kernel_errors():
+    """Re-raises kernel failures inside the block as KernelError with the kernel's message.
+
+    Use around the code that runs a graph or reads results (``asnumpy``), since in PyNative mode
+    errors surface when results are synchronised::
+
+        with explain_kernel_errors():
+            out = net(x).asnumpy()
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, KernelError) or not is_kernel_failure(error):
+            raise
+        message = take_last_kernel_error() or "the kernel gave no message"
+        first_line = str(error).strip().splitlines()[0]
+        raise KernelError(f"{message}\n(MindSpore: {first_line})") from error
+
+
+def gemm_backend() -> str:
+    """The GEMM implementation the grouped-matmul kernels use: "onednn" or "reference"."""
+    return _library().MoeEpGemmBackend().decode()
+
+
+def set_gemm_backend(name: str) -> None:
+    """Selects the GEMM implementation: "onednn" (default when found) or "reference" (C++ loop)."""
+    if _library().MoeEpSetGemmBackend(name.encode()) != 0:
+        raise ValueError(f"GEMM backend {name!r} is unknown or unavailable; "
+                         f"use 'onednn' or 'reference'")

@@ -1,0 +1,194 @@
+"""Custom-op Cells for the local (EP = 1) dispatch, combine and grouped matmul, with bprops.
+
+Each Cell wraps an ``ops.Custom`` AOT kernel from ``custom_ops/cpu`` (see docs/architecture.md for
+the contracts). Shapes are static; the number of rows each expert receives is data-dependent, so
+outputs are worst-case sized buffers plus counts, with the unused tail zeroed.
+
+All three work under ``mindspore.grad`` / ``value_and_grad`` in PYNATIVE and GRAPH_MODE. Integer
+inputs (expert ids, positions, counts) get zero gradients. Kernel failures are re-raised as
+:class:`~mindspore_moe_ep.ops.kernel_library.KernelError` with the kernel's message when the Cell is
+called directly; wrap other code in ``explain_kernel_errors()``.
+"""
+import functools
+
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
+
+from .kernel_library import explain_kernel_errors, kernel_func
+
+
+def _product(*dims: int) -> int:
+    """Product of static dims; -1 (unknown) if any dim is unknown."""
+    if any(dim < 0 for dim in dims):
+        return -1
+    result = 1
+    for dim in dims:
+        result *= dim
+    return result
+
+
+def _custom(kernel_name: str, out_shape, out_dtype, bprop=None) -> ops.Custom:
+    return ops.Custom(kernel_func(kernel_name), out_shape=out_shape, out_dtype=out_dtype,
+                      func_type="aot", bprop=bprop)
+
+
+# ---- building blocks of the backward passes (no gradients of their own) ----------------------
+
+@functools.lru_cache(maxsize=None)
+def _gather_sum_op() -> ops.Custom:
+    """rows [N, H], positions [T, K] -> [T, H]: y[t] = sum_k rows[positions[t, k]] (skip -1)."""
+    return _custom("MoeEpGatherSum",
+                   out_shape=lambda rows, positions: [positions[0], rows[1]],
+                   out_dtype=lambda rows, positions: rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _combine_grad_op() -> ops.Custom:
+    """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K]."""
+    return _custom("MoeEpCombineGrad",
+                   out_shape=lambda dy, expert_out, positions, weights: (expert_out, weights),
+                   out_dtype=lambda dy, expert_out, positions, weights: (expert_out, mstype.float32))
+
+
+def _grouped_matmul_output_shape(transpose_b: bool):
+    """rows [N, K_in], weights [E, K_in, N_out] (or [E, N_out, K_in]) -> [N, N_out]."""
+    out_features_axis = 1 if transpose_b else 2
+    return lambda rows, weights, counts: [rows[0], weights[out_features_axis]]
+
+
+def _grouped_matmul_custom(transpose_b: bool, bprop=None) -> ops.Custom:
+    kernel_name = "MoeEpGroupedMatmulTransposedB" if transpose_b else "MoeEpGroupedMatmul"
+    return _custom(kernel_name, out_shape=_grouped_matmul_output_shape(transpose_b),
+                   out_dtype=lambda rows, weights, counts: rows, bprop=bprop)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_matmul_without_grad(transpose_b: bool) -> ops.Custom:
+    return _grouped_matmul_custom(transpose_b)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_weight_grad_op() -> ops.Custom:
+    """a [N, P], b [N, Q], tokens_per_expert [E] -> [E, P, Q] with out[e] = a_e^T @ b_e."""
+    return _custom("MoeEpGroupedMatmulWeightGrad",
+                   out_shape=lambda a, b, counts: [counts[0], a[1], b[1]],
+                   out_dtype=lambda a, b, counts: a)
+
+
+# ---- the Cells -------------------------------------------------------------------------------
+
+class _KernelCell(nn.Cell):
+    """A Cell whose direct calls turn kernel failures into KernelError with the kernel's message."""
+
+    def __call__(self, *args, **kwargs):
+        with explain_kernel_errors():
+            return super().__call__(*args, **kwargs)
+
+
+class DispatchKernel(_KernelCell):
+    """Groups token rows by expert (stable counting sort; optional per-expert capacity).
+
+    ``(x [T, H], expert_ids [T, K] int32)`` -> ``(grouped_x [T*K, H], positions [T, K] int32,
+    tokens_per_expert [E] int32, num_dropped [1] int32)``. ``positions[t, k]`` is the row of
+    ``grouped_x`` holding token t for its k-th expert, or -1 if dropped by ``capacity``
+    (0 = dropless). Gradient: ``dx[t] = sum_k d_grouped_x[positions[t, k]]``.
+    """
+
+    def __init__(self, num_experts: int, capacity: int = 0):
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts <= 0:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0 (0 = dropless), got {capacity!r}")
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self._capacity = Tensor([capacity], mstype.int32)  # [1], read by the kernel
+        gather_sum = _gather_sum_op()
+
+        def bprop(x, expert_ids, capacity_tensor, out, dout):
+            positions = out[1]
+            d_grouped_x = dout[0]
+            return gather_sum(d_grouped_x, positions), ops.zeros_like(expert_ids), \
+                ops.zeros_like(capacity_tensor)
+
+        def output_shapes(x, expert_ids, capacity_tensor):
+            tokens, hidden = x
+            return ([_product(tokens, expert_ids[1]), hidden], list(expert_ids),
+                    [num_experts], [1])
+
+        self._dispatch = _custom(
+            "MoeEpDispatch", out_shape=output_shapes,
+            out_dtype=lambda x, expert_ids, capacity_tensor:
+            (x, mstype.int32, mstype.int32, mstype.int32),
+            bprop=bprop)
+
+    def construct(self, x, expert_ids):
+        return self._dispatch(x, expert_ids, self._capacity)
+
+    def extend_repr(self):
+        return f"num_experts={self.num_experts}, capacity={self.capacity}"
+
+
+class CombineKernel(_KernelCell):
+    """Weighted sum of each token's expert outputs.
+
+    ``(expert_out [N, H], positions [T, K] int32, weights [T, K] float32)`` -> ``y [T, H]`` with
+    ``y[t] = sum_k weights[t, k] * expert_out[positions[t, k]]`` (skipping -1), accumulated in
+    float32 in k order. Gradients flow to ``expert_out`` and ``weights``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        combine_grad = _combine_grad_op()
+
+        def bprop(expert_out, positions, weights, out, dout):
+            d_expert_out, d_weights = combine_grad(dout, expert_out, positions, weights)
+            return d_expert_out, ops.zeros_like(positions), d_weights
+
+        self._combine = _custom(
+            "MoeEpCombine",
+            out_shape=lambda expert_out, positions, weights: [positions[0], expert_out[1]],
+            out_dtype=lambda expert_out, positions, weights: expert_out,
+            bprop=bprop)
+
+    def construct(self, expert_out, positions, weights):
+        return self._combine(expert_out, positions, weights)
+
+
+class GroupedMatmul(_KernelCell):
+    """One matmul per expert over consecutive groups of rows.
+
+    ``(rows [N, K_in], weights [E, K_in, N_out], tokens_per_expert [E] int32)`` -> ``[N, N_out]``
+    (``weights`` is ``[E, N_out, K_in]`` with ``transpose_b=True``). Group e is the next
+    ``tokens_per_expert[e]`` rows; rows past the total are zero. float32 and bfloat16 use oneDNN,
+    float16 is computed in float32.
+    """
+
+    def __init__(self, transpose_b: bool = False):
+        super().__init__()
+        if not isinstance(transpose_b, bool):
+            raise ValueError(f"transpose_b must be a bool, got {transpose_b!r}")
+        self.transpose_b = transpose_b
+        rows_grad = _grouped_matmul_without_grad(not transpose_b)
+        weight_grad = _grouped_weight_grad_op()
+
+        if transpose_b:
+            def bprop(rows, weights, tokens_per_expert, out, dout):
+                # out_e = rows_e @ W_e^T: d rows_e = dout_e @ W_e, d W_e = dout_e^T @ rows_e
+                return (rows_grad(dout, weights, tokens_per_expert),
+                        weight_grad(dout, rows, tokens_per_expert),
+                        ops.zeros_like(tokens_per_expert))
+        else:
+            def bprop(rows, weights, tokens_per_expert, out, dout):
+                # out_e = rows_e @ W_e: d rows_e = dout_e @ W_e^T, d W_e = rows_e^T @ dout_e
+                return (rows_grad(dout, weights, tokens_per_expert),
+                        weight_grad(rows, dout, tokens_per_expert),
+                        ops.zeros_like(tokens_per_expert))
+
+        self._matmul = _grouped_matmul_custom(transpose_b, bprop=bprop)
+
+    def construct(self, rows, weights, tokens_per_expert):
+        return self._matmul(rows, weights, tokens_per_expert)
+
+    def extend_repr(self):
+        return f"transpose_b={self.transpose_b}"

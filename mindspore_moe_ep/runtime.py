@@ -1,0 +1,27 @@
+"""Runtime settings from the ``runtime`` config section: execution mode, dtype, device, seed."""
+import mindspore as ms
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def mindspore_dtype(name):
+    """'bfloat16' -> ms.bfloat16 (names as in the config's runtime.dtype)."""
+    return _DTYPES[name]
+
+
+def device_target():
+    """'Ascend' when an NPU is usable, else 'CPU' (this library's two supported targets)."""
+    try:
+        if ms.hal.is_available("Ascend"):
+            return "Ascend"
+    except Exception:  # no Ascend plugin / driver on this host
+        pass
+    return "CPU"
+
+
+def setup_runtime(config):
+    """Apply ``config.runtime`` to MindSpore's global context: mode, device target and seed."""
+    mode = ms.GRAPH_MODE if config.runtime.mode == "graph" else ms.PYNATIVE_MODE
+    ms.set_context(mode=mode)
+    ms.set_device(device_target())
+    ms.set_seed(config.runtime.seed)

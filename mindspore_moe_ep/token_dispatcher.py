@@ -1,0 +1,50 @@
+"""Token dispatchers: move token copies to their experts, and the expert outputs back.
+
+Every dispatcher has the same two-step interface (as in Megatron-Core and DeepEP):
+
+``dispatch(x, expert_ids, routing_weights) -> (rows, tokens_per_expert, num_dropped, handle)``
+    ``rows`` [N, H] holds one row per (token, local expert) pair, grouped by local expert;
+    ``tokens_per_expert`` [E_local] int32 gives the group sizes; ``handle`` is whatever
+    ``combine`` needs to undo the dispatch.
+``combine(expert_out, handle) -> y``
+    returns each token's weighted sum of its experts' outputs, [T, H].
+
+``LocalTokenDispatcher`` is the EP = 1 case: grouping and un-grouping happen in two fused C++
+kernels (a counting sort that packs rows, and a gather with a weighted sum).
+"""
+import math
+
+from mindspore import nn
+
+from .ops import CombineKernel, DispatchKernel
+
+
+def expert_capacity(capacity_factor, num_tokens, top_k, num_experts):
+    """Rows each expert may take: ceil(capacity_factor * T * K / E); 0 means dropless."""
+    if capacity_factor is None:
+        return 0
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+class LocalTokenDispatcher(nn.Cell):
+    """All experts on this device: dispatch = group rows by expert, combine = weighted un-group."""
+
+    def __init__(self, num_experts, top_k, capacity_factor=None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.dispatch_kernel = DispatchKernel(num_experts)
+        self.combine_kernel = CombineKernel()
+
+    def dispatch(self, x, expert_ids, routing_weights):
+        """x: [T, H], expert_ids / routing_weights: [T, K] -> rows [T*K, H] grouped by expert."""
+        capacity = expert_capacity(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
+        rows, positions, tokens_per_expert, num_dropped = self.dispatch_kernel(
+            x, expert_ids, capacity)
+        return rows, tokens_per_expert, num_dropped, (positions, routing_weights)
+
+    def combine(self, expert_out, handle):
+        """expert_out: [T*K, H] in dispatch order -> [T, H]."""
+        positions, routing_weights = handle
+        return self.combine_kernel(expert_out, positions, routing_weights)
