@@ -13,27 +13,27 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .initializers import stacked_expert_normal
+from .initializers import TensorId, normal_array, stacked_expert_normal
 from .ops import GroupedMatmul
 
 
-def swiglu(gate_up):
+def swiglu(gate_up, ffn_size):
     """[rows, 2F] -> [rows, F]; computed in float32 (MindSpore CPU has no bf16 elementwise ops)."""
-    gate, up = ops.chunk(gate_up.astype(ms.float32), 2, axis=-1)
-    return ops.silu(gate) * up
+    gate_up = gate_up.astype(ms.float32)
+    return ops.silu(gate_up[:, :ffn_size]) * gate_up[:, ffn_size:]
 
 
 class GroupedSwiGLUExperts(nn.Cell):
     """``num_experts`` SwiGLU experts applied to expert-grouped rows with two grouped GEMMs."""
 
-    def __init__(self, expert_indices, hidden_size, ffn_size, param_dtype=ms.float32, seed=(0, 1)):
+    def __init__(self, expert_indices, hidden_size, ffn_size, param_dtype=ms.float32, seed=0):
         super().__init__()
         self.ffn_size = ffn_size
         self.param_dtype = param_dtype
         gate_up = stacked_expert_normal(expert_indices, (hidden_size, 2 * ffn_size),
-                                        std=hidden_size ** -0.5, seed=seed)
+                                        std=hidden_size ** -0.5, key=(seed, TensorId.EXPERT_GATE_UP))
         down = stacked_expert_normal(expert_indices, (ffn_size, hidden_size),
-                                     std=ffn_size ** -0.5, seed=(*seed, -1))
+                                     std=ffn_size ** -0.5, key=(seed, TensorId.EXPERT_DOWN))
         self.gate_up_weight = Parameter(Tensor(gate_up).astype(param_dtype),
                                         name="gate_up_weight")  # [E_local, H, 2F]
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
@@ -43,33 +43,34 @@ class GroupedSwiGLUExperts(nn.Cell):
     def construct(self, rows, tokens_per_expert):
         """rows: [N, H] grouped by expert (tail unused); tokens_per_expert: [E_local] int32."""
         gate_up = self.grouped_matmul(rows, self.gate_up_weight, tokens_per_expert)   # [N, 2F]
-        hidden = swiglu(gate_up).astype(self.param_dtype)                             # [N, F]
+        hidden = swiglu(gate_up, self.ffn_size).astype(self.param_dtype)             # [N, F]
         return self.grouped_matmul(hidden, self.down_weight, tokens_per_expert)       # [N, H]
 
 
 class SharedExpert(nn.Cell):
     """The always-on SwiGLU expert(s) of DeepSeek-V3 / Qwen-MoE, as one wide FFN."""
 
-    def __init__(self, hidden_size, ffn_size, param_dtype=ms.float32, seed=(0, 2)):
+    def __init__(self, hidden_size, ffn_size, param_dtype=ms.float32, seed=0):
         super().__init__()
         self.hidden_size = hidden_size
         self.ffn_size = ffn_size
         self.param_dtype = param_dtype
-        gate_up = stacked_expert_normal([0], (hidden_size, 2 * ffn_size),
-                                        std=hidden_size ** -0.5, seed=seed)[0]
-        down = stacked_expert_normal([0], (ffn_size, hidden_size),
-                                     std=ffn_size ** -0.5, seed=(*seed, -1))[0]
+        # Stored with a leading group axis of 1 so the grouped GEMM needs no reshape (MindSpore
+        # CPU cannot reshape bfloat16 tensors).
+        gate_up = normal_array((1, hidden_size, 2 * ffn_size), std=hidden_size ** -0.5,
+                               key=(seed, TensorId.SHARED_GATE_UP))
+        down = normal_array((1, ffn_size, hidden_size), std=ffn_size ** -0.5,
+                            key=(seed, TensorId.SHARED_DOWN))
         self.gate_up_weight = Parameter(Tensor(gate_up).astype(param_dtype),
-                                        name="gate_up_weight")  # [H, 2Fs]
+                                        name="gate_up_weight")  # [1, H, 2Fs]
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
-                                     name="down_weight")        # [Fs, H]
+                                     name="down_weight")        # [1, Fs, H]
         self.grouped_matmul = GroupedMatmul()
 
     def construct(self, x):
-        """x: [T, H] -> [T, H]."""
+        """x: [T, H] float32 -> [T, H] in the parameter dtype."""
         all_rows = ops.full((1,), x.shape[0], dtype=ms.int32)                        # [1]
-        gate_up = self.grouped_matmul(
-            x, self.gate_up_weight.reshape(1, self.hidden_size, 2 * self.ffn_size), all_rows)
-        hidden = swiglu(gate_up).astype(self.param_dtype)                             # [T, Fs]
-        return self.grouped_matmul(
-            hidden, self.down_weight.reshape(1, self.ffn_size, self.hidden_size), all_rows)
+        gate_up = self.grouped_matmul(x.astype(self.param_dtype), self.gate_up_weight,
+                                      all_rows)                                        # [T, 2Fs]
+        hidden = swiglu(gate_up, self.ffn_size).astype(self.param_dtype)             # [T, Fs]
+        return self.grouped_matmul(hidden, self.down_weight, all_rows)               # [T, H]

@@ -4,15 +4,27 @@ Every rank of an expert-parallel job must build the same weights for the experts
 single-process run would, without materialising the experts it does not own. So each tensor (and
 each expert) draws from its own NumPy generator keyed by ``(seed, tensor_id, expert_index)``.
 """
+import enum
+
 import numpy as np
 
 
-def normal_array(shape, std, seed):
-    """float32 array of N(0, std^2) samples from the generator keyed by ``seed`` (an int tuple)."""
-    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(seed))))
-    return (generator.standard_normal(shape, dtype=np.float32) * np.float32(std))
+class TensorId(enum.IntEnum):
+    """Which parameter a random draw is for (part of the generator key)."""
+
+    GATE = 0
+    EXPERT_GATE_UP = 1
+    EXPERT_DOWN = 2
+    SHARED_GATE_UP = 3
+    SHARED_DOWN = 4
 
 
-def stacked_expert_normal(expert_indices, shape, std, seed):
+def normal_array(shape, std, key):
+    """float32 array of N(0, std^2) samples from the generator keyed by ``key`` (ints >= 0)."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
+    return generator.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def stacked_expert_normal(expert_indices, shape, std, key):
     """[len(expert_indices), *shape]: one independent draw per global expert index."""
-    return np.stack([normal_array(shape, std, (*seed, index)) for index in expert_indices])
+    return np.stack([normal_array(shape, std, (*key, index)) for index in expert_indices])

@@ -42,15 +42,16 @@ class MoELayer(nn.Cell):
         model, router = config.model, config.router
         dtype = mindspore_dtype(config.runtime.dtype)
         self.hidden_size = model.hidden_size
+        self.compute_dtype = dtype
         self.dispatcher = LocalTokenDispatcher(model.num_experts, router.top_k,
                                                router.capacity_factor)
         self.local_expert_indices = list(range(model.num_experts))
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
                                             model.expert_ffn_size, dtype,
-                                            seed=(config.runtime.seed, 1))
+                                            seed=config.runtime.seed)
         self.shared_expert = (SharedExpert(model.hidden_size, model.shared_ffn_size, dtype,
-                                           seed=(config.runtime.seed, 2))
+                                           seed=config.runtime.seed)
                               if model.num_shared_experts > 0 else None)
         self.aux_loss_scaler = AuxLossScaler()
 
@@ -66,27 +67,29 @@ class MoELayer(nn.Cell):
         """x: [B, S, H] or [T, H] -> same shape."""
         input_shape = x.shape
         num_sequences = input_shape[0] if len(input_shape) == 3 else 1
-        tokens = x.reshape(-1, self.hidden_size)                                   # [T, H]
+        # Shape and elementwise work in float32: MindSpore CPU has no bf16 Reshape / Add.
+        tokens = x.astype(ms.float32).reshape(-1, self.hidden_size)               # [T, H]
 
-        routing = self.router(tokens, num_sequences)
+        expert_ids, routing_weights, aux_loss, z_loss, selections = self.router(
+            tokens, num_sequences)                                                 # [T, K]
         rows, tokens_per_expert, num_dropped, handle = self.dispatcher.dispatch(
-            tokens, routing.expert_ids, routing.routing_weights)                   # [N, H]
+            tokens.astype(self.compute_dtype), expert_ids, routing_weights)       # [N, H]
         expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
-        output = self.dispatcher.combine(expert_out, handle)                       # [T, H]
+        output = self.dispatcher.combine(expert_out, handle).astype(ms.float32)    # [T, H]
         if self.shared_expert is not None:
-            output = output + self.shared_expert(tokens)
-        output = self.aux_loss_scaler(output, routing.aux_loss + routing.z_loss)
+            output = output + self.shared_expert(tokens).astype(ms.float32)
+        output = self.aux_loss_scaler(output, aux_loss + z_loss)
 
-        ops.assign(self.last_tokens_per_expert, routing.tokens_per_expert)
+        ops.assign(self.last_tokens_per_expert, selections)
         ops.assign(self.last_num_dropped, num_dropped)
-        ops.assign(self.last_aux_loss, routing.aux_loss)
-        ops.assign(self.last_z_loss, routing.z_loss)
-        return output.reshape(input_shape)
+        ops.assign(self.last_aux_loss, aux_loss)
+        ops.assign(self.last_z_loss, z_loss)
+        return output.reshape(input_shape).astype(x.dtype)
 
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""
-        routing = self.router(x.reshape(-1, self.hidden_size))
-        return routing.expert_ids, routing.routing_weights
+        expert_ids, routing_weights, _, _, _ = self.router(x.reshape(-1, self.hidden_size))
+        return expert_ids, routing_weights
 
     def stats(self):
         """Statistics of the last forward, as plain Python / NumPy values."""

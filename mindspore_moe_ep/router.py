@@ -15,28 +15,30 @@ The router follows DeepSeek-V3 where it generalises Switch/GShard/Mixtral:
 Training signals: the Switch/GShard load-balancing loss (``aux_loss_type: switch``), the
 DeepSeek-V3 sequence-wise loss (``seq``), and the ST-MoE router z-loss.
 """
-from typing import NamedTuple
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from .config import MoEConfig
-from .initializers import normal_array
+from .initializers import TensorId, normal_array
 
 
-class RouterOutput(NamedTuple):
-    """What the router hands to the dispatcher (and the losses it adds to training)."""
-
-    expert_ids: Tensor         # [tokens, top_k] int32, in descending order of selection score
-    routing_weights: Tensor    # [tokens, top_k] float32
-    aux_loss: Tensor           # [] float32, already multiplied by its coefficient
-    z_loss: Tensor             # [] float32, already multiplied by its coefficient
-    tokens_per_expert: Tensor  # [num_experts] float32, selections before any capacity drop
+def one_hot(indices, depth):
+    """[..., depth] float32 indicator of ``indices`` (int32), built by comparison."""
+    return (indices.expand_dims(-1) == ops.arange(depth, dtype=ms.int32)).astype(ms.float32)
 
 
 class TopKRouter(nn.Cell):
-    """Linear gate + scoring + (group-limited) top-k selection + auxiliary losses."""
+    """Linear gate + scoring + (group-limited) top-k selection + auxiliary losses.
+
+    Returns a plain tuple (GRAPH_MODE cannot build NamedTuples):
+
+    - ``expert_ids``        [tokens, top_k] int32, in descending order of selection score
+    - ``routing_weights``   [tokens, top_k] float32
+    - ``aux_loss``          [] float32, already multiplied by its coefficient
+    - ``z_loss``            [] float32, already multiplied by its coefficient
+    - ``tokens_per_expert`` [num_experts] float32, selections before any capacity drop
+    """
 
     def __init__(self, config: MoEConfig, param_dtype=ms.float32):
         super().__init__()
@@ -55,7 +57,7 @@ class TopKRouter(nn.Cell):
         self.z_loss_coeff = router.z_loss_coeff
 
         gate = normal_array((model.num_experts, model.hidden_size), std=model.hidden_size ** -0.5,
-                            seed=(config.runtime.seed, 0))
+                            key=(config.runtime.seed, TensorId.GATE))
         self.gate_weight = Parameter(Tensor(gate).astype(param_dtype), name="gate_weight")  # [E, H]
         self.expert_bias = Parameter(Tensor(np.zeros(model.num_experts, np.float32)),
                                      name="expert_bias", requires_grad=False)  # [E]
@@ -75,12 +77,11 @@ class TopKRouter(nn.Cell):
         weights = weights * self.routed_scaling_factor
 
         # [T, K, E] one-hot -> per-sequence selection counts; counts carry no gradient.
-        selections = ops.one_hot(expert_ids, self.num_experts,
-                                 Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        selections = one_hot(expert_ids, self.num_experts)                  # [T, K, E]
         tokens_per_expert = selections.sum(axis=(0, 1))                       # [E]
         aux_loss = self._aux_loss(scores, selections, num_sequences)
         z_loss = self._z_loss(logits)
-        return RouterOutput(expert_ids, weights, aux_loss, z_loss, tokens_per_expert)
+        return expert_ids, weights, aux_loss, z_loss, tokens_per_expert
 
     def _select(self, scores):
         """Top-k expert ids by (biased) score, restricted to the best groups if configured."""
@@ -91,8 +92,7 @@ class TopKRouter(nn.Cell):
             best_in_group, _ = ops.topk(grouped, min(2, self.experts_per_group))
             group_scores = best_in_group.sum(axis=-1)                          # [T, G]
             _, kept_groups = ops.topk(group_scores, self.topk_groups)          # [T, topk_groups]
-            group_mask = ops.one_hot(kept_groups, self.num_groups, Tensor(1.0, ms.float32),
-                                     Tensor(0.0, ms.float32)).sum(axis=1)     # [T, G]
+            group_mask = one_hot(kept_groups, self.num_groups).sum(axis=1)      # [T, G]
             expert_mask = ops.broadcast_to(group_mask.reshape(tokens, self.num_groups, 1),
                                            grouped.shape).reshape(tokens, self.num_experts)
             choice = ops.where(expert_mask > 0.5, choice, ops.full_like(choice, -np.inf))
@@ -118,7 +118,7 @@ class TopKRouter(nn.Cell):
         """ST-MoE router z-loss: coeff * mean_t logsumexp(logits_t)^2."""
         if self.z_loss_coeff == 0.0:
             return Tensor(0.0, ms.float32)
-        return ops.square(ops.logsumexp(logits, axis=-1)).mean() * self.z_loss_coeff
+        return ops.square(ops.logsumexp(logits, -1)).mean() * self.z_loss_coeff
 
     def update_expert_bias(self, tokens_per_expert, update_rate):
         """Aux-loss-free balancing step (DeepSeek-V3): raise under-loaded experts, lower others.

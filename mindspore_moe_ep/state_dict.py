@@ -95,5 +95,5 @@ def load_hf_moe_state_dict(layer, state_dict, prefix=""):
     assign(layer.experts.down_weight,
            np.stack([arrays[f"experts.{i}.down_proj.weight"].T for i in experts]))
     if layer.shared_expert is not None:
-        assign(layer.shared_expert.gate_up_weight, gate_up("shared_experts"))
-        assign(layer.shared_expert.down_weight, arrays["shared_experts.down_proj.weight"].T)
+        assign(layer.shared_expert.gate_up_weight, gate_up("shared_experts")[None])
+        assign(layer.shared_expert.down_weight, arrays["shared_experts.down_proj.weight"].T[None])
