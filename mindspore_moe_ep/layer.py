@@ -58,6 +58,8 @@ class MoELayer(nn.Cell):
         def statistic(name, value):
             return Parameter(Tensor(value), name=name, requires_grad=False)
         self.last_tokens_per_expert = statistic("last_tokens_per_expert",
+                                                np.zeros(len(self.local_expert_indices), np.int32))
+        self.last_routed_per_expert = statistic("last_routed_per_expert",
                                                 np.zeros(model.num_experts, np.float32))
         self.last_num_dropped = statistic("last_num_dropped", np.zeros(1, np.int32))
         self.last_aux_loss = statistic("last_aux_loss", np.zeros((), np.float32))
@@ -80,7 +82,8 @@ class MoELayer(nn.Cell):
             output = output + self.shared_expert(tokens).astype(ms.float32)
         output = self.aux_loss_scaler(output, aux_loss + z_loss)
 
-        ops.assign(self.last_tokens_per_expert, selections)
+        ops.assign(self.last_tokens_per_expert, tokens_per_expert)
+        ops.assign(self.last_routed_per_expert, selections)
         ops.assign(self.last_num_dropped, num_dropped)
         ops.assign(self.last_aux_loss, aux_loss)
         ops.assign(self.last_z_loss, z_loss)
@@ -92,9 +95,18 @@ class MoELayer(nn.Cell):
         return expert_ids, routing_weights
 
     def stats(self):
-        """Statistics of the last forward, as plain Python / NumPy values."""
+        """Statistics of the last forward, as plain Python / NumPy values.
+
+        - ``tokens_per_expert`` [local experts]: rows each of this rank's experts computed
+          (after capacity drops; all experts when expert_parallel is 1);
+        - ``routed_per_expert`` [num_experts]: this rank's tokens' choices, before drops (the
+          load the aux loss and the expert-bias update see);
+        - ``num_dropped``: (token, expert) pairs dropped by capacity on this rank's experts;
+        - ``aux_loss``, ``z_loss``: the router's losses, with their coefficients.
+        """
         return {
             "tokens_per_expert": self.last_tokens_per_expert.asnumpy().astype(np.int64),
+            "routed_per_expert": self.last_routed_per_expert.asnumpy().astype(np.int64),
             "num_dropped": int(self.last_num_dropped.asnumpy().sum()),
             "aux_loss": float(self.last_aux_loss.asnumpy()),
             "z_loss": float(self.last_z_loss.asnumpy()),
@@ -105,7 +117,7 @@ class MoELayer(nn.Cell):
         if not self.config.router.expert_bias:
             raise ValueError("update_expert_bias needs router.expert_bias: true in the config")
         if tokens_per_expert is None:
-            tokens_per_expert = self.stats()["tokens_per_expert"]
+            tokens_per_expert = self.stats()["routed_per_expert"]
         return self.router.update_expert_bias(tokens_per_expert,
                                               self.config.router.bias_update_rate)
 

@@ -14,7 +14,8 @@ kernels (a counting sort that packs rows, and a gather with a weighted sum).
 """
 import math
 
-from mindspore import nn
+import mindspore as ms
+from mindspore import nn, ops
 
 from .ops import CombineKernel, DispatchKernel
 
@@ -34,14 +35,14 @@ class LocalTokenDispatcher(nn.Cell):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.dispatch_kernel = DispatchKernel(num_experts, 0)
+        self.dispatch_kernel = DispatchKernel(num_experts)
         self.combine_kernel = CombineKernel()
 
     def dispatch(self, x, expert_ids, routing_weights):
         """x: [T, H], expert_ids / routing_weights: [T, K] -> rows [T*K, H] grouped by expert."""
         capacity = expert_capacity(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
         rows, positions, tokens_per_expert, num_dropped = self.dispatch_kernel(
-            x, expert_ids)
+            x, expert_ids, ops.full((1,), capacity, dtype=ms.int32))
         return rows, tokens_per_expert, num_dropped, (positions, routing_weights)
 
     def combine(self, expert_out, handle):

@@ -1,6 +1,6 @@
 // Local (EP = 1) token dispatch and combine kernels.
 //
-//   MoeEpDispatch      x [T, H], expert_ids [T, K] int32, capacity [1] int32
+//   MoeEpDispatch      x [T, H], expert_ids [T, K] int32 (-1 = masked), capacity [1] int32
 //                      -> grouped_x [T*K, H], positions [T, K] int32,
 //                         tokens_per_expert [E] int32, num_dropped [1] int32
 //   MoeEpCombine       expert_out [N, H], positions [T, K] int32, weights [T, K] float32
@@ -13,21 +13,18 @@
 // E (the number of experts) is read from the shape of the tokens_per_expert output.
 #include <limits>
 
+#include "gather_sum.h"
 #include "kernel_common.h"
 
 namespace moe_ep {
 namespace {
 
-// Rows per thread below which copying is left to one thread (thread start-up costs ~20 us).
-constexpr int64_t kMinRowsPerThread = 256;
-
 // Fails unless every value of `ids` lies in [lowest, limit).
 void RequireIndicesInRange(const TensorArg &ids, int64_t lowest, int64_t limit) {
   const int32_t *values = ids.data_as<const int32_t>();
-  const int64_t row_length = ids.rank == 2 ? ids.dim(1) : 1;
   for (int64_t i = 0; i < ids.numel(); ++i) {
     if (values[i] < lowest || values[i] >= limit) {
-      Fail(kOutOfRange, ids.name, IndexString(i, row_length), " = ", values[i],
+      Fail(kOutOfRange, ids.name, ids.IndexString(i), " = ", values[i],
            " is out of range [", lowest, ", ", limit, ")");
     }
   }
@@ -48,12 +45,20 @@ void CheckPositions(const TensorArg &positions, int64_t num_tokens, int64_t num_
 // Assigns each (token, k) a row of grouped_x: experts in ascending order, and inside an expert
 // tokens in ascending order, then k (a stable counting sort of the flattened expert_ids).
 // With capacity > 0 only the first `capacity` assignments of each expert keep a row; the others
-// get position -1. Returns the number of dropped assignments.
-int32_t ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assignments,
-                              int64_t num_experts, int64_t capacity, int32_t *positions,
-                              int32_t *tokens_per_expert) {
+// get position -1. An expert id of -1 is a masked slot (the expert lives on another rank): it
+// gets position -1 and is neither a row nor a drop.
+struct DispatchLayout {
+  int64_t used_rows = 0;
+  int32_t dropped = 0;
+};
+
+DispatchLayout ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assignments,
+                                     int64_t num_experts, int64_t capacity, int32_t *positions,
+                                     int32_t *tokens_per_expert) {
   std::vector<int64_t> requested(num_experts, 0);
-  for (int64_t i = 0; i < num_assignments; ++i) ++requested[expert_ids[i]];
+  for (int64_t i = 0; i < num_assignments; ++i) {
+    if (expert_ids[i] >= 0) ++requested[expert_ids[i]];
+  }
 
   std::vector<int64_t> next_row(num_experts);  // next free row of each expert's group
   std::vector<int64_t> group_end(num_experts);
@@ -66,17 +71,19 @@ int32_t ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assignments
     group_end[expert] = group_start;
   }
 
-  int32_t dropped = 0;
+  DispatchLayout layout{group_start, 0};
   for (int64_t i = 0; i < num_assignments; ++i) {
     const int32_t expert = expert_ids[i];
-    if (next_row[expert] < group_end[expert]) {
+    if (expert < 0) {
+      positions[i] = -1;
+    } else if (next_row[expert] < group_end[expert]) {
       positions[i] = static_cast<int32_t>(next_row[expert]++);
     } else {
       positions[i] = -1;
-      ++dropped;
+      ++layout.dropped;
     }
   }
-  return dropped;
+  return layout;
 }
 
 // grouped_x[positions[t, k]] = x[t]; rows from `used_rows` on are zeroed.
@@ -84,7 +91,8 @@ template <typename T>
 void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
               const int32_t *positions, int64_t used_rows, int64_t total_rows, T *grouped_x) {
   const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);
-  ParallelFor(num_tokens, kMinRowsPerThread, [&](int64_t token_begin, int64_t token_end) {
+  const int64_t min_tokens = MinItemsPerThread(top_k * row_bytes);
+  ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
     for (int64_t token = token_begin; token < token_end; ++token) {
       for (int64_t k = 0; k < top_k; ++k) {
         const int32_t row = positions[token * top_k + k];
@@ -95,7 +103,7 @@ void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
   std::memset(grouped_x + used_rows * hidden, 0, (total_rows - used_rows) * row_bytes);
 }
 
-void Dispatch(std::vector<TensorArg> &args) {
+void Dispatch(const std::vector<TensorArg> &args) {
   const TensorArg &x = args[0], &expert_ids = args[1], &capacity = args[2];
   const TensorArg &grouped_x = args[3], &positions = args[4];
   const TensorArg &tokens_per_expert = args[5], &num_dropped = args[6];
@@ -132,19 +140,19 @@ void Dispatch(std::vector<TensorArg> &args) {
          num_dropped.ShapeString());
   }
   const int64_t num_experts = tokens_per_expert.dim(0);
-  RequireIndicesInRange(expert_ids, 0, num_experts);
+  RequireIndicesInRange(expert_ids, -1, num_experts);
 
   int32_t *position_data = positions.data_as<int32_t>();
   int32_t *count_data = tokens_per_expert.data_as<int32_t>();
-  const int32_t dropped =
+  const DispatchLayout layout =
       ComputeDispatchLayout(expert_ids.data_as<const int32_t>(), num_assignments, num_experts,
                             capacity_value, position_data, count_data);
-  *num_dropped.data_as<int32_t>() = dropped;
+  *num_dropped.data_as<int32_t>() = layout.dropped;
 
   VisitFloatType(x, [&](auto element) {
     using T = decltype(element);
     PackRows(x.data_as<const T>(), num_tokens, top_k, hidden, position_data,
-             num_assignments - dropped, num_assignments, grouped_x.data_as<T>());
+             layout.used_rows, num_assignments, grouped_x.data_as<T>());
   });
 }
 
@@ -157,7 +165,8 @@ void Dispatch(std::vector<TensorArg> &args) {
 template <typename T>
 void WeightedGatherSum(const T *rows, int64_t hidden, const int32_t *positions,
                        const float *weights, int64_t num_tokens, int64_t top_k, T *y) {
-  ParallelFor(num_tokens, kMinRowsPerThread / 4, [&](int64_t token_begin, int64_t token_end) {
+  const int64_t min_tokens = MinItemsPerThread(top_k * hidden * sizeof(T));
+  ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
     std::vector<float> sum(hidden);  // [hidden]
     for (int64_t token = token_begin; token < token_end; ++token) {
       std::fill(sum.begin(), sum.end(), 0.0f);
@@ -174,7 +183,9 @@ void WeightedGatherSum(const T *rows, int64_t hidden, const int32_t *positions,
   });
 }
 
-// Shared by Combine (with weights) and GatherSum (weights == nullptr).
+}  // namespace
+
+// Shared by Combine (with weights) and GatherSum (weights == nullptr); see gather_sum.h.
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
                const TensorArg &y) {
   rows.RequireRank(2);
@@ -199,6 +210,8 @@ void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorAr
   });
 }
 
+namespace {
+
 // d_expert_out[positions[t, k]] = weights[t, k] * dy[t]   (rows no position refers to: 0)
 // d_weights[t, k] = <dy[t], expert_out[positions[t, k]]>   (0 where positions[t, k] = -1)
 template <typename T>
@@ -206,7 +219,8 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
                      const int32_t *positions, const float *weights, int64_t num_tokens,
                      int64_t top_k, const std::vector<bool> &row_is_used, T *d_expert_out,
                      float *d_weights) {
-  ParallelFor(num_tokens, kMinRowsPerThread / 4, [&](int64_t token_begin, int64_t token_end) {
+  const int64_t min_tokens = MinItemsPerThread(2 * top_k * hidden * sizeof(T));
+  ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
     for (int64_t token = token_begin; token < token_end; ++token) {
       const T *dy_row = dy + token * hidden;
       for (int64_t k = 0; k < top_k; ++k) {
@@ -234,7 +248,7 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
   }
 }
 
-void CombineGrad(std::vector<TensorArg> &args) {
+void CombineGrad(const std::vector<TensorArg> &args) {
   const TensorArg &dy = args[0], &expert_out = args[1], &positions = args[2];
   const TensorArg &weights = args[3], &d_expert_out = args[4], &d_weights = args[5];
 
@@ -265,7 +279,7 @@ void CombineGrad(std::vector<TensorArg> &args) {
     const int32_t row = position_data[slot];
     if (row < 0) continue;
     if (row_is_used[row]) {
-      Fail(kInvalidArgument, "positions", IndexString(slot, top_k), " = ", row,
+      Fail(kInvalidArgument, "positions", positions.IndexString(slot), " = ", row,
            " repeats an earlier position; every row may be used once");
     }
     row_is_used[row] = true;
@@ -289,7 +303,7 @@ using moe_ep::TensorArg;
 MOE_EP_EXPORT int MoeEpDispatch(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpDispatch", [&] {
-    std::vector<TensorArg> args =
+    const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes,
                  {"x", "expert_ids", "capacity", "grouped_x", "positions", "tokens_per_expert",
                   "num_dropped"});
@@ -300,7 +314,7 @@ MOE_EP_EXPORT int MoeEpDispatch(int nparam, void **params, int *ndims, int64_t *
 MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **shapes,
                                const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombine", [&] {
-    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
                                            {"expert_out", "positions", "weights", "y"});
     moe_ep::GatherSum(args[0], args[1], &args[2], args[3]);
   });
@@ -309,7 +323,7 @@ MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **
 MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t **shapes,
                                  const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGatherSum", [&] {
-    std::vector<TensorArg> args =
+    const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes, {"rows", "positions", "y"});
     moe_ep::GatherSum(args[0], args[1], nullptr, args[2]);
   });
@@ -318,7 +332,7 @@ MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t 
 MOE_EP_EXPORT int MoeEpCombineGrad(int nparam, void **params, int *ndims, int64_t **shapes,
                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombineGrad", [&] {
-    std::vector<TensorArg> args =
+    const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes,
                  {"dy", "expert_out", "positions", "weights", "d_expert_out", "d_weights"});
     moe_ep::CombineGrad(args);

@@ -1,12 +1,12 @@
-// oneDNN lookup and the float32 / bfloat16 / float16 row-major GEMM (see gemm_backend.h).
+// oneDNN lookup and the float32 / bfloat16 row-major GEMM (see gemm_backend.h).
 #include "gemm_backend.h"
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <type_traits>
-#include <vector>
+#include <string_view>
 
 namespace moe_ep {
 namespace {
@@ -69,33 +69,9 @@ void ReferenceGemm(const GemmProblem &p, const float *a, const float *b, float *
   }
 }
 
-// Copies a stored [rows, cols] matrix with row stride `stride` into a dense float32 matrix.
-template <typename T>
-std::vector<float> ToDenseFloat(const T *source, int64_t rows, int64_t cols, int64_t stride) {
-  std::vector<float> dense(rows * cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dense[r * cols + c] = ToFloat(source[r * stride + c]);
-  }
-  return dense;
-}
-
-// C (float32) = op(A) op(B) for 16-bit A and B, by converting A and B to float32 first.
-template <typename T>
-void GemmThroughFloat32(const GemmProblem &p, const T *a, const T *b, float *c) {
-  GemmProblem dense = p;
-  const int64_t a_rows = p.trans_a ? p.k : p.m, a_cols = p.trans_a ? p.m : p.k;
-  const int64_t b_rows = p.trans_b ? p.n : p.k, b_cols = p.trans_b ? p.k : p.n;
-  const std::vector<float> a_float = ToDenseFloat(a, a_rows, a_cols, p.lda);  // op(A) stored
-  const std::vector<float> b_float = ToDenseFloat(b, b_rows, b_cols, p.ldb);  // op(B) stored
-  dense.lda = a_cols;
-  dense.ldb = b_cols;
-  GemmFloat32(dense, a_float.data(), b_float.data(), c);
-}
-
-// Sets C [m, n] to zero (used when the inner dimension k is 0).
-template <typename T>
-void ZeroMatrix(T *c, int64_t rows, int64_t cols, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r) std::memset(c + r * stride, 0, cols * sizeof(T));
+// Sets C [m, n] to zero (the product when the inner dimension k is 0).
+void ZeroMatrix(float *c, int64_t rows, int64_t cols, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(c + r * stride, c + r * stride + cols, 0.0f);
 }
 
 void RequireSuccess(int status, const char *function, const GemmProblem &p) {
@@ -107,7 +83,7 @@ void RequireSuccess(int status, const char *function, const GemmProblem &p) {
 
 }  // namespace
 
-void GemmFloat32(const GemmProblem &p, const float *a, const float *b, float *c) {
+void Gemm(const GemmProblem &p, const float *a, const float *b, float *c) {
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) return ZeroMatrix(c, p.m, p.n, p.ldc);
   if (!UseOneDnn()) return ReferenceGemm(p, a, b, c);
@@ -116,42 +92,27 @@ void GemmFloat32(const GemmProblem &p, const float *a, const float *b, float *c)
   RequireSuccess(status, "dnnl_sgemm", p);
 }
 
-void GemmBFloat16(const GemmProblem &p, const BFloat16 *a, const BFloat16 *b, float *c) {
+void Gemm(const GemmProblem &p, const BFloat16 *a, const BFloat16 *b, float *c) {
+  if (!HasFastBFloat16Gemm()) {
+    Fail(kInternalError, "the bfloat16 GEMM was called but is unavailable");
+  }
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) return ZeroMatrix(c, p.m, p.n, p.ldc);
-  const Bf16GemmFunction gemm_bf16 = LoadedOneDnn().gemm_bf16;
-  if (!UseOneDnn() || gemm_bf16 == nullptr) return GemmThroughFloat32(p, a, b, c);
   static_assert(sizeof(BFloat16) == sizeof(uint16_t), "BFloat16 must be 16 raw bits");
-  const int status = gemm_bf16(TransposeFlag(p.trans_a), TransposeFlag(p.trans_b), p.m, p.n,
-                               p.k, 1.0f, reinterpret_cast<const uint16_t *>(a), p.lda,
-                               reinterpret_cast<const uint16_t *>(b), p.ldb, 0.0f, c, p.ldc);
+  const int status = LoadedOneDnn().gemm_bf16(
+      TransposeFlag(p.trans_a), TransposeFlag(p.trans_b), p.m, p.n, p.k, 1.0f,
+      reinterpret_cast<const uint16_t *>(a), p.lda, reinterpret_cast<const uint16_t *>(b), p.ldb,
+      0.0f, c, p.ldc);
   RequireSuccess(status, "dnnl_gemm_bf16bf16f32", p);
 }
 
-template <typename T>
-void Gemm(const GemmProblem &p, const T *a, const T *b, T *c) {
-  if constexpr (std::is_same_v<T, float>) {
-    GemmFloat32(p, a, b, c);
-  } else {
-    // 16-bit output: compute into a dense float32 product, then round once into C.
-    GemmProblem into_product = p;
-    into_product.ldc = p.n;
-    std::vector<float> product(p.m * p.n);  // [m, n]
-    if constexpr (std::is_same_v<T, BFloat16>) {
-      GemmBFloat16(into_product, a, b, product.data());
-    } else {
-      GemmThroughFloat32(into_product, a, b, product.data());
-    }
-    for (int64_t i = 0; i < p.m; ++i) {
-      for (int64_t j = 0; j < p.n; ++j) c[i * p.ldc + j] = FromFloat<T>(product[i * p.n + j]);
-    }
-  }
+bool HasFastBFloat16Gemm() {
+  // oneDNN has optimised bfloat16 GEMM kernels for AVX-512 ("avx512_core") and newer only.
+  static const bool cpu_has_avx512_core =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return UseOneDnn() && LoadedOneDnn().gemm_bf16 != nullptr && cpu_has_avx512_core;
 }
-
-template void Gemm<float>(const GemmProblem &, const float *, const float *, float *);
-template void Gemm<Half>(const GemmProblem &, const Half *, const Half *, Half *);
-template void Gemm<BFloat16>(const GemmProblem &, const BFloat16 *, const BFloat16 *,
-                             BFloat16 *);
 
 }  // namespace moe_ep
 

@@ -1,15 +1,18 @@
-// Row-major GEMM for the grouped-matmul kernels: C = op(A) * op(B), op = identity or transpose.
+// Row-major GEMM for the grouped-matmul kernels: C = op(A) * op(B), op = identity or transpose,
+// always with a float32 result (float32 accumulation).
 //
-// float32 and bfloat16 use oneDNN (dnnl_sgemm, dnnl_gemm_bf16bf16f32) from the libdnnl.so.3 that
-// ships with MindSpore. The library is not linked at build time: it is looked up in the running
-// process (dlsym(RTLD_DEFAULT)) and otherwise opened from the path in the environment variable
-// MOE_EP_DNNL_LIBRARY (set by mindspore_moe_ep/ops/kernel_library.py). Without it a plain C++
-// loop is used. float16 is converted to float32 and multiplied with the float32 GEMM.
-// All variants accumulate in float32.
+// float32 uses oneDNN's dnnl_sgemm and bfloat16 its dnnl_gemm_bf16bf16f32, from the libdnnl.so.3
+// that ships with MindSpore. The library is not linked at build time: it is looked up in the
+// running process (dlsym(RTLD_DEFAULT)) and otherwise opened from the path in the environment
+// variable MOE_EP_DNNL_LIBRARY (set by mindspore_moe_ep/ops/kernel_library.py). Without it a plain
+// C++ loop is used. oneDNN's bfloat16 GEMM is only used on CPUs with AVX-512 (elsewhere it falls
+// back to a very slow reference path); otherwise bfloat16, like float16, is converted to float32.
 #ifndef MOE_EP_GEMM_BACKEND_H_
 #define MOE_EP_GEMM_BACKEND_H_
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "kernel_common.h"
 
@@ -24,13 +27,40 @@ struct GemmProblem {
   int64_t lda = 0, ldb = 0, ldc = 0;
 };
 
-// C = op(A) op(B) with float32 output; these fail with a KernelError if oneDNN reports an error.
-void GemmFloat32(const GemmProblem &problem, const float *a, const float *b, float *c);
-void GemmBFloat16(const GemmProblem &problem, const BFloat16 *a, const BFloat16 *b, float *c);
+// C = op(A) op(B). Throws a KernelError if oneDNN reports an error.
+void Gemm(const GemmProblem &problem, const float *a, const float *b, float *c);
+// Only valid when HasFastBFloat16Gemm().
+void Gemm(const GemmProblem &problem, const BFloat16 *a, const BFloat16 *b, float *c);
 
-// C = op(A) op(B) for any supported element type (C has the type of A and B).
-template <typename T>
-void Gemm(const GemmProblem &problem, const T *a, const T *b, T *c);
+// Whether bfloat16 inputs can be multiplied directly (oneDNN found, CPU with AVX-512).
+bool HasFastBFloat16Gemm();
+
+// Runs compute(a, b, out) where a and b hold the inputs in an element type Gemm() accepts
+// (T itself when possible, else float32 copies) and out is a float32 buffer of out_count
+// elements, then stores out into `destination` as T. For float32 nothing is copied.
+template <typename T, typename Compute>
+void ComputeWithGemmTypes(const T *a, int64_t a_count, const T *b, int64_t b_count,
+                          T *destination, int64_t out_count, Compute &&compute) {
+  if constexpr (std::is_same_v<T, float>) {
+    compute(a, b, destination);
+  } else {
+    std::vector<float> out(out_count);
+    bool computed = false;
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (HasFastBFloat16Gemm()) {
+        compute(a, b, out.data());
+        computed = true;
+      }
+    }
+    if (!computed) {
+      std::vector<float> a_float(a_count), b_float(b_count);
+      ConvertArray(a, a_count, a_float.data());
+      ConvertArray(b, b_count, b_float.data());
+      compute(a_float.data(), b_float.data(), out.data());
+    }
+    ConvertArray(out.data(), out_count, destination);
+  }
+}
 
 }  // namespace moe_ep
 

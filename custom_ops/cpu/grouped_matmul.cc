@@ -83,9 +83,10 @@ void RunBlocks(const std::vector<Block> &blocks, GemmOfBlock &&gemm_of) {
 }
 
 // out [N, N_out] = rows of group e @ W_e, where W_e is weights[e] (or its transpose).
+// T is an element type Gemm() accepts (float or BFloat16); out is float32.
 template <typename T>
 void GroupedMatmul(const T *rows, int64_t num_rows, int64_t k_in, const T *weights,
-                   int64_t n_out, bool transpose_b, const Groups &groups, T *out) {
+                   int64_t n_out, bool transpose_b, const Groups &groups, float *out) {
   const std::vector<Block> blocks =
       MakeBlocks(groups, [&](int64_t expert) { return groups.size(expert); });
   RunBlocks(blocks, [&](const Block &block) {
@@ -102,13 +103,14 @@ void GroupedMatmul(const T *rows, int64_t num_rows, int64_t k_in, const T *weigh
          out + first_row * n_out);
   });
   const int64_t used_rows = groups.total_rows();
-  std::memset(out + used_rows * n_out, 0, (num_rows - used_rows) * n_out * sizeof(T));
+  std::fill(out + used_rows * n_out, out + num_rows * n_out, 0.0f);
 }
 
 // out[e] [P, Q] = a_e^T @ b_e; experts without rows get zeros. Blocks split the P rows of out[e].
+// T is an element type Gemm() accepts (float or BFloat16); out is float32.
 template <typename T>
 void GroupedWeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size,
-                       const Groups &groups, T *out) {
+                       const Groups &groups, float *out) {
   const std::vector<Block> blocks =
       MakeBlocks(groups, [&](int64_t /*expert*/) { return p_size; });
   RunBlocks(blocks, [&](const Block &block) {
@@ -126,7 +128,7 @@ void GroupedWeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size,
   });
 }
 
-void RunGroupedMatmul(std::vector<TensorArg> &args, bool transpose_b) {
+void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
   const TensorArg &rows = args[0], &weights = args[1], &tokens_per_expert = args[2];
   const TensorArg &out = args[3];
   rows.RequireRank(2);
@@ -146,12 +148,17 @@ void RunGroupedMatmul(std::vector<TensorArg> &args, bool transpose_b) {
 
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    GroupedMatmul(rows.data_as<const T>(), num_rows, k_in, weights.data_as<const T>(), n_out,
-                  transpose_b, groups, out.data_as<T>());
+    ComputeWithGemmTypes(
+        rows.data_as<const T>(), rows.numel(), weights.data_as<const T>(), weights.numel(),
+        out.data_as<T>(), out.numel(),
+        [&](const auto *rows_data, const auto *weight_data, float *out_data) {
+          GroupedMatmul(rows_data, num_rows, k_in, weight_data, n_out, transpose_b, groups,
+                        out_data);
+        });
   });
 }
 
-void RunGroupedWeightGrad(std::vector<TensorArg> &args) {
+void RunGroupedWeightGrad(const std::vector<TensorArg> &args) {
   const TensorArg &a = args[0], &b = args[1], &tokens_per_expert = args[2], &out = args[3];
   a.RequireRank(2);
   b.RequireRank(2);
@@ -168,8 +175,12 @@ void RunGroupedWeightGrad(std::vector<TensorArg> &args) {
 
   VisitFloatType(a, [&](auto element) {
     using T = decltype(element);
-    GroupedWeightGrad(a.data_as<const T>(), a.dim(1), b.data_as<const T>(), b.dim(1),
-                      groups, out.data_as<T>());
+    ComputeWithGemmTypes(a.data_as<const T>(), a.numel(), b.data_as<const T>(), b.numel(),
+                         out.data_as<T>(), out.numel(),
+                         [&](const auto *a_data, const auto *b_data, float *out_data) {
+                           GroupedWeightGrad(a_data, a.dim(1), b_data, b.dim(1), groups,
+                                             out_data);
+                         });
   });
 }
 
@@ -183,7 +194,7 @@ using moe_ep::TensorArg;
 MOE_EP_EXPORT int MoeEpGroupedMatmul(int nparam, void **params, int *ndims, int64_t **shapes,
                                      const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmul", [&] {
-    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
                                            {"rows", "weights", "tokens_per_expert", "out"});
     moe_ep::RunGroupedMatmul(args, /*transpose_b=*/false);
   });
@@ -193,7 +204,7 @@ MOE_EP_EXPORT int MoeEpGroupedMatmulTransposedB(int nparam, void **params, int *
                                                 int64_t **shapes, const char **dtypes,
                                                 void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmulTransposedB", [&] {
-    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
                                            {"rows", "weights", "tokens_per_expert", "out"});
     moe_ep::RunGroupedMatmul(args, /*transpose_b=*/true);
   });
@@ -203,7 +214,7 @@ MOE_EP_EXPORT int MoeEpGroupedMatmulWeightGrad(int nparam, void **params, int *n
                                                int64_t **shapes, const char **dtypes,
                                                void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmulWeightGrad", [&] {
-    std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
                                            {"a", "b", "tokens_per_expert", "out"});
     moe_ep::RunGroupedWeightGrad(args);
   });

@@ -79,9 +79,16 @@ std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t *
   return args;
 }
 
-std::string IndexString(int64_t flat_index, int64_t row_length) {
+std::string TensorArg::IndexString(int64_t flat_index) const {
+  std::vector<int64_t> index(rank);
+  for (int axis = rank - 1; axis >= 0; --axis) {
+    index[axis] = shape[axis] > 0 ? flat_index % shape[axis] : 0;
+    flat_index = shape[axis] > 0 ? flat_index / shape[axis] : 0;
+  }
   std::ostringstream text;
-  text << "[" << flat_index / row_length << "," << flat_index % row_length << "]";
+  text << "[";
+  for (int axis = 0; axis < rank; ++axis) text << (axis ? "," : "") << index[axis];
+  text << "]";
   return text.str();
 }
 

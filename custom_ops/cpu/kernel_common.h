@@ -89,7 +89,8 @@ struct TensorArg {
 
   int64_t dim(int axis) const { return shape[axis]; }
   int64_t numel() const;
-  std::string ShapeString() const;  // e.g. "[4, 8]"
+  std::string ShapeString() const;                  // e.g. "[4, 8]"
+  std::string IndexString(int64_t flat_index) const;  // e.g. "[3,1]" for element 3 * 8 + 1
 
   template <typename T>
   T *data_as() const { return static_cast<T *>(data); }
@@ -106,27 +107,52 @@ struct TensorArg {
 std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, std::initializer_list<const char *> names);
 
-// Formats a multi-index as "[i,j]" for messages such as "expert_ids[3,1] = 9".
-std::string IndexString(int64_t flat_index, int64_t row_length);
-
 // ---------------------------------------------------------------------------------------------
 // Element types
 // ---------------------------------------------------------------------------------------------
 
-using Half = _Float16;
+// float16 and bfloat16 are stored as their 16 raw bits and converted with integer arithmetic
+// (exact IEEE conversions, round to nearest even). The build targets x86-64-v2, which has no F16C,
+// and GCC's _Float16 conversions there are library calls (~20 ns each); these take ~1.5 ns.
+struct Float16 {
+  uint16_t bits;
+};
 
-// bfloat16 stored as its 16 raw bits (the upper half of a float32).
+// bfloat16: the upper half of a float32.
 struct BFloat16 {
   uint16_t bits;
 };
 
+inline uint32_t FloatBits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+inline float FloatFromBits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 inline float ToFloat(float value) { return value; }
-inline float ToFloat(Half value) { return static_cast<float>(value); }
+
 inline float ToFloat(BFloat16 value) {
-  const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
+  return FloatFromBits(static_cast<uint32_t>(value.bits) << 16);
+}
+
+inline float ToFloat(Float16 value) {
+  constexpr uint32_t kExponentMask = 0x7c00u;
+  const uint32_t sign = static_cast<uint32_t>(value.bits & 0x8000u) << 16;
+  const uint32_t magnitude = value.bits & 0x7fffu;  // exponent and mantissa
+  if (magnitude >= kExponentMask) {                 // infinity or NaN
+    return FloatFromBits(sign | 0x7f800000u | ((magnitude & 0x03ffu) << 13));
+  }
+  if (magnitude >= 0x0400u) {  // normal: widen the mantissa, re-bias the exponent by 127 - 15
+    return FloatFromBits(sign | ((magnitude << 13) + ((127u - 15u) << 23)));
+  }
+  // zero or subnormal: magnitude * 2^-24, exact in float32
+  return FloatFromBits(sign | FloatBits(static_cast<float>(magnitude) * 0x1p-24f));
 }
 
 template <typename T>
@@ -135,14 +161,10 @@ T FromFloat(float value);
 template <>
 inline float FromFloat<float>(float value) { return value; }
 
-template <>
-inline Half FromFloat<Half>(float value) { return static_cast<Half>(value); }
-
 // Round to nearest, ties to even; NaN stays a (quiet) NaN.
 template <>
 inline BFloat16 FromFloat<BFloat16>(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
+  uint32_t bits = FloatBits(value);
   if ((bits & 0x7fffffffu) > 0x7f800000u) {
     return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x0040u)};
   }
@@ -151,13 +173,35 @@ inline BFloat16 FromFloat<BFloat16>(float value) {
   return BFloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
-// Calls visitor(T{}) with T = float, Half or BFloat16 according to tensor.dtype.
+// Round to nearest, ties to even; overflow gives infinity; NaN stays a (quiet) NaN.
+template <>
+inline Float16 FromFloat<Float16>(float value) {
+  const uint32_t bits = FloatBits(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  uint32_t result;
+  if (magnitude > 0x7f800000u) {  // NaN
+    result = 0x7e00u | ((magnitude >> 13) & 0x03ffu);
+  } else if (magnitude >= 0x477ff000u) {  // >= 65520 rounds past the largest float16, 65504
+    result = 0x7c00u;
+  } else if (magnitude < 0x38800000u) {  // below 2^-14: a float16 subnormal (or zero)
+    // Adding 0.5 puts the float16 subnormal's bits at the bottom of the mantissa; the float32
+    // addition does the rounding to nearest even.
+    result = FloatBits(FloatFromBits(magnitude) + 0.5f) - FloatBits(0.5f);
+  } else {  // normal: re-bias the exponent, round away the low 13 mantissa bits
+    const uint32_t lowest_kept_bit = (magnitude >> 13) & 1u;
+    result = (magnitude - ((127u - 15u) << 23) + 0x0fffu + lowest_kept_bit) >> 13;
+  }
+  return Float16{static_cast<uint16_t>(sign | result)};
+}
+
+// Calls visitor(T{}) with T = float, Float16 or BFloat16 according to tensor.dtype.
 template <typename Visitor>
 void VisitFloatType(const TensorArg &tensor, Visitor &&visitor) {
   if (tensor.dtype == "float32") {
     visitor(float{});
   } else if (tensor.dtype == "float16") {
-    visitor(Half{});
+    visitor(Float16{});
   } else if (tensor.dtype == "bfloat16") {
     visitor(BFloat16{});
   } else {
@@ -172,6 +216,13 @@ void VisitFloatType(const TensorArg &tensor, Visitor &&visitor) {
 
 // Number of worker threads kernels may use: MOE_EP_NUM_THREADS if set, else the core count.
 int KernelThreadCount();
+
+// The smallest share of a memory-bound loop worth a thread of its own (starting a thread costs
+// ~20-50 us): items of `bytes_per_item` bytes adding up to 256 KiB.
+inline int64_t MinItemsPerThread(int64_t bytes_per_item) {
+  constexpr int64_t kMinBytesPerThread = int64_t{1} << 18;
+  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, bytes_per_item));
+}
 
 // Runs body(begin, end) over disjoint ranges covering [0, count). Uses several threads only when
 // each gets at least `min_items_per_thread` items. Results are deterministic as long as the
@@ -203,6 +254,14 @@ void ParallelFor(int64_t count, int64_t min_items_per_thread, Body &&body) {
   for (const std::exception_ptr &failure : failures) {
     if (failure) std::rethrow_exception(failure);
   }
+}
+
+// Converts `count` elements between element types, in parallel for large arrays.
+template <typename To, typename From>
+void ConvertArray(const From *source, int64_t count, To *destination) {
+  ParallelFor(count, MinItemsPerThread(sizeof(To)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) destination[i] = FromFloat<To>(ToFloat(source[i]));
+  });
 }
 
 }  // namespace moe_ep

@@ -84,7 +84,7 @@ def take_last_kernel_error() -> str:
 
 
 def is_kernel_failure(error: BaseException) -> bool:
-    """Whether ``error`` is MindSpore's report of a non-zero return from a kernel of this library."""
+    """Whether ``error`` is MindSpore's report of a failed (non-zero) kernel of this library."""
     text = str(error)
     return (isinstance(error, RuntimeError) and _AOT_FAILURE_MARKER in text
             and LIBRARY_FILE_NAME in text)

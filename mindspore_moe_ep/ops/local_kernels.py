@@ -10,11 +10,16 @@ inputs (expert ids, positions, counts) get zero gradients. Kernel failures are r
 called directly; wrap other code in ``explain_kernel_errors()``.
 """
 import functools
+import numbers
 
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 from .kernel_library import explain_kernel_errors, kernel_func
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _product(*dims: int) -> int:
@@ -35,8 +40,12 @@ def _custom(kernel_name: str, out_shape, out_dtype, bprop=None) -> ops.Custom:
 # ---- building blocks of the backward passes (no gradients of their own) ----------------------
 
 @functools.lru_cache(maxsize=None)
-def _gather_sum_op() -> ops.Custom:
-    """rows [N, H], positions [T, K] -> [T, H]: y[t] = sum_k rows[positions[t, k]] (skip -1)."""
+def gather_sum_op() -> ops.Custom:
+    """The shared unweighted-combine op (no gradient of its own; the gradient of dispatch).
+
+    ``(rows [N, H], positions [T, K] int32) -> [T, H]``: ``y[t] = sum_k rows[positions[t, k]]``,
+    skipping -1, accumulated in float32 in k order.
+    """
     return _custom("MoeEpGatherSum",
                    out_shape=lambda rows, positions: [positions[0], rows[1]],
                    out_dtype=lambda rows, positions: rows)
@@ -44,10 +53,18 @@ def _gather_sum_op() -> ops.Custom:
 
 @functools.lru_cache(maxsize=None)
 def _combine_grad_op() -> ops.Custom:
-    """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K]."""
-    return _custom("MoeEpCombineGrad",
-                   out_shape=lambda dy, expert_out, positions, weights: (expert_out, weights),
-                   out_dtype=lambda dy, expert_out, positions, weights: (expert_out, mstype.float32))
+    """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K].
+
+    d_expert_out[positions[t, k]] = weights[t, k] * dy[t] (unused rows 0), and
+    d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped).
+    """
+    def output_shapes(dy, expert_out, positions, weights):
+        return expert_out, weights
+
+    def output_dtypes(dy, expert_out, positions, weights):
+        return expert_out, mstype.float32
+
+    return _custom("MoeEpCombineGrad", out_shape=output_shapes, out_dtype=output_dtypes)
 
 
 def _grouped_matmul_output_shape(transpose_b: bool):
@@ -91,39 +108,43 @@ class DispatchKernel(_KernelCell):
     ``(x [T, H], expert_ids [T, K] int32)`` -> ``(grouped_x [T*K, H], positions [T, K] int32,
     tokens_per_expert [E] int32, num_dropped [1] int32)``. ``positions[t, k]`` is the row of
     ``grouped_x`` holding token t for its k-th expert, or -1 if dropped by ``capacity``
-    (0 = dropless). Gradient: ``dx[t] = sum_k d_grouped_x[positions[t, k]]``.
+    (0 = dropless; a call may pass its own ``capacity`` tensor, e.g. one derived from the token
+    count). Gradient: ``dx[t] = sum_k d_grouped_x[positions[t, k]]``.
     """
 
     def __init__(self, num_experts: int, capacity: int = 0):
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts <= 0:
+        if not _is_int(num_experts) or num_experts <= 0:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not isinstance(capacity, int) or capacity < 0:
+        if not _is_int(capacity) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0 (0 = dropless), got {capacity!r}")
-        self.num_experts = num_experts
-        self.capacity = capacity
+        self.num_experts = num_experts = int(num_experts)
+        self.capacity = capacity = int(capacity)
         self._capacity = Tensor([capacity], mstype.int32)  # [1], read by the kernel
-        gather_sum = _gather_sum_op()
+        gather_sum = gather_sum_op()
 
         def bprop(x, expert_ids, capacity_tensor, out, dout):
             positions = out[1]
             d_grouped_x = dout[0]
-            return gather_sum(d_grouped_x, positions), ops.zeros_like(expert_ids), \
-                ops.zeros_like(capacity_tensor)
+            return (gather_sum(d_grouped_x, positions), ops.zeros_like(expert_ids),
+                    ops.zeros_like(capacity_tensor))
 
         def output_shapes(x, expert_ids, capacity_tensor):
             tokens, hidden = x
             return ([_product(tokens, expert_ids[1]), hidden], list(expert_ids),
                     [num_experts], [1])
 
-        self._dispatch = _custom(
-            "MoeEpDispatch", out_shape=output_shapes,
-            out_dtype=lambda x, expert_ids, capacity_tensor:
-            (x, mstype.int32, mstype.int32, mstype.int32),
-            bprop=bprop)
+        def output_dtypes(x, expert_ids, capacity_tensor):
+            return x, mstype.int32, mstype.int32, mstype.int32
 
-    def construct(self, x, expert_ids):
-        return self._dispatch(x, expert_ids, self._capacity)
+        self._dispatch = _custom("MoeEpDispatch", out_shape=output_shapes,
+                                 out_dtype=output_dtypes, bprop=bprop)
+
+    def construct(self, x, expert_ids, capacity=None):
+        """``capacity``: an optional int32 [1] tensor replacing the constructor's value."""
+        if capacity is None:
+            capacity = self._capacity
+        return self._dispatch(x, expert_ids, capacity)
 
     def extend_repr(self):
         return f"num_experts={self.num_experts}, capacity={self.capacity}"

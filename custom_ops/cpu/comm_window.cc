@@ -1,0 +1,870 @@
+// Shared-memory communication windows: segment creation and validation, the row exchange
+// protocol, failure detection, and the C interface used by Python (see comm_window.h).
+#include "comm_window.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <iomanip>
+#include <map>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace moe_ep {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// The shared segment
+// ---------------------------------------------------------------------------------------------
+
+constexpr char kSegmentNamePrefix[] = "/moe-ep-";
+constexpr char kSharedMemoryDirectory[] = "/dev/shm";
+constexpr uint64_t kSegmentMagic = 0x4e49575045454f4dULL;  // the bytes "MOEEPWIN"
+constexpr uint32_t kLayoutVersion = 1;
+constexpr int kJobTokenBytes = 16;
+constexpr size_t kCacheLine = 64;
+constexpr size_t kFailureMessageBytes = 512;
+constexpr int kMaxWorldSize = 4096;
+
+static_assert(std::atomic<uint32_t>::is_always_lock_free &&
+                  std::atomic<uint64_t>::is_always_lock_free &&
+                  std::atomic<int64_t>::is_always_lock_free,
+              "inter-process atomics must be lock-free");
+
+// Written once by the creator; `ready` is set last.
+struct alignas(kCacheLine) SegmentHeader {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t world_size;
+  uint8_t job_token[kJobTokenBytes];
+  uint64_t slot_bytes;
+  std::atomic<uint32_t> ready;
+};
+
+// What one rank tells the others about itself.
+struct alignas(kCacheLine) RankRecord {
+  std::atomic<int64_t> pid;            // 0 until the rank has attached
+  std::atomic<uint64_t> entered_step;  // the last exchange step the rank entered
+  std::atomic<uint64_t> failed_step;   // 0, or the step in which the rank failed
+  char failure[kFailureMessageBytes];  // why it failed; written before failed_step
+};
+
+// The header of the slot carrying messages from one rank to another. A message is present
+// while published > consumed; the sender writes the next one only after the receiver has
+// consumed the previous one. The two counters live on separate cache lines.
+struct alignas(kCacheLine) SlotHeader {
+  std::atomic<uint64_t> published;  // messages written (by the sender)
+  uint64_t step;                    // exchange step of the current message
+  int64_t total_rows;               // rows the sender sends to this receiver in this step
+  int64_t row_bytes;
+  int64_t capacity;
+  int64_t chunk_offset;             // byte offset of this chunk within those rows
+  int64_t chunk_bytes;
+  alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
+};
+
+size_t RoundUp(size_t value, size_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Where the parts of a segment lie:
+//   SegmentHeader | RankRecord x world_size | (SlotHeader + payload) x world_size*(world_size-1)
+// Slots exist only for ordered pairs of distinct ranks (a rank copies its own rows directly).
+struct SegmentLayout {
+  SegmentLayout(int world_size, int64_t slot_bytes)
+      : world_size(world_size),
+        slot_bytes(slot_bytes),
+        ranks_offset(RoundUp(sizeof(SegmentHeader), kCacheLine)),
+        slots_offset(ranks_offset + world_size * sizeof(RankRecord)),
+        slot_stride(sizeof(SlotHeader) + RoundUp(slot_bytes, kCacheLine)),
+        total_bytes(slots_offset + static_cast<size_t>(world_size) * (world_size - 1) * slot_stride) {}
+
+  // Index of the slot carrying messages from `source` to `destination` (source != destination).
+  size_t SlotIndex(int source, int destination) const {
+    return static_cast<size_t>(source) * (world_size - 1) +
+           (destination < source ? destination : destination - 1);
+  }
+
+  int world_size;
+  int64_t slot_bytes;
+  size_t ranks_offset;
+  size_t slots_offset;
+  size_t slot_stride;
+  size_t total_bytes;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small system helpers
+// ---------------------------------------------------------------------------------------------
+
+double SecondsSinceStart() {
+  using Clock = std::chrono::steady_clock;
+  static const Clock::time_point start = Clock::now();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::string ErrnoText(int error_number) { return std::strerror(error_number); }
+
+// "60.0 s"
+std::string DescribeSeconds(double seconds) {
+  std::ostringstream text;
+  text << std::fixed << std::setprecision(1) << seconds << " s";
+  return text.str();
+}
+
+std::string DescribeBytes(uint64_t bytes) {
+  std::ostringstream text;
+  text << bytes << " bytes (" << (bytes >> 20) << " MiB)";
+  return text.str();
+}
+
+// Closes a file descriptor when it goes out of scope.
+class ScopedFd {
+ public:
+  explicit ScopedFd(int fd = -1) : fd_(fd) {}
+  ~ScopedFd() {
+    if (fd_ >= 0) close(fd_);
+  }
+  ScopedFd(ScopedFd &&other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  ScopedFd &operator=(ScopedFd &&other) noexcept {
+    std::swap(fd_, other.fd_);
+    return *this;
+  }
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// A shared mapping of a whole segment, unmapped when it goes out of scope.
+class MappedSegment {
+ public:
+  MappedSegment() = default;
+  MappedSegment(int fd, size_t size) : size_(size) {
+    void *address = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (address == MAP_FAILED) {
+      Fail(kInternalError, "mapping the communication window (", DescribeBytes(size),
+           ") failed: ", ErrnoText(errno));
+    }
+    address_ = static_cast<uint8_t *>(address);
+  }
+  ~MappedSegment() {
+    if (address_ != nullptr) munmap(address_, size_);
+  }
+  MappedSegment(MappedSegment &&other) noexcept
+      : address_(std::exchange(other.address_, nullptr)), size_(other.size_) {}
+  MappedSegment &operator=(MappedSegment &&other) noexcept {
+    std::swap(address_, other.address_);
+    std::swap(size_, other.size_);
+    return *this;
+  }
+  uint8_t *bytes() const { return address_; }
+
+ private:
+  uint8_t *address_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Watches peer processes through pidfds. A pidfd becomes readable once its process has exited,
+// including while it is an unreaped zombie (kill(pid, 0) would still succeed then). Where
+// pidfd_open is unavailable a peer's exit is noticed only through the timeout.
+class PeerMonitor {
+ public:
+  explicit PeerMonitor(int world_size) : pidfds_(world_size, -1), exited_(world_size, false) {}
+  ~PeerMonitor() {
+    for (int fd : pidfds_) {
+      if (fd >= 0) close(fd);
+    }
+  }
+  PeerMonitor(const PeerMonitor &) = delete;
+  PeerMonitor &operator=(const PeerMonitor &) = delete;
+
+  bool IsWatching(int rank) const { return pidfds_[rank] >= 0 || exited_[rank]; }
+
+  void Watch(int rank, int64_t pid) {
+#ifdef SYS_pidfd_open
+    const int fd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0));
+    if (fd >= 0) {
+      pidfds_[rank] = fd;
+    } else if (errno == ESRCH) {
+      exited_[rank] = true;  // gone before we could watch it
+    }
+#else
+    (void)rank;
+    (void)pid;
+#endif
+  }
+
+  bool HasExited(int rank) const {
+    if (exited_[rank]) return true;
+    if (pidfds_[rank] < 0) return false;
+    pollfd request{pidfds_[rank], POLLIN, 0};
+    return poll(&request, 1, 0) > 0 && (request.revents & POLLIN) != 0;
+  }
+
+ private:
+  std::vector<int> pidfds_;
+  std::vector<bool> exited_;
+};
+
+// Tells the CPU that this thread is spinning (saves power, helps a sibling hyper-thread).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Waiting without a condition variable: spin briefly, then yield, then sleep in short naps.
+// Wait() says when the caller should check on its peers (dead, failed, timed out).
+class Backoff {
+ public:
+  Backoff() { Reset(); }
+
+  void Reset() {
+    idle_rounds_ = 0;
+    idle_since_ = SecondsSinceStart();
+  }
+
+  bool Wait() {
+    ++idle_rounds_;
+    if (idle_rounds_ <= kSpinRounds) {
+      CpuRelax();
+      return false;
+    }
+    if (idle_rounds_ <= kSpinRounds + kYieldRounds) {
+      sched_yield();
+      return idle_rounds_ % kYieldRoundsPerCheck == 0;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(kNapMicroseconds));
+    return true;
+  }
+
+  double IdleSeconds() const { return SecondsSinceStart() - idle_since_; }
+
+ private:
+  static constexpr int64_t kSpinRounds = 256;
+  static constexpr int64_t kYieldRounds = 4096;
+  static constexpr int64_t kYieldRoundsPerCheck = 256;
+  static constexpr int kNapMicroseconds = 100;
+
+  int64_t idle_rounds_ = 0;
+  double idle_since_ = 0.0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Opening a window
+// ---------------------------------------------------------------------------------------------
+
+struct WindowOptions {
+  std::string job_token_hex;  // 32 hex digits, the same on every rank of the group
+  int world_size = 0;
+  int rank = 0;
+  int64_t slot_bytes = 0;
+  double timeout_s = 0.0;          // longest wait for a peer during an exchange
+  double attach_timeout_s = 0.0;   // longest wait for all ranks to attach
+  std::string timeout_setting;     // name of the setting behind timeout_s, for messages
+};
+
+void ValidateOptions(const WindowOptions &options) {
+  const std::string &token = options.job_token_hex;
+  if (token.size() != 2 * kJobTokenBytes ||
+      token.find_first_not_of("0123456789abcdef") != std::string::npos) {
+    Fail(kInvalidArgument, "the job token must be ", 2 * kJobTokenBytes,
+         " lowercase hex digits, got '", token, "'");
+  }
+  if (options.world_size < 1 || options.world_size > kMaxWorldSize) {
+    Fail(kInvalidArgument, "world_size = ", options.world_size, " must be in [1, ",
+         kMaxWorldSize, "]");
+  }
+  if (options.rank < 0 || options.rank >= options.world_size) {
+    Fail(kInvalidArgument, "rank = ", options.rank, " must be in [0, ", options.world_size, ")");
+  }
+  if (options.slot_bytes < static_cast<int64_t>(kCacheLine) || options.slot_bytes > (1LL << 40)) {
+    Fail(kInvalidArgument, "slot_bytes = ", options.slot_bytes, " must be in [", kCacheLine,
+         ", 2^40]");
+  }
+  if (!(options.timeout_s > 0.0) || !(options.attach_timeout_s > 0.0)) {
+    Fail(kInvalidArgument, "timeout_s = ", options.timeout_s, " and attach_timeout_s = ",
+         options.attach_timeout_s, " must be positive");
+  }
+}
+
+std::vector<uint8_t> ParseJobToken(const std::string &hex) {
+  std::vector<uint8_t> token(kJobTokenBytes);
+  for (int i = 0; i < kJobTokenBytes; ++i) {
+    token[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  }
+  return token;
+}
+
+void RequireFreeSharedMemory(const SegmentLayout &layout) {
+  struct statvfs filesystem {};
+  if (statvfs(kSharedMemoryDirectory, &filesystem) != 0) return;  // cannot tell; fallocate will
+  const uint64_t available = static_cast<uint64_t>(filesystem.f_bavail) * filesystem.f_frsize;
+  if (layout.total_bytes > available) {
+    Fail(kInternalError, "the communication window needs ", DescribeBytes(layout.total_bytes),
+         " of ", kSharedMemoryDirectory, " (world size ", layout.world_size, ", slot_bytes ",
+         layout.slot_bytes, ") but only ", DescribeBytes(available),
+         " are available; lower slot_bytes or enlarge ", kSharedMemoryDirectory,
+         " (e.g. docker run --shm-size)");
+  }
+}
+
+// Rank 0: creates the segment (replacing a stale one of the same name) and writes its header.
+MappedSegment CreateSegment(const std::string &name, const SegmentLayout &layout,
+                            const std::vector<uint8_t> &job_token) {
+  shm_unlink(name.c_str());  // a leftover of a crashed job with the same name, if any
+  RequireFreeSharedMemory(layout);
+  ScopedFd fd(shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600));
+  if (fd.get() < 0) {
+    Fail(kInternalError, "creating the shared-memory segment ", name, " failed: ",
+         ErrnoText(errno));
+  }
+  // Reserve the memory now: a full /dev/shm then fails here instead of with SIGBUS later.
+  const int reserve_error = posix_fallocate(fd.get(), 0, static_cast<off_t>(layout.total_bytes));
+  if (reserve_error != 0) {
+    Fail(kInternalError, "reserving ", DescribeBytes(layout.total_bytes), " in ",
+         kSharedMemoryDirectory, " for the communication window failed: ",
+         ErrnoText(reserve_error));
+  }
+  MappedSegment segment(fd.get(), layout.total_bytes);
+  auto *header = new (segment.bytes()) SegmentHeader();
+  header->magic = kSegmentMagic;
+  header->version = kLayoutVersion;
+  header->world_size = static_cast<uint32_t>(layout.world_size);
+  std::memcpy(header->job_token, job_token.data(), kJobTokenBytes);
+  header->slot_bytes = static_cast<uint64_t>(layout.slot_bytes);
+  for (int rank = 0; rank < layout.world_size; ++rank) {
+    new (segment.bytes() + layout.ranks_offset + rank * sizeof(RankRecord)) RankRecord();
+  }
+  const size_t num_slots = static_cast<size_t>(layout.world_size) * (layout.world_size - 1);
+  for (size_t slot = 0; slot < num_slots; ++slot) {
+    new (segment.bytes() + layout.slots_offset + slot * layout.slot_stride) SlotHeader();
+  }
+  header->ready.store(1, std::memory_order_release);
+  return segment;
+}
+
+// Checks that an opened segment is the one rank 0 created for this job. Returns the mapping,
+// or nothing with `problem` saying why the segment is not (or not yet) usable.
+std::optional<MappedSegment> InspectSegment(int fd, const SegmentLayout &layout,
+                                            const std::vector<uint8_t> &job_token,
+                                            std::string &problem) {
+  struct stat status {};
+  if (fstat(fd, &status) != 0) {
+    problem = "fstat failed: " + ErrnoText(errno);
+    return std::nullopt;
+  }
+  if (status.st_uid != geteuid() || (status.st_mode & 0077) != 0) {
+    std::ostringstream text;
+    text << "it belongs to uid " << status.st_uid << " with mode 0" << std::oct
+         << (status.st_mode & 0777) << " (expected our uid and mode 0600)";
+    problem = text.str();
+    return std::nullopt;
+  }
+  if (status.st_size == 0) {
+    problem = "rank 0 has not finished creating it";
+    return std::nullopt;
+  }
+  if (static_cast<uint64_t>(status.st_size) != layout.total_bytes) {
+    problem = "its size is " + std::to_string(status.st_size) + " bytes but this rank expects " +
+              std::to_string(layout.total_bytes) + " (world size " +
+              std::to_string(layout.world_size) + ", slot_bytes " +
+              std::to_string(layout.slot_bytes) + ")";
+    return std::nullopt;
+  }
+  MappedSegment segment(fd, layout.total_bytes);
+  const auto *header = reinterpret_cast<const SegmentHeader *>(segment.bytes());
+  if (header->ready.load(std::memory_order_acquire) != 1) {
+    problem = "rank 0 has not finished writing its header";
+  } else if (header->magic != kSegmentMagic) {
+    problem = "its header has the wrong magic number (not a moe-ep communication window)";
+  } else if (header->version != kLayoutVersion) {
+    problem = "its layout version is " + std::to_string(header->version) + ", expected " +
+              std::to_string(kLayoutVersion);
+  } else if (header->world_size != static_cast<uint32_t>(layout.world_size)) {
+    problem = "its world size is " + std::to_string(header->world_size) + ", expected " +
+              std::to_string(layout.world_size);
+  } else if (std::memcmp(header->job_token, job_token.data(), kJobTokenBytes) != 0) {
+    problem = "its job token differs (it belongs to another or an earlier job)";
+  } else if (header->slot_bytes != static_cast<uint64_t>(layout.slot_bytes)) {
+    problem = "its slot size is " + std::to_string(header->slot_bytes) + " bytes, expected " +
+              std::to_string(layout.slot_bytes);
+  } else {
+    return segment;
+  }
+  return std::nullopt;
+}
+
+// Ranks other than 0: waits for rank 0's segment and attaches to it after validating it.
+MappedSegment AttachSegment(const std::string &name, const SegmentLayout &layout,
+                            const std::vector<uint8_t> &job_token, double deadline,
+                            double attach_timeout_s) {
+  std::string problem = "it does not exist";
+  while (true) {
+    ScopedFd fd(shm_open(name.c_str(), O_RDWR, 0));
+    if (fd.get() >= 0) {
+      std::optional<MappedSegment> segment = InspectSegment(fd.get(), layout, job_token, problem);
+      if (segment) return std::move(*segment);
+    } else if (errno != ENOENT) {
+      problem = "opening it failed: " + ErrnoText(errno);
+    }
+    if (SecondsSinceStart() > deadline) {
+      Fail(kInternalError, "could not attach to the communication window ", kSharedMemoryDirectory,
+           name, " within ", DescribeSeconds(attach_timeout_s), " (attach_timeout_s): ", problem);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The window
+// ---------------------------------------------------------------------------------------------
+
+// How far the exchange with one peer has got in the current step.
+struct PeerProgress {
+  int64_t send_bytes = 0;      // bytes of rows to send to the peer
+  int64_t sent_bytes = 0;
+  bool send_started = false;   // the first message (carrying the row count) is out
+  int64_t receive_bytes = -1;  // bytes of rows the peer sends us; -1 until its first message
+  int64_t received_bytes = 0;
+
+  bool send_done() const { return send_started && sent_bytes == send_bytes; }
+  bool receive_done() const { return receive_bytes >= 0 && received_bytes == receive_bytes; }
+  bool done() const { return send_done() && receive_done(); }
+};
+
+class SharedMemoryWindow final : public CommWindow {
+ public:
+  SharedMemoryWindow(int64_t id, const WindowOptions &options, const SegmentLayout &layout,
+                     MappedSegment segment)
+      : id_(id), options_(options), layout_(layout), segment_(std::move(segment)),
+        monitor_(options.world_size) {}
+
+  int world_size() const override { return options_.world_size; }
+  int rank() const override { return options_.rank; }
+  uint64_t step() const { return step_.load(); }
+
+  // Records this rank's pid and waits (until `deadline`) for every rank to do the same.
+  void JoinGroup(double deadline);
+
+  void ExchangeRows(const RowExchange &exchange) override;
+  void Abandon(const std::string &reason) override;
+
+ private:
+  RankRecord &record(int rank) const {
+    return *reinterpret_cast<RankRecord *>(segment_.bytes() + layout_.ranks_offset +
+                                           rank * sizeof(RankRecord));
+  }
+  uint8_t *slot(int source, int destination) const {
+    return segment_.bytes() + layout_.slots_offset +
+           layout_.SlotIndex(source, destination) * layout_.slot_stride;
+  }
+  SlotHeader &slot_header(int source, int destination) const {
+    return *reinterpret_cast<SlotHeader *>(slot(source, destination));
+  }
+  uint8_t *slot_payload(int source, int destination) const {
+    return slot(source, destination) + sizeof(SlotHeader);
+  }
+
+  // " [window 2, rank 0 of 4]": where an error happened.
+  std::string Where() const;
+  void RequireUsable() const;
+  void RequireValidCounts(const RowExchange &exchange) const;
+  void RecordFailure(uint64_t step, const std::string &reason);
+
+  void RunExchange(const RowExchange &exchange, uint64_t step);
+  bool TrySend(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
+  bool TryReceive(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
+  void CheckMessage(int peer, const SlotHeader &message, const RowExchange &exchange,
+                    uint64_t step, const PeerProgress &progress) const;
+  // Fails if a peer we still wait for has failed or exited, or if we waited too long.
+  void CheckPendingPeers(const std::vector<PeerProgress> &progress, uint64_t step,
+                         double idle_seconds) const;
+  // Fails if `peer` has reported a failure.
+  void RequireHealthy(int peer) const;
+
+  const int64_t id_;
+  const WindowOptions options_;
+  const SegmentLayout layout_;
+  MappedSegment segment_;
+  PeerMonitor monitor_;
+  std::mutex exchange_mutex_;  // one exchange at a time per window
+  std::atomic<uint64_t> step_{0};  // exchange steps entered so far
+  std::string failure_;        // non-empty once the window is unusable
+};
+
+std::string SharedMemoryWindow::Where() const {
+  std::ostringstream text;
+  text << " [window " << id_ << ", rank " << options_.rank << " of " << options_.world_size
+       << "]";
+  return text.str();
+}
+
+void SharedMemoryWindow::JoinGroup(double deadline) {
+  int64_t no_pid = 0;
+  const int64_t own_pid = getpid();
+  if (!record(options_.rank).pid.compare_exchange_strong(no_pid, own_pid)) {
+    Fail(kInternalError, "rank ", options_.rank, " of the communication window is already taken "
+         "by pid ", no_pid, ": two processes were started with the same rank", Where());
+  }
+  Backoff backoff;
+  while (true) {
+    std::vector<int> missing;
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer == options_.rank) continue;
+      const int64_t pid = record(peer).pid.load(std::memory_order_acquire);
+      if (pid == 0) {
+        missing.push_back(peer);
+        continue;
+      }
+      if (!monitor_.IsWatching(peer)) monitor_.Watch(peer, pid);
+      if (monitor_.HasExited(peer)) {
+        Fail(kInternalError, "rank ", peer, " (pid ", pid,
+             ") exited before all ranks attached to the communication window", Where());
+      }
+    }
+    if (missing.empty()) return;
+    if (SecondsSinceStart() > deadline) {
+      std::ostringstream ranks;
+      for (size_t i = 0; i < missing.size(); ++i) ranks << (i ? ", " : "") << missing[i];
+      Fail(kInternalError, "rank(s) ", ranks.str(), " did not attach to the communication window "
+           "within ", DescribeSeconds(options_.attach_timeout_s), " (attach_timeout_s)", Where());
+    }
+    backoff.Wait();
+  }
+}
+
+void SharedMemoryWindow::RequireUsable() const {
+  if (!failure_.empty()) {
+    Fail(kInternalError, "the communication window is unusable after an earlier failure: ",
+         failure_);
+  }
+}
+
+void SharedMemoryWindow::RequireValidCounts(const RowExchange &exchange) const {
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    const int32_t count = exchange.send_counts[peer];
+    if (count < 0 || count > exchange.capacity) {
+      Fail(kOutOfRange, "send_counts[", peer, "] = ", count, " is out of range [0, ",
+           exchange.capacity, "] (capacity_per_peer = ", exchange.capacity, ")");
+    }
+  }
+}
+
+void SharedMemoryWindow::RecordFailure(uint64_t step, const std::string &reason) {
+  failure_ = reason;
+  RankRecord &own = record(options_.rank);
+  const size_t length = std::min(reason.size(), kFailureMessageBytes - 1);
+  std::memcpy(own.failure, reason.data(), length);
+  own.failure[length] = '\0';
+  own.failed_step.store(step, std::memory_order_release);
+}
+
+void SharedMemoryWindow::Abandon(const std::string &reason) {
+  std::lock_guard<std::mutex> lock(exchange_mutex_);
+  if (failure_.empty()) RecordFailure(step_ + 1, reason);
+}
+
+void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
+  std::lock_guard<std::mutex> lock(exchange_mutex_);
+  RequireUsable();
+  const uint64_t step = ++step_;
+  record(options_.rank).entered_step.store(step, std::memory_order_release);
+  try {
+    RequireValidCounts(exchange);
+    RunExchange(exchange, step);
+  } catch (const KernelError &error) {
+    RecordFailure(step, error.what());
+    throw;
+  }
+}
+
+void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step) {
+  const int own_rank = options_.rank;
+  const int64_t block_bytes = exchange.capacity * exchange.row_bytes;  // one peer's rows
+
+  // Own rows need no messages.
+  std::memcpy(exchange.recv + own_rank * block_bytes, exchange.send + own_rank * block_bytes,
+              exchange.send_counts[own_rank] * exchange.row_bytes);
+  exchange.recv_counts[own_rank] = exchange.send_counts[own_rank];
+
+  std::vector<PeerProgress> progress(options_.world_size);
+  int unfinished_peers = options_.world_size - 1;
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    progress[peer].send_bytes = exchange.send_counts[peer] * exchange.row_bytes;
+  }
+  Backoff backoff;
+  while (unfinished_peers > 0) {
+    bool progressed = false;
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      PeerProgress &peer_progress = progress[peer];
+      if (peer == own_rank || peer_progress.done()) continue;
+      if (!peer_progress.send_done()) {
+        progressed |= TrySend(peer, exchange, step, peer_progress);
+      }
+      if (!peer_progress.receive_done()) {
+        progressed |= TryReceive(peer, exchange, step, peer_progress);
+      }
+      if (peer_progress.done()) --unfinished_peers;
+    }
+    if (progressed) {
+      backoff.Reset();
+    } else if (backoff.Wait()) {
+      CheckPendingPeers(progress, step, backoff.IdleSeconds());
+    }
+  }
+
+  // Zero the unused tail of every peer's block.
+  for (int source = 0; source < options_.world_size; ++source) {
+    const int64_t used_bytes = exchange.recv_counts[source] * exchange.row_bytes;
+    std::memset(exchange.recv + source * block_bytes + used_bytes, 0, block_bytes - used_bytes);
+  }
+
+  // A peer may have given up on this step after handing us all its rows (e.g. it timed out
+  // waiting for us): then this rank fails too, so that no rank goes on alone.
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    if (peer != own_rank) RequireHealthy(peer);
+  }
+}
+
+bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t step,
+                                 PeerProgress &progress) {
+  SlotHeader &message = slot_header(options_.rank, peer);
+  const uint64_t published = message.published.load(std::memory_order_relaxed);
+  if (message.consumed.load(std::memory_order_acquire) != published) {
+    return false;  // the peer has not read our previous message yet
+  }
+  const int64_t chunk_bytes =
+      std::min<int64_t>(progress.send_bytes - progress.sent_bytes, layout_.slot_bytes);
+  const uint8_t *rows = exchange.send + peer * exchange.capacity * exchange.row_bytes;
+  std::memcpy(slot_payload(options_.rank, peer), rows + progress.sent_bytes, chunk_bytes);
+  message.step = step;
+  message.total_rows = exchange.send_counts[peer];
+  message.row_bytes = exchange.row_bytes;
+  message.capacity = exchange.capacity;
+  message.chunk_offset = progress.sent_bytes;
+  message.chunk_bytes = chunk_bytes;
+  message.published.store(published + 1, std::memory_order_release);
+  progress.sent_bytes += chunk_bytes;
+  progress.send_started = true;
+  return true;
+}
+
+bool SharedMemoryWindow::TryReceive(int peer, const RowExchange &exchange, uint64_t step,
+                                    PeerProgress &progress) {
+  SlotHeader &message = slot_header(peer, options_.rank);
+  const uint64_t consumed = message.consumed.load(std::memory_order_relaxed);
+  if (message.published.load(std::memory_order_acquire) == consumed) {
+    return false;  // nothing new from this peer
+  }
+  CheckMessage(peer, message, exchange, step, progress);
+  if (progress.receive_bytes < 0) {  // the first message of the step carries the row count
+    exchange.recv_counts[peer] = static_cast<int32_t>(message.total_rows);
+    progress.receive_bytes = message.total_rows * exchange.row_bytes;
+  }
+  uint8_t *rows = exchange.recv + peer * exchange.capacity * exchange.row_bytes;
+  std::memcpy(rows + message.chunk_offset, slot_payload(peer, options_.rank), message.chunk_bytes);
+  progress.received_bytes += message.chunk_bytes;
+  message.consumed.store(consumed + 1, std::memory_order_release);
+  return true;
+}
+
+void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
+                                      const RowExchange &exchange, uint64_t step,
+                                      const PeerProgress &progress) const {
+  if (message.step != step) {
+    Fail(kInternalError, "exchange step mismatch: this rank is in exchange step ", step,
+         " but rank ", peer, " sent data of step ", message.step,
+         "; every rank must make the same sequence of exchanges on a window", Where());
+  }
+  if (message.row_bytes != exchange.row_bytes || message.capacity != exchange.capacity) {
+    Fail(kInvalidArgument, "in exchange step ", step, " rank ", peer, " sends rows of ",
+         message.row_bytes, " bytes with capacity_per_peer ", message.capacity,
+         " but this rank uses rows of ", exchange.row_bytes, " bytes with capacity_per_peer ",
+         exchange.capacity, "; send_rows must have the same shape and dtype on every rank",
+         Where());
+  }
+  const int64_t expected_offset = progress.receive_bytes < 0 ? 0 : progress.received_bytes;
+  if (message.total_rows < 0 || message.total_rows > exchange.capacity ||
+      message.chunk_offset != expected_offset || message.chunk_bytes < 0 ||
+      message.chunk_offset + message.chunk_bytes > message.total_rows * exchange.row_bytes) {
+    Fail(kInternalError, "corrupt message from rank ", peer, " in exchange step ", step,
+         " (rows ", message.total_rows, ", chunk at byte ", message.chunk_offset, " of ",
+         message.chunk_bytes, " bytes)", Where());
+  }
+}
+
+void SharedMemoryWindow::RequireHealthy(int peer) const {
+  const RankRecord &peer_record = record(peer);
+  const uint64_t failed_step = peer_record.failed_step.load(std::memory_order_acquire);
+  if (failed_step != 0) {
+    Fail(kInternalError, "rank ", peer, " failed in exchange step ", failed_step, ": ",
+         peer_record.failure, Where());
+  }
+}
+
+void SharedMemoryWindow::CheckPendingPeers(const std::vector<PeerProgress> &progress,
+                                           uint64_t step, double idle_seconds) const {
+  int first_pending = -1;
+  int first_behind = -1;  // a pending peer that has not entered this step yet
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    if (peer == options_.rank || progress[peer].done()) continue;
+    RequireHealthy(peer);
+    const RankRecord &peer_record = record(peer);
+    if (monitor_.HasExited(peer)) {
+      Fail(kInternalError, "rank ", peer, " (pid ", peer_record.pid.load(), ") exited during "
+           "exchange step ", step, Where());
+    }
+    if (first_pending < 0) first_pending = peer;
+    if (first_behind < 0 && peer_record.entered_step.load(std::memory_order_acquire) < step) {
+      first_behind = peer;
+    }
+  }
+  if (idle_seconds <= options_.timeout_s) return;
+  if (first_behind >= 0) {
+    Fail(kInternalError, "rank ", first_behind, " did not reach exchange step ", step, " within ",
+         DescribeSeconds(options_.timeout_s), " (", options_.timeout_setting,
+         "); its last exchange step was ", record(first_behind).entered_step.load(), Where());
+  }
+  Fail(kInternalError, "rank ", first_pending, " made no progress in exchange step ", step,
+       " for ", DescribeSeconds(options_.timeout_s), " (", options_.timeout_setting, ")", Where());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry of open windows (indexed by the id handed to Python and to the kernels)
+// ---------------------------------------------------------------------------------------------
+
+class WindowRegistry {
+ public:
+  static WindowRegistry &Instance() {
+    static WindowRegistry registry;
+    return registry;
+  }
+
+  int64_t ReserveId() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return next_id_++;
+  }
+
+  void Add(int64_t id, std::shared_ptr<SharedMemoryWindow> window) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    windows_[id] = std::move(window);
+  }
+
+  std::shared_ptr<SharedMemoryWindow> Find(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = windows_.find(id);
+    if (found == windows_.end()) {
+      Fail(kInvalidArgument, "communication window ", id, " is not open in this process");
+    }
+    return found->second;
+  }
+
+  void Remove(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (windows_.erase(id) == 0) {
+      Fail(kInvalidArgument, "communication window ", id, " is not open in this process");
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int64_t, std::shared_ptr<SharedMemoryWindow>> windows_;
+  int64_t next_id_ = 0;
+};
+
+int64_t OpenWindow(const WindowOptions &options) {
+  ValidateOptions(options);
+  const double deadline = SecondsSinceStart() + options.attach_timeout_s;
+  const SegmentLayout layout(options.world_size, options.slot_bytes);
+  const std::vector<uint8_t> job_token = ParseJobToken(options.job_token_hex);
+  const std::string name = kSegmentNamePrefix + options.job_token_hex;
+  try {
+    MappedSegment segment =
+        options.rank == 0
+            ? CreateSegment(name, layout, job_token)
+            : AttachSegment(name, layout, job_token, deadline, options.attach_timeout_s);
+    const int64_t id = WindowRegistry::Instance().ReserveId();
+    auto window = std::make_shared<SharedMemoryWindow>(id, options, layout, std::move(segment));
+    window->JoinGroup(deadline);
+    shm_unlink(name.c_str());  // all ranks hold a mapping: the name is no longer needed
+    WindowRegistry::Instance().Add(id, std::move(window));
+    return id;
+  } catch (...) {
+    shm_unlink(name.c_str());  // never leave a half-built window in /dev/shm
+    throw;
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<CommWindow> FindCommWindow(int64_t window_id) {
+  return WindowRegistry::Instance().Find(window_id);
+}
+
+}  // namespace moe_ep
+
+// ---------------------------------------------------------------------------------------------
+// C interface for Python (ctypes). Failures return -1 and set MoeEpLastError().
+// ---------------------------------------------------------------------------------------------
+
+// Opens (rank 0: creates) the window of a group and waits until every rank has attached.
+// Returns the window id (>= 0) or -1.
+MOE_EP_EXPORT int64_t MoeEpWindowOpen(const char *job_token_hex, int world_size, int rank,
+                                      int64_t slot_bytes, double timeout_s,
+                                      double attach_timeout_s, const char *timeout_setting) {
+  int64_t window_id = -1;
+  const int status = moe_ep::RunKernel("MoeEpWindowOpen", [&] {
+    moe_ep::WindowOptions options;
+    options.job_token_hex = job_token_hex;
+    options.world_size = world_size;
+    options.rank = rank;
+    options.slot_bytes = slot_bytes;
+    options.timeout_s = timeout_s;
+    options.attach_timeout_s = attach_timeout_s;
+    options.timeout_setting = timeout_setting;
+    window_id = moe_ep::OpenWindow(options);
+  });
+  return status == 0 ? window_id : -1;
+}
+
+// Closes a window in this process (its memory is released once every rank closed or exited).
+MOE_EP_EXPORT int MoeEpWindowClose(int64_t window_id) {
+  return moe_ep::RunKernel("MoeEpWindowClose",
+                           [&] { moe_ep::WindowRegistry::Instance().Remove(window_id); });
+}
+
+// Bytes of /dev/shm a window of `world_size` ranks with `slot_bytes` slots occupies.
+MOE_EP_EXPORT int64_t MoeEpWindowSegmentBytes(int world_size, int64_t slot_bytes) {
+  return static_cast<int64_t>(moe_ep::SegmentLayout(world_size, slot_bytes).total_bytes);
+}
+
+// The number of exchange steps this rank has entered on a window, or -1.
+MOE_EP_EXPORT int64_t MoeEpWindowStep(int64_t window_id) {
+  int64_t step = -1;
+  moe_ep::RunKernel("MoeEpWindowStep", [&] {
+    step = static_cast<int64_t>(moe_ep::WindowRegistry::Instance().Find(window_id)->step());
+  });
+  return step;
+}

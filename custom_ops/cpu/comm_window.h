@@ -1,0 +1,70 @@
+// The communication window: the intra-host transport of expert parallelism on CPU.
+//
+// MindSpore's CPU backend has no all-to-all, so the ranks of one host exchange rows through a
+// POSIX shared-memory segment, the "window". For every ordered pair of distinct ranks
+// (src, dst) the window holds one slot: a small header (message counters, step id, row count)
+// and `slot_bytes` of payload. The sender writes a message into its slot, the receiver copies
+// it out; payloads larger than a slot travel as several messages (chunks), so an exchange never
+// drops rows and never fails because of its size.
+//
+// Life cycle (see SharedMemoryWindow in comm_window.cc):
+//   - rank 0 of the group creates the segment /dev/shm/moe-ep-<job token> (mode 0600) and
+//     writes a header (magic, version, world size, job token, slot size); the job token is
+//     128 random bits drawn once per window and shared by the Python side;
+//   - the other ranks attach and validate every header field (a segment of another job is
+//     never used), then every rank records its pid;
+//   - once all ranks are attached the name is unlinked, so nothing is left in /dev/shm when
+//     the job ends, normally or by kill -9.
+//
+// Every exchange is one "step" (a per-window sequence number). Messages carry the step id, so
+// ranks that disagree on the sequence of exchanges fail with an error instead of silently
+// mixing data. A rank that waits on a peer detects a peer that exited (pidfd), a peer that
+// reported an error, and a peer that makes no progress within `timeout_s`.
+//
+// Python opens and closes windows through the C functions MoeEpWindowOpen / MoeEpWindowClose
+// (comm_window.cc); kernels find an open window by its integer id with FindCommWindow().
+#ifndef MOE_EP_COMM_WINDOW_H_
+#define MOE_EP_COMM_WINDOW_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace moe_ep {
+
+// One rank's side of an all-to-all-v of rows. Rows for destination d are the
+// send_counts[d] rows starting at row d * capacity of `send`; rows from source s arrive at
+// row s * capacity of `recv`, and recv_counts[s] says how many. Rows are opaque bytes.
+struct RowExchange {
+  const uint8_t *send = nullptr;   // [world_size * capacity, row_bytes]
+  const int32_t *send_counts = nullptr;  // [world_size], each in [0, capacity]
+  uint8_t *recv = nullptr;         // [world_size * capacity, row_bytes]; tail of each block zeroed
+  int32_t *recv_counts = nullptr;  // [world_size]
+  int64_t capacity = 0;            // rows per peer block
+  int64_t row_bytes = 0;
+};
+
+// An open communication window of one group of ranks on this host.
+class CommWindow {
+ public:
+  virtual ~CommWindow() = default;
+
+  virtual int world_size() const = 0;
+  virtual int rank() const = 0;
+
+  // Runs one exchange step with every rank of the group (all ranks must call it).
+  // Throws KernelError (naming the peer and the step) on any failure; after a failure the
+  // window is unusable and the peers are told why.
+  virtual void ExchangeRows(const RowExchange &exchange) = 0;
+
+  // Marks the next step as failed for `reason` without exchanging anything: the peers waiting
+  // for this rank get the reason instead of a timeout. The window is unusable afterwards.
+  virtual void Abandon(const std::string &reason) = 0;
+};
+
+// The open window with this id; throws KernelError if there is none.
+std::shared_ptr<CommWindow> FindCommWindow(int64_t window_id);
+
+}  // namespace moe_ep
+
+#endif  // MOE_EP_COMM_WINDOW_H_

@@ -1,0 +1,17 @@
+// The gather-and-sum at the heart of every combine, shared by the local and fused kernels.
+#ifndef MOE_EP_GATHER_SUM_H_
+#define MOE_EP_GATHER_SUM_H_
+
+#include "kernel_common.h"
+
+namespace moe_ep {
+
+// y[t] = sum over k (in order, skipping -1) of weights[t, k] * rows[positions[t, k]],
+// accumulated in float32; a null `weights` means all weights are 1.
+// rows [N, H], positions [T, K] int32, weights [T, K] float32, y [T, H] (dtype of rows).
+void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
+               const TensorArg &y);
+
+}  // namespace moe_ep
+
+#endif  // MOE_EP_GATHER_SUM_H_

@@ -1,0 +1,257 @@
+"""All-to-all-v of rows between the ranks of an expert-parallel group, with gradients.
+
+Both transports have the same interface::
+
+    recv_rows, recv_counts = exchange(send_rows, send_counts)
+
+``send_rows`` [R*C, ...] holds, for every destination rank d of the group, a block of C rows
+(C = ``capacity_per_peer``) of which the first ``send_counts[d]`` are sent. ``recv_rows`` [R*C, ...]
+holds, in block s, the rows received from source rank s (``recv_counts[s]`` of them) and zeros
+after them. The gradient is the reverse exchange: ``d send_rows = exchange(d recv_rows,
+recv_counts)[0]``.
+
+- :class:`ExchangeRows`: ranks on one host, through a shared-memory :class:`CommWindow`
+  (the ``MoeEpExchangeRows`` kernel). Any dtype; payloads larger than a slot travel in chunks.
+- :class:`AllGatherExchangeRows`: any placement, with MindSpore's AllGather (R times more data).
+- :func:`make_exchange` picks one ("auto": shared memory when every group is on one host).
+
+Graph mode (measured with MindSpore 2.10 on CPU): the exchange kernel acts on other processes,
+so it is marked ``side_effect_io``. Without that mark GRAPH_MODE dropped kernels whose outputs
+were unused (under ``grad``, even forward kernels whose outputs the backward pass did not need)
+and ran independent kernels in another order than the program's, so ranks would disagree on the
+exchange sequence. With the mark, forward exchanges run in program order, and each backward
+exchange waits for its forward output (``depend``), so every rank runs the same sequence: the
+forward exchanges in order, then the backward ones in reverse order. A backward exchange whose
+gradient nobody needs is pruned, identically on every rank.
+
+MindSpore's CPU AllGather works only on the world group and only for float32, float16 and int32;
+:class:`AllGatherExchangeRows` is built around both limits.
+"""
+from typing import Optional, Sequence
+
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
+from mindspore.communication import GlobalComm, get_group_size, get_rank
+
+from ..ops.kernel_library import KernelError, explain_kernel_errors, kernel_func
+from .window import (DEFAULT_SLOT_BYTES, CommWindow, group_shares_memory, world_all_gather)
+
+TRANSPORTS = ("auto", "shm", "allgather")
+
+
+def _check_capacity(capacity_per_peer: int) -> None:
+    if not isinstance(capacity_per_peer, int) or capacity_per_peer < 0:
+        raise ValueError(f"capacity_per_peer must be an int >= 0, got {capacity_per_peer!r}")
+
+
+def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None) -> ops.Custom:
+    """The MoeEpExchangeRows Custom op: (send_rows, send_counts, window_id) -> (rows, counts)."""
+
+    def output_shapes(send_rows, send_counts, window_id):
+        rows = send_rows[0]
+        if rows >= 0 and rows != world_size * capacity_per_peer:
+            raise ValueError(f"send_rows has {rows} rows; expected world_size * capacity_per_peer "
+                             f"= {world_size} * {capacity_per_peer}")
+        return list(send_rows), [world_size]
+
+    kernel = ops.Custom(kernel_func("MoeEpExchangeRows"), out_shape=output_shapes,
+                        out_dtype=lambda send_rows, send_counts, window_id:
+                        (send_rows, mstype.int32),
+                        func_type="aot", bprop=bprop)
+    kernel.add_prim_attr("side_effect_io", True)  # never pruned, never reordered (module doc)
+    return kernel
+
+
+class ExchangeRows(nn.Cell):
+    """All-to-all-v of rows through a shared-memory window (ranks of one host).
+
+    ``(send_rows [R*C, ...] any dtype, send_counts [R] int32) -> (recv_rows [R*C, ...],
+    recv_counts [R] int32)`` with R = ``window.world_size`` and C = ``capacity_per_peer``.
+    Counts outside [0, C] fail with a message naming the value. Differentiable w.r.t. send_rows
+    (reverse exchange) in PYNATIVE and GRAPH_MODE.
+    """
+
+    def __init__(self, window: CommWindow, capacity_per_peer: int):
+        super().__init__()
+        _check_capacity(capacity_per_peer)
+        self.window = window
+        self.capacity_per_peer = capacity_per_peer
+        self._window_id = window.id_tensor  # [1] int32, read by the kernel
+        reverse_exchange = _exchange_kernel(window.world_size, capacity_per_peer)
+
+        def bprop(send_rows, send_counts, window_id, out, dout):
+            recv_rows, recv_counts = out
+            d_recv_rows = ops.depend(dout[0], recv_rows)  # after the forward exchange
+            d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)
+            return d_send_rows, ops.zeros_like(send_counts), ops.zeros_like(window_id)
+
+        self._exchange = _exchange_kernel(window.world_size, capacity_per_peer, bprop)
+
+    def construct(self, send_rows, send_counts):
+        return self._exchange(send_rows, send_counts, self._window_id)
+
+    def __call__(self, *args, **kwargs):
+        with explain_kernel_errors():
+            return super().__call__(*args, **kwargs)
+
+    def extend_repr(self):
+        return f"window={self.window!r}, capacity_per_peer={self.capacity_per_peer}"
+
+
+class _GroupAllGather(nn.Cell):
+    """Base of the two halves of AllGatherExchangeRows: a world AllGather plus the group layout."""
+
+    def __init__(self, world_size: int, group_ranks: Sequence[int], group_rank: int,
+                 capacity_per_peer: int):
+        super().__init__()
+        self._world_size = world_size
+        self._group_size = len(group_ranks)
+        self._group_rank = group_rank
+        self._capacity = capacity_per_peer
+        self._sources = Tensor(list(group_ranks), mstype.int32)  # [R] world ranks of the group
+        self._all_gather = ops.AllGather(group=GlobalComm.WORLD_COMM_GROUP)
+
+
+class _AllGatherCounts(_GroupAllGather):
+    """send_counts [R] -> recv_counts [R]; checks every rank's counts (all ranks fail alike)."""
+
+    def __init__(self, *layout):
+        super().__init__(*layout)
+        self._require_in_range = ops.Assert(summarize=self._world_size * self._group_size)
+
+    def construct(self, send_counts):
+        all_counts = self._all_gather(send_counts).reshape(self._world_size, self._group_size)
+        in_range = ops.logical_and(all_counts >= 0, all_counts <= self._capacity).all()
+        self._require_in_range(in_range, [all_counts])
+        return ops.gather(all_counts, self._sources, 0)[:, self._group_rank]
+
+
+class _AllGatherRows(_GroupAllGather):
+    """(send_rows [R*C, ...], recv_counts [R]) -> recv_rows [R*C, ...].
+
+    Runs after the counts' AllGather on every rank (``depend`` on recv_counts), so all ranks
+    issue the collectives in the same order. Works in float32 for bfloat16 payloads (CPU
+    AllGather, Gather and Reshape lack bfloat16; the round trip is exact).
+    """
+
+    def construct(self, send_rows, recv_counts):
+        world, group_size, capacity = self._world_size, self._group_size, self._capacity
+        payload_dtype = send_rows.dtype
+        rows = ops.depend(send_rows, recv_counts)
+        if payload_dtype == mstype.bfloat16:
+            rows = rows.astype(mstype.float32)
+        row_shape = rows.shape[1:]
+        gathered = self._all_gather(rows)  # [world*R*C, ...]
+        blocks = gathered.reshape((world, group_size, capacity) + row_shape)
+        blocks = ops.gather(blocks, self._sources, 0)[:, self._group_rank]  # [R, C, ...]
+        keep = ops.arange(capacity).reshape(1, capacity) < recv_counts.reshape(group_size, 1)
+        keep = keep.reshape((group_size, capacity) + (1,) * len(row_shape))  # [R, C, 1...]
+        recv_rows = ops.where(keep, blocks, ops.zeros_like(blocks))
+        recv_rows = recv_rows.reshape((group_size * capacity,) + row_shape)
+        if payload_dtype == mstype.bfloat16:
+            recv_rows = recv_rows.astype(mstype.bfloat16)
+        return recv_rows
+
+
+class _ReversibleRows(nn.Cell):
+    """_AllGatherRows with the reverse exchange as its gradient (CPU has no ReduceScatter).
+
+    A separate single-output Cell because a custom Cell bprop with a tuple output fails in
+    GRAPH_MODE ("The func graph is empty ... zeros_like").
+    """
+
+    def __init__(self, counts: _AllGatherCounts, rows: _AllGatherRows):
+        super().__init__()
+        self._counts = counts
+        self._rows = rows
+
+    def construct(self, send_rows, recv_counts):
+        return self._rows(send_rows, recv_counts)
+
+    def bprop(self, send_rows, recv_counts, out, dout):
+        d_recv_rows = ops.depend(dout, out)  # after the forward exchange
+        reverse_counts = self._counts(recv_counts)
+        return self._rows(d_recv_rows, reverse_counts), ops.zeros_like(recv_counts)
+
+
+class AllGatherExchangeRows(nn.Cell):
+    """The same exchange with MindSpore's AllGather, for ranks on several hosts.
+
+    Every rank gathers all send buffers (R times the data of a true all-to-all) and keeps the
+    blocks addressed to it. MindSpore's CPU AllGather works only on the world group, so the
+    gather spans the world and each rank picks the rows of its own ``group_ranks``; every rank of
+    the world must run the same exchanges. Payloads: float32, float16, int32 (what CPU AllGather
+    supports) and bfloat16 (gathered as float32, exactly). Counts outside [0, C] fail on every
+    rank through MindSpore's Assert. The gradient is the reverse exchange.
+    """
+
+    def __init__(self, capacity_per_peer: int, group_ranks: Optional[Sequence[int]] = None,
+                 rank: Optional[int] = None):
+        super().__init__()
+        _check_capacity(capacity_per_peer)
+        world_group = GlobalComm.WORLD_COMM_GROUP
+        world_size = get_group_size(world_group)
+        rank = get_rank(world_group) if rank is None else rank
+        group_ranks = list(range(world_size)) if group_ranks is None else list(group_ranks)
+        if rank not in group_ranks:
+            raise ValueError(f"group_ranks {group_ranks} must contain rank {rank}")
+        self.capacity_per_peer = capacity_per_peer
+        self.group_ranks = tuple(group_ranks)
+        layout = (world_size, group_ranks, group_ranks.index(rank), capacity_per_peer)
+        self._counts = _AllGatherCounts(*layout)
+        self._rows = _ReversibleRows(self._counts, _AllGatherRows(*layout))
+
+    def construct(self, send_rows, send_counts):
+        recv_counts = self._counts(send_counts)
+        return self._rows(send_rows, recv_counts), recv_counts
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as error:
+            if "assert failed" not in str(error):
+                raise
+            raise KernelError(f"AllGatherExchangeRows: a send_counts value on some rank is outside "
+                              f"[0, {self.capacity_per_peer}] (capacity_per_peer); MindSpore's "
+                              f"Assert printed the gathered counts [world, R] above") from error
+
+    def extend_repr(self):
+        return f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}"
+
+
+def _every_group_shares_memory(group_ranks: Sequence[int]) -> bool:
+    """Whether every rank's group is on one host (so all ranks pick the same transport)."""
+    own_group_local = group_shares_memory(group_ranks)
+    return bool(world_all_gather([int(own_group_local)]).all())
+
+
+def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
+                  group_ranks: Optional[Sequence[int]] = None, rank: Optional[int] = None,
+                  slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 60.0,
+                  attach_timeout_s: float = 300.0,
+                  timeout_setting: str = "dispatch.timeout_s") -> nn.Cell:
+    """The row exchange of this rank's expert-parallel group (``group_ranks``, default: world).
+
+    ``transport``: "shm" (:class:`ExchangeRows` over a new window), "allgather"
+    (:class:`AllGatherExchangeRows`) or "auto" (shm when every group's ranks share this host's
+    /dev/shm, else allgather; decided identically on every rank). Collective over the world
+    group: every rank must call it, eagerly, after ``mindspore.communication.init()``.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    _check_capacity(capacity_per_peer)
+    world_group = GlobalComm.WORLD_COMM_GROUP
+    rank = get_rank(world_group) if rank is None else rank
+    if group_ranks is None:
+        group_ranks = list(range(get_group_size(world_group)))
+    if transport != "allgather":
+        all_local = _every_group_shares_memory(group_ranks)
+        if transport == "shm" and not all_local:
+            raise ValueError("transport 'shm' needs the ranks of every expert-parallel group on "
+                             "one host (sharing /dev/shm); use 'auto' or 'allgather'")
+        transport = "shm" if all_local else "allgather"
+    if transport == "shm":
+        window = CommWindow.open(group_ranks, rank, slot_bytes, timeout_s, attach_timeout_s,
+                                 timeout_setting=timeout_setting)
+        return ExchangeRows(window, capacity_per_peer)
+    return AllGatherExchangeRows(capacity_per_peer, group_ranks, rank)

@@ -1,0 +1,205 @@
+"""Shared-memory communication windows between the ranks of one host.
+
+A window is a POSIX shared-memory segment with one slot per ordered pair of ranks, used by the
+``MoeEpExchangeRows`` kernel to move rows between processes (see ``custom_ops/cpu/comm_window.h``
+for the layout, the protocol and the failure detection). This module opens and closes windows
+through ctypes, from the same library file MindSpore loads for the Custom ops, so Python and the
+kernels share the window registry.
+
+Opening a window is collective. Rank 0 of the group creates the segment under an unguessable
+name (128 random bits), which reaches the other ranks through a MindSpore AllGather over the world
+group: MindSpore's CPU backend supports AllGather only on the world group, so **every rank of the
+world must call** :meth:`CommWindow.open` (or :func:`group_shares_memory`) at the same point,
+each with the ranks of its own group. Call them eagerly (at layer construction, after
+``mindspore.communication.init()``), not inside a compiled graph.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import secrets
+import socket
+from typing import Optional, Sequence
+
+import numpy as np
+from mindspore import Tensor, ops
+from mindspore.common import dtype as mstype
+from mindspore.communication import GlobalComm, get_group_size
+
+from ..ops.kernel_library import library_path
+
+DEFAULT_SLOT_BYTES = 1 << 20
+SEGMENT_NAME_PREFIX = "moe-ep-"  # segments appear as /dev/shm/moe-ep-<32 hex digits>
+JOB_TOKEN_BYTES = 16
+
+
+class CommWindowError(RuntimeError):
+    """Opening or using a communication window failed; the message names the cause."""
+
+
+@functools.lru_cache(maxsize=None)
+def _window_library() -> ctypes.CDLL:
+    library = ctypes.CDLL(library_path())
+    library.MoeEpWindowOpen.restype = ctypes.c_int64
+    library.MoeEpWindowOpen.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_int64, ctypes.c_double, ctypes.c_double,
+                                        ctypes.c_char_p]
+    library.MoeEpWindowClose.restype = ctypes.c_int
+    library.MoeEpWindowClose.argtypes = [ctypes.c_int64]
+    library.MoeEpWindowStep.restype = ctypes.c_int64
+    library.MoeEpWindowSegmentBytes.restype = ctypes.c_int64
+    library.MoeEpWindowSegmentBytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    library.MoeEpWindowStep.argtypes = [ctypes.c_int64]
+    library.MoeEpLastError.restype = ctypes.c_char_p
+    library.MoeEpLastError.argtypes = []
+    return library
+
+
+def _last_error() -> str:
+    return _window_library().MoeEpLastError().decode("utf-8", errors="replace")
+
+
+# ---- small collectives over the world group (eager) -----------------------------------------
+
+def distributed_initialized() -> bool:
+    """Whether ``mindspore.communication.init()`` has been called in this process."""
+    return bool(GlobalComm.INITED)
+
+
+def world_all_gather(values: np.ndarray) -> np.ndarray:
+    """AllGather of a small int32 vector over the world group: [n] -> [world_size, n]."""
+    values = np.ascontiguousarray(values, dtype=np.int32).reshape(-1)
+    world_group = GlobalComm.WORLD_COMM_GROUP
+    gathered = ops.AllGather(group=world_group)(Tensor(values, mstype.int32))
+    return gathered.asnumpy().reshape(get_group_size(world_group), values.size)
+
+
+def shared_memory_domain() -> str:
+    """Identifies the /dev/shm this process sees: host name, kernel boot id and the mount.
+
+    Two processes with the same domain can share a window. (Different containers on one host
+    usually see different /dev/shm mounts and so get different domains.)
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot_id_file:
+            boot_id = boot_id_file.read().strip()
+    except OSError:
+        boot_id = ""
+    try:
+        mount = os.stat("/dev/shm")
+        mount_id = f"{mount.st_dev}:{mount.st_ino}"
+    except OSError:
+        mount_id = ""
+    return f"{socket.gethostname()}|{boot_id}|{mount_id}"
+
+
+def _domain_digest() -> np.ndarray:
+    digest = hashlib.sha256(shared_memory_domain().encode()).digest()
+    return np.frombuffer(digest, dtype=np.int32)
+
+
+def group_shares_memory(group_ranks: Sequence[int]) -> bool:
+    """Whether all ``group_ranks`` (global ranks) see the same /dev/shm. Collective (world)."""
+    digests = world_all_gather(_domain_digest())
+    return all(np.array_equal(digests[rank], digests[group_ranks[0]]) for rank in group_ranks)
+
+
+def _share_job_token(group_ranks: Sequence[int]) -> str:
+    """Every rank draws a token; each group uses its first rank's. Collective (world)."""
+    own_token = np.frombuffer(secrets.token_bytes(JOB_TOKEN_BYTES), dtype=np.int32)
+    tokens = world_all_gather(own_token)
+    return tokens[group_ranks[0]].tobytes().hex()
+
+
+# ---- the window ------------------------------------------------------------------------------
+
+class CommWindow:
+    """An open shared-memory window of one group of ranks on this host.
+
+    ``id_tensor`` (int32 [1]) is the handle the exchange kernels take as an input. The window
+    stays usable until :meth:`close`; after any failed exchange it is unusable (the ranks no
+    longer agree on the exchange sequence).
+    """
+
+    def __init__(self, window_id: int, group_ranks: Sequence[int], rank: int, slot_bytes: int,
+                 timeout_s: float, segment_name: str):
+        """Wraps an already open window; use :meth:`open`."""
+        self.window_id = window_id
+        self.segment_name = segment_name  # its /dev/shm name while the ranks attached
+        self.group_ranks = tuple(group_ranks)
+        self.rank = rank
+        self.group_rank = self.group_ranks.index(rank)
+        self.slot_bytes = slot_bytes
+        self.timeout_s = timeout_s
+        self.id_tensor = Tensor(np.array([window_id], dtype=np.int32))
+        self._open = True
+
+    @classmethod
+    def open(cls, group_ranks: Sequence[int], rank: int, slot_bytes: int = DEFAULT_SLOT_BYTES,
+             timeout_s: float = 60.0, attach_timeout_s: float = 300.0, *,
+             job_token: Optional[str] = None,
+             timeout_setting: str = "dispatch.timeout_s") -> "CommWindow":
+        """Opens the window of ``group_ranks`` (global ranks, this process being ``rank``).
+
+        Collective over the world group unless the group is this rank alone or ``job_token``
+        (32 hex digits, shared by the caller out of band, e.g. by a custom launcher) is given.
+        Blocks until every rank of the group has attached, at most ``attach_timeout_s``.
+        ``timeout_s`` bounds each wait for a peer during an exchange; ``timeout_setting`` is
+        the configuration key named in timeout errors.
+        """
+        group_ranks = [int(member) for member in group_ranks]
+        if len(set(group_ranks)) != len(group_ranks) or rank not in group_ranks:
+            raise ValueError(f"group_ranks {group_ranks} must be distinct and contain rank {rank}")
+        if job_token is None:
+            if len(group_ranks) == 1:
+                job_token = secrets.token_bytes(JOB_TOKEN_BYTES).hex()
+            elif distributed_initialized():
+                job_token = _share_job_token(group_ranks)
+            else:
+                raise CommWindowError(
+                    "opening a communication window of several ranks needs "
+                    "mindspore.communication.init() first (or an explicit job_token)")
+        window_id = _window_library().MoeEpWindowOpen(
+            job_token.encode(), len(group_ranks), group_ranks.index(rank), int(slot_bytes),
+            float(timeout_s), float(attach_timeout_s), timeout_setting.encode())
+        if window_id < 0:
+            raise CommWindowError(f"rank {rank}: {_last_error()}")
+        return cls(window_id, group_ranks, rank, int(slot_bytes), float(timeout_s),
+                   SEGMENT_NAME_PREFIX + job_token)
+
+    @staticmethod
+    def segment_bytes(world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> int:
+        """Bytes of /dev/shm the window of ``world_size`` ranks occupies (about R*(R-1) slots)."""
+        return int(_window_library().MoeEpWindowSegmentBytes(world_size, slot_bytes))
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in the window's group."""
+        return len(self.group_ranks)
+
+    @property
+    def steps(self) -> int:
+        """Exchange steps this rank has entered on the window (the same on every healthy rank)."""
+        self._require_open()
+        return int(_window_library().MoeEpWindowStep(self.window_id))
+
+    def close(self) -> None:
+        """Releases this rank's mapping (idempotent). Kernels using the window then fail."""
+        if self._open:
+            self._open = False
+            if _window_library().MoeEpWindowClose(self.window_id) != 0:
+                raise CommWindowError(_last_error())
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise CommWindowError(f"communication window {self.window_id} is closed")
+
+    def __enter__(self) -> "CommWindow":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CommWindow(id={self.window_id}, rank={self.group_rank} of {self.world_size}, "
+                f"slot_bytes={self.slot_bytes}, open={self._open})")

@@ -1,0 +1,108 @@
+"""Expert-parallel token dispatchers: one per phase, as in the seed article.
+
+Both follow the dispatcher interface of ``token_dispatcher.py`` (``dispatch`` / ``combine``) and
+give the same numbers; they differ in how the rows travel.
+
+``SparseAllToAllDispatcher`` (prefill and training, "dynamic EP"):
+    1. layout: for every destination rank, the tokens that have at least one expert there, in
+       token order: a token goes to a rank once, however many of its experts live there;
+    2. pack the rows into static send slots [R, C] and exchange them with an all-to-all-v
+       (counts first, then only the rows needed) over pre-allocated buffers; the local expert
+       ids and routing weights of each row travel alongside;
+    3. on arrival, group rows by local expert (the local dispatch kernel);
+    4. after the experts, each rank forms the weighted sum over *its* experts of every received
+       token (one row per token and rank), returns those rows, and the source adds them up.
+    Every step is a kernel with a gradient, so training runs backward through the same path.
+
+``FusedDecodeDispatcher`` (decode, inference):
+    one ``FusedDispatch`` kernel (layout + pack + delivery + grouping) and one ``FusedCombine``
+    kernel (return of every expert output + weighted sum at the source, in k order: exactly the
+    local combine's arithmetic). Two launches per layer, no separate collective for counts.
+"""
+from mindspore import nn, ops
+import mindspore as ms
+
+from .ops import CombineKernel, DispatchKernel
+from .ops.ep_kernels import ExpertParallelLayout, FusedCombine, FusedDispatch, GatherRows
+from .token_dispatcher import expert_capacity
+
+
+def check_tokens_fit(num_tokens, max_tokens_per_rank):
+    """Static shapes: more tokens than the pre-allocated buffers hold is a configuration error."""
+    if num_tokens > max_tokens_per_rank:
+        raise ValueError(f"{num_tokens} tokens on this rank exceed dispatch.max_tokens_per_rank = "
+                         f"{max_tokens_per_rank}; raise it in the YAML or split the batch")
+
+
+class SparseAllToAllDispatcher(nn.Cell):
+    """Dynamic-EP dispatcher: sparse all-to-all-v of token rows, differentiable end to end."""
+
+    def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange):
+        super().__init__()
+        self.world_size = group.size
+        self.experts_per_rank = group.experts_per_rank
+        self.num_experts = group.num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.max_tokens = max_tokens_per_rank
+        self.layout = ExpertParallelLayout(group.size, max_tokens_per_rank, group.experts_per_rank)
+        self.gather_rows = GatherRows()
+        self.exchange = exchange
+        self.local_dispatch = DispatchKernel(group.experts_per_rank)
+        self.local_combine = CombineKernel()
+
+    def dispatch(self, x, expert_ids, routing_weights):
+        """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""
+        tokens = x.shape[0]
+        check_tokens_fit(tokens, self.max_tokens)
+        slots = self.world_size * self.max_tokens
+        send_token_index, send_counts, token_slot, send_local_ids = self.layout(expert_ids)
+        slot_token = send_token_index.reshape(slots, 1)                          # [R*C, 1]
+        send_rows = self.gather_rows(x, slot_token, token_slot)                  # [R*C, H]
+        local_ids = send_local_ids.reshape(slots, self.top_k)                    # [R*C, K]
+        slot_weights = self.gather_rows(routing_weights, slot_token, token_slot)  # [R*C, K]
+        slot_weights = slot_weights * (local_ids >= 0).astype(ms.float32)
+        # Local ids travel as float32 next to the weights (id + 1, so a zeroed tail reads -1).
+        metadata = ops.concat([(local_ids + 1).astype(ms.float32), slot_weights], axis=1)
+
+        recv_rows, recv_counts = self.exchange(send_rows, send_counts)           # [R*C, H]
+        recv_metadata, _ = self.exchange(metadata, send_counts)                  # [R*C, 2K]
+        recv_local_ids = recv_metadata[:, :self.top_k].astype(ms.int32) - 1      # [R*C, K]
+        recv_weights = recv_metadata[:, self.top_k:]                             # [R*C, K]
+
+        # Received slots are in (source rank, source token) order: the group's global token
+        # order, so capacity drops match a single process over the concatenated batch.
+        capacity = expert_capacity(self.capacity_factor, tokens * self.world_size, self.top_k,
+                                   self.num_experts)
+        rows, positions, tokens_per_expert, num_dropped = self.local_dispatch(
+            recv_rows, recv_local_ids, ops.full((1,), capacity, dtype=ms.int32))
+        handle = (positions, recv_weights, recv_counts, token_slot, slot_token)
+        return rows, tokens_per_expert, num_dropped, handle
+
+    def combine(self, expert_out, handle):
+        """expert_out: [R*C*K, H] -> y [T, H]."""
+        positions, recv_weights, recv_counts, token_slot, slot_token = handle
+        partial = self.local_combine(expert_out, positions, recv_weights)        # [R*C, H]
+        returned, _ = self.exchange(partial, recv_counts)                        # [R*C, H]
+        return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
+
+
+class FusedDecodeDispatcher(nn.Cell):
+    """Decode dispatcher: the fused Dispatch and Combine operators (inference only)."""
+
+    def __init__(self, group, top_k, max_tokens_per_rank, window):
+        super().__init__()
+        self.max_tokens = max_tokens_per_rank
+        self.fused_dispatch = FusedDispatch(group.size, max_tokens_per_rank,
+                                            group.experts_per_rank, top_k, window)
+        self.fused_combine = FusedCombine(window)
+
+    def dispatch(self, x, expert_ids, routing_weights):
+        check_tokens_fit(x.shape[0], self.max_tokens)
+        expand_x, tokens_per_expert, expand_info, _ = self.fused_dispatch(x, expert_ids)
+        no_drops = ops.zeros((1,), ms.int32)
+        return expand_x, tokens_per_expert, no_drops, (expand_info, routing_weights)
+
+    def combine(self, expert_out, handle):
+        expand_info, routing_weights = handle
+        return self.fused_combine(expert_out, expand_info, routing_weights)

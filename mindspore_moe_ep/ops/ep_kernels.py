@@ -1,0 +1,116 @@
+"""Custom-op Cells of expert parallelism (kernels in ``custom_ops/cpu/expert_parallel.cc``).
+
+- :class:`ExpertParallelLayout`: which tokens go to which rank (once per rank), for the sparse
+  prefill exchange.
+- :class:`GatherRows`: ``out[i] = sum_j rows[index[i, j]]``, whose gradient is the same gather
+  through the inverse index. Packing tokens into send slots and summing the returned rows per
+  token are both instances, each the other's inverse.
+- :class:`FusedDispatch` / :class:`FusedCombine`: the decode path's fused operators, one kernel
+  each, exchanging through the communication window.
+"""
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
+
+from .kernel_library import explain_kernel_errors, kernel_func
+from .local_kernels import gather_sum_op
+
+
+def _int32_scalar(value):
+    return Tensor([int(value)], mstype.int32)
+
+
+def _side_effect_custom(name, out_shape, out_dtype):
+    """A Custom op that talks to other ranks: never pruned or reordered in GRAPH_MODE."""
+    kernel = ops.Custom(kernel_func(name), out_shape=out_shape, out_dtype=out_dtype,
+                        func_type="aot")
+    kernel.add_prim_attr("side_effect_io", True)
+    return kernel
+
+
+class _ExplainedCell(nn.Cell):
+    """Direct calls turn kernel failures into KernelError carrying the kernel's message."""
+
+    def __call__(self, *args, **kwargs):
+        with explain_kernel_errors():
+            return super().__call__(*args, **kwargs)
+
+
+class ExpertParallelLayout(_ExplainedCell):
+    """``expert_ids [T, K]`` -> ``(send_token_index [R, C], send_counts [R], token_slot [T, R],
+    send_local_ids [R, C, K])``; see the kernel's header comment."""
+
+    def __init__(self, world_size, capacity_per_rank, experts_per_rank):
+        super().__init__()
+        self._experts_per_rank = _int32_scalar(experts_per_rank)
+        self._layout = ops.Custom(
+            kernel_func("MoeEpExpertParallelLayout"),
+            out_shape=lambda ids, epr: ([world_size, capacity_per_rank], [world_size],
+                                        [ids[0], world_size],
+                                        [world_size, capacity_per_rank, ids[1]]),
+            out_dtype=lambda ids, epr: (mstype.int32,) * 4, func_type="aot")
+
+    def construct(self, expert_ids):
+        return self._layout(expert_ids, self._experts_per_rank)
+
+
+class GatherRows(_ExplainedCell):
+    """``(rows [N, H], index [M, J], inverse [N, I])`` -> ``[M, H]``, out[m] = sum_j rows[index[m, j]].
+
+    ``inverse`` lists, for every row n, the output rows that read it (-1 padded); the gradient is
+    ``GatherRows(d_out, inverse)``. Requires each row to be read at most once per output row.
+    """
+
+    def __init__(self):
+        super().__init__()
+        gather_sum = gather_sum_op()
+
+        def bprop(rows, index, inverse, out, dout):
+            return gather_sum(dout, inverse), ops.zeros_like(index), ops.zeros_like(inverse)
+
+        self._gather = ops.Custom(
+            kernel_func("MoeEpGatherRows"),
+            out_shape=lambda rows, index, inverse: [index[0], rows[1]],
+            out_dtype=lambda rows, index, inverse: rows, func_type="aot", bprop=bprop)
+
+    def construct(self, rows, index, inverse):
+        return self._gather(rows, index, inverse)
+
+
+class FusedDispatch(_ExplainedCell):
+    """Decode Dispatch: ``(x [T, H], expert_ids [T, K])`` -> ``(expand_x [N, H],
+    tokens_per_local_expert [L], expand_info [N, 2], recv_counts [R])`` in one kernel.
+
+    N = R * C * min(K, L) is the worst case of rows one rank can receive (C =
+    dispatch.max_tokens_per_rank, L = experts per rank). ``expand_info`` is the handle the
+    Combine needs: the source rank and source (token * K + k) of every row.
+    """
+
+    def __init__(self, world_size, capacity_per_rank, experts_per_rank, top_k, window):
+        super().__init__()
+        rows = world_size * capacity_per_rank * min(top_k, experts_per_rank)
+        self._experts_per_rank = _int32_scalar(experts_per_rank)
+        self._window_id = window.id_tensor
+        self._dispatch = _side_effect_custom(
+            "MoeEpFusedDispatch",
+            out_shape=lambda x, ids, epr, window_id: ([rows, x[1]], [experts_per_rank],
+                                                      [rows, 2], [world_size]),
+            out_dtype=lambda x, ids, epr, window_id: (x, mstype.int32, mstype.int32,
+                                                      mstype.int32))
+
+    def construct(self, x, expert_ids):
+        return self._dispatch(x, expert_ids, self._experts_per_rank, self._window_id)
+
+
+class FusedCombine(_ExplainedCell):
+    """Decode Combine: ``(expert_out [N, H], expand_info [N, 2], weights [T, K])`` -> ``y [T, H]``."""
+
+    def __init__(self, window):
+        super().__init__()
+        self._window_id = window.id_tensor
+        self._combine = _side_effect_custom(
+            "MoeEpFusedCombine",
+            out_shape=lambda out, info, weights, window_id: [weights[0], out[1]],
+            out_dtype=lambda out, info, weights, window_id: out)
+
+    def construct(self, expert_out, expand_info, weights):
+        return self._combine(expert_out, expand_info, weights, self._window_id)

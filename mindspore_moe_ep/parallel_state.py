@@ -1,0 +1,92 @@
+"""Expert-parallel groups: which ranks share one copy of the experts, and which experts are local.
+
+With ``parallel.expert_parallel = R`` and a world of W ranks, the ranks form W / R data-parallel
+replicas of an R-way expert-parallel group; group g holds ranks [g*R, (g+1)*R), and group rank r
+owns the E / R consecutive experts starting at r * E / R.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from .config import MoEConfig
+
+
+@dataclass(frozen=True)
+class ExpertParallelGroup:
+    """This process's place in the expert-parallel layout."""
+
+    world_size: int
+    rank: int                    # global rank
+    group_ranks: Tuple[int, ...]  # global ranks of this expert-parallel group, in group order
+    num_experts: int
+
+    @property
+    def size(self) -> int:
+        return len(self.group_ranks)
+
+    @property
+    def group_rank(self) -> int:
+        return self.group_ranks.index(self.rank)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.size
+
+    @property
+    def local_expert_indices(self):
+        start = self.group_rank * self.experts_per_rank
+        return list(range(start, start + self.experts_per_rank))
+
+
+def _communication_initialized() -> bool:
+    from mindspore.communication import GlobalComm
+    return bool(GlobalComm.INITED)
+
+
+def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
+    """The group of this process; checks the config against the launched world."""
+    ep_size = config.parallel.expert_parallel
+    num_experts = config.model.num_experts
+    if not _communication_initialized():
+        if ep_size > 1:
+            raise RuntimeError(
+                f"parallel.expert_parallel = {ep_size} needs a distributed launch: run under "
+                f"msrun (see scripts/msrun_moe.sh) and call mindspore.communication.init() "
+                f"before building MoELayer, or set expert_parallel to 1")
+        return ExpertParallelGroup(1, 0, (0,), num_experts)
+
+    from mindspore.communication import get_group_size, get_rank
+    world_size, rank = get_group_size(), get_rank()
+    if world_size % ep_size:
+        raise ValueError(f"parallel.expert_parallel = {ep_size} must divide the world size "
+                         f"{world_size} (msrun --worker_num)")
+    data_parallel = config.parallel.data_parallel
+    if data_parallel is not None and data_parallel * ep_size != world_size:
+        raise ValueError(f"parallel.data_parallel = {data_parallel} times parallel.expert_parallel"
+                         f" = {ep_size} must equal the world size {world_size}")
+    first = rank // ep_size * ep_size
+    return ExpertParallelGroup(world_size, rank, tuple(range(first, first + ep_size)), num_experts)
+
+
+def config_fingerprint(config: MoEConfig) -> np.ndarray:
+    """[4] int32: a 128-bit hash of the config without its run-time-only workload section."""
+    settings = config.to_dict()
+    settings.pop("workload", None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).digest()
+    return np.frombuffer(digest[:16], dtype=np.int32)
+
+
+def check_same_config_on_all_ranks(config: MoEConfig, group: ExpertParallelGroup) -> None:
+    """Raises on every rank (never hangs) if any rank was given a different config."""
+    if group.world_size == 1:
+        return
+    from .comm.window import world_all_gather
+    fingerprints = world_all_gather(config_fingerprint(config))             # [world, 4]
+    differing = [rank for rank, value in enumerate(fingerprints)
+                 if not np.array_equal(value, fingerprints[0])]
+    if differing:
+        raise ValueError(f"the MoE config differs between ranks: ranks {differing} disagree with "
+                         f"rank 0 (every rank must load the same YAML and overrides)")

@@ -1,0 +1,92 @@
+"""Fault-injection worker, started by launch.run_local (plain processes, not msrun).
+
+msrun kills every worker as soon as one exits with a non-zero status, which would hide what the
+survivors observe; plain processes let the survivors report. The last rank is the victim:
+
+0. window "mismatch": rank 0 sends wider rows than the others; every rank must fail naming
+   the row sizes.
+1. window "stall": the victim sleeps past the timeout before its exchange; the survivors must
+   fail with "rank <victim> did not reach exchange step ..." after about TIMEOUT_S. The victim,
+   arriving late, must be told that a survivor failed.
+2. window "kill": after one good exchange the victim SIGKILLs itself while the survivors wait in
+   the next exchange; they must fail with "rank <victim> (pid <pid>) exited during exchange
+   step 2" at once.
+
+Every rank reports messages and timings with launch.write_result (the victim before dying).
+Usage: fault_worker.py <timeout_s>
+"""
+import hashlib
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import launch  # tests/distributed/launch.py, next to this script
+
+import mindspore as ms
+from mindspore import Tensor
+
+from mindspore_moe_ep.comm import CommWindow, ExchangeRows
+from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
+
+CAPACITY = 4
+WIDTH = 3
+VICTIM_DELAY_S = 0.5  # how long the survivors wait before the victim dies
+
+
+def window_token(name: str) -> str:
+    """A distinct token per window, derived from the launch's shared token."""
+    shared = os.environ[launch.JOB_TOKEN_VARIABLE]
+    return hashlib.sha256(f"{shared}/{name}".encode()).hexdigest()[:32]
+
+
+def timed_exchange(exchange: ExchangeRows, world: int, width: int = WIDTH) -> dict:
+    """Runs one exchange; returns the error message (or None) and the seconds it took."""
+    rows = Tensor(np.ones((world * CAPACITY, width), np.float32))
+    counts = Tensor(np.full(world, CAPACITY, np.int32))
+    started = time.monotonic()
+    try:
+        with explain_kernel_errors():
+            exchange(rows, counts)[0].asnumpy()
+        message = None
+    except Exception as error:  # the message is what the test checks
+        message = str(error)
+    return {"error": message, "seconds": time.monotonic() - started}
+
+
+def main() -> None:
+    timeout_s = float(sys.argv[1])
+    rank, world = launch.worker_rank(), int(os.environ["RANK_SIZE"])
+    victim = world - 1
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device("CPU")
+    ranks = list(range(world))
+    windows = {name: CommWindow.open(ranks, rank, timeout_s=timeout_s, attach_timeout_s=60.0,
+                                     job_token=window_token(name))
+               for name in ("mismatch", "stall", "kill")}
+    report = {"rank": rank, "pid": os.getpid(), "victim": victim,
+              "segment_names": [window.segment_name for window in windows.values()]}
+
+    mismatch = ExchangeRows(windows["mismatch"], CAPACITY)
+    report["mismatch"] = timed_exchange(mismatch, world, WIDTH if rank else WIDTH + 1)
+
+    stall = ExchangeRows(windows["stall"], CAPACITY)
+    report["stall_warmup"] = timed_exchange(stall, world)
+    if rank == victim:
+        time.sleep(timeout_s + 1.0)
+    report["stall"] = timed_exchange(stall, world)
+
+    kill = ExchangeRows(windows["kill"], CAPACITY)
+    report["kill_warmup"] = timed_exchange(kill, world)
+    if rank == victim:
+        launch.write_result(report)
+        time.sleep(VICTIM_DELAY_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+    report["kill"] = timed_exchange(kill, world)
+    launch.write_result(report)
+
+
+if __name__ == "__main__":
+    main()

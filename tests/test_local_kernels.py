@@ -1,0 +1,493 @@
+"""The local dispatch / combine / grouped-matmul kernels against plain numpy references.
+
+Every reference is computed here with numpy (float64 unless stated), never by the code under test.
+Inputs are rounded to the tested dtype first (with MindSpore's own cast), so references start from
+exactly the values the kernels see.
+
+Tolerances, as |kernel - reference| <= rtol * |reference| + rtol * max|reference|:
+- float32: 1e-6 for combine (a few float32 additions), 1e-5 for grouped matmul and for sums over
+  the hidden size (float32 accumulation over up to 160 products).
+- float16 / bfloat16: every output is one rounding of a float32 value, half an ulp of 2^-11 /
+  2^-8; we allow 1e-3 / 8e-3. Gradients are checked kernel by kernel, so each is one rounding
+  too.
+Dispatch (a pure copy) and all integer outputs must match exactly.
+"""
+import re
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from mindspore_moe_ep.ops import (CombineKernel, DispatchKernel, GroupedMatmul, KernelError,
+                                  explain_kernel_errors, gemm_backend, kernel_library,
+                                  set_gemm_backend)
+
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+RTOL_16_BIT = {"float16": 1e-3, "bfloat16": 8e-3}
+HIDDEN = 16
+FFN = 8
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request):
+    """Runs the test once in PYNATIVE_MODE and once in GRAPH_MODE."""
+    ms.set_context(mode=MODES[request.param])
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def rtol(dtype_name, float32_rtol):
+    return float32_rtol if dtype_name == "float32" else RTOL_16_BIT[dtype_name]
+
+
+def assert_close(actual, expected, tolerance):
+    expected = np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+def to_tensor(values, dtype_name):
+    """float32 numpy values -> Tensor of the dtype."""
+    return Tensor(np.asarray(values, np.float32)).astype(DTYPES[dtype_name])
+
+
+def to_numpy(tensor):
+    """Tensor (any float dtype) -> float64 numpy array, exactly."""
+    return tensor.astype(ms.float32).asnumpy().astype(np.float64)
+
+
+def representable(values, dtype_name):
+    """The values rounded to the dtype (through MindSpore's cast), as float64."""
+    return to_numpy(to_tensor(values, dtype_name))
+
+
+# ---- numpy references ------------------------------------------------------------------------
+
+def reference_dispatch(x, expert_ids, num_experts, capacity):
+    """Stable sort of the (token, k) assignments by expert; keeps the first `capacity` of each."""
+    tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)                          # [T*K]
+    order = np.argsort(flat_ids, kind="stable")               # by expert, then token, then k
+    positions = np.full(tokens * top_k, -1, np.int32)
+    seen = np.zeros(num_experts, np.int64)
+    next_row = 0
+    for assignment in order:
+        expert = flat_ids[assignment]
+        if capacity == 0 or seen[expert] < capacity:
+            positions[assignment] = next_row
+            next_row += 1
+        seen[expert] += 1
+    kept = positions >= 0
+    grouped_x = np.zeros((tokens * top_k, x.shape[1]))        # [T*K, H]
+    grouped_x[positions[kept]] = x[np.nonzero(kept)[0] // top_k]
+    tokens_per_expert = np.bincount(flat_ids[kept], minlength=num_experts).astype(np.int32)
+    return grouped_x, positions.reshape(tokens, top_k), tokens_per_expert, int((~kept).sum())
+
+
+def reference_gather_sum(rows, positions, weights):
+    """y[t] = sum_k weights[t, k] * rows[positions[t, k]], skipping -1."""
+    y = np.zeros((positions.shape[0], rows.shape[1]))         # [T, H]
+    for (token, k), row in np.ndenumerate(positions):
+        if row >= 0:
+            y[token] += weights[token, k] * rows[row]
+    return y
+
+
+def expert_slices(tokens_per_expert):
+    starts = np.concatenate([[0], np.cumsum(tokens_per_expert)])
+    return [slice(starts[e], starts[e + 1]) for e in range(len(tokens_per_expert))]
+
+
+def reference_grouped_matmul(rows, weights, tokens_per_expert, transpose_b):
+    """Rows of group e times weights[e] (transposed if transpose_b); zero rows after the groups."""
+    out_features = weights.shape[1] if transpose_b else weights.shape[2]
+    out = np.zeros((rows.shape[0], out_features))             # [N, N_out]
+    for expert, group in enumerate(expert_slices(tokens_per_expert)):
+        weight = weights[expert].T if transpose_b else weights[expert]
+        out[group] = rows[group] @ weight
+    return out
+
+
+def reference_weight_grad(a, b, tokens_per_expert):
+    """[E, P, Q] with out[e] = a_e^T @ b_e."""
+    return np.stack([a[group].T @ b[group] for group in expert_slices(tokens_per_expert)])
+
+
+# ---- routing cases ---------------------------------------------------------------------------
+
+def make_case(name, rng):
+    """(expert_ids [T, K] int32, num_experts, capacity) for one named routing pattern."""
+    if name == "expert_without_tokens":          # expert 3 of 5 gets nothing; repeats allowed
+        return rng.choice([0, 1, 2, 4], size=(12, 2)).astype(np.int32), 5, 0
+    if name == "all_tokens_to_one_expert":
+        return np.full((10, 1), 2, np.int32), 4, 0
+    if name == "top_k_1":
+        return rng.integers(0, 3, size=(7, 1)).astype(np.int32), 3, 0
+    if name == "top_k_equals_num_experts":
+        return np.stack([rng.permutation(4) for _ in range(6)]).astype(np.int32), 4, 0
+    if name == "single_token":
+        return np.array([[3, 0]], np.int32), 4, 0
+    if name == "capacity_drops":                 # expert 0 is oversubscribed, capacity 3
+        ids = np.where(rng.random((16, 2)) < 0.6, 0, rng.integers(1, 4, size=(16, 2)))
+        return ids.astype(np.int32), 4, 3
+    raise ValueError(name)
+
+
+CASES = ["expert_without_tokens", "all_tokens_to_one_expert", "top_k_1",
+         "top_k_equals_num_experts", "single_token", "capacity_drops"]
+
+
+class MoEPipeline(nn.Cell):
+    """dispatch -> grouped matmul -> combine, returning every intermediate (one graph)."""
+
+    def __init__(self, num_experts, capacity, transpose_b):
+        super().__init__()
+        self.dispatch = DispatchKernel(num_experts, capacity)
+        self.experts = GroupedMatmul(transpose_b)
+        self.combine = CombineKernel()
+
+    def construct(self, x, expert_ids, routing_weights, expert_weights):
+        grouped_x, positions, tokens_per_expert, num_dropped = self.dispatch(x, expert_ids)
+        expert_out = self.experts(grouped_x, expert_weights, tokens_per_expert)
+        y = self.combine(expert_out, positions, routing_weights)
+        return grouped_x, positions, tokens_per_expert, num_dropped, expert_out, y
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_forward_matches_numpy(mode, dtype_name, case):
+    rng = np.random.default_rng(CASES.index(case))
+    expert_ids, num_experts, capacity = make_case(case, rng)
+    tokens, top_k = expert_ids.shape
+    transpose_b = case in ("top_k_1", "capacity_drops")
+    weight_shape = (num_experts, FFN, HIDDEN) if transpose_b else (num_experts, HIDDEN, FFN)
+    x = representable(rng.standard_normal((tokens, HIDDEN)), dtype_name)          # [T, H]
+    routing_weights = rng.random((tokens, top_k)).astype(np.float32)               # [T, K]
+    expert_weights = representable(rng.standard_normal(weight_shape), dtype_name)  # [E, H, F]
+
+    net = MoEPipeline(num_experts, capacity, transpose_b)
+    outputs = net(to_tensor(x, dtype_name), Tensor(expert_ids), Tensor(routing_weights),
+                  to_tensor(expert_weights, dtype_name))
+    grouped_x, positions, tokens_per_expert, num_dropped, expert_out, y = outputs
+
+    ref_grouped, ref_positions, ref_counts, ref_dropped = reference_dispatch(
+        x, expert_ids, num_experts, capacity)
+    assert np.array_equal(to_numpy(grouped_x), ref_grouped)  # bitwise, tail rows zero
+    assert np.array_equal(positions.asnumpy(), ref_positions)
+    assert np.array_equal(tokens_per_expert.asnumpy(), ref_counts)
+    assert num_dropped.asnumpy().tolist() == [ref_dropped]
+    if case == "capacity_drops":
+        assert ref_dropped > 0 and ref_counts.max() == capacity
+    assert expert_out.dtype == DTYPES[dtype_name] and y.dtype == DTYPES[dtype_name]
+
+    ref_expert_out = reference_grouped_matmul(ref_grouped, expert_weights, ref_counts, transpose_b)
+    assert_close(to_numpy(expert_out), ref_expert_out, rtol(dtype_name, 1e-5))
+    # combine is checked on the kernel's own expert_out, so only its own error counts
+    ref_y = reference_gather_sum(to_numpy(expert_out), ref_positions, routing_weights)
+    assert_close(to_numpy(y), ref_y, rtol(dtype_name, 1e-6))
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_combine_is_float32_sum_in_k_order_rounded_once(dtype_name):
+    """Bitwise: y = round_to_dtype(((0 + w0*x0) + w1*x1) + w2*x2) computed in float32."""
+    rng = np.random.default_rng(7)
+    expert_out = representable(rng.standard_normal((12, HIDDEN)), dtype_name)
+    positions = np.array([[3, 0, 7], [1, -1, 2], [-1, -1, -1], [11, 4, 5]], np.int32)
+    weights = rng.random((4, 3)).astype(np.float32)
+    total = np.zeros((4, HIDDEN), np.float32)
+    for k in range(3):
+        kept = positions[:, k] >= 0
+        total[kept] = total[kept] + weights[kept, k, None] * expert_out[positions[kept, k]].astype(
+            np.float32)
+    expected = representable(total, dtype_name)
+    y = CombineKernel()(to_tensor(expert_out, dtype_name), Tensor(positions), Tensor(weights))
+    assert np.array_equal(to_numpy(y), expected)
+
+
+def combine_scaled(values, weight_values):
+    """y[i] = weight_values[i] * values[i] (values: a 1-D Tensor) through CombineKernel."""
+    count = values.size
+    expert_out = values.reshape(count, 1)                           # [N, 1]
+    positions = np.arange(count, dtype=np.int32).reshape(count, 1)  # [N, 1]
+    weights = np.asarray(weight_values, np.float32).reshape(count, 1)
+    y = CombineKernel()(expert_out, Tensor(positions), Tensor(weights))
+    return to_numpy(y).reshape(-1)
+
+
+def test_float16_conversions_are_exact_and_round_to_nearest_even():
+    """All 65536 float16 values times 2, and float32 values around ties, vs numpy's float16."""
+    every_float16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    doubled = combine_scaled(Tensor(every_float16), np.full(every_float16.size, 2.0))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to infinity, NaN inputs
+        expected = (every_float16.astype(np.float32) * 2).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(doubled, expected)  # NaN positions must match too
+
+    ulp_at_one = 2.0 ** -10
+    ties = [1 + ulp_at_one / 2, 1 + 1.5 * ulp_at_one, -(1 + ulp_at_one / 2), 2.0 ** -25,
+            3 * 2.0 ** -25, 65504 + 8, 65504 + 16, -65520, 1e-8, 70000.0]
+    rng = np.random.default_rng(3)
+    samples = np.concatenate([ties, rng.standard_normal(2000) * 10.0 ** rng.integers(-6, 5, 2000)])
+    samples = samples.astype(np.float32)
+    scaled = combine_scaled(to_tensor(np.ones(samples.size), "float16"), samples)
+    with np.errstate(over="ignore"):
+        expected = samples.astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(scaled, expected)
+
+
+def test_bfloat16_conversions_are_exact_and_round_to_nearest_even():
+    """All 65536 bfloat16 values times 2, ties around 1.0 (hand-derived), and random values."""
+    every_bfloat16 = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    finite = np.isfinite(every_bfloat16)
+    doubled = combine_scaled(to_tensor(every_bfloat16[finite], "bfloat16"),
+                             np.full(finite.sum(), 2.0))
+    with np.errstate(over="ignore"):  # the largest values overflow to infinity
+        expected = (every_bfloat16[finite] * np.float32(2)).astype(np.float64)
+    np.testing.assert_array_equal(doubled, expected)
+
+    ulp = 2.0 ** -7  # at 1.0
+    tiny = 2.0 ** -20
+    cases = {  # float32 value -> bfloat16 value, ties to the even neighbour
+        1 + ulp / 2: 1.0, 1 + 1.5 * ulp: 1 + 2 * ulp, -(1 + ulp / 2): -1.0,
+        1 + ulp / 2 + tiny: 1 + ulp, 1 + 1.5 * ulp - tiny: 1 + ulp,
+        8 * (1 + 1.5 * ulp): 8 + 16 * ulp,
+    }
+    values = np.array(list(cases), np.float32)
+    scaled = combine_scaled(to_tensor(np.ones(values.size), "bfloat16"), values)
+    np.testing.assert_array_equal(scaled, list(cases.values()))
+
+    rng = np.random.default_rng(4)
+    samples = (rng.standard_normal(2000) * 10.0 ** rng.integers(-20, 20, 2000)).astype(np.float32)
+    scaled = combine_scaled(to_tensor(np.ones(samples.size), "bfloat16"), samples)
+    np.testing.assert_array_equal(scaled, representable(samples, "bfloat16"))
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("case", ["capacity_drops", "expert_without_tokens"])
+def test_gradients_match_numpy(mode, dtype_name, case):
+    """One graph differentiates all three kernels; each term of the loss isolates one kernel."""
+    rng = np.random.default_rng(100 + CASES.index(case))
+    expert_ids, num_experts, capacity = make_case(case, rng)
+    tokens, top_k = expert_ids.shape
+    rows_count = tokens * top_k
+    transpose_b = case == "capacity_drops"
+    x = representable(rng.standard_normal((tokens, HIDDEN)), dtype_name)          # [T, H]
+    _, positions, counts, _ = reference_dispatch(x, expert_ids, num_experts, capacity)
+    expert_out = representable(rng.standard_normal((rows_count, HIDDEN)), dtype_name)  # [N, H]
+    routing_weights = rng.random((tokens, top_k)).astype(np.float32)               # [T, K]
+    rows = representable(rng.standard_normal((rows_count, HIDDEN)), dtype_name)    # [N, H]
+    weight_shape = (num_experts, FFN, HIDDEN) if transpose_b else (num_experts, HIDDEN, FFN)
+    weights = representable(rng.standard_normal(weight_shape), dtype_name)
+    # upstream gradients, representable so the casts in the loss are exact
+    d_grouped = representable(rng.standard_normal((rows_count, HIDDEN)), dtype_name)
+    d_y = representable(rng.standard_normal((tokens, HIDDEN)), dtype_name)
+    d_out = representable(rng.standard_normal((rows_count, FFN)), dtype_name)
+
+    dispatch = DispatchKernel(num_experts, capacity)
+    combine = CombineKernel()
+    matmul = GroupedMatmul(transpose_b)
+    d_grouped_t, d_y_t, d_out_t = (Tensor(v.astype(np.float32)) for v in (d_grouped, d_y, d_out))
+
+    def loss(x_in, expert_out_in, weights_in, rows_in, matmul_weights_in, ids, pos, cnt):
+        grouped_x = dispatch(x_in, ids)[0]
+        y = combine(expert_out_in, pos, weights_in)
+        out = matmul(rows_in, matmul_weights_in, cnt)
+        return ((grouped_x.astype(ms.float32) * d_grouped_t).sum()
+                + (y.astype(ms.float32) * d_y_t).sum()
+                + (out.astype(ms.float32) * d_out_t).sum())
+
+    grads = ms.grad(loss, grad_position=(0, 1, 2, 3, 4))(
+        to_tensor(x, dtype_name), to_tensor(expert_out, dtype_name), Tensor(routing_weights),
+        to_tensor(rows, dtype_name), to_tensor(weights, dtype_name), Tensor(expert_ids),
+        Tensor(positions), Tensor(counts))
+    d_x, d_expert_out, d_weights, d_rows, d_matmul_weights = grads
+
+    # dispatch: d x[t] = sum over kept k of d_grouped[positions[t, k]]
+    ref_d_x = reference_gather_sum(d_grouped, positions, np.ones(positions.shape))
+    assert_close(to_numpy(d_x), ref_d_x, rtol(dtype_name, 1e-6))
+    # combine: d expert_out[positions[t, k]] = w[t, k] d_y[t]; d w[t, k] = <d_y[t], row>
+    ref_d_expert_out = np.zeros_like(expert_out)
+    ref_d_weights = np.zeros(positions.shape)
+    for (token, k), row in np.ndenumerate(positions):
+        if row >= 0:
+            ref_d_expert_out[row] = routing_weights[token, k] * d_y[token]
+            ref_d_weights[token, k] = d_y[token] @ expert_out[row]
+    assert_close(to_numpy(d_expert_out), ref_d_expert_out, rtol(dtype_name, 1e-6))
+    assert d_weights.dtype == ms.float32
+    assert_close(d_weights.asnumpy(), ref_d_weights, 1e-5)
+    # grouped matmul: d rows_e = d_out_e W_e^T, d W_e = rows_e^T d_out_e (or its transpose)
+    weights_as_b = weights.transpose(0, 2, 1) if transpose_b else weights    # [E, H, F]
+    ref_d_rows = reference_grouped_matmul(d_out, weights_as_b, counts, transpose_b=True)
+    ref_d_weights_b = reference_weight_grad(rows, d_out, counts)             # [E, H, F]
+    if transpose_b:
+        ref_d_weights_b = ref_d_weights_b.transpose(0, 2, 1)
+    assert_close(to_numpy(d_rows), ref_d_rows, rtol(dtype_name, 1e-5))
+    assert_close(to_numpy(d_matmul_weights), ref_d_weights_b, rtol(dtype_name, 1e-5))
+
+
+def test_capacity_given_per_call_overrides_the_constructor(mode):
+    expert_ids = np.array([[0], [0], [1], [0], [0]], np.int32)
+    x = Tensor(np.arange(5 * HIDDEN, dtype=np.float32).reshape(5, HIDDEN))
+
+    class DispatchWithCapacity(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dispatch = DispatchKernel(2, capacity=1)
+
+        def construct(self, x_in, ids, capacity):
+            return self.dispatch(x_in, ids, capacity)
+
+    for capacity in (2, 0):
+        outputs = DispatchWithCapacity()(x, Tensor(expert_ids), Tensor([capacity], ms.int32))
+        _, ref_positions, ref_counts, ref_dropped = reference_dispatch(
+            x.asnumpy(), expert_ids, 2, capacity)
+        assert np.array_equal(outputs[1].asnumpy(), ref_positions)
+        assert np.array_equal(outputs[2].asnumpy(), ref_counts)
+        assert outputs[3].asnumpy().tolist() == [ref_dropped]
+
+
+def test_integer_inputs_get_zero_gradients(mode):
+    dispatch, combine, matmul = DispatchKernel(3), CombineKernel(), GroupedMatmul()
+    x = Tensor(np.ones((4, HIDDEN), np.float32))
+    ids = Tensor(np.array([[0], [2], [2], [1]], np.int32))
+    positions = Tensor(np.array([[1], [0], [-1], [2]], np.int32))
+    weights = Tensor(np.ones((4, 1), np.float32))
+    counts = Tensor(np.array([1, 2, 1], np.int32))
+    matmul_weights = Tensor(np.ones((3, HIDDEN, FFN), np.float32))
+
+    def loss(x_in, ids_in, pos_in, cnt_in):
+        return (dispatch(x_in, ids_in)[0].sum() + combine(x_in, pos_in, weights).sum()
+                + matmul(x_in, matmul_weights, cnt_in).sum())
+
+    d_ids, d_positions, d_counts = ms.grad(loss, grad_position=(1, 2, 3))(x, ids, positions, counts)
+    for grad, original in ((d_ids, ids), (d_positions, positions), (d_counts, counts)):
+        assert grad.shape == original.shape and not grad.asnumpy().any()
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_grouped_matmul_many_rows_per_block_and_reference_backend(dtype_name):
+    """Groups and weight-gradient rows larger than one 128-row block; oneDNN and the C++ loop."""
+    rng = np.random.default_rng(11)
+    k_in, n_out = 160, 24
+    counts = np.array([0, 290, 10], np.int32)
+    rows = representable(rng.standard_normal((310, k_in)), dtype_name)
+    weights = representable(rng.standard_normal((3, k_in, n_out)), dtype_name)
+    d_out = representable(rng.standard_normal((310, n_out)), dtype_name)
+    matmul = GroupedMatmul()
+
+    def loss(rows_in, weights_in):
+        return (matmul(rows_in, weights_in, Tensor(counts)).astype(ms.float32)
+                * Tensor(d_out.astype(np.float32))).sum()
+
+    expected_out = reference_grouped_matmul(rows, weights, counts, transpose_b=False)
+    expected_d_weights = reference_weight_grad(rows, d_out, counts)
+    assert gemm_backend() == "onednn", "MindSpore's bundled oneDNN should have been found"
+    results = {}
+    for backend in ("onednn", "reference"):
+        set_gemm_backend(backend)
+        try:
+            out = matmul(to_tensor(rows, dtype_name), to_tensor(weights, dtype_name),
+                         Tensor(counts))
+            _, d_weights = ms.grad(loss, grad_position=(0, 1))(to_tensor(rows, dtype_name),
+                                                              to_tensor(weights, dtype_name))
+            results[backend] = (to_numpy(out), to_numpy(d_weights))
+        finally:
+            set_gemm_backend("onednn")
+        assert_close(results[backend][0], expected_out, rtol(dtype_name, 1e-5))
+        assert_close(results[backend][1], expected_d_weights, rtol(dtype_name, 1e-5))
+    assert not results["onednn"][1][0].any()  # expert 0 has no rows: zero gradient
+
+
+def test_results_are_deterministic():
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((64, HIDDEN)).astype(np.float32))
+    ids = Tensor(rng.integers(0, 8, (64, 4)).astype(np.int32))
+    weights = Tensor(rng.random((64, 4)).astype(np.float32))
+    expert_weights = Tensor(rng.standard_normal((8, HIDDEN, HIDDEN)).astype(np.float32))
+    net = MoEPipeline(8, 0, False)
+    first, second = ([t.asnumpy() for t in net(x, ids, weights, expert_weights)] for _ in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", [9, -2])
+def test_out_of_range_expert_id_names_the_value(bad_id):
+    ids = np.array([[0, 1]] * 4, np.int32)
+    ids[3, 1] = bad_id
+    x = Tensor(np.ones((4, HIDDEN), np.float32))
+    expected = re.escape(f"expert_ids[3,1] = {bad_id} is out of range [-1, 8)")
+    with pytest.raises(KernelError, match=expected):
+        with explain_kernel_errors():
+            DispatchKernel(8)(x, Tensor(ids))[0].asnumpy()  # PyNative reports at the sync
+    assert issubclass(KernelError, RuntimeError)
+
+
+def test_masked_expert_id_gets_no_row_and_is_not_a_drop():
+    """-1 marks a (token, k) slot whose expert lives on another rank (expert parallelism)."""
+    ids = np.array([[2, -1], [-1, -1], [2, 0]], np.int32)
+    x = np.arange(3 * HIDDEN, dtype=np.float32).reshape(3, HIDDEN)
+    grouped, positions, counts, dropped = (t.asnumpy() for t in DispatchKernel(4)(
+        Tensor(x), Tensor(ids), Tensor(np.array([1], np.int32))))
+    np.testing.assert_array_equal(positions, [[1, -1], [-1, -1], [-1, 0]])
+    np.testing.assert_array_equal(counts, [1, 0, 1, 0])
+    assert dropped.sum() == 1  # the second row for expert 2 exceeds capacity 1; -1 slots are not drops
+    np.testing.assert_array_equal(grouped[0], x[2])
+    np.testing.assert_array_equal(grouped[1], x[0])
+    assert not grouped[2:].any()
+
+
+def test_graph_mode_cell_call_explains_errors_by_itself():
+    """In GRAPH_MODE the failure surfaces in the Cell call (MindSpore takes ~3 s to report it)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ids = Tensor(np.array([[0], [5]], np.int32))
+        with pytest.raises(KernelError, match=re.escape("expert_ids[1,0] = 5 is out of range")):
+            DispatchKernel(4)(Tensor(np.ones((2, HIDDEN), np.float32)), ids)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def _bad_combine_position():
+    positions = Tensor(np.array([[0], [12]], np.int32))
+    return CombineKernel()(Tensor(np.ones((12, 4), np.float32)), positions,
+                           Tensor(np.ones((2, 1), np.float32)))
+
+
+def _bad_group_sizes():
+    return GroupedMatmul()(Tensor(np.ones((8, 4), np.float32)), Tensor(np.ones((2, 4, 3),
+                           np.float32)), Tensor(np.array([5, 4], np.int32)))
+
+
+def _mismatched_dtypes():
+    return GroupedMatmul()(Tensor(np.ones((8, 4), np.float32)),
+                           Tensor(np.ones((2, 4, 3), np.float16)),
+                           Tensor(np.array([5, 3], np.int32)))
+
+
+@pytest.mark.parametrize("run, message", [
+    (_bad_combine_position, "positions[1,0] = 12 is out of range [-1, 12)"),
+    (_bad_group_sizes, "tokens_per_expert sums to 9, more than the 8 rows available"),
+    (_mismatched_dtypes, "weights has dtype float16 but rows has dtype float32"),
+])
+def test_invalid_inputs_are_explained(run, message):
+    with pytest.raises(KernelError, match=re.escape(message)):
+        with explain_kernel_errors():
+            run().asnumpy()
+
+
+def test_invalid_constructor_arguments():
+    with pytest.raises(ValueError, match="num_experts"):
+        DispatchKernel(0)
+    with pytest.raises(ValueError, match="capacity"):
+        DispatchKernel(4, capacity=-1)
+    with pytest.raises(ValueError, match="transpose_b"):
+        GroupedMatmul(transpose_b=1)
+
+
+def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel_library, "_packaged_library_path",
+                        lambda: str(tmp_path / kernel_library.LIBRARY_FILE_NAME))
+    with pytest.raises(kernel_library.KernelLibraryNotFoundError, match="pip install -e ."):
+        kernel_library.library_path.__wrapped__()
