@@ -13,11 +13,12 @@ import importlib
 
 from .config import ConfigError, MoEConfig, config_from_hf, load_config
 
-__all__ = ["ConfigError", "MoEConfig", "MoELayer", "config_from_hf", "load_config",
-           "setup_runtime"]
+__all__ = ["ConfigError", "ExpertParallelGradReducer", "MoEConfig", "MoELayer", "config_from_hf",
+           "load_config", "setup_runtime"]
 __version__ = "0.1.0"
 
-_LAZY = {"MoELayer": ".layer", "setup_runtime": ".runtime"}
+_LAZY = {"MoELayer": ".layer", "setup_runtime": ".runtime",
+         "ExpertParallelGradReducer": ".grad_sync"}
 
 
 def __getattr__(name):

@@ -8,7 +8,46 @@ from .experts import GroupedSwiGLUExperts, SharedExpert
 from .router import TopKRouter
 from .runtime import mindspore_dtype
 from .state_dict import load_hf_moe_state_dict
+from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
 from .token_dispatcher import LocalTokenDispatcher
+
+
+def _window_slot_bytes(config):
+    """Shared memory per ordered rank pair: one full step of the largest message, by default."""
+    if config.dispatch.window_slot_bytes is not None:
+        return config.dispatch.window_slot_bytes
+    element_bytes = 4 if config.runtime.dtype == "float32" else 2
+    top_k = config.router.top_k
+    # token row + (top_k local ids + token index) int32: the fused dispatch message
+    largest_row = config.model.hidden_size * element_bytes + (top_k + 1) * 4
+    return config.dispatch.max_tokens_per_rank * max(largest_row, 8 * top_k)
+
+
+def _build_dispatchers(config, group):
+    """(prefill dispatcher, decode dispatcher or None) for this rank's expert-parallel group.
+
+    EP = 1: the local dispatcher serves both phases. EP > 1: the sparse all-to-all-v for
+    prefill/training; the fused decode operators when the group shares a host (shared-memory
+    window) and the layer is dropless (the fused operators, like CANN's, never drop).
+    """
+    router = config.router
+    if group.size == 1:
+        return LocalTokenDispatcher(config.model.num_experts, router.top_k,
+                                    router.capacity_factor), None
+    from .comm.exchange import make_exchange
+    from .ep_dispatcher import FusedDecodeDispatcher, SparseAllToAllDispatcher
+    dispatch = config.dispatch
+    exchange = make_exchange(dispatch.max_tokens_per_rank, transport=dispatch.transport,
+                             group_ranks=list(group.group_ranks), rank=group.rank,
+                             slot_bytes=_window_slot_bytes(config), timeout_s=dispatch.timeout_s,
+                             attach_timeout_s=dispatch.attach_timeout_s)
+    prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor,
+                                       dispatch.max_tokens_per_rank, exchange)
+    window = getattr(exchange, "window", None)
+    decode = None
+    if window is not None and router.capacity_factor is None:
+        decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window)
+    return prefill, decode
 
 
 class AuxLossScaler(nn.Cell):
@@ -43,9 +82,11 @@ class MoELayer(nn.Cell):
         dtype = mindspore_dtype(config.runtime.dtype)
         self.hidden_size = model.hidden_size
         self.compute_dtype = dtype
-        self.dispatcher = LocalTokenDispatcher(model.num_experts, router.top_k,
-                                               router.capacity_factor)
-        self.local_expert_indices = list(range(model.num_experts))
+        self.group = expert_parallel_group(config)
+        check_same_config_on_all_ranks(config, self.group)
+        self.local_expert_indices = self.group.local_expert_indices
+        self.prefill_dispatcher, self.decode_dispatcher = _build_dispatchers(config, self.group)
+        self.decode_token_threshold = config.dispatch.decode_token_threshold
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
                                             model.expert_ffn_size, dtype,
@@ -65,8 +106,15 @@ class MoELayer(nn.Cell):
         self.last_aux_loss = statistic("last_aux_loss", np.zeros((), np.float32))
         self.last_z_loss = statistic("last_z_loss", np.zeros((), np.float32))
 
-    def construct(self, x):
-        """x: [B, S, H] or [T, H] -> same shape."""
+    def construct(self, x, phase=None):
+        """x: [B, S, H] or [T, H] -> same shape.
+
+        ``phase``: "prefill" (sparse all-to-all-v, differentiable), "decode" (fused
+        Dispatch/Combine, inference only) or None: decode when the Cell is not training and
+        this rank has at most ``dispatch.decode_token_threshold`` tokens. Under expert
+        parallelism all ranks of a group must take the same path in a step: with uneven token
+        counts around the threshold, pass ``phase`` explicitly.
+        """
         input_shape = x.shape
         num_sequences = input_shape[0] if len(input_shape) == 3 else 1
         # Shape and elementwise work in float32: MindSpore CPU has no bf16 Reshape / Add.
@@ -74,10 +122,11 @@ class MoELayer(nn.Cell):
 
         expert_ids, routing_weights, aux_loss, z_loss, selections = self.router(
             tokens, num_sequences)                                                 # [T, K]
-        rows, tokens_per_expert, num_dropped, handle = self.dispatcher.dispatch(
+        dispatcher = self._dispatcher_for(tokens.shape[0], phase)
+        rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
             tokens.astype(self.compute_dtype), expert_ids, routing_weights)       # [N, H]
         expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
-        output = self.dispatcher.combine(expert_out, handle).astype(ms.float32)    # [T, H]
+        output = dispatcher.combine(expert_out, handle).astype(ms.float32)         # [T, H]
         if self.shared_expert is not None:
             output = output + self.shared_expert(tokens).astype(ms.float32)
         output = self.aux_loss_scaler(output, aux_loss + z_loss)
@@ -88,6 +137,17 @@ class MoELayer(nn.Cell):
         ops.assign(self.last_aux_loss, aux_loss)
         ops.assign(self.last_z_loss, z_loss)
         return output.reshape(input_shape).astype(x.dtype)
+
+    def _dispatcher_for(self, num_tokens, phase):
+        """The dispatcher of this step (decided at compile time: shapes are static)."""
+        if phase is None:
+            phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
+                     else "prefill")
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
+        if phase == "decode" and self.decode_dispatcher is not None:
+            return self.decode_dispatcher
+        return self.prefill_dispatcher
 
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""
@@ -113,11 +173,18 @@ class MoELayer(nn.Cell):
         }
 
     def update_expert_bias(self, tokens_per_expert=None):
-        """One aux-loss-free balancing step from observed load (default: the last forward's)."""
+        """One aux-loss-free balancing step from observed load.
+
+        Default load: the last forward's ``routed_per_expert`` summed over all ranks (a
+        collective: every rank must call this together), so every rank applies the same step.
+        """
         if not self.config.router.expert_bias:
             raise ValueError("update_expert_bias needs router.expert_bias: true in the config")
         if tokens_per_expert is None:
             tokens_per_expert = self.stats()["routed_per_expert"]
+            if self.group.world_size > 1:
+                from .comm.window import world_all_gather
+                tokens_per_expert = world_all_gather(tokens_per_expert).sum(axis=0)
         return self.router.update_expert_bias(tokens_per_expert,
                                               self.config.router.bias_update_rate)
 

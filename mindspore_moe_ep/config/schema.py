@@ -288,6 +288,10 @@ class DispatchConfig(_Section):
     attach_timeout_s: float = option(
         "Seconds a rank waits at start-up for its peers' communication buffers to appear.",
         default=300.0, gt=0)
+    window_slot_bytes: Optional[int] = option(
+        "Bytes of shared memory per ordered pair of ranks (the pre-allocated communication "
+        "window); null sizes it for a whole step (max_tokens_per_rank rows). Larger messages "
+        "travel in chunks.", default=None, gt=0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""Gradient synchronisation for expert-parallel training.
+
+With the global loss ``L = sum over ranks of L_rank``:
+
+- replicated parameters (router gate, shared expert) got only this rank's share of dL/dp, so
+  their gradients are summed over the whole world;
+- expert parameters already hold every token of the expert-parallel group that reached them (the
+  exchange's backward brings the gradients home), so they are summed only over the
+  data-parallel replicas that own the same experts (ranks with the same group rank).
+
+``average=True`` divides everything by the world size, for ``L = mean over ranks of L_rank``.
+MindSpore's CPU backend reduces only over the world group, so the data-parallel sum of expert
+gradients is an AllGather followed by a local sum of the matching replicas.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class ExpertParallelGradReducer(nn.Cell):
+    """``reducer(grads)`` -> grads synchronised as above; ``grads`` follow
+    ``layer.trainable_params()`` order."""
+
+    def __init__(self, layer, average=False):
+        super().__init__()
+        group = layer.group
+        self.world_size = group.world_size
+        self.ep_size = group.size
+        self.replicas = group.world_size // group.size
+        self.group_rank = group.group_rank
+        self.scale = 1.0 / group.world_size if average else 1.0
+        self.is_expert = tuple(param.name.startswith("experts.")
+                               for param in layer.trainable_params())
+        self.all_reduce = ops.AllReduce() if group.world_size > 1 else None
+        self.all_gather = ops.AllGather() if self.replicas > 1 else None
+
+    def construct(self, grads):
+        synced = ()
+        for grad, is_expert in zip(grads, self.is_expert):
+            if is_expert:
+                grad = self._sum_over_replicas(grad)
+            elif self.all_reduce is not None:
+                grad = self.all_reduce(grad)
+            synced = synced + (grad * self.scale,)
+        return synced
+
+    def _sum_over_replicas(self, grad):
+        """Sum of this expert gradient over the ranks holding the same experts."""
+        if self.all_gather is None:
+            return grad
+        gathered = self.all_gather(grad.astype(ms.float32))        # [W * E_local, ...]
+        per_rank = gathered.reshape((self.world_size,) + grad.shape)  # [W, E_local, ...]
+        same_experts = per_rank[self.group_rank::self.ep_size]        # [replicas, E_local, ...]
+        return same_experts.sum(axis=0).astype(grad.dtype)
