@@ -61,11 +61,20 @@ def load_balance(tokens_per_expert):
     return float(counts.max() / counts.mean()) if counts.sum() > 0 else 1.0
 
 
+def gather_rows(array, world_size):
+    """AllGather of a per-rank array along axis 0 (every rank must call it)."""
+    if world_size == 1:
+        return array
+    from mindspore import Tensor, ops
+    return ops.AllGather()(Tensor(array)).asnumpy()
+
+
 def main(argv=None):
     args = parse_args(argv)
     import mindspore as ms
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
     import mindspore_moe_ep as mee
+    from mindspore_moe_ep.runtime import mindspore_dtype
 
     world_size = int(os.environ.get("MS_WORKER_NUM", os.environ.get("RANK_SIZE", "1")))
     overrides = {}
@@ -87,61 +96,82 @@ def main(argv=None):
     hidden = config.model.hidden_size
     log(rank, f"config {args.config}: {config.model.num_experts} experts, top-{config.router.top_k}, "
               f"hidden {hidden}, expert FFN {config.model.expert_ffn_size}, "
-              f"EP {config.parallel.expert_parallel}, world {world_size}, "
+              f"EP {config.parallel.expert_parallel} x DP {world_size // config.parallel.expert_parallel}, "
               f"{config.runtime.mode} mode, {config.runtime.dtype}")
     build_start = time.perf_counter()
     layer = mee.MoELayer(config)
-    log(rank, f"built MoELayer in {time.perf_counter() - build_start:.2f} s "
-              f"({sum(p.size for p in layer.trainable_params()) / 1e6:.1f} M local parameters)")
+    log(rank, f"built MoELayer in {time.perf_counter() - build_start:.2f} s: "
+              f"{len(layer.local_expert_indices)} local experts per rank, "
+              f"{sum(p.size for p in layer.trainable_params()) / 1e6:.1f} M parameters per rank")
+    check = world_size > 1 and not args.no_check
+    reference = mee.MoELayer(config.replace(expert_parallel=1)) if check else None
 
-    dtype = mee.runtime.mindspore_dtype(config.runtime.dtype)
+    dtype = mindspore_dtype(config.runtime.dtype)
     data = np.random.default_rng(config.runtime.seed + 1000 + rank)
     summary = {"config": args.config, "world_size": world_size, "rank": rank, "phases": {}}
 
-    def run_phase(name, x):
-        tokens = int(np.prod(x.shape[:-1]))
-        first, median, y = timed(lambda: layer(x), args.repeats)
+    def check_against_single_process(name, x_np, y):
+        """Max |EP - single process| over all ranks' tokens (rank 0 computes the reference)."""
+        all_x = gather_rows(x_np, world_size)
+        all_y = gather_rows(y.astype(ms.float32).asnumpy(), world_size)
+        if rank != 0:
+            return None
+        expected = reference(Tensor(all_x).astype(dtype)).astype(ms.float32).asnumpy()
+        error = float(np.abs(all_y - expected).max())
+        scale = float(np.abs(expected).max())
+        log(rank, f"{name:8s} check vs single process: max |diff| {error:.3e} "
+                  f"(output scale {scale:.3e})")
+        return error
+
+    def run_phase(name, phase, x_np):
+        x = Tensor(x_np).astype(dtype)
+        tokens = int(np.prod(x_np.shape[:-1]))
+        first, median, y = timed(lambda: layer(x, phase), args.repeats)
         stats = layer.stats()
-        result = {"tokens_per_rank": tokens, "first_call_s": first, "latency_ms": median * 1e3,
-                  "tokens_per_s": tokens * world_size / median,
-                  "load_max_over_mean": load_balance(stats["tokens_per_expert"]),
+        result = {"phase": phase, "tokens_per_rank": tokens, "first_call_s": first,
+                  "latency_ms": median * 1e3, "tokens_per_s": tokens * world_size / median,
+                  "load_max_over_mean": load_balance(stats["routed_per_expert"]),
                   "dropped_rows": stats["num_dropped"]}
-        summary["phases"][name] = result
         log(rank, f"{name:8s} tokens/rank {tokens:6d}  latency {median * 1e3:9.2f} ms  "
                   f"tokens/s {result['tokens_per_s']:10.1f}  (first call {first:.2f} s)  "
                   f"load max/mean {result['load_max_over_mean']:.2f}  "
                   f"dropped {stats['num_dropped']}")
-        return y
+        if check:
+            result["max_abs_diff_vs_single_process"] = check_against_single_process(
+                name, x_np.reshape(-1, hidden), y.reshape(-1, hidden))
+        summary["phases"][name] = result
 
-    prefill_x = Tensor(data.standard_normal(
-        (work.batch_size, work.prefill_seq_len, hidden), dtype=np.float32)).astype(dtype)
-    prefill_y = run_phase("prefill", prefill_x)
+    prefill_x = data.standard_normal((work.batch_size, work.prefill_seq_len, hidden),
+                                     dtype=np.float32)
+    run_phase("prefill", "prefill", prefill_x)
     for step in range(work.decode_steps):
-        decode_x = Tensor(data.standard_normal(
-            (work.decode_batch_size, 1, hidden), dtype=np.float32)).astype(dtype)
-        run_phase(f"decode{step}" if step else "decode", decode_x)
+        decode_x = data.standard_normal((work.decode_batch_size, 1, hidden), dtype=np.float32)
+        run_phase(f"decode{step}", "decode", decode_x)
 
     if work.train_steps:
+        layer.set_train(True)
         target = Tensor(data.standard_normal(prefill_x.shape, dtype=np.float32)).astype(dtype)
+        inputs = Tensor(prefill_x).astype(dtype)
         optimizer = nn.SGD(layer.trainable_params(), learning_rate=work.learning_rate)
+        reducer = mee.ExpertParallelGradReducer(layer, average=True)
 
         def loss_fn(x, y_target):
-            diff = (layer(x) - y_target).astype(ms.float32)
+            diff = (layer(x, "prefill") - y_target).astype(ms.float32)
             return (diff * diff).mean()
 
         grad_fn = ms.value_and_grad(loss_fn, None, optimizer.parameters)
+        tokens = int(np.prod(prefill_x.shape[:-1]))
         for step in range(work.train_steps):
             start = time.perf_counter()
-            loss, grads = grad_fn(prefill_x, target)
-            optimizer(grads)
+            loss, grads = grad_fn(inputs, target)
+            optimizer(reducer(grads))
+            if config.router.expert_bias:
+                layer.update_expert_bias()
             elapsed = time.perf_counter() - start
-            tokens = int(np.prod(prefill_x.shape[:-1]))
-            summary["phases"][f"train{step}"] = {"loss": float(loss.asnumpy()),
-                                                 "step_s": elapsed,
+            summary["phases"][f"train{step}"] = {"loss": float(loss.asnumpy()), "step_s": elapsed,
                                                  "tokens_per_s": tokens * world_size / elapsed}
-            log(rank, f"train    step {step}: loss {float(loss.asnumpy()):.6f}  "
-                      f"{elapsed:.2f} s (incl. compile on step 0)  "
-                      f"aux {layer.stats()['aux_loss']:.3e}")
+            log(rank, f"train    step {step}: loss {float(loss.asnumpy()):.6f}  {elapsed:.2f} s "
+                      f"(step 0 includes compile)  aux loss {layer.stats()['aux_loss']:.3e}")
 
     if args.json and rank == 0:
         with open(args.json, "w", encoding="utf-8") as handle:
