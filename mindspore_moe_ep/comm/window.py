@@ -6,12 +6,14 @@ for the layout, the protocol and the failure detection). This module opens and c
 through ctypes, from the same library file MindSpore loads for the Custom ops, so Python and the
 kernels share the window registry.
 
-Opening a window is collective. Rank 0 of the group creates the segment under an unguessable
-name (128 random bits), which reaches the other ranks through a MindSpore AllGather over the world
-group: MindSpore's CPU backend supports AllGather only on the world group, so **every rank of the
-world must call** :meth:`CommWindow.open` (or :func:`group_shares_memory`) at the same point,
-each with the ranks of its own group. Call them eagerly (at layer construction, after
-``mindspore.communication.init()``), not inside a compiled graph.
+Opening a window is collective. The first rank of the group creates the segment under an
+unguessable name (128 random bits), which reaches the other ranks through a MindSpore AllGather
+over the world group: MindSpore's CPU backend supports AllGather only on the world group, so
+**every rank of the world must call** :meth:`CommWindow.open` (or :func:`group_shares_memory`)
+at the same point, each with the ranks of its own group (groups of equal size, e.g. the
+expert-parallel groups [0, 1] and [2, 3]). Call them eagerly (at layer construction, after
+``mindspore.communication.init()``), not inside a compiled graph. A window stays open until
+:meth:`CommWindow.close` or the end of the process.
 """
 import ctypes
 import functools
@@ -47,9 +49,9 @@ def _window_library() -> ctypes.CDLL:
     library.MoeEpWindowClose.restype = ctypes.c_int
     library.MoeEpWindowClose.argtypes = [ctypes.c_int64]
     library.MoeEpWindowStep.restype = ctypes.c_int64
+    library.MoeEpWindowStep.argtypes = [ctypes.c_int64]
     library.MoeEpWindowSegmentBytes.restype = ctypes.c_int64
     library.MoeEpWindowSegmentBytes.argtypes = [ctypes.c_int, ctypes.c_int64]
-    library.MoeEpWindowStep.argtypes = [ctypes.c_int64]
     library.MoeEpLastError.restype = ctypes.c_char_p
     library.MoeEpLastError.argtypes = []
     return library
