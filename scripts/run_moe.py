@@ -30,6 +30,8 @@ def parse_args(argv=None):
                              "world size under msrun)")
     parser.add_argument("--mode", choices=["graph", "pynative"], default=None,
                         help="override runtime.mode")
+    parser.add_argument("--transport", choices=["auto", "shm", "allgather"], default=None,
+                        help="override dispatch.transport (allgather: the multi-host fallback)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per phase")
     parser.add_argument("--json", default=None, help="write a JSON summary here (rank 0)")
     parser.add_argument("--no-check", action="store_true",
@@ -84,6 +86,8 @@ def main(argv=None):
         overrides["expert_parallel"] = 1
     if args.mode is not None:
         overrides["mode"] = args.mode
+    if args.transport is not None:
+        overrides["transport"] = args.transport
     config = mee.load_config(args.config, **overrides)
     mee.setup_runtime(config)
     rank = 0
