@@ -491,3 +491,13 @@ def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
                         lambda: str(tmp_path / kernel_library.LIBRARY_FILE_NAME))
     with pytest.raises(kernel_library.KernelLibraryNotFoundError, match="pip install -e ."):
         kernel_library.library_path.__wrapped__()
+
+
+def test_instances_with_different_expert_counts_infer_their_own_shapes():
+    """PyNative caches shape inference per primitive and input shapes: the kernels carry their
+    static parameters as an attribute so a second instance never reuses the first's shapes."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    x = Tensor(np.ones((4, HIDDEN), np.float32))
+    ids = Tensor(np.zeros((4, 2), np.int32))
+    assert DispatchKernel(8)(x, ids)[2].shape == (8,)
+    assert DispatchKernel(4)(x, ids)[2].shape == (4,)

@@ -33,7 +33,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.communication import GlobalComm, get_group_size, get_rank
 
-from ..ops.kernel_library import KernelError, explain_kernel_errors, kernel_func
+from ..ops.kernel_library import KernelError, custom_op, explain_kernel_errors
 from .window import (DEFAULT_SLOT_BYTES, CommWindow, group_shares_memory, world_all_gather)
 
 TRANSPORTS = ("auto", "shm", "allgather")
@@ -54,12 +54,12 @@ def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None) -> ops
                              f"= {world_size} * {capacity_per_peer}")
         return list(send_rows), [world_size]
 
-    kernel = ops.Custom(kernel_func("MoeEpExchangeRows"), out_shape=output_shapes,
-                        out_dtype=lambda send_rows, send_counts, window_id:
-                        (send_rows, mstype.int32),
-                        func_type="aot", bprop=bprop)
-    kernel.add_prim_attr("side_effect_io", True)  # never pruned, never reordered (module doc)
-    return kernel
+    return custom_op("MoeEpExchangeRows", out_shape=output_shapes,
+                     out_dtype=lambda send_rows, send_counts, window_id:
+                     (send_rows, mstype.int32),
+                     bprop=bprop, shape_key={"world_size": world_size,
+                                             "capacity_per_peer": capacity_per_peer},
+                     side_effect=True)  # never pruned, never reordered (module doc)
 
 
 class ExchangeRows(nn.Cell):

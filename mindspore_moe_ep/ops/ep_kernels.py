@@ -11,20 +11,12 @@
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
-from .kernel_library import explain_kernel_errors, kernel_func
+from .kernel_library import custom_op, explain_kernel_errors
 from .local_kernels import gather_sum_op
 
 
 def _int32_scalar(value):
     return Tensor([int(value)], mstype.int32)
-
-
-def _side_effect_custom(name, out_shape, out_dtype):
-    """A Custom op that talks to other ranks: never pruned or reordered in GRAPH_MODE."""
-    kernel = ops.Custom(kernel_func(name), out_shape=out_shape, out_dtype=out_dtype,
-                        func_type="aot")
-    kernel.add_prim_attr("side_effect_io", True)
-    return kernel
 
 
 class _ExplainedCell(nn.Cell):
@@ -42,12 +34,13 @@ class ExpertParallelLayout(_ExplainedCell):
     def __init__(self, world_size, capacity_per_rank, experts_per_rank):
         super().__init__()
         self._experts_per_rank = _int32_scalar(experts_per_rank)
-        self._layout = ops.Custom(
-            kernel_func("MoeEpExpertParallelLayout"),
+        self._layout = custom_op(
+            "MoeEpExpertParallelLayout",
             out_shape=lambda ids, epr: ([world_size, capacity_per_rank], [world_size],
                                         [ids[0], world_size],
                                         [world_size, capacity_per_rank, ids[1]]),
-            out_dtype=lambda ids, epr: (mstype.int32,) * 4, func_type="aot")
+            out_dtype=lambda ids, epr: (mstype.int32,) * 4,
+            shape_key={"world_size": world_size, "capacity_per_rank": capacity_per_rank})
 
     def construct(self, expert_ids):
         return self._layout(expert_ids, self._experts_per_rank)
@@ -67,10 +60,10 @@ class GatherRows(_ExplainedCell):
         def bprop(rows, index, inverse, out, dout):
             return gather_sum(dout, inverse), ops.zeros_like(index), ops.zeros_like(inverse)
 
-        self._gather = ops.Custom(
-            kernel_func("MoeEpGatherRows"),
+        self._gather = custom_op(
+            "MoeEpGatherRows",
             out_shape=lambda rows, index, inverse: [index[0], rows[1]],
-            out_dtype=lambda rows, index, inverse: rows, func_type="aot", bprop=bprop)
+            out_dtype=lambda rows, index, inverse: rows, bprop=bprop)
 
     def construct(self, rows, index, inverse):
         return self._gather(rows, index, inverse)
@@ -90,12 +83,15 @@ class FusedDispatch(_ExplainedCell):
         rows = world_size * capacity_per_rank * min(top_k, experts_per_rank)
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._window_id = window.id_tensor
-        self._dispatch = _side_effect_custom(
+        self._dispatch = custom_op(
             "MoeEpFusedDispatch",
             out_shape=lambda x, ids, epr, window_id: ([rows, x[1]], [experts_per_rank],
                                                       [rows, 2], [world_size]),
             out_dtype=lambda x, ids, epr, window_id: (x, mstype.int32, mstype.int32,
-                                                      mstype.int32))
+                                                      mstype.int32),
+            shape_key={"rows": rows, "experts_per_rank": experts_per_rank,
+                       "world_size": world_size},
+            side_effect=True)
 
     def construct(self, x, expert_ids):
         return self._dispatch(x, expert_ids, self._experts_per_rank, self._window_id)
@@ -107,10 +103,10 @@ class FusedCombine(_ExplainedCell):
     def __init__(self, window):
         super().__init__()
         self._window_id = window.id_tensor
-        self._combine = _side_effect_custom(
+        self._combine = custom_op(
             "MoeEpFusedCombine",
             out_shape=lambda out, info, weights, window_id: [weights[0], out[1]],
-            out_dtype=lambda out, info, weights, window_id: out)
+            out_dtype=lambda out, info, weights, window_id: out, side_effect=True)
 
     def construct(self, expert_out, expand_info, weights):
         return self._combine(expert_out, expand_info, weights, self._window_id)

@@ -15,6 +15,7 @@ import functools
 import os
 
 import mindspore
+from mindspore import ops
 
 LIBRARY_FILE_NAME = "libmoe_ep_cpu.so"
 # Environment variable through which the kernels find MindSpore's oneDNN (see gemm_backend.h).
@@ -59,6 +60,26 @@ def library_path() -> str:
 def kernel_func(name: str) -> str:
     """The ``func`` string of ``ops.Custom`` for the kernel ``name``: ``"/abs/lib.so:name"``."""
     return f"{library_path()}:{name}"
+
+
+def custom_op(kernel_name: str, out_shape, out_dtype, *, bprop=None, shape_key=None,
+              side_effect: bool = False):
+    """The AOT ``ops.Custom`` primitive of one of this library's kernels.
+
+    ``shape_key``: the static parameters, other than input shapes, that the output shapes depend
+    on (e.g. the number of experts). PyNative caches shape inference per primitive and input
+    shapes, so two instances with different parameters must differ in an attribute, or the
+    second silently gets the first one's output shapes.
+    ``side_effect``: for kernels that talk to other ranks: GRAPH_MODE then neither prunes them
+    (even with unused outputs) nor reorders them, so every rank runs the same exchange sequence.
+    """
+    primitive = ops.Custom(kernel_func(kernel_name), out_shape=out_shape, out_dtype=out_dtype,
+                           func_type="aot", bprop=bprop)
+    if shape_key is not None:
+        primitive.add_prim_attr("moe_ep_shape_key", repr(shape_key))
+    if side_effect:
+        primitive.add_prim_attr("side_effect_io", True)
+    return primitive
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ import numbers
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
-from .kernel_library import explain_kernel_errors, kernel_func
+from .kernel_library import custom_op, explain_kernel_errors
 
 
 def _is_int(value) -> bool:
@@ -32,9 +32,8 @@ def _product(*dims: int) -> int:
     return result
 
 
-def _custom(kernel_name: str, out_shape, out_dtype, bprop=None) -> ops.Custom:
-    return ops.Custom(kernel_func(kernel_name), out_shape=out_shape, out_dtype=out_dtype,
-                      func_type="aot", bprop=bprop)
+def _custom(kernel_name: str, out_shape, out_dtype, bprop=None, shape_key=None) -> ops.Custom:
+    return custom_op(kernel_name, out_shape, out_dtype, bprop=bprop, shape_key=shape_key)
 
 
 # ---- building blocks of the backward passes (no gradients of their own) ----------------------
@@ -138,7 +137,8 @@ class DispatchKernel(_KernelCell):
             return x, mstype.int32, mstype.int32, mstype.int32
 
         self._dispatch = _custom("MoeEpDispatch", out_shape=output_shapes,
-                                 out_dtype=output_dtypes, bprop=bprop)
+                                 out_dtype=output_dtypes, bprop=bprop,
+                                 shape_key={"num_experts": num_experts})
 
     def construct(self, x, expert_ids, capacity=None):
         """``capacity``: an optional int32 [1] tensor replacing the constructor's value."""
