@@ -19,7 +19,8 @@ give the same numbers; they differ in how the rows travel.
     kernel (return of every expert output + weighted sum at the source, in k order: exactly the
     local combine's arithmetic). Two launches per layer, no separate collective for counts.
 """
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 import mindspore as ms
 
 from .ops import CombineKernel, DispatchKernel
@@ -50,13 +51,36 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.exchange = exchange
         self.local_dispatch = DispatchKernel(group.experts_per_rank)
         self.local_combine = CombineKernel()
+        if capacity_factor is not None:
+            # Capacity of every possible group batch size (0 .. R*C tokens), as a single process
+            # computes it (exact, unlike a float32 ceil in the graph).
+            self._capacity_table = Tensor(np.array(
+                [expert_capacity(capacity_factor, n, top_k, group.num_experts)
+                 for n in range(group.size * max_tokens_per_rank + 1)], np.int32))
+            self._one_row_per_rank = Tensor(np.ones(group.size, np.int32))
+
+    def _group_capacity(self, tokens):
+        """[1] int32: the expert capacity of the group's whole batch in this step.
+
+        Ranks may hold different numbers of tokens, so each rank sends the others its count (one
+        small extra exchange, only with a capacity factor): every expert then keeps as many rows
+        as in a single process over the concatenated batch, whichever rank holds it.
+        """
+        slots = self.world_size * self.max_tokens
+        count_rows = ops.full((slots, 1), tokens, dtype=ms.float32)                # [R*C, 1]
+        received, _ = self.exchange(count_rows, self._one_row_per_rank)
+        group_tokens = received.reshape(self.world_size, self.max_tokens)[:, 0].sum()
+        return ops.gather(self._capacity_table, group_tokens.astype(ms.int32).reshape(1), 0)
 
     def dispatch(self, x, expert_ids, routing_weights):
         """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""
         tokens = x.shape[0]
         check_tokens_fit(tokens, self.max_tokens)
         slots = self.world_size * self.max_tokens
-        send_token_index, send_counts, token_slot, send_local_ids = self.layout(expert_ids)
+        # The layout has no gradient (integer routing); without stop_gradient PYNATIVE's
+        # backward fails on it ("Illegal primitive Custom's bprop not defined").
+        send_token_index, send_counts, token_slot, send_local_ids = self.layout(
+            ops.stop_gradient(expert_ids))
         slot_token = send_token_index.reshape(slots, 1)                          # [R*C, 1]
         send_rows = self.gather_rows(x, slot_token, token_slot)                  # [R*C, H]
         local_ids = send_local_ids.reshape(slots, self.top_k)                    # [R*C, K]
@@ -72,10 +96,10 @@ class SparseAllToAllDispatcher(nn.Cell):
 
         # Received slots are in (source rank, source token) order: the group's global token
         # order, so capacity drops match a single process over the concatenated batch.
-        capacity = expert_capacity(self.capacity_factor, tokens * self.world_size, self.top_k,
-                                   self.num_experts)
+        capacity = (ops.zeros((1,), ms.int32) if self.capacity_factor is None
+                    else self._group_capacity(tokens))
         rows, positions, tokens_per_expert, num_dropped = self.local_dispatch(
-            recv_rows, recv_local_ids, ops.full((1,), capacity, dtype=ms.int32))
+            recv_rows, recv_local_ids, capacity)
         handle = (positions, recv_weights, recv_counts, token_slot, slot_token)
         return rows, tokens_per_expert, num_dropped, handle
 

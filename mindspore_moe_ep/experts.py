@@ -15,12 +15,24 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from .initializers import TensorId, normal_array, stacked_expert_normal
 from .ops import GroupedMatmul
+from .runtime import ascend_backend_active
+
+
+def grouped_matmul_for_device():
+    """The grouped GEMM Cell of the device: the C++ AOT kernel on CPU, CANN's on Ascend."""
+    if ascend_backend_active():
+        from .ascend.grouped_matmul import AscendGroupedMatmul
+        return AscendGroupedMatmul()
+    return GroupedMatmul()
 
 
 def swiglu(gate_up, ffn_size):
     """[rows, 2F] -> [rows, F]; computed in float32 (MindSpore CPU has no bf16 elementwise ops)."""
     gate_up = gate_up.astype(ms.float32)
-    return ops.silu(gate_up[:, :ffn_size]) * gate_up[:, ffn_size:]
+    # ops.split, not gate_up[:, :F]: MindSpore 2.10 GRAPH_MODE dies with SIGFPE compiling a column
+    # slice of a tensor with zero rows (a rank with no tokens in this step).
+    gate, up = ops.split(gate_up, ffn_size, axis=1)
+    return ops.silu(gate) * up
 
 
 class GroupedSwiGLUExperts(nn.Cell):
@@ -38,7 +50,7 @@ class GroupedSwiGLUExperts(nn.Cell):
                                         name="gate_up_weight")  # [E_local, H, 2F]
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
                                      name="down_weight")        # [E_local, F, H]
-        self.grouped_matmul = GroupedMatmul()
+        self.grouped_matmul = grouped_matmul_for_device()
 
     def construct(self, rows, tokens_per_expert):
         """rows: [N, H] grouped by expert (tail unused); tokens_per_expert: [E_local] int32."""
@@ -65,7 +77,7 @@ class SharedExpert(nn.Cell):
                                         name="gate_up_weight")  # [1, H, 2Fs]
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
                                      name="down_weight")        # [1, Fs, H]
-        self.grouped_matmul = GroupedMatmul()
+        self.grouped_matmul = grouped_matmul_for_device()
 
     def construct(self, x):
         """x: [T, H] float32 -> [T, H] in the parameter dtype."""

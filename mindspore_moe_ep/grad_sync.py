@@ -28,8 +28,11 @@ class ExpertParallelGradReducer(nn.Cell):
         self.replicas = group.world_size // group.size
         self.group_rank = group.group_rank
         self.scale = 1.0 / group.world_size if average else 1.0
-        self.is_expert = tuple(param.name.startswith("experts.")
-                               for param in layer.trainable_params())
+        # By identity, not by name: wrapping the layer in another Cell renames its parameters
+        # ("experts.x" becomes "layer.experts.x"), and a reducer built afterwards must still
+        # tell expert parameters apart.
+        expert_params = {id(param) for param in layer.experts.trainable_params()}
+        self.is_expert = tuple(id(param) in expert_params for param in layer.trainable_params())
         self.all_reduce = ops.AllReduce() if group.world_size > 1 else None
         self.all_gather = ops.AllGather() if self.replicas > 1 else None
 

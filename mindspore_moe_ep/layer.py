@@ -6,7 +6,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from .config import MoEConfig
 from .experts import GroupedSwiGLUExperts, SharedExpert
 from .router import TopKRouter
-from .runtime import mindspore_dtype
+from .runtime import ascend_backend_active, mindspore_dtype
 from .state_dict import load_hf_moe_state_dict
 from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
 from .token_dispatcher import LocalTokenDispatcher
@@ -29,7 +29,11 @@ def _build_dispatchers(config, group):
     EP = 1: the local dispatcher serves both phases. EP > 1: the sparse all-to-all-v for
     prefill/training; the fused decode operators when the group shares a host (shared-memory
     window) and the layer is dropless (the fused operators, like CANN's, never drop).
+    On Ascend the dispatchers come from :mod:`mindspore_moe_ep.ascend` (HCCL and CANN).
     """
+    if ascend_backend_active():
+        from .ascend import build_ascend_dispatchers
+        return build_ascend_dispatchers(config, group)
     router = config.router
     if group.size == 1:
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,

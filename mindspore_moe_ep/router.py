@@ -78,7 +78,10 @@ class TopKRouter(nn.Cell):
 
         # [T, K, E] one-hot -> per-sequence selection counts; counts carry no gradient.
         selections = one_hot(expert_ids, self.num_experts)                  # [T, K, E]
-        tokens_per_expert = selections.sum(axis=(0, 1))                       # [E]
+        if x.shape[0] == 0:  # (static) MindSpore's CPU ReduceSum leaves an empty input's sum unset
+            tokens_per_expert = ops.zeros((self.num_experts,), ms.float32)
+        else:
+            tokens_per_expert = selections.sum(axis=(0, 1))                   # [E]
         aux_loss = self._aux_loss(scores, selections, num_sequences)
         z_loss = self._z_loss(logits)
         return expert_ids, weights, aux_loss, z_loss, tokens_per_expert

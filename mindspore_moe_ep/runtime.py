@@ -19,6 +19,15 @@ def device_target():
     return "CPU"
 
 
+def ascend_backend_active():
+    """Whether the Ascend backend is in use: an NPU is usable and MindSpore targets it.
+
+    ``setup_runtime`` sets MindSpore's device target from :func:`device_target`, so after it the
+    two agree; a process that targets the CPU on an NPU host keeps the CPU backend.
+    """
+    return device_target() == "Ascend" and ms.get_context("device_target") == "Ascend"
+
+
 def setup_runtime(config):
     """Apply ``config.runtime`` to MindSpore's global context: mode, device target and seed."""
     mode = ms.GRAPH_MODE if config.runtime.mode == "graph" else ms.PYNATIVE_MODE

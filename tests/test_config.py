@@ -82,6 +82,12 @@ SHIPPED_VALUES = {
         "norm_topk_prob": True, "routed_scaling_factor": 2.5, "expert_bias": True,
         "expert_parallel": 64, "max_tokens_per_rank": 256, "mode": "graph", "dtype": "bfloat16",
     },
+    "deepseek_v3_256npu.yaml": {
+        "hidden_size": 7168, "num_experts": 256, "expert_ffn_size": 2048, "num_shared_experts": 1,
+        "top_k": 8, "score_func": "sigmoid", "num_groups": 8, "topk_groups": 4,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "expert_bias": True,
+        "expert_parallel": 256, "max_tokens_per_rank": 256, "mode": "graph", "dtype": "bfloat16",
+    },
 }
 
 
@@ -104,7 +110,8 @@ def test_shipped_yaml_loads_with_documented_values(name):
 
 
 def test_deepseek_yamls_keep_tokens_within_the_static_buffers():
-    for name in ("deepseek_v3_small_4cpu.yaml", "deepseek_v3_64npu.yaml"):
+    for name in ("deepseek_v3_small_4cpu.yaml", "deepseek_v3_64npu.yaml",
+                 "deepseek_v3_256npu.yaml"):
         config = load_config(SHIPPED_DIR / name)
         prefill_tokens = config.workload.batch_size * config.workload.prefill_seq_len
         assert prefill_tokens <= config.dispatch.max_tokens_per_rank

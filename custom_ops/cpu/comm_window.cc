@@ -325,7 +325,8 @@ void RequireFreeSharedMemory(const SegmentLayout &layout) {
     Fail(kInternalError, "the communication window needs ", DescribeBytes(layout.total_bytes),
          " of ", kSharedMemoryDirectory, " (world size ", layout.world_size, ", slot_bytes ",
          layout.slot_bytes, ") but only ", DescribeBytes(available),
-         " are available; lower slot_bytes or enlarge ", kSharedMemoryDirectory,
+         " are available; lower dispatch.window_slot_bytes in the config (smaller slots move "
+         "large payloads in more chunks) or enlarge ", kSharedMemoryDirectory,
          " (e.g. docker run --shm-size)");
   }
 }

@@ -64,6 +64,18 @@ int64_t CheckRouting(const TensorArg &expert_ids, const TensorArg &experts_per_r
   return experts_per_rank;
 }
 
+// Runs `checks` (validation before an exchange); if they fail, the window is abandoned so that
+// the peers waiting in this exchange step fail at once with the reason, then the error goes on.
+template <typename Checks>
+auto AbandonOnFailure(CommWindow &window, Checks &&checks) -> decltype(checks()) {
+  try {
+    return checks();
+  } catch (const KernelError &error) {
+    window.Abandon(error.what());
+    throw;
+  }
+}
+
 // The tokens each rank receives from this one, in token order.
 struct SendPlan {
   std::vector<std::vector<int32_t>> tokens_for_rank;  // [R][tokens sent to that rank]
@@ -145,17 +157,24 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
                   &recv_counts = args[7];
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[3]));
   const int64_t world_size = window->world_size();
-  const int64_t experts_per_rank = CheckRouting(expert_ids, args[2], world_size);
-  x.RequireRank(2);
-  expand_x.RequireSameDtype(x);
-  recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
-  tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
+  // A check failing before the exchange abandons the window: the peers waiting in this step
+  // get the reason at once instead of a timeout.
+  const int64_t experts_per_rank = AbandonOnFailure(*window, [&] {
+    const int64_t epr = CheckRouting(expert_ids, args[2], world_size);
+    x.RequireRank(2);
+    expand_x.RequireSameDtype(x);
+    recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+    tokens_per_local_expert.RequireDim(0, epr, "experts per rank");
+    return epr;
+  });
   const int64_t tokens = x.dim(0), hidden = x.dim(1), top_k = expert_ids.dim(1);
   const int64_t element_bytes = x.dtype == "float32" ? 4 : 2;
   const int64_t capacity_rows = expand_x.dim(0);
   const int64_t capacity = capacity_rows / (world_size * std::min(top_k, experts_per_rank));
   const int32_t *ids = expert_ids.data_as<const int32_t>();
-  const SendPlan plan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
+  const SendPlan plan = AbandonOnFailure(*window, [&] {
+    return SendPlan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
+  });
 
   // Pack: row = x[t] | K local expert ids at the destination | t.
   const MessageLayout layout{hidden * element_bytes, top_k + 1};
@@ -240,30 +259,42 @@ void FusedCombine(const std::vector<TensorArg> &args) {
   const int64_t element_bytes = expert_out.dtype == "float32" ? 4 : 2;
   const int32_t *info = expand_info.data_as<const int32_t>();
 
-  // Each source receives at most one row per (token, k) pair of its own.
-  const int64_t capacity = tokens * top_k;
+  // Each source receives at most one row per (token, k) pair of its own (`pairs` here). The
+  // exchange needs the same block size on every rank, and ranks may hold different numbers of
+  // tokens: a block holds N / R rows (N = R * C * min(K, L) on every rank), the most rows one
+  // rank can owe one source (C tokens, at most min(K, L) of their pairs on one rank).
+  const int64_t pairs = tokens * top_k;
+  const int64_t capacity = rows / world_size;
   const MessageLayout layout{hidden * element_bytes, 1};
   const int64_t row_bytes = layout.row_bytes();
   std::vector<std::vector<int64_t>> rows_for_rank(world_size);
-  for (int64_t j = 0; j < rows; ++j) {
-    const int32_t source = info[j * 2];
-    if (source == kNone) continue;
-    if (source < 0 || source >= world_size || info[j * 2 + 1] < 0 ||
-        info[j * 2 + 1] >= capacity) {
-      Fail(kOutOfRange, "expand_info[", j, "] = (", source, ", ", info[j * 2 + 1],
-           ") does not come from the matching dispatch");
+  AbandonOnFailure(*window, [&] {
+    if (rows % world_size != 0) {
+      Fail(kInvalidArgument, "expert_out has ", rows, " rows, not a multiple of the world size ",
+           world_size, ": it does not come from the matching dispatch");
     }
-    rows_for_rank[source].push_back(j);
-  }
+    for (int64_t j = 0; j < rows; ++j) {
+      const int32_t source = info[j * 2];
+      if (source == kNone) continue;
+      if (source < 0 || source >= world_size || info[j * 2 + 1] < 0) {
+        Fail(kOutOfRange, "expand_info[", j, "] = (", source, ", ", info[j * 2 + 1],
+             ") does not come from the matching dispatch");
+      }
+      rows_for_rank[source].push_back(j);
+    }
+    for (int64_t rank = 0; rank < world_size; ++rank) {
+      if (static_cast<int64_t>(rows_for_rank[rank].size()) > capacity) {
+        Fail(kInvalidArgument, "rank ", rank, " is owed ", rows_for_rank[rank].size(),
+             " rows but a rank can owe one source at most ", capacity);
+      }
+    }
+    return 0;
+  });
   std::vector<uint8_t> send(world_size * capacity * row_bytes);
   std::vector<uint8_t> recv(world_size * capacity * row_bytes);
   std::vector<int32_t> send_counts(world_size), received(world_size);
   const uint8_t *out_bytes = expert_out.data_as<const uint8_t>();
   for (int64_t rank = 0; rank < world_size; ++rank) {
-    if (static_cast<int64_t>(rows_for_rank[rank].size()) > capacity) {
-      Fail(kInvalidArgument, "rank ", rank, " is owed ", rows_for_rank[rank].size(),
-           " rows but has only ", capacity, " (token, expert) pairs");
-    }
     send_counts[rank] = static_cast<int32_t>(rows_for_rank[rank].size());
     for (int64_t i = 0; i < send_counts[rank]; ++i) {
       const int64_t j = rows_for_rank[rank][i];
@@ -277,22 +308,22 @@ void FusedCombine(const std::vector<TensorArg> &args) {
                                    capacity, row_bytes});
 
   // Place each returned row at its (token, k) pair, then sum in k order (the local combine).
-  std::vector<uint8_t> returned(capacity * layout.payload_bytes, 0);
-  std::vector<int32_t> positions(capacity, kNone);
+  std::vector<uint8_t> returned(pairs * layout.payload_bytes, 0);
+  std::vector<int32_t> positions(pairs, kNone);
   for (int64_t source = 0; source < world_size; ++source) {
     for (int64_t i = 0; i < received[source]; ++i) {
       const uint8_t *row = recv.data() + (source * capacity + i) * row_bytes;
       int32_t pair;
       std::memcpy(&pair, row + layout.payload_bytes, sizeof(pair));
-      if (pair < 0 || pair >= capacity || positions[pair] != kNone) {
+      if (pair < 0 || pair >= pairs || positions[pair] != kNone) {
         Fail(kInternalError, "rank ", source, " returned pair ", pair,
-             " twice or out of range [0, ", capacity, ")");
+             " twice or out of range [0, ", pairs, ")");
       }
       positions[pair] = pair;
       std::memcpy(returned.data() + pair * layout.payload_bytes, row, layout.payload_bytes);
     }
   }
-  const int64_t returned_shape[2] = {capacity, hidden};
+  const int64_t returned_shape[2] = {pairs, hidden};
   const int64_t positions_shape[2] = {tokens, top_k};
   const TensorArg returned_rows{"returned_rows", returned.data(), 2, returned_shape,
                                 expert_out.dtype};

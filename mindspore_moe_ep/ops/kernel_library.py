@@ -58,7 +58,20 @@ def library_path() -> str:
 
 
 def kernel_func(name: str) -> str:
-    """The ``func`` string of ``ops.Custom`` for the kernel ``name``: ``"/abs/lib.so:name"``."""
+    """The ``func`` string of ``ops.Custom`` for the kernel ``name``.
+
+    CPU: ``"/abs/lib.so:name"``. Ascend (MindSpore's device target when the Custom op is built):
+    the bare operator name, which MindSpore resolves to the AscendC kernel of the same name and
+    semantics in the installed custom operator package (custom_ops/ascendc, docs/ascend.md).
+    """
+    if mindspore.get_context("device_target") == "Ascend":
+        from ..ascend.opp import ASCENDC_KERNELS, require_ascendc_kernels
+        if name not in ASCENDC_KERNELS:
+            raise KernelLibraryNotFoundError(
+                f"kernel {name} has no Ascend implementation (CPU only); the Ascend backend "
+                f"uses {', '.join(ASCENDC_KERNELS)} (see docs/ascend.md)")
+        require_ascendc_kernels()
+        return name
     return f"{library_path()}:{name}"
 
 

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Writes the Markdown summary of the benchmark results (every ratio, with machine information).
+
+    python scripts/benchmarks/report.py [--out bench_results] [--write docs/performance.md]
+
+Reads the JSON files the benchmarks wrote to --out. Without --write the Markdown goes to stdout.
+With --write, only the part between the markers ``<!-- benchmarks:begin -->`` and
+``<!-- benchmarks:end -->`` of that file is replaced (the file is created with the markers if it
+does not exist), so hand-written analysis around it is kept.
+"""
+import argparse
+import json
+import os
+import sys
+
+import bench_common as bc
+
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+ORDER = ["local_kernels", "prefill_exchange", "decode_latency", "prefill_memory",
+         "expert_compute", "end_to_end"]
+
+
+def load(out_dir):
+    results = {}
+    for name in ORDER:
+        path = os.path.join(out_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                results[name] = json.load(handle)
+    return results
+
+
+def fmt(value, digits=2):
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def verdict(met):
+    return "met" if met else "**not met**"
+
+
+def target_rows(results):
+    """[benchmark, what, target, measured, verdict] for every target."""
+    rows = []
+    if "local_kernels" in results:
+        s = results["local_kernels"]["summary"]
+        worst = s.get("worst_case") or {}
+        rows.append(["local_kernels", "dispatch/combine bandwidth vs memcpy, hidden >= 1024 "
+                     f"(worst: {worst.get('kernel')} {worst.get('dtype')} H={worst.get('hidden')})",
+                     ">= 0.8x", fmt(s["min_ratio_hidden_ge_1024"]) + "x", verdict(s["met"])])
+    if "prefill_exchange" in results:
+        s = results["prefill_exchange"]["summary"]
+        rows.append(["prefill_exchange", "ExchangeRows GB/s per rank vs gloo all_to_all_single "
+                     "(worst of 2/4 ranks, 4-64 MiB)", ">= 3x",
+                     fmt(s["min_ratio_vs_gloo"]) + "x", verdict(s["met_vs_gloo"])])
+        rows.append(["prefill_exchange", "ExchangeRows vs single-copy bound (worst)", ">= 0.5x",
+                     fmt(s["min_ratio_vs_single_copy_bound"]) + "x",
+                     verdict(s["met_vs_single_copy_bound"])])
+    if "decode_latency" in results:
+        s = results["decode_latency"]["summary"]
+        rows.append(["decode_latency", "fused round trip latency vs prefill path (worst of "
+                     "1/16/128 tokens, H 2048/7168)", "<= 0.6x",
+                     fmt(s["max_ratio_vs_prefill_path"]) + "x", verdict(s["met_vs_prefill_path"])])
+        rows.append(["decode_latency", "fused round trip latency vs gloo exchange (worst)",
+                     "<= 0.2x", fmt(s["max_ratio_vs_gloo"]) + "x", verdict(s["met_vs_gloo"])])
+    if "prefill_memory" in results:
+        s = results["prefill_memory"]["summary"]
+        shape = s["shape"]
+        rows.append(["prefill_memory", f"sparse path bytes vs dense capacity-padded (T="
+                     f"{shape['tokens_per_rank']}, H={shape['hidden']}; vs GShard einsum: "
+                     f"{fmt(s['ratio_static_vs_gshard'])}x; sized by counts: "
+                     f"{fmt(s['ratio_counts_vs_dense'])}x)", "<= 0.5x",
+                     fmt(s["ratio_static_vs_dense"]) + "x", verdict(s["met"])])
+    if "expert_compute" in results:
+        s = results["expert_compute"]["summary"]
+        rows.append(["expert_compute", "bf16 grouped experts tokens/s vs float32 BatchMatMul "
+                     f"(float32 grouped: {fmt(s['ratio_f32'])}x)", ">= 3x",
+                     fmt(s["ratio_bf16"]) + "x", verdict(s["met"])])
+    if "end_to_end" in results:
+        s = results["end_to_end"]["summary"]
+        rows.append(["end_to_end", f"MoE layer fwd+bwd tokens/s at EP 4 vs {s.get('peer')}",
+                     ">= 2x", fmt(s["ratio"]) + "x", verdict(s["met"])])
+    return rows
+
+
+def machine_section(results):
+    infos = {name: r["machine"] for name, r in results.items()}
+    first = next(iter(infos.values()))
+    flags = ", ".join(f for f, present in first["cpu_flags"].items() if present)
+    absent = ", ".join(f for f, present in first["cpu_flags"].items() if not present)
+    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items() if v)
+    loads = ", ".join(f"{name} {info['load_average_1m_at_start']:.1f}"
+                      for name, info in infos.items())
+    return "\n".join([
+        f"- CPU: {first['cpu_model']}, {first['usable_cores']} usable cores, "
+        f"{first['memory_bytes'] / 2 ** 30:.0f} GiB, kernel {first['kernel']}",
+        f"- CPU flags present: {flags}; absent: {absent}",
+        f"- Versions: Python {first['python']}, {versions}",
+        f"- Repository revision: {first.get('git_revision')}; run at {first['date_utc']}",
+        f"- 1-minute load average when each benchmark started: {loads} "
+        "(other jobs shared the machine: compare figures within one run only)",
+    ])
+
+
+def details(results):
+    parts = []
+    if "local_kernels" in results:
+        r = results["local_kernels"]
+        rows = [[x["method"], x["kernel"], x["dtype"], x["hidden"], x["threads"],
+                 fmt(x["kernel_gbps"]), fmt(x["memcpy_gbps"]), fmt(x["ratio_vs_memcpy"])]
+                for x in r["rows"]]
+        parts.append("### local_kernels\n\n"
+                     f"T={r['config']['tokens']} tokens, top-{r['config']['top_k']} of "
+                     f"{r['config']['experts']} experts. GB/s of distinct bytes read + written; "
+                     "`direct` = C entry point through ctypes, `graph` = the Cells in a "
+                     "GRAPH_MODE loop.\n\n" + bc.table(
+                         ["method", "kernel", "dtype", "hidden", "threads", "kernel GB/s",
+                          "memcpy GB/s", "ratio"], rows))
+    if "prefill_exchange" in results:
+        r = results["prefill_exchange"]
+        rows = [[x["ranks"], x["bytes_per_rank"] >> 20, x["slot"], fmt(x["exchange_gbps"]),
+                 fmt(x["gloo_gbps"]), fmt(x["single_copy_bound_gbps"]),
+                 fmt(x["ratio_vs_gloo"]), fmt(x["ratio_vs_single_copy_bound"])]
+                for x in r["rows"]]
+        parts.append("### prefill_exchange\n\nGB/s per rank (float32 rows of 4 KiB, every "
+                     "block full). Targets are judged on the `one peer block` slot, MoELayer's "
+                     "default window sizing.\n\n" + bc.table(
+                         ["ranks", "MiB/rank", "window slot", "ExchangeRows", "gloo",
+                          "1-copy bound", "x gloo", "x bound"], rows))
+    if "decode_latency" in results:
+        r = results["decode_latency"]
+        rows = [[x["hidden"], x["tokens_per_rank"], fmt(x["fused_us"], 0),
+                 fmt(x["prefill_path_us"], 0), fmt(x["gloo_us"], 0),
+                 fmt(x["fused_over_prefill_path"]), fmt(x["fused_over_gloo"]),
+                 fmt(x["layer_decode_us"], 0), fmt(x["layer_prefill_us"], 0)]
+                for x in r["rows"]]
+        parts.append("### decode_latency\n\nRound trip (dispatch + identity experts + combine) "
+                     f"in microseconds, EP {r['config']['ranks']}, top-{r['config']['top_k']} of "
+                     f"{r['config']['experts']}, max_tokens_per_rank "
+                     f"{r['config']['max_tokens_per_rank']}; whole layer (expert width "
+                     f"{r['config']['expert_ffn_size_for_layer']}) in the last two columns.\n\n"
+                     + bc.table(["hidden", "tokens/rank", "fused", "prefill path", "gloo",
+                                 "fused/prefill", "fused/gloo", "layer decode",
+                                 "layer prefill"], rows))
+    if "prefill_memory" in results:
+        r = results["prefill_memory"]
+        rows = [[a["tokens_per_rank"], a["hidden"], a["ffn"], a["routing"]["dense_capacity"]]
+                + [fmt(v / 2 ** 20, 0) for v in a["totals_bytes"].values()]
+                + [fmt(a["ratio_static_vs_dense"]), fmt(a["ratio_counts_vs_dense"])]
+                for a in r["analytic"]]
+        names = list(r["analytic"][0]["totals_bytes"])
+        measured = [[m["tokens_per_rank"], m["hidden"], m["ffn"],
+                     fmt(m["sparse_peak_growth_bytes"] / 2 ** 20, 0),
+                     fmt(m["analytic_sparse_static_bytes"] / 2 ** 20, 0),
+                     fmt((m["dense_gshard_peak_growth_bytes"] or float("nan")) / 2 ** 20, 0),
+                     fmt(m["analytic_gshard_bytes"] / 2 ** 20, 0)] for m in r["measured"]]
+        parts.append("### prefill_memory\n\nMiB per rank, EP 4, top-8 of 64, float32 "
+                     "(analytic).\n\n" + bc.table(
+                         ["T/rank", "H", "F", "dense c"] + names
+                         + ["static/dense", "by-counts/dense"], rows)
+                     + "\n\nMeasured peak RSS growth of one forward (MiB):\n\n" + bc.table(
+                         ["T/rank", "H", "F", "sparse (MindSpore)", "analytic",
+                          "dense GShard (PyTorch)", "analytic"], measured))
+    if "expert_compute" in results:
+        r = results["expert_compute"]
+        c = r["config"]
+        rows = [[name, fmt(x["seconds"] * 1e3, 1), fmt(x["gflops"], 1),
+                 fmt(x["fraction_of_peak"]), fmt(x["ratio_vs_batchmatmul_f32"])]
+                for name, x in r["results"].items()]
+        peaks = ", ".join(f"{k} {v:.1f}" for k, v in r["peak_gflops"].items())
+        evidence = ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
+                             for k, v in r["bf16_evidence"].items())
+        parts.append(f"### expert_compute\n\n{c['experts']} experts x {c['rows_per_expert']} "
+                     f"rows, H={c['hidden']}, F={c['ffn']}, {c['threads']} threads.\n\n"
+                     + bc.table(["implementation", "ms/call", "GFLOP/s", "of peak",
+                                 "x BatchMatMul f32"], rows)
+                     + f"\n\nPeak float32 GEMM (GFLOP/s): {peaks}.\n\nbfloat16 evidence: "
+                     f"{evidence}.")
+    if "end_to_end" in results:
+        r = results["end_to_end"]
+        c = r["config"]
+        res = r["results"]
+        rows = [["mindspore_moe_ep MoELayer", fmt(res["mindspore_moe_ep"]["step_s"] * 1e3, 0),
+                 fmt(res["mindspore_moe_ep"]["tokens_per_s"], 0)]]
+        if "peer" in res:
+            rows.append([res["peer"]["implementation"], fmt(res["peer"]["step_s"] * 1e3, 0),
+                         fmt(res["peer"]["tokens_per_s"], 0)])
+        parts.append(f"### end_to_end\n\nEP {c['ranks']}, {c['experts']} experts, top-"
+                     f"{c['top_k']}, T={c['tokens_per_rank']}/rank, H={c['hidden']}, "
+                     f"F={c['ffn']}, forward + backward.\n\n"
+                     + bc.table(["implementation", "step ms", "tokens/s (4 ranks)"], rows))
+    return "\n\n".join(parts)
+
+
+def render(results, out_dir):
+    if not results:
+        return f"No benchmark results found in {out_dir}/."
+    quick = any(r.get("config", {}).get("quick") for r in results.values())
+    lines = ["## Measured results", "",
+             "Generated by `python scripts/benchmarks/report.py` from the JSON files of "
+             "`python scripts/benchmarks/run_all.py`" + (" (quick mode)" if quick else "")
+             + ".", "", "### Machine", "", machine_section(results), "",
+             "### Targets", "",
+             bc.table(["benchmark", "what", "target", "measured", "verdict"],
+                      target_rows(results)), "", details(results)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=bc.DEFAULT_OUT, help="directory of the JSON results")
+    parser.add_argument("--write", default=None,
+                        help="Markdown file whose benchmarks section is replaced")
+    args = parser.parse_args(argv)
+    text = render(load(args.out), args.out)
+    if not args.write:
+        print(text)
+        return 0
+    block = f"{BEGIN}\n{text}\n{END}"
+    if os.path.exists(args.write):
+        with open(args.write, encoding="utf-8") as handle:
+            current = handle.read()
+        if BEGIN in current and END in current:
+            updated = current[:current.index(BEGIN)] + block + current[current.index(END)
+                                                                        + len(END):]
+        else:
+            updated = current.rstrip() + "\n\n" + block + "\n"
+    else:
+        updated = "# Performance\n\n" + block + "\n"
+    with open(args.write, "w", encoding="utf-8") as handle:
+        handle.write(updated)
+    print(f"[report] wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Expert parallelism under msrun (2 and 4 CPU workers) against single-process results.
+
+One msrun launch per world size runs every case of distributed/ep_layer_worker.py (PYNATIVE_MODE,
+plus a representative GRAPH_MODE subset); the tests below read the per-rank reports:
+
+- both dispatchers, driven directly on payload rows encoding (source rank, token, column):
+  grouped rows and counts bitwise, combine after a fake expert, over many seeded random
+  configurations (uneven token counts, ranks without tokens, full ranks, top-1 .. top-8);
+- MoELayer prefill and decode outputs and statistics vs an EP = 1 layer with the same weights
+  on the concatenated batch (tiny.yaml, and the DeepSeek-V3 routing of
+  deepseek_v3_small_4cpu.yaml shrunk to hidden 64: shared expert, sigmoid, group-limited top-8,
+  expert bias);
+- gradients after ExpertParallelGradReducer vs the single-process gradients of the same loss;
+- capacity factor: drops and outputs as one process over the concatenated batch;
+- determinism, bad inputs (a clear error on every rank, bounded by dispatch.timeout_s), and
+  data parallel x expert parallel (world 4, expert_parallel 2).
+"""
+import os
+import sys
+
+import pytest
+
+from distributed import launch
+
+MSRUN = os.path.join(os.path.dirname(sys.executable), "msrun")
+WORKER = os.path.join("tests", "distributed", "ep_layer_worker.py")
+BAD_TIMEOUT_S = 3.0   # dispatch.timeout_s of the worker's failing layers
+SLACK_S = 5.0         # scheduling slack on a loaded 2-core machine
+MIN_CONFIGURATIONS = {2: 64, 4: 42}  # seeded routing configurations per world size
+COMBINE_REL_TOL = 2e-6
+LAYER_REL_TOL = 1e-5
+GRAD_REL_TOL = 5e-5
+
+pytestmark = pytest.mark.skipif(not os.path.exists(MSRUN), reason="msrun is not installed")
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
+def ep_run(request):
+    result = launch.run_msrun(WORKER, request.param, timeout_s=420)
+    assert result.returncode == 0 and len(result.results) == request.param, result.describe()
+    yield result
+    launch.remove_launch_files(result)
+
+
+def checks(run, prefix):
+    """(rank, name, ok, detail) of every check whose case starts with `prefix` (after the mode)."""
+    return [(rank, name, ok, detail) for rank, report in sorted(run.results.items())
+            for name, ok, detail in report["checks"] if name.split("/", 1)[1].startswith(prefix)]
+
+
+def assert_all_pass(run, prefix, minimum):
+    found = checks(run, prefix)
+    failed = [f"rank {rank}: {name}: {detail}" for rank, name, ok, detail in found if not ok]
+    assert not failed, "\n".join(failed[:20])
+    per_rank = len(found) // len(run.results)
+    assert per_rank >= minimum, f"only {per_rank} '{prefix}' checks per rank"
+    return found
+
+
+def modes_of(found):
+    return {name.split("/", 1)[0] for _, name, _, _ in found}
+
+
+def max_error(run, kind):
+    return max(report.get(f"max_error/{kind}", 0.0) for report in run.results.values())
+
+
+def world_of(run):
+    return len(run.results)
+
+
+# ---- dispatchers -----------------------------------------------------------------------------
+
+def test_dispatchers_route_every_row_exactly(ep_run):
+    found = assert_all_pass(ep_run, "routing/", minimum=500)
+    assert modes_of(found) == {"pynative", "graph"}
+    assert {name.rsplit("/", 1)[0].split("/")[-1] for _, name, _, _ in found} == \
+        {"prefill", "decode"}
+    assert max_error(ep_run, "routing_combine") <= COMBINE_REL_TOL
+
+
+def test_routing_configurations_cover_the_edge_cases(ep_run):
+    world = world_of(ep_run)
+    configurations = ep_run.results[0]["routing_configurations"]
+    for report in ep_run.results.values():  # every rank ran the same sequence
+        assert report["routing_configurations"] == configurations
+    pynative = [entry for entry in configurations if entry[0] == "pynative"]
+    assert len(pynative) >= MIN_CONFIGURATIONS[world]
+    assert len([entry for entry in configurations if entry[0] == "graph"]) >= 2
+    specs = {"e8_k2": 8, "e16_k1": 8, "e16_k8": 8, "e8_k6_c5": 5}  # max_tokens_per_rank
+    assert {entry[1] for entry in pynative} == set(specs)
+    assert {entry[3] for entry in pynative} == {"random", "one_expert", "one_rank", "skewed"}
+    tokens = [(entry[1], entry[4]) for entry in pynative]
+    assert all(len(counts) == world for _, counts in tokens)
+    assert any(0 in counts for _, counts in tokens)                          # a rank without tokens
+    assert any(1 in counts for _, counts in tokens)                          # a rank with one token
+    assert any(all(count == specs[name] for count in counts) for name, counts in tokens)  # T == C
+    assert any(len(set(counts)) == world for _, counts in tokens)            # all different
+
+
+# ---- the layer -------------------------------------------------------------------------------
+
+def test_layer_prefill_and_decode_equal_single_process(ep_run):
+    found = assert_all_pass(ep_run, "layer/", minimum=20)
+    names = {name.split("/")[2] for _, name, _, _ in found}
+    assert {"tiny", "deepseek"} <= names
+    for model in ("tiny", "deepseek"):
+        for phase in ("prefill", "decode"):
+            assert any(name.endswith(f"layer/{model}/{phase}/output") for _, name, _, _ in found)
+    assert "graph" in modes_of(found)
+    assert max_error(ep_run, "layer_output") <= LAYER_REL_TOL
+
+
+def test_gradients_equal_single_process(ep_run):
+    found = assert_all_pass(ep_run, "grad/", minimum=40)
+    cases = {name.split("/")[2] for _, name, _, _ in found}
+    assert {"tiny_switch_aux_z", "deepseek_seq_aux", "tiny_zero_tokens_no_aux",
+            "tiny_capacity"} <= cases
+    # x, gate, routed experts (gate_up, down) and the shared expert
+    for what in ("dx", "d_router.gate_weight", "d_experts.gate_up_weight",
+                 "d_experts.down_weight", "d_shared_expert.gate_up_weight",
+                 "d_shared_expert.down_weight"):
+        assert any(name.endswith(f"grad/tiny_switch_aux_z/{what}") for _, name, _, _ in found)
+    if world_of(ep_run) == 2:
+        assert "graph" in modes_of(found)
+    assert max_error(ep_run, "gradient") <= GRAD_REL_TOL
+
+
+def test_capacity_drops_equal_single_process_over_the_group_batch(ep_run):
+    found = assert_all_pass(ep_run, "capacity/", minimum=20)
+    names = {name.split("/", 2)[2].rsplit("/", 1)[0] for _, name, _, _ in found}
+    assert any(name.startswith("1.0/4") for name in names)  # uneven tokens per rank
+    for report in ep_run.results.values():  # the cases drop rows (factors <= 1 always do)
+        dropped = {key.split("/", 1)[1].rsplit("/", 1)[0]: value for key, value in report.items()
+                   if key.startswith("capacity/") and key.endswith("/ref_num_dropped")}
+        assert len(dropped) == 4, dropped
+        assert all(value > 0 for key, value in dropped.items() if float(key.split("/")[0]) <= 1)
+
+
+def test_repeated_runs_are_bitwise_identical(ep_run):
+    found = assert_all_pass(ep_run, "determinism/", minimum=40)
+    assert {"layer", "grad", "capacity"} <= {name.split("/")[2] for _, name, _, _ in found}
+
+
+def test_data_parallel_times_expert_parallel(ep_run):
+    if world_of(ep_run) < 4:
+        pytest.skip("needs 4 ranks (two replicas of a 2-way expert-parallel group)")
+    found = assert_all_pass(ep_run, "dp_ep/", minimum=20)
+    assert modes_of(found) == {"pynative", "graph"}
+    assert any(name.endswith("dp_ep/grad/d_experts.down_weight") for _, name, _, _ in found)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def message(report, case):
+    text, seconds = report["bad_messages"][case]
+    return text or "", seconds
+
+
+def test_config_differing_between_ranks_fails_on_every_rank(ep_run):
+    for report in ep_run.results.values():
+        text, seconds = message(report, "config_differs")
+        assert "ValueError: the MoE config differs between ranks: ranks [1] disagree with " \
+               "rank 0" in text, text
+        assert seconds < SLACK_S
+
+
+def test_too_many_tokens_names_the_key_and_keeps_the_layer_usable(ep_run):
+    for report in ep_run.results.values():
+        for phase in ("prefill", "decode"):
+            text, _ = message(report, f"too_many_tokens_all/{phase}")
+            assert text.startswith("ValueError: 9 tokens on this rank exceed "
+                                   "dispatch.max_tokens_per_rank = 8"), text
+        assert report["bad_messages"]["usable_after_too_many_tokens"][0] is None
+
+
+def test_too_many_tokens_on_one_rank_times_out_naming_it(ep_run):
+    last = world_of(ep_run) - 1
+    for rank, report in ep_run.results.items():
+        text, seconds = message(report, "too_many_tokens_one_rank")
+        if rank == last:
+            assert "dispatch.max_tokens_per_rank = 8" in text, text
+        else:
+            assert f"rank {last} did not reach exchange step" in text, text
+            assert "(dispatch.timeout_s)" in text, text
+            assert BAD_TIMEOUT_S <= seconds < BAD_TIMEOUT_S + SLACK_S, seconds
+
+
+def test_expert_id_out_of_range_fails_on_every_rank(ep_run):
+    bad_value = "expert_ids[1,1] = 99 is out of range [0, 8)"
+    for rank, report in ep_run.results.items():
+        prefill, prefill_s = message(report, "bad_expert_id/prefill")
+        decode, decode_s = message(report, "bad_expert_id/decode")
+        unsynced, unsynced_s = message(report, "bad_expert_id/decode_unsynced")
+        if rank == 1:
+            assert bad_value in prefill and bad_value in decode, (prefill, decode)
+            assert max(prefill_s, decode_s) < SLACK_S
+        else:
+            # The layout kernel fails before the exchange: the peers time out naming rank 1.
+            assert "rank 1 did not reach exchange step" in prefill, prefill
+            assert BAD_TIMEOUT_S <= prefill_s < BAD_TIMEOUT_S + SLACK_S, prefill_s
+            # The fused dispatch abandons its window: the peers get the reason at once.
+            assert f"rank 1 failed in exchange step 1: {bad_value}" in decode, decode
+            assert decode_s < BAD_TIMEOUT_S, decode_s
+        assert unsynced and unsynced_s < BAD_TIMEOUT_S + SLACK_S, (unsynced, unsynced_s)

@@ -1,0 +1,66 @@
+"""The CPU kernels and a whole layer reproduce the golden vectors of tests/golden/.
+
+The vectors come from the independent NumPy references (scripts/make_golden_vectors.py); the
+Ascend kernels are held to the same files in tests/test_ascend.py.
+"""
+import importlib.util
+import os
+
+import mindspore as ms
+import pytest
+
+from reference import golden
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pynative_cpu():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_golden_vectors", os.path.join(REPO, "scripts", "make_golden_vectors.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_golden_files_are_what_the_generator_writes():
+    generator = _generator()
+    assert generator.differences() == [], "run: python scripts/make_golden_vectors.py"
+
+
+def test_golden_files_are_small():
+    total = sum(os.path.getsize(os.path.join(golden.GOLDEN_DIR, name))
+                for name in os.listdir(golden.GOLDEN_DIR))
+    assert total < 1_000_000, f"tests/golden holds {total} bytes; keep it under 1 MB"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["dispatch_dropless", "dispatch_capacity"])
+def test_dispatch(name, dtype):
+    golden.check_dispatch(name, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [True, False], ids=["combine", "gather_sum"])
+def test_combine_and_gather_sum(weighted, dtype):
+    golden.check_combine(dtype, weighted)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows(dtype):
+    golden.check_gather_rows(dtype)
+
+
+def test_expert_parallel_layout():
+    golden.check_layout()
+
+
+@pytest.mark.parametrize("name", ["layer_dropless", "layer_capacity"])
+def test_layer(name):
+    golden.check_layer(name)
