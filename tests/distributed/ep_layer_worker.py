@@ -16,10 +16,12 @@ Parts (all by default; choose with ``--parts routing,layer,...``):
   sum_k w[t, k] * (e_k + 1) * x[t] to the right token. Many seeded random configurations.
 - ``layer``: MoELayer(EP = W) prefill and decode outputs and statistics against an EP = 1 layer
   (same weights: initialisation is keyed per global expert) on the concatenated batch.
-- ``grad``: gradients of L = sum over ranks of sum(y_r * G_r) (aux and z losses on), after
-  ExpertParallelGradReducer, against the sum over sources s of the EP = 1 gradients of L_s.
-  (Each rank's router losses are over its own tokens, so L_s, not the loss of the
-  concatenated batch, is the single-process counterpart.)
+- ``grad``: gradients of L = sum over ranks of L_r = sum(y_r * G_r) (+ the router losses),
+  after ExpertParallelGradReducer, against the sum over sources s of the EP = 1 gradients of L_s
+  (each rank's router losses cover its own tokens, so the sum of the L_s, not the loss of the
+  concatenated batch, is the single-process counterpart; with a capacity factor and no router
+  losses, the EP = 1 gradient of the concatenated batch). Cases: switch aux + z loss,
+  DeepSeek-V3 seq aux loss with expert bias, a rank without tokens, capacity factor.
 - ``capacity``: capacity_factor under EP: output, per-expert counts and the group's dropped
   pairs against EP = 1 on the concatenated batch.
 - determinism (inside ``layer`` and ``grad``): every forward and gradient is repeated and must
@@ -401,8 +403,8 @@ def forward_cell(layer, phase):
 def gradient_cells(layer):
     """(GradCell of LossCell(layer), ExpertParallelGradReducer(layer)), one pair per layer.
 
-    The reducer is built after LossCell has renamed the layer's parameters
-    ("experts.x" -> "layer.experts.x"): it must still tell expert parameters apart.
+    The reducer is built after the wrapping Cells have renamed the layer's parameters
+    ("experts.x" -> "net.layer.experts.x"): it must still tell expert parameters apart.
     """
     key = ("grad", id(layer))
     if key not in _CELL_CACHE:
@@ -630,17 +632,18 @@ def grad_part(report, rank, world):
 # ---- part "capacity" ---------------------------------------------------------------------------
 
 def capacity_part(report, rank, world):
-    cases = [  # capacity_factor, token shapes per rank (equal: the batch is split evenly)
+    cases = [  # capacity_factor, token shapes per rank, modes
         (1.0, [(16,)] * 4, graph_modes(world)),
         (0.5, [(16,)] * 4, ("pynative",)),
         (1.5, [(9,)] * 4, ("pynative",)),
-        (1.0, [(16,), (4,), (9,), (1,)], ("pynative",)),
+        (1.0, [(16,), (4,), (9,), (1,)], ("pynative",)),  # uneven: capacity of the group batch
     ]
     for factor, shapes, modes in cases:
+        name = f"capacity/{factor}/{shapes[1][0]}"
         config = tiny_layer_config(world, capacity_factor=factor)
         layer = mee.MoELayer(config)
         ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
-        report.check(f"capacity/{factor}/no_fused_decode", layer.decode_dispatcher is None,
+        report.check(f"{name}/no_fused_decode", layer.decode_dispatcher is None,
                      "the fused decode path never drops: capacity must use the prefill path")
         xs = [x for x, _ in layer_inputs(int(factor * 100), shapes[:world], 16)]
         reference = {}
@@ -649,11 +652,10 @@ def capacity_part(report, rank, world):
 
             def body():
                 _, reference["value"] = check_layer_forward(
-                    report, f"capacity/{factor}/{shapes[1][0]}", layer, ref_layer, xs, rank, "prefill", mode,
+                    report, name, layer, ref_layer, xs, rank, "prefill", mode,
                     reference.get("value"))
-                report.values[f"capacity/{factor}/{shapes[1][0]}/ref_num_dropped"] = \
-                    reference["value"][1]["num_dropped"]
-            report.run(f"capacity/{factor}/{shapes[1][0]}", body)
+                report.values[f"{name}/ref_num_dropped"] = reference["value"][1]["num_dropped"]
+            report.run(name, body)
     set_mode(report, "pynative")
 
 
