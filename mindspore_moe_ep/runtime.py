@@ -32,5 +32,7 @@ def setup_runtime(config):
     """Apply ``config.runtime`` to MindSpore's global context: mode, device target and seed."""
     mode = ms.GRAPH_MODE if config.runtime.mode == "graph" else ms.PYNATIVE_MODE
     ms.set_context(mode=mode)
-    ms.set_device(device_target())
+    target = device_target()
+    if ms.get_context("device_target") != target:  # MindSpore refuses to set it twice
+        ms.set_device(target)
     ms.set_seed(config.runtime.seed)

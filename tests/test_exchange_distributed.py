@@ -136,8 +136,8 @@ SLOT_BYTES = 4096
 
 @pytest.fixture(scope="module")
 def window_api():
-    import mindspore as ms
-    ms.set_device("CPU")
+    # CPU is MindSpore's default device here; setting it again would fail once an earlier test
+    # module has initialised the runtime.
     from mindspore_moe_ep.comm import window
     return window
 
