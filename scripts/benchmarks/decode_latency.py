@@ -25,6 +25,7 @@ launch is amortised; ``per launch`` columns give one round trip per launch. Late
 slowest rank's best repetition (each repetition starts after a barrier).
 Targets: fused <= 0.6x the prefill path; fused <= 0.2x gloo.
 """
+import argparse
 import os
 import sys
 import time
@@ -202,7 +203,7 @@ def merge(reports):
 
 def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse_hidden())
+    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "ms":
         return ms_worker(args.quick)
@@ -293,11 +294,6 @@ def main(argv=None):
             plt.legend(fontsize=7)
         bc.save_plot(args.out, NAME, draw)
     return 0
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

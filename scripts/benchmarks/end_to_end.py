@@ -20,6 +20,7 @@ Tokens/s = 4 * T / step time, the step time being the slowest rank's best repeti
 repetition starts after a barrier). Threads per process: the cores shared evenly (same policy
 for both). Target: >= 2x fairscale.
 """
+import argparse
 import os
 import sys
 import time
@@ -197,7 +198,7 @@ class MinimalMoE:  # pragma: no cover - used only without fairscale
 
 def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse_hidden())
+    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "ms":
         return ms_worker(args.quick)
@@ -255,11 +256,6 @@ def main(argv=None):
                    "threads_per_process": threads, "quick": args.quick},
         "method": __doc__.split("\n\n", 2)[2], "results": result, "summary": summary})
     return 0
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ Method (two ways, both reported):
 Effective bandwidth = bytes moved / time; the ratio to memcpy's bandwidth is the figure of merit
 (target: >= 0.8 for hidden >= 1024).
 """
+import argparse
 import ctypes
 import json
 import os
@@ -226,7 +227,7 @@ def run_graph(hiddens, dtypes, repeats, calls_per_launch):
 
 def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--direct-worker", default=None, help=argparse_hidden())
+    parser.add_argument("--direct-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hiddens", default=None, help="comma-separated hidden sizes")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=None)
@@ -295,11 +296,6 @@ def main(argv=None):
             plt.legend()
         bc.save_plot(args.out, NAME, draw)
     return 0
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

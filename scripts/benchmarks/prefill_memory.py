@@ -33,6 +33,7 @@ of the same size: it does not change the buffers). Frameworks differ in allocato
 analytic figures are the comparison; the measurements check their order of magnitude.
 Target: sparse <= 0.5x dense.
 """
+import argparse
 import os
 import sys
 
@@ -176,7 +177,7 @@ def torch_dense_peak(tokens, hidden, ffn, capacity):
 
 def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse_hidden())
+    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--ffn", type=int, default=None)
@@ -291,11 +292,6 @@ def main(argv=None):
             plt.legend(fontsize=7)
         bc.save_plot(args.out, NAME, draw)
     return 0
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
