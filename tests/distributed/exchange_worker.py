@@ -9,11 +9,11 @@ Usage: msrun ... exchange_worker.py
 """
 import os
 import time
-import traceback
 
 import numpy as np
 
 import launch  # tests/distributed/launch.py, next to this script
+from checks import CheckReport  # tests/distributed/checks.py
 
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -98,39 +98,6 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
 # ---- checks -----------------------------------------------------------------------------------
 
-class Report:
-    """Collects (case, ok, detail) entries and other values for the launcher."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.checks = []
-        self.values = {}
-
-    def check(self, case: str, ok: bool, detail: str = "") -> None:
-        self.checks.append([f"{self.mode}/{case}", bool(ok), detail])
-
-    def same(self, case: str, actual: np.ndarray, expected: np.ndarray) -> None:
-        actual, expected = np.asarray(actual), np.asarray(expected)
-        if actual.shape != expected.shape:
-            self.check(case, False, f"shape {actual.shape} != {expected.shape}")
-            return
-        mismatch = np.argwhere(actual != expected)
-        detail = "" if mismatch.size == 0 else (
-            f"{len(mismatch)} mismatches; first at {mismatch[0].tolist()}: "
-            f"{actual[tuple(mismatch[0])]} != {expected[tuple(mismatch[0])]}")
-        self.check(case, mismatch.size == 0, detail)
-
-    def run(self, case: str, body) -> None:
-        """Runs one case; an exception is recorded as a failed check."""
-        started = time.monotonic()
-        try:
-            with explain_kernel_errors():
-                body()
-        except Exception:  # recorded, so that the other cases still run
-            self.check(case, False, traceback.format_exc()[-2000:])
-        self.values[f"{self.mode}/seconds/{case}"] = round(time.monotonic() - started, 2)
-
-
 # ---- cells and functions compiled in graph mode -----------------------------------------------
 
 class ThreeExchanges(nn.Cell):
@@ -165,7 +132,7 @@ def pair_of(rank: int) -> list:
     return [first, first + 1]
 
 
-def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
+def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, rank: int,
               world: int) -> None:
     main = ExchangeRows(windows["main"], CAPACITY)
     tiny = ExchangeRows(windows["tiny"], CAPACITY)
@@ -177,8 +144,8 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
         counts = Tensor(send_counts_of(rank, world, plan))
         recv_rows, recv_counts = main(rows, counts)
         expected_rows, expected_counts = expected_recv(rank, world, plan, modulo=modulo)
-        report.same(f"placement/{dtype_name}/{plan}/rows", to_numpy(recv_rows), expected_rows)
-        report.same(f"placement/{dtype_name}/{plan}/counts", recv_counts.asnumpy(),
+        report.equal(f"placement/{dtype_name}/{plan}/rows", to_numpy(recv_rows), expected_rows)
+        report.equal(f"placement/{dtype_name}/{plan}/counts", recv_counts.asnumpy(),
                     expected_counts)
         report.check(f"placement/{dtype_name}/{plan}/dtype", recv_rows.dtype == rows.dtype,
                      str(recv_rows.dtype))
@@ -194,12 +161,12 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
             counts = Tensor(send_counts_of(rank, world, "random"))
             whole_rows, whole_counts = main(rows, counts)
             chunked_rows, chunked_counts = tiny(rows, counts)
-            report.same(f"chunked/width{width}/rows", chunked_rows.asnumpy(),
+            report.equal(f"chunked/width{width}/rows", chunked_rows.asnumpy(),
                         whole_rows.asnumpy())
-            report.same(f"chunked/width{width}/counts", chunked_counts.asnumpy(),
+            report.equal(f"chunked/width{width}/counts", chunked_counts.asnumpy(),
                         whole_counts.asnumpy())
             expected_rows, _ = expected_recv(rank, world, "random", width)
-            report.same(f"chunked/width{width}/expected", chunked_rows.asnumpy(), expected_rows)
+            report.equal(f"chunked/width{width}/expected", chunked_rows.asnumpy(), expected_rows)
 
     report.run("chunked", chunked_equals_unchunked)
 
@@ -208,7 +175,7 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
                       .reshape(world * CAPACITY, 2, 3).astype(np.float16))
         recv_rows, _ = tiny(rows, Tensor(send_counts_of(rank, world, "random")))
         expected_rows, _ = expected_recv(rank, world, "random", 6, modulo_for("float16"))
-        report.same("multidimensional_rows", recv_rows.asnumpy().reshape(-1, 6), expected_rows)
+        report.equal("multidimensional_rows", recv_rows.asnumpy().reshape(-1, 6), expected_rows)
 
     report.run("multidimensional_rows", multidimensional_rows)
 
@@ -218,7 +185,7 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
         counts = Tensor(send_counts_of(rank, world, "random"))
         first = main(rows, counts)[0].asnumpy()
         for _ in range(3):
-            report.same("repeated_runs_identical", main(rows, counts)[0].asnumpy(), first)
+            report.equal("repeated_runs_identical", main(rows, counts)[0].asnumpy(), first)
 
     report.run("repeated_runs_identical", repeated_runs_identical)
 
@@ -242,7 +209,7 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
         weights = Tensor(weights_of(rank))
         for name, exchange in (("shm", main), ("shm_chunked", tiny), ("allgather", gathered)):
             gradient = ms.grad(make_weighted_sum(exchange, weights), grad_position=0)
-            report.same(f"gradient/{name}", gradient(rows, counts).asnumpy(), expected)
+            report.equal(f"gradient/{name}", gradient(rows, counts).asnumpy(), expected)
 
     report.run("gradient", gradient_is_reverse_exchange)
 
@@ -256,9 +223,9 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
             counts = Tensor(send_counts_of(rank, world, "random"))
             shm_rows, shm_counts = main(rows, counts)
             gathered_rows, gathered_counts = gathered(rows, counts)
-            report.same(f"allgather_equals_shm/{dtype_name}/rows", to_numpy(gathered_rows),
+            report.equal(f"allgather_equals_shm/{dtype_name}/rows", to_numpy(gathered_rows),
                         to_numpy(shm_rows))
-            report.same(f"allgather_equals_shm/{dtype_name}/counts", gathered_counts.asnumpy(),
+            report.equal(f"allgather_equals_shm/{dtype_name}/counts", gathered_counts.asnumpy(),
                         shm_counts.asnumpy())
 
     report.run("allgather_equals_shm", allgather_equals_shm)
@@ -272,7 +239,7 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
         # Exchanging twice sends every row home: the result is the input with zeroed tails.
         expected = send_rows_of(rank, world, "random")
         expected[expected == TAIL_FILL] = 0
-        report.same("three_exchanges/round_trip", third, expected)
+        report.equal("three_exchanges/round_trip", third, expected)
 
     report.run("three_exchanges", no_exchange_pruned_or_reordered)
 
@@ -285,8 +252,8 @@ def run_cases(report: Report, windows: dict, pair_exchanges: dict, rank: int,
         expected_rows, expected_counts = expected_recv(group_rank, 2, "random", offset=offset)
         for name, exchange in pair_exchanges.items():
             recv_rows, recv_counts = exchange(rows, counts)
-            report.same(f"two_rank_groups/{name}/rows", recv_rows.asnumpy(), expected_rows)
-            report.same(f"two_rank_groups/{name}/counts", recv_counts.asnumpy(), expected_counts)
+            report.equal(f"two_rank_groups/{name}/rows", recv_rows.asnumpy(), expected_rows)
+            report.equal(f"two_rank_groups/{name}/counts", recv_counts.asnumpy(), expected_counts)
 
     report.run("two_rank_groups", two_rank_groups)
 
@@ -358,7 +325,7 @@ def main() -> None:
     for mode_name, mode in (("pynative", ms.PYNATIVE_MODE), ("graph", ms.GRAPH_MODE)):
         ms.set_context(mode=mode)
         mode_started = time.monotonic()
-        report = Report(mode_name)
+        report = CheckReport(mode_name)
         run_cases(report, windows, pair_exchanges, rank, world)
         checks += report.checks
         values.update(report.values)
