@@ -15,6 +15,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from .initializers import TensorId, normal_array, stacked_expert_normal
 from .ops import GroupedMatmul
+from .ops.activations import GroupedSwiGLU
 from .runtime import ascend_backend_active
 
 
@@ -26,13 +27,26 @@ def grouped_matmul_for_device():
     return GroupedMatmul()
 
 
-def swiglu(gate_up, ffn_size):
-    """[rows, 2F] -> [rows, F]; computed in float32 (MindSpore CPU has no bf16 elementwise ops)."""
-    gate_up = gate_up.astype(ms.float32)
-    # ops.split, not gate_up[:, :F]: MindSpore 2.10 GRAPH_MODE dies with SIGFPE compiling a column
-    # slice of a tensor with zero rows (a rank with no tokens in this step).
-    gate, up = ops.split(gate_up, ffn_size, axis=1)
-    return ops.silu(gate) * up
+class ElementwiseSwiGLU(nn.Cell):
+    """SwiGLU with MindSpore's element-wise ops over every row (used where the kernel is absent).
+
+    ``(gate_up [N, 2F], tokens_per_expert)`` -> ``[N, F]`` in gate_up's dtype, computed in float32.
+    """
+
+    def construct(self, gate_up, tokens_per_expert):
+        dtype = gate_up.dtype
+        # ops.split, not gate_up[:, :F]: MindSpore 2.10 GRAPH_MODE dies with SIGFPE compiling a
+        # column slice of a tensor with zero rows (a rank with no tokens in this step).
+        gate, up = ops.split(gate_up.astype(ms.float32), gate_up.shape[1] // 2, axis=1)
+        return (ops.silu(gate) * up).astype(dtype)
+
+
+def swiglu_for_device():
+    """The SwiGLU Cell of the device: on CPU the kernel over the used rows only (the worst-case
+    buffers are mostly unused rows), on Ascend MindSpore's element-wise ops."""
+    if ascend_backend_active():
+        return ElementwiseSwiGLU()
+    return GroupedSwiGLU()
 
 
 class GroupedSwiGLUExperts(nn.Cell):
@@ -51,11 +65,12 @@ class GroupedSwiGLUExperts(nn.Cell):
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
                                      name="down_weight")        # [E_local, F, H]
         self.grouped_matmul = grouped_matmul_for_device()
+        self.swiglu = swiglu_for_device()
 
     def construct(self, rows, tokens_per_expert):
         """rows: [N, H] grouped by expert (tail unused); tokens_per_expert: [E_local] int32."""
         gate_up = self.grouped_matmul(rows, self.gate_up_weight, tokens_per_expert)   # [N, 2F]
-        hidden = swiglu(gate_up, self.ffn_size).astype(self.param_dtype)             # [N, F]
+        hidden = self.swiglu(gate_up, tokens_per_expert)                             # [N, F]
         return self.grouped_matmul(hidden, self.down_weight, tokens_per_expert)       # [N, H]
 
 
@@ -78,11 +93,12 @@ class SharedExpert(nn.Cell):
         self.down_weight = Parameter(Tensor(down).astype(param_dtype),
                                      name="down_weight")        # [1, Fs, H]
         self.grouped_matmul = grouped_matmul_for_device()
+        self.swiglu = swiglu_for_device()
 
     def construct(self, x):
         """x: [T, H] float32 -> [T, H] in the parameter dtype."""
         all_rows = ops.full((1,), x.shape[0], dtype=ms.int32)                        # [1]
         gate_up = self.grouped_matmul(x.astype(self.param_dtype), self.gate_up_weight,
                                       all_rows)                                        # [T, 2Fs]
-        hidden = swiglu(gate_up, self.ffn_size).astype(self.param_dtype)             # [T, Fs]
+        hidden = self.swiglu(gate_up, all_rows)                                      # [T, Fs]
         return self.grouped_matmul(hidden, self.down_weight, all_rows)               # [T, H]

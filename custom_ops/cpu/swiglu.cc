@@ -1,0 +1,272 @@
+// The SwiGLU activation of the grouped experts, computed only on the rows that carry tokens.
+//
+//   MoeEpSwiGLU      gate_up [N, 2F], tokens_per_expert [E] int32 -> hidden [N, F]
+//                    hidden[r] = silu(gate_up[r, :F]) * gate_up[r, F:]
+//   MoeEpSwiGLUGrad  d_hidden [N, F], gate_up [N, 2F], tokens_per_expert [E] int32
+//                    -> d_gate_up [N, 2F]
+//                    d_gate = d_hidden * up * silu'(gate),  d_up = d_hidden * silu(gate)
+//
+// Why a kernel: expert buffers are sized for the worst case (N = R * C * min(K, L) rows under
+// expert parallelism), while only sum(tokens_per_expert) rows hold tokens, often a quarter or
+// less. MindSpore's element-wise ops would run over all N rows (measured: silu * up over
+// [16384, 2048] float32 took 169 ms forward + 140 ms backward on this project's 2-core CI
+// machine, against 25 + 50 ms for the 4096 used rows); this kernel touches only the used rows,
+// in one pass, vectorised. Rows past sum(tokens_per_expert) are left unspecified (the grouped
+// matmul and the combine never read them).
+//
+// Arithmetic: float32 whatever the storage dtype (float32, float16 or bfloat16), with one
+// exponential implementation (a Cephes-style polynomial, ~1 ulp) for the vector and scalar paths.
+// The AVX2 + FMA + F16C path is chosen at run time; the build itself targets x86-64-v2.
+#include <cmath>
+
+#include "kernel_common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace moe_ep {
+namespace {
+
+// exp(x) for x in float32, ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6
+// polynomial, times 2^n. Inputs are clamped so that the result is finite and 2^n is normal.
+constexpr float kExpLowest = -87.3f, kExpHighest = 88.3f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float ExpApprox(float x) {
+  x = std::fmin(std::fmax(x, kExpLowest), kExpHighest);
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = (x - n * kLn2High) - n * kLn2Low;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
+  p = p * r * r + r + 1.0f;
+  return p * FloatFromBits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// The sigmoid s = 1 / (1 + exp(-g)) and silu(g) = g * s of one value.
+struct Silu {
+  float sigmoid, value;
+  explicit Silu(float gate) : sigmoid(1.0f / (1.0f + ExpApprox(-gate))), value(gate * sigmoid) {}
+  // d silu / d gate = s * (1 + g * (1 - s))
+  float Derivative(float gate) const { return sigmoid * (1.0f + gate * (1.0f - sigmoid)); }
+};
+
+template <typename T>
+void SwiGLURowsScalar(const T *gate_up, int64_t ffn, int64_t first, int64_t last, T *hidden,
+                      int64_t first_column = 0) {
+  for (int64_t row = first; row < last; ++row) {
+    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn;
+    T *out = hidden + row * ffn;
+    for (int64_t i = first_column; i < ffn; ++i) {
+      out[i] = FromFloat<T>(Silu(ToFloat(gate[i])).value * ToFloat(up[i]));
+    }
+  }
+}
+
+template <typename T>
+void SwiGLUGradRowsScalar(const T *d_hidden, const T *gate_up, int64_t ffn, int64_t first,
+                          int64_t last, T *d_gate_up, int64_t first_column = 0) {
+  for (int64_t row = first; row < last; ++row) {
+    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn, *d_out = d_hidden + row * ffn;
+    T *d_gate = d_gate_up + row * 2 * ffn, *d_up = d_gate + ffn;
+    for (int64_t i = first_column; i < ffn; ++i) {
+      const float g = ToFloat(gate[i]), u = ToFloat(up[i]), d = ToFloat(d_out[i]);
+      const Silu silu(g);
+      d_gate[i] = FromFloat<T>(d * u * silu.Derivative(g));
+      d_up[i] = FromFloat<T>(d * silu.value);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+// Eight values of T to and from float32 lanes.
+inline __m256 Load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const Float16 *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+inline __m256 Load8(const BFloat16 *p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline void Store8(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void Store8(Float16 *p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// Round to nearest even (as FromFloat<BFloat16>), NaN kept a quiet NaN.
+inline void Store8(BFloat16 *p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lowest_kept), 16);
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+  const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
+                                                 _mm256_castsi256_ps(quiet_nan), is_nan));
+  // Pack the low 16 bits of the eight 32-bit lanes.
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane
+  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_castsi256_si128(ordered));
+}
+
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLowest)), _mm256_set1_ps(kExpHighest));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+inline __m256 Sigmoid8(__m256 gate) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, Exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+}
+
+template <typename T>
+void SwiGLURowsAvx2(const T *gate_up, int64_t ffn, int64_t first, int64_t last, T *hidden) {
+  const int64_t vector_end = ffn / 8 * 8;
+  for (int64_t row = first; row < last; ++row) {
+    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn;
+    T *out = hidden + row * ffn;
+    for (int64_t i = 0; i < vector_end; i += 8) {
+      const __m256 g = Load8(gate + i);
+      Store8(out + i, _mm256_mul_ps(_mm256_mul_ps(g, Sigmoid8(g)), Load8(up + i)));
+    }
+    SwiGLURowsScalar(gate_up, ffn, row, row + 1, hidden, vector_end);  // the last ffn % 8
+  }
+}
+
+template <typename T>
+void SwiGLUGradRowsAvx2(const T *d_hidden, const T *gate_up, int64_t ffn, int64_t first,
+                        int64_t last, T *d_gate_up) {
+  const int64_t vector_end = ffn / 8 * 8;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t row = first; row < last; ++row) {
+    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn, *d_out = d_hidden + row * ffn;
+    T *d_gate = d_gate_up + row * 2 * ffn, *d_up = d_gate + ffn;
+    for (int64_t i = 0; i < vector_end; i += 8) {
+      const __m256 g = Load8(gate + i), u = Load8(up + i), d = Load8(d_out + i);
+      const __m256 s = Sigmoid8(g);
+      const __m256 derivative = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+      Store8(d_gate + i, _mm256_mul_ps(_mm256_mul_ps(d, u), derivative));
+      Store8(d_up + i, _mm256_mul_ps(d, _mm256_mul_ps(g, s)));
+    }
+    SwiGLUGradRowsScalar(d_hidden, gate_up, ffn, row, row + 1, d_gate_up, vector_end);
+  }
+}
+
+#pragma GCC pop_options
+
+bool HasAvx2Fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") &&
+                                __builtin_cpu_supports("fma") &&
+                                __builtin_cpu_supports("f16c");
+  return supported;
+}
+#else
+bool HasAvx2Fma() { return false; }
+#endif
+
+// The number of rows that carry tokens: sum(tokens_per_expert), checked against `num_rows`.
+int64_t UsedRows(const TensorArg &tokens_per_expert, int64_t num_rows) {
+  tokens_per_expert.RequireRank(1);
+  tokens_per_expert.RequireDtype("int32");
+  const int32_t *counts = tokens_per_expert.data_as<const int32_t>();
+  int64_t used = 0;
+  for (int64_t expert = 0; expert < tokens_per_expert.dim(0); ++expert) {
+    if (counts[expert] < 0) {
+      Fail(kOutOfRange, "tokens_per_expert[", expert, "] = ", counts[expert], " is negative");
+    }
+    used += counts[expert];
+  }
+  if (used > num_rows) {
+    Fail(kOutOfRange, "tokens_per_expert sums to ", used, ", more than the ", num_rows,
+         " rows of gate_up");
+  }
+  return used;
+}
+
+// Checks gate_up [N, 2F] and returns F.
+int64_t FfnSize(const TensorArg &gate_up) {
+  gate_up.RequireRank(2);
+  if (gate_up.dim(1) % 2 != 0) {
+    Fail(kInvalidArgument, "gate_up has shape ", gate_up.ShapeString(),
+         "; its last dimension must be 2 * expert_ffn_size (gate, then up)");
+  }
+  return gate_up.dim(1) / 2;
+}
+
+void SwiGLU(const std::vector<TensorArg> &args) {
+  const TensorArg &gate_up = args[0], &tokens_per_expert = args[1], &hidden = args[2];
+  const int64_t ffn = FfnSize(gate_up);
+  hidden.RequireSameDtype(gate_up);
+  hidden.RequireRank(2);
+  hidden.RequireDim(0, gate_up.dim(0), "the rows of gate_up");
+  hidden.RequireDim(1, ffn, "half the width of gate_up");
+  const int64_t used = UsedRows(tokens_per_expert, gate_up.dim(0));
+  VisitFloatType(gate_up, [&](auto element) {
+    using T = decltype(element);
+    const T *in = gate_up.data_as<const T>();
+    T *out = hidden.data_as<T>();
+    ParallelFor(used, MinItemsPerThread(3 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
+#if defined(__x86_64__)
+      if (HasAvx2Fma()) return SwiGLURowsAvx2(in, ffn, first, last, out);
+#endif
+      SwiGLURowsScalar(in, ffn, first, last, out);
+    });
+  });
+}
+
+void SwiGLUGrad(const std::vector<TensorArg> &args) {
+  const TensorArg &d_hidden = args[0], &gate_up = args[1], &tokens_per_expert = args[2];
+  const TensorArg &d_gate_up = args[3];
+  const int64_t ffn = FfnSize(gate_up);
+  d_hidden.RequireSameDtype(gate_up);
+  d_hidden.RequireRank(2);
+  d_hidden.RequireDim(0, gate_up.dim(0), "the rows of gate_up");
+  d_hidden.RequireDim(1, ffn, "half the width of gate_up");
+  d_gate_up.RequireSameDtype(gate_up);
+  const int64_t used = UsedRows(tokens_per_expert, gate_up.dim(0));
+  VisitFloatType(gate_up, [&](auto element) {
+    using T = decltype(element);
+    const T *d_out = d_hidden.data_as<const T>(), *in = gate_up.data_as<const T>();
+    T *d_in = d_gate_up.data_as<T>();
+    ParallelFor(used, MinItemsPerThread(5 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
+#if defined(__x86_64__)
+      if (HasAvx2Fma()) return SwiGLUGradRowsAvx2(d_out, in, ffn, first, last, d_in);
+#endif
+      SwiGLUGradRowsScalar(d_out, in, ffn, first, last, d_in);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+MOE_EP_EXPORT int MoeEpSwiGLU(int nparam, void **params, int *ndims, int64_t **shapes,
+                              const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpSwiGLU", [&] {
+    moe_ep::SwiGLU(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
+                                    {"gate_up", "tokens_per_expert", "hidden"}));
+  });
+}
+
+MOE_EP_EXPORT int MoeEpSwiGLUGrad(int nparam, void **params, int *ndims, int64_t **shapes,
+                                  const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpSwiGLUGrad", [&] {
+    moe_ep::SwiGLUGrad(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
+                                        {"d_hidden", "gate_up", "tokens_per_expert",
+                                         "d_gate_up"}));
+  });
+}
