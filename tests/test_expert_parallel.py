@@ -72,7 +72,7 @@ def world_of(run):
 # ---- dispatchers -----------------------------------------------------------------------------
 
 def test_dispatchers_route_every_row_exactly(ep_run):
-    found = assert_all_pass(ep_run, "routing/", minimum=500)
+    found = assert_all_pass(ep_run, "routing/", minimum=400)
     assert modes_of(found) == {"pynative", "graph"}
     assert {name.rsplit("/", 1)[0].split("/")[-1] for _, name, _, _ in found} == \
         {"prefill", "decode"}

@@ -12,7 +12,8 @@
 //
 //   MoeEpFusedDispatch  x [T, H], expert_ids [T, K] int32, experts_per_rank [1] int32,
 //                       window_id [1] int32
-//       -> expand_x [N, H]              received rows grouped by local expert (tail zero)
+//       -> expand_x [N, H]              received rows grouped by local expert; rows from
+//                                       sum(tokens_per_local_expert) on are unspecified
 //          tokens_per_local_expert [L] int32
 //          expand_info [N, 2] int32     (source rank, source t*K+k) of each row, -1 if unused
 //          recv_counts [R] int32        tokens received from each rank
@@ -148,15 +149,20 @@ void ExpertParallelLayout(const std::vector<TensorArg> &args) {
 // size would be zero-filled and page-faulted on every decode step, which profiling showed to be
 // most of the step's time. Only the rows the counts declare are ever read, so it is not zeroed.
 struct StagingBuffers {
-  std::vector<uint8_t> send, recv;
+  std::vector<uint8_t> send, recv;  // message rows, [R * C, row bytes] each
+  std::vector<uint8_t> returned;    // combine: expert output rows by (token, k) pair
 
-  static StagingBuffers &ForThisThread(int64_t bytes) {
+  static StagingBuffers &ForThisThread(int64_t message_bytes, int64_t returned_bytes = 0) {
     thread_local StagingBuffers buffers;
-    if (static_cast<int64_t>(buffers.send.size()) < bytes) {
-      buffers.send.resize(bytes);
-      buffers.recv.resize(bytes);
-    }
+    GrowTo(buffers.send, message_bytes);
+    GrowTo(buffers.recv, message_bytes);
+    GrowTo(buffers.returned, returned_bytes);
     return buffers;
+  }
+
+ private:
+  static void GrowTo(std::vector<uint8_t> &buffer, int64_t bytes) {
+    if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
   }
 };
 
@@ -199,6 +205,7 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
   std::vector<int32_t> send_counts(world_size), received(world_size);
   const uint8_t *x_bytes = x.data_as<const uint8_t>();
+  std::vector<int32_t> ints(top_k + 1);
   for (int64_t rank = 0; rank < world_size; ++rank) {
     const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
     send_counts[rank] = static_cast<int32_t>(sent.size());
@@ -206,7 +213,6 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
       uint8_t *row = send.data() + (rank * capacity + i) * row_bytes;
       const int64_t t = sent[i];
       std::memcpy(row, x_bytes + t * layout.payload_bytes, layout.payload_bytes);
-      std::vector<int32_t> ints(top_k + 1);
       for (int64_t k = 0; k < top_k; ++k) {
         ints[k] = LocalExpertAt(ids, t * top_k + k, rank, experts_per_rank);
       }
@@ -224,7 +230,6 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     for (int64_t source = 0; source < world_size; ++source) {
       for (int64_t i = 0; i < received[source]; ++i) {
         const uint8_t *row = recv.data() + (source * capacity + i) * row_bytes;
-        std::vector<int32_t> ints(top_k + 1);
         std::memcpy(ints.data(), row + layout.payload_bytes, ints.size() * sizeof(int32_t));
         for (int64_t k = 0; k < top_k; ++k) {
           if (ints[k] != kNone) visit(source, row, ints[top_k], k, ints[k]);
@@ -252,7 +257,8 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     info[position * 2] = static_cast<int32_t>(source);
     info[position * 2 + 1] = static_cast<int32_t>(t * top_k + k);
   });
-  std::memset(out + total * layout.payload_bytes, 0, (capacity_rows - total) * layout.payload_bytes);
+  // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail);
+  // expand_info marks them -1, which is what the combine reads.
   std::fill(info + total * 2, info + capacity_rows * 2, kNone);
   for (int64_t source = 0; source < world_size; ++source) {
     recv_counts.data_as<int32_t>()[source] = received[source];
@@ -306,7 +312,8 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     }
     return 0;
   });
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes,
+                                                          pairs * layout.payload_bytes);
   std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
   std::vector<int32_t> send_counts(world_size), received(world_size);
   const uint8_t *out_bytes = expert_out.data_as<const uint8_t>();
@@ -324,7 +331,8 @@ void FusedCombine(const std::vector<TensorArg> &args) {
                                    capacity, row_bytes});
 
   // Place each returned row at its (token, k) pair, then sum in k order (the local combine).
-  std::vector<uint8_t> returned(pairs * layout.payload_bytes, 0);
+  // Only the pairs whose position is set are read, so `returned` needs no zeroing.
+  uint8_t *returned = staging.returned.data();
   std::vector<int32_t> positions(pairs, kNone);
   for (int64_t source = 0; source < world_size; ++source) {
     for (int64_t i = 0; i < received[source]; ++i) {
@@ -336,12 +344,12 @@ void FusedCombine(const std::vector<TensorArg> &args) {
              " twice or out of range [0, ", pairs, ")");
       }
       positions[pair] = pair;
-      std::memcpy(returned.data() + pair * layout.payload_bytes, row, layout.payload_bytes);
+      std::memcpy(returned + pair * layout.payload_bytes, row, layout.payload_bytes);
     }
   }
   const int64_t returned_shape[2] = {pairs, hidden};
   const int64_t positions_shape[2] = {tokens, top_k};
-  const TensorArg returned_rows{"returned_rows", returned.data(), 2, returned_shape,
+  const TensorArg returned_rows{"returned_rows", returned, 2, returned_shape,
                                 expert_out.dtype};
   const TensorArg pair_positions{"pair_positions", positions.data(), 2, positions_shape, "int32"};
   GatherSum(returned_rows, pair_positions, &weights, y);

@@ -228,7 +228,10 @@ def round_trip_eager(dispatcher, x, ids, weights, first_expert):
     rows, counts, dropped, handle = dispatcher.dispatch(Tensor(x), Tensor(ids), Tensor(weights))
     rows, counts = rows.asnumpy(), counts.asnumpy()
     scale = fake_expert_scale(counts, first_expert, rows.shape[0])
-    y = dispatcher.combine(Tensor(rows * scale[:, None]), handle).asnumpy()
+    expert_out = rows * scale[:, None]
+    # Rows past the groups are unspecified: poison them, the combine must never read them.
+    expert_out[int(counts.sum()):] = np.nan
+    y = dispatcher.combine(Tensor(expert_out), handle).asnumpy()
     return rows, counts, int(dropped.asnumpy().sum()), y
 
 
@@ -241,7 +244,6 @@ def check_round_trip(report, case, result, sources, rank, world, local, row_capa
                  f"{rows.shape} != {(row_capacity, hidden)}")
     report.equal(f"{case}/tokens_per_local_expert", counts, expected_counts)
     report.equal(f"{case}/rows", rows[:used], expected_rows)
-    report.check(f"{case}/zero_tail", not np.any(rows[used:]), "non-zero rows after the groups")
     report.check(f"{case}/no_drops", dropped == 0, f"num_dropped = {dropped}")
     x, ids, weights = sources[rank]
     factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)             # [T, K]
