@@ -306,6 +306,12 @@ class RuntimeConfig(_Section):
     dtype: DType = option("Data type of the layer's parameters and activations.",
                           default="float32")
     seed: int = option("Seed for weight initialisation and synthetic inputs.", default=0, ge=0)
+    host_blocking_run: bool = option(
+        "CPU: run MindSpore's host tasks on the calling thread (sets MS_DEV_HOST_BLOCKING_RUN=1) "
+        "instead of a worker thread that the caller busy-waits for. With several ranks per "
+        "host the busy wait takes the cores of the ranks that compute (measured: 2.5x faster "
+        "training steps at EP 4 on 2 cores). Applied by setup_runtime before anything runs; "
+        "an MS_DEV_HOST_BLOCKING_RUN already in the environment wins.", default=True)
 
 
 @dataclass(frozen=True)

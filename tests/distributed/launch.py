@@ -81,6 +81,9 @@ def _worker_environment(result_dir: str, extra: Optional[Dict[str, str]]) -> Dic
     environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
     environment["PYTHONPATH"] = REPOSITORY_ROOT + os.pathsep + environment.get("PYTHONPATH", "")
     environment[RESULT_DIR_VARIABLE] = result_dir
+    # What setup_runtime does for the library (runtime.host_blocking_run): without it the
+    # workers' MindSpore threads busy-wait and take the cores of the workers that compute.
+    environment.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
     environment.update(extra or {})
     return environment
 
