@@ -410,6 +410,22 @@ def launch_processes(script: str, world_size: int, args=(), timeout_s: float = 9
     return reports
 
 
+def start_mindspore(mode: str = "graph", distributed: bool = False) -> int:
+    """MindSpore set up as the library's ``setup_runtime`` does (host blocking run on CPU), in
+    ``mode`` ("graph" or "pynative") on the CPU; with ``distributed``, the msrun collective
+    initialised. Returns this worker's rank (0 when not distributed)."""
+    import mindspore as ms
+    from mindspore_moe_ep.runtime import apply_host_blocking_run
+    apply_host_blocking_run(True)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_device("CPU")
+    if not distributed:
+        return 0
+    from mindspore.communication import get_rank, init
+    init()
+    return get_rank()
+
+
 def threads_per_process(world_size: int) -> int:
     """The same policy for every framework: the usable cores shared evenly by the processes."""
     try:

@@ -56,16 +56,11 @@ def settings(quick):
 # ---- MindSpore worker ------------------------------------------------------------------------
 
 def ms_worker(quick):
-    import mindspore as ms
     from mindspore import Tensor, nn, ops
-    from mindspore.communication import get_rank, init
     import mindspore_moe_ep as mee
     from mindspore_moe_ep.comm.window import world_all_gather
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
+    rank = bc.start_mindspore("graph", distributed=True)
     hiddens, token_counts, repeats, calls = settings(quick)
 
     def barrier():

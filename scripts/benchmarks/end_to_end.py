@@ -41,13 +41,9 @@ def settings(quick):
 def ms_worker(quick):
     import mindspore as ms
     from mindspore import Tensor
-    from mindspore.communication import get_rank, init
     import mindspore_moe_ep as mee
     from mindspore_moe_ep.comm.window import world_all_gather
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
+    rank = bc.start_mindspore("graph", distributed=True)
     tokens, hidden, ffn, repeats = settings(quick)
     config = mee.MoEConfig.from_dict({
         "model": {"hidden_size": hidden, "num_experts": EXPERTS, "expert_ffn_size": ffn},

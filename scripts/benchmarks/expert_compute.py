@@ -77,8 +77,7 @@ def main(argv=None):
     from mindspore import Tensor, nn, ops
     from mindspore_moe_ep.experts import GroupedSwiGLUExperts
     from mindspore_moe_ep.ops import gemm_backend
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    bc.start_mindspore("graph")
 
     experts, per_expert, hidden, ffn, repeats, calls = settings(args.quick)
     rows = experts * per_expert

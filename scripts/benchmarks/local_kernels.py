@@ -167,8 +167,7 @@ def run_graph(hiddens, dtypes, repeats, calls_per_launch):
     import mindspore as ms
     from mindspore import Tensor, nn, ops
     from mindspore_moe_ep.ops import CombineKernel, DispatchKernel
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    bc.start_mindspore("graph")
     threads = int(os.environ.get("MOE_EP_NUM_THREADS", bc.threads_per_process(1)))
 
     class RepeatDispatch(nn.Cell):

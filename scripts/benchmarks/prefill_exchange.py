@@ -51,16 +51,13 @@ def repeats_for(size, quick):
 # ---- MindSpore worker (msrun) ----------------------------------------------------------------
 
 def ms_worker(sizes, quick):
-    import mindspore as ms
     from mindspore import Tensor, nn, ops
-    from mindspore.communication import get_group_size, get_rank, init
+    from mindspore.communication import get_group_size
     from mindspore_moe_ep.comm import make_exchange
     from mindspore_moe_ep.comm.window import DEFAULT_SLOT_BYTES, world_all_gather
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    init()
-    rank, world = get_rank(), get_group_size()
+    rank = bc.start_mindspore("graph", distributed=True)
+    world = get_group_size()
 
     def barrier():
         world_all_gather(np.zeros(1, np.int32))

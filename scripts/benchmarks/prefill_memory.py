@@ -101,14 +101,9 @@ def analytic(tokens, hidden, ffn, stats):
 # ---- measured: MindSpore sparse path under msrun ---------------------------------------------
 
 def ms_worker(tokens, hidden, ffn):
-    import mindspore as ms
     from mindspore import Tensor
-    from mindspore.communication import get_rank, init
     import mindspore_moe_ep as mee
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device("CPU")
-    init()
-    rank = get_rank()
+    rank = bc.start_mindspore("pynative", distributed=True)
     def build(max_tokens):
         config = mee.MoEConfig.from_dict({
             "model": {"hidden_size": hidden, "num_experts": EXPERTS, "expert_ffn_size": ffn},
