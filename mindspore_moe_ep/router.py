@@ -7,8 +7,8 @@ The router follows DeepSeek-V3 where it generalises Switch/GShard/Mixtral:
 2. ``scores = softmax(logits)`` or ``sigmoid(logits)``.
 3. Selection uses ``scores + expert_bias`` (aux-loss-free balancing; the bias never enters the
    weights). With ``num_groups > 1`` only the ``topk_groups`` groups with the highest group score
-   (sum of the group's two best scores) are eligible ("group-limited routing", which bounds the
-   number of nodes a token is sent to).
+   are eligible ("group-limited routing", which bounds the number of nodes a token is sent to):
+   the sum of the group's two best scores (DeepSeek-V3) or its best score (DeepSeek-V2).
 4. ``weights = scores[selected]``, optionally renormalised to sum to 1 (``norm_topk_prob``) and
    multiplied by ``routed_scaling_factor``.
 
@@ -49,6 +49,9 @@ class TopKRouter(nn.Cell):
         self.num_groups = router.num_groups
         self.topk_groups = router.effective_topk_groups
         self.experts_per_group = model.num_experts // router.num_groups
+        # Scores summed per group: the best two (DeepSeek-V3) or the best one (DeepSeek-V2).
+        self.scores_per_group = min(1 if router.group_score == "max" else 2,
+                                    self.experts_per_group)
         self.norm_topk_prob = router.norm_topk_prob
         self.routed_scaling_factor = router.routed_scaling_factor
         self.use_expert_bias = router.expert_bias
@@ -92,7 +95,7 @@ class TopKRouter(nn.Cell):
         if self.num_groups > 1:
             tokens = choice.shape[0]
             grouped = choice.reshape(tokens, self.num_groups, self.experts_per_group)  # [T, G, E/G]
-            best_in_group, _ = ops.topk(grouped, min(2, self.experts_per_group))
+            best_in_group, _ = ops.topk(grouped, self.scores_per_group)
             group_scores = best_in_group.sum(axis=-1)                          # [T, G]
             _, kept_groups = ops.topk(group_scores, self.topk_groups)          # [T, topk_groups]
             group_mask = one_hot(kept_groups, self.num_groups).sum(axis=1)      # [T, G]

@@ -374,6 +374,8 @@ def test_deepseek_v3_import():
 def test_deepseek_group_limited_greedy_and_greedy():
     limited = config_from_hf({**DEEPSEEK_V3, "topk_method": "group_limited_greedy"}).router
     assert (limited.num_groups, limited.topk_groups, limited.expert_bias) == (8, 4, False)
+    assert limited.group_score == "max"  # DeepSeek-V2 scores a group by its best expert
+    assert config_from_hf(DEEPSEEK_V3).router.group_score == "top2_sum"
     lite = config_from_hf(DEEPSEEK_V2_LITE)
     assert (lite.router.num_groups, lite.router.topk_groups, lite.router.top_k) == (1, None, 6)
     assert (lite.model.num_shared_experts, lite.model.shared_ffn_size) == (2, 2816)

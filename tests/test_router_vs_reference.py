@@ -80,6 +80,8 @@ ROUTER_CASES = {
     "topE_softmax_norm": dict(top_k=8),
     "topE_sigmoid_no_norm": dict(top_k=8, score_func="sigmoid", norm_topk_prob=False),
     "groups_softmax_16e": dict(num_experts=16, top_k=2, num_groups=4, topk_groups=2),
+    "groups_max_score_16e": dict(num_experts=16, top_k=3, num_groups=4, topk_groups=2,
+                                 group_score="max"),
     "groups_sigmoid_bias_16e": dict(num_experts=16, top_k=4, score_func="sigmoid",
                                     num_groups=4, topk_groups=2, expert_bias=True,
                                     routed_scaling_factor=2.5),
@@ -95,6 +97,10 @@ def test_route_matches_reference(name):
         # group limiting must matter for this input, or the case would not test it
         flat = ref.route(x, params, dataclasses.replace(cfg, num_groups=1, topk_groups=1))
         assert (flat["expert_ids"] != r["expert_ids"]).any()
+        # ... and so must the group score rule
+        other = "top2_sum" if cfg.group_score == "max" else "max"
+        swapped = ref.route(x, params, dataclasses.replace(cfg, group_score=other))
+        assert (swapped["expert_ids"] != r["expert_ids"]).any()
 
 
 def test_expert_bias_affects_selection_not_weights():

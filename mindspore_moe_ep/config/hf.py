@@ -92,6 +92,8 @@ def _from_deepseek(hf: _Reader) -> Translation:
     else:
         translation["num_groups"] = hf.required("n_group")
         translation["topk_groups"] = hf.required("topk_group")
+        translation["group_score"] = _Imported(
+            "max" if method.value == "group_limited_greedy" else "top2_sum", method.hf_key)
     alpha = hf.optional("aux_loss_alpha", 0.0)
     if alpha.value != 0:
         per_sequence = hf.choice("seq_aux", (True, False))

@@ -21,6 +21,7 @@ from .errors import ConfigError, located_in
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 AuxLossType = Literal["none", "switch", "seq"]
+GroupScore = Literal["top2_sum", "max"]
 Transport = Literal["auto", "shm", "allgather"]
 ExecutionMode = Literal["graph", "pynative"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -197,6 +198,10 @@ class RouterConfig(_Section):
     topk_groups: Optional[int] = option(
         "Number of groups a token may pick its experts from; null means all `num_groups`.",
         default=None, ge=1)
+    group_score: GroupScore = option(
+        "How a group is scored for group-limited routing: top2_sum (the sum of its two best "
+        "expert scores, DeepSeek-V3 `noaux_tc`) or max (its best score, DeepSeek-V2 "
+        "`group_limited_greedy`).", default="top2_sum")
     norm_topk_prob: bool = option(
         "Renormalise each token's top-k scores to sum to 1 (before `routed_scaling_factor`).",
         default=True)

@@ -43,6 +43,7 @@ class RefConfig:
     routed_scaling_factor: float = 1.0
     num_groups: int = 1                  # G; group-limited routing if > 1
     topk_groups: int = 1
+    group_score: str = "top2_sum"        # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
     expert_bias: bool = False            # add gate.e_score_correction_bias to the choice scores
     aux_loss_type: str = "none"          # "none" | "switch" | "seq"
     aux_loss_coeff: float = 0.0
@@ -97,6 +98,15 @@ def stable_topk_desc(values, k):
 # Router
 # ----------------------------------------------------------------------------------------------
 
+def group_scores(grouped, cfg):
+    """[T, G, E/G] selection scores -> [T, G]: each group's best score ("max", DeepSeek-V2) or
+    the sum of its two best ("top2_sum", DeepSeek-V3)."""
+    if cfg.group_score == "max":
+        return grouped.max(axis=-1)
+    best_two = -np.sort(-grouped, axis=-1)[..., :min(2, grouped.shape[-1])]  # [T, G, <=2]
+    return best_two.sum(axis=-1)
+
+
 def _choice_scores(scores, params, cfg):
     """Scores used for selection: scores (+ expert bias), group-limited if num_groups > 1. [T,E]"""
     choice = scores + params[BIAS][None, :] if cfg.expert_bias else scores.copy()
@@ -104,9 +114,7 @@ def _choice_scores(scores, params, cfg):
         t, e = choice.shape
         g = cfg.num_groups
         grouped = choice.reshape(t, g, e // g)                            # [T, G, E/G]
-        n_top = min(2, e // g)
-        top_in_group = -np.sort(-grouped, axis=-1)[..., :n_top]          # [T, G, n_top]
-        group_score = top_in_group.sum(axis=-1)                           # [T, G]
+        group_score = group_scores(grouped, cfg)                         # [T, G]
         kept_groups = stable_topk_desc(group_score, cfg.topk_groups)     # [T, topk_groups]
         group_mask = np.zeros((t, g), dtype=bool)
         np.put_along_axis(group_mask, kept_groups, True, axis=-1)
@@ -163,7 +171,7 @@ def routing_margin(x, params, cfg):
         base = r["scores"] + params[BIAS][None, :] if cfg.expert_bias else r["scores"]
         g = cfg.num_groups
         grouped = base.reshape(len(x), g, e // g)
-        gs = -np.sort(-(-np.sort(-grouped, axis=-1)[..., :min(2, e // g)]).sum(-1), axis=-1)
+        gs = -np.sort(-group_scores(grouped, cfg), axis=-1)
         margins.append((gs[:, cfg.topk_groups - 1] - gs[:, cfg.topk_groups]).min())
     return min(margins) if margins else np.inf
 
