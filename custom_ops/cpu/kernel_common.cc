@@ -1,8 +1,12 @@
 // Error buffer, argument checks and thread count shared by all CPU kernels.
 #include "kernel_common.h"
 
+#include <emmintrin.h>  // SSE2: _mm_stream_si128, _mm_sfence
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
 
 namespace moe_ep {
@@ -102,6 +106,91 @@ int KernelThreadCount() {
     return cores > 0 ? static_cast<int>(cores) : 1;
   }();
   return thread_count;
+}
+
+bool CpuHasAvx2F16c() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return supported;
+}
+
+namespace {
+
+// Parses a sysfs cache size such as "8192K" or "32M"; 0 if unreadable.
+int64_t ReadCacheSize(const std::string &path) {
+  std::ifstream file(path);
+  int64_t value = 0;
+  std::string unit;
+  if (!(file >> value)) return 0;
+  file >> unit;
+  if (unit == "K") return value << 10;
+  if (unit == "M") return value << 20;
+  if (unit == "G") return value << 30;
+  return value;
+}
+
+// The size of the highest-level data or unified cache that sysfs lists for cpu0; 0 if none.
+int64_t SysfsLastLevelCacheBytes() {
+  int best_level = 0;
+  int64_t best_size = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string directory =
+        "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(directory + "level"), type_file(directory + "type");
+    int level = 0;
+    std::string type;
+    if (!(level_file >> level) || !(type_file >> type)) break;
+    if (type == "Instruction") continue;
+    const int64_t size = ReadCacheSize(directory + "size");
+    if (size > 0 && level >= best_level) {
+      best_level = level;
+      best_size = size;
+    }
+  }
+  return best_size;
+}
+
+}  // namespace
+
+int64_t LastLevelCacheBytes() {
+  static const int64_t bytes = [] {
+    if (const int64_t sysfs = SysfsLastLevelCacheBytes(); sysfs > 0) return sysfs;
+    const long level3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (level3 > 0) return static_cast<int64_t>(level3);
+    return int64_t{8} << 20;
+  }();
+  return bytes;
+}
+
+void CopyStreaming(void *destination, const void *source, size_t bytes) {
+  auto *out = static_cast<uint8_t *>(destination);
+  const auto *in = static_cast<const uint8_t *>(source);
+  const size_t head = std::min<size_t>(bytes, (16 - reinterpret_cast<uintptr_t>(out) % 16) % 16);
+  std::memcpy(out, in, head);
+  out += head;
+  in += head;
+  bytes -= head;
+  for (; bytes >= 64; bytes -= 64, out += 64, in += 64) {  // a cache line per iteration
+    const __m128i part0 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(in));
+    const __m128i part1 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(in + 16));
+    const __m128i part2 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(in + 32));
+    const __m128i part3 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(in + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i *>(out), part0);
+    _mm_stream_si128(reinterpret_cast<__m128i *>(out + 16), part1);
+    _mm_stream_si128(reinterpret_cast<__m128i *>(out + 32), part2);
+    _mm_stream_si128(reinterpret_cast<__m128i *>(out + 48), part3);
+  }
+  for (; bytes >= 16; bytes -= 16, out += 16, in += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i *>(out),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i *>(in)));
+  }
+  std::memcpy(out, in, bytes);
+}
+
+void StreamingStoreFence() { _mm_sfence(); }
+
+bool PoisonUnusedRows() {
+  const char *value = std::getenv("MOE_EP_POISON_UNUSED_ROWS");
+  return value != nullptr && std::string_view(value) == "1";
 }
 
 }  // namespace moe_ep
