@@ -421,6 +421,176 @@ def test_results_are_deterministic():
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
+# ---- the AVX2 and streaming-store paths -------------------------------------------------------
+
+def round_float32_like_kernels(values, dtype_name):
+    """float32 values rounded to the dtype as the kernels do (nearest even, NaN kept), float64."""
+    values = np.asarray(values, np.float32)
+    if dtype_name == "float32":
+        return values.astype(np.float64)
+    if dtype_name == "float16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).astype(np.float64)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+    upper = np.where(np.isnan(values), (bits >> 16) | 0x40, rounded).astype(np.uint32) << 16
+    return upper.view(np.float32).astype(np.float64)
+
+
+def float32_combine(rows, positions, weights):
+    """y = ((0 + w0*x0) + w1*x1) + ... in float32, k in order, skipping -1 (the kernels' order)."""
+    rows = rows.astype(np.float32)
+    total = np.zeros((positions.shape[0], rows.shape[1]), np.float32)
+    with np.errstate(all="ignore"):
+        for k in range(positions.shape[1]):
+            kept = positions[:, k] >= 0
+            total[kept] = total[kept] + weights[kept, k, None] * rows[positions[kept, k]]
+    return total
+
+
+SPECIAL_VALUES = {  # per dtype: infinities, NaN, signed zeros, the extremes, subnormals
+    "float32": [np.inf, -np.inf, np.nan, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-40],
+    "float16": [np.inf, -np.inf, np.nan, -0.0, 65504.0, -65504.0, 2.0 ** -24, -3 * 2.0 ** -24],
+    "bfloat16": [np.inf, -np.inf, np.nan, -0.0, 3.38e38, -3.38e38, 2.0 ** -133, 1 + 2.0 ** -8],
+}
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["combine", "gather_sum"])
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_combine_wide_rows_bitwise_with_special_values(dtype_name, weighted):
+    """Bitwise against float32 arithmetic in k order, for a hidden size covering the vector
+    blocks (64), the 16-element chunks and a scalar tail, with infinities, NaN, signed zeros,
+    overflow on weighting and subnormals among the inputs."""
+    rng = np.random.default_rng(21)
+    tokens, top_k, hidden = 40, 4, 64 * 3 + 16 + 7
+    values = rng.standard_normal((tokens * top_k + 5, hidden)) * 10.0 ** rng.integers(-3, 3, (1, hidden))
+    special = np.array(SPECIAL_VALUES[dtype_name])
+    mask = rng.random(values.shape) < 0.05
+    values[mask] = rng.choice(special, mask.sum())
+    expert_out = representable(values, dtype_name)                             # [N, H]
+    positions = rng.permutation(values.shape[0])[:tokens * top_k].reshape(tokens, top_k)
+    positions[rng.random(positions.shape) < 0.15] = -1
+    positions = positions.astype(np.int32)                                     # [T, K]
+    weights = (rng.random((tokens, top_k)) * 4).astype(np.float32)             # [T, K]
+    weights[0, :] = [1.0, 0.5, 2.0, 3.0]  # exact scalings of the first token's rows
+    if weighted:
+        y = CombineKernel()(to_tensor(expert_out, dtype_name), Tensor(positions), Tensor(weights))
+    else:
+        from mindspore_moe_ep.ops.local_kernels import gather_sum_op
+        y = gather_sum_op()(to_tensor(expert_out, dtype_name), Tensor(positions))
+        weights = np.ones_like(weights)
+    expected = round_float32_like_kernels(float32_combine(expert_out, positions, weights),
+                                          dtype_name)
+    np.testing.assert_array_equal(to_numpy(y), expected)  # NaN where expected has NaN
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_outputs_larger_than_the_cache(dtype_name):
+    """Outputs above the last-level cache (8 MiB on the development machine) are written with
+    streaming stores; H = 1029 puts most rows off 16-byte boundaries (unaligned head and tail)."""
+    rng = np.random.default_rng(22)
+    tokens, top_k, num_experts, hidden = 4096, 2, 16, 1029  # y: 8.4 MB bfloat16, 17 MB float32
+    x = representable(rng.standard_normal((tokens, hidden), np.float32), dtype_name)
+    expert_ids = rng.integers(0, num_experts, (tokens, top_k)).astype(np.int32)
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    grouped_x, positions, counts, _ = DispatchKernel(num_experts)(to_tensor(x, dtype_name),
+                                                                  Tensor(expert_ids))
+    _, ref_positions, ref_counts, _ = reference_dispatch(x[:, :1], expert_ids, num_experts, 0)
+    assert np.array_equal(positions.asnumpy(), ref_positions)
+    assert np.array_equal(counts.asnumpy(), ref_counts)
+    grouped = to_numpy(grouped_x)
+    rows_of_token = np.argsort(ref_positions.reshape(-1)) // top_k   # token of each row
+    assert np.array_equal(grouped, x[rows_of_token])
+    y = CombineKernel()(grouped_x, positions, Tensor(weights))
+    expected = round_float32_like_kernels(float32_combine(grouped, ref_positions, weights),
+                                          dtype_name)
+    assert np.array_equal(to_numpy(y), expected)
+
+
+# ---- the unspecified tail of worst-case buffers ----------------------------------------------
+
+@pytest.fixture
+def poisoned_tails(monkeypatch):
+    """Kernels fill the rows past the used rows with NaN instead of leaving them unwritten."""
+    monkeypatch.setenv("MOE_EP_POISON_UNUSED_ROWS", "1")
+
+
+class SwiGLUPipeline(nn.Cell):
+    """dispatch -> grouped matmul -> SiLU-gated (over the whole buffer) -> grouped matmul
+    -> combine: the layer's data flow, in one Cell."""
+
+    def __init__(self, num_experts, capacity, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.dispatch = DispatchKernel(num_experts, capacity)
+        self.up = GroupedMatmul()
+        self.down = GroupedMatmul(transpose_b=True)
+        self.combine = CombineKernel()
+
+    def construct(self, x, expert_ids, routing_weights, up_weights, down_weights):
+        grouped_x, positions, tokens_per_expert, _ = self.dispatch(x, expert_ids)
+        hidden = self.up(grouped_x, up_weights, tokens_per_expert)
+        hidden_float = hidden.astype(ms.float32)  # MindSpore CPU has no bfloat16 SiLU
+        hidden = (ms.ops.silu(hidden_float) * hidden_float).astype(self.dtype)
+        expert_out = self.down(hidden, down_weights, tokens_per_expert)
+        return self.combine(expert_out, positions, routing_weights), grouped_x, expert_out
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_unspecified_tail_is_never_read(mode, dtype_name, monkeypatch):
+    """Forward and gradients are bitwise the same, and finite, when the unspecified tail of
+    grouped_x is NaN (the grouped matmul must not read it, its weight gradient not sum it)."""
+    rng = np.random.default_rng(23)
+    expert_ids, num_experts, capacity = make_case("capacity_drops", rng)   # leaves a tail
+    tokens, top_k = expert_ids.shape
+    x = to_tensor(representable(rng.standard_normal((tokens, HIDDEN)), dtype_name), dtype_name)
+    routing_weights = Tensor(rng.random((tokens, top_k)).astype(np.float32))
+    up_weights = to_tensor(rng.standard_normal((num_experts, HIDDEN, FFN)) * 0.3, dtype_name)
+    down_weights = to_tensor(rng.standard_normal((num_experts, HIDDEN, FFN)) * 0.3, dtype_name)
+    d_y = Tensor(rng.standard_normal((tokens, HIDDEN)).astype(np.float32))
+    net = SwiGLUPipeline(num_experts, capacity, DTYPES[dtype_name])
+
+    def loss(*inputs):
+        return (net(*inputs)[0].astype(ms.float32) * d_y).sum()
+
+    def run():
+        inputs = (x, Tensor(expert_ids), routing_weights, up_weights, down_weights)
+        y, grouped_x, expert_out = net(*inputs)
+        grads = ms.grad(loss, grad_position=(0, 2, 3, 4))(*inputs)
+        return [to_numpy(t) for t in (y, *grads)], to_numpy(grouped_x), to_numpy(expert_out)
+
+    clean, _, _ = run()
+    monkeypatch.setenv("MOE_EP_POISON_UNUSED_ROWS", "1")
+    poisoned, grouped_x, expert_out = run()
+    used = int(reference_dispatch(np.zeros((tokens, 1)), expert_ids, num_experts, capacity)[2].sum())
+    assert used < grouped_x.shape[0] and np.isnan(grouped_x[used:]).all()  # poisoning is on
+    # The grouped matmul's output tail is zero (it feeds SiLU, which is NaN-sensitive as a whole).
+    assert not expert_out[used:].any()
+    for before, after in zip(clean, poisoned):
+        assert np.isfinite(after).all()
+        assert np.array_equal(before, after)
+
+
+def test_layer_with_unspecified_tail_matches_reference(poisoned_tails):
+    """A whole MoELayer with capacity drops (so a tail exists), forward and backward, against
+    the float64 reference while every unspecified tail row is NaN."""
+    from reference import numpy_moe as ref
+    from test_layer_vs_reference import (_grad_case, assert_scaled_close, build_layer,
+                                         layer_grads)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    cfg, params, x, grad_out, shared = _grad_case("softmax_capacity_switch_2d", seed=801)
+    assert ref.moe_forward(params, x, cfg)[1]["num_dropped"] > 0
+    layer = build_layer(cfg, params, shared=shared)
+    y_ref, _ = ref.moe_forward(params, x, cfg)
+    y = to_numpy(layer(ms.Tensor(x, ms.float32)))
+    assert_scaled_close(y, y_ref, 1e-5, "output")
+    _, expected = ref.moe_loss_and_grads(params, x, grad_out, cfg)
+    got = layer_grads(layer, x, grad_out)
+    for key in sorted(expected):
+        assert np.isfinite(got[key]).all(), key
+        assert_scaled_close(got[key], expected[key], 5e-5, f"d {key}")
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad_id", [9, -2])

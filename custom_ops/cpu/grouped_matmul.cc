@@ -8,15 +8,18 @@
 //                                  -> out [E, P, Q], out[e] = a_e^T @ b_e
 //
 // Group e is the tokens_per_expert[e] consecutive rows after the rows of groups 0..e-1. Only the
-// used rows (the first sum(tokens_per_expert)) are read; output rows past them are not written
-// (unspecified; NaN with MOE_EP_POISON_UNUSED_ROWS=1). The buffers are worst-case sized (e.g.
-// [R*C*K, H] in expert parallelism) and this tail is most of them. So the weight gradient sums
-// over the used rows only, and the gradient of rows has an unspecified tail as well.
+// used rows (the first sum(tokens_per_expert)) are read, so rows past them may hold anything
+// (the dispatch leaves them unspecified), and the weight gradient sums over the used rows only.
+// Output rows past the used rows are zero (written with memset, not computed). They stay zero on
+// purpose: the output feeds MindSpore's SiLU, whose CPU kernel changes the result of every
+// element (by up to 1 ulp, measured) when any element of the tensor is NaN, so an unspecified
+// tail would make the layer's output depend on leftover memory.
 //
 // The work is cut into fixed-size blocks (independent of the thread count, so results do not
 // depend on it) that run on KernelThreadCount() threads; every block writes its own part of the
 // output.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "gemm_backend.h"
@@ -159,9 +162,8 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
         [&](const auto *rows_data, const auto *weight_data, float *out_data) {
           GroupedMatmul(rows_data, k_in, weight_data, n_out, transpose_b, groups, out_data);
         });
-    if (PoisonUnusedRows()) {
-      FillWithNaN(out.data_as<T>() + used_rows * n_out, (num_rows - used_rows) * n_out);
-    }
+    std::memset(out.data_as<T>() + used_rows * n_out, 0,
+                (num_rows - used_rows) * n_out * sizeof(T));
   });
 }
 
