@@ -486,7 +486,7 @@ def test_combine_wide_rows_bitwise_with_special_values(dtype_name, weighted):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_outputs_larger_than_the_cache(dtype_name):
-    """Outputs above the last-level cache (8 MiB on the development machine) are written with
+    """Outputs above half the last-level cache (8 MiB on the development machine) are written with
     streaming stores; H = 1029 puts most rows off 16-byte boundaries (unaligned head and tail)."""
     rng = np.random.default_rng(22)
     tokens, top_k, num_experts, hidden = 4096, 2, 16, 1029  # y: 8.4 MB bfloat16, 17 MB float32

@@ -18,7 +18,7 @@
 // GatherSum and CombineGrad read only the rows that positions refers to, so an unspecified tail
 // (even NaN) never reaches their results.
 //
-// Speed: outputs larger than the last-level cache are written with streaming stores; the sums
+// Speed: outputs above half the last-level cache are written with streaming stores; the sums
 // run on AVX2 (8 floats per instruction, all K rows of a block of H summed in registers) when
 // the CPU has it, with results bit-identical to the scalar path.
 #include <immintrin.h>
@@ -100,7 +100,7 @@ DispatchLayout ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assi
 
 // grouped_x[positions[t, k]] = x[t]. Rows from `used_rows` to `total_rows` are not written
 // (unspecified; NaN with MOE_EP_POISON_UNUSED_ROWS=1).
-// Outputs larger than the last-level cache are written with streaming stores (see
+// Outputs above half the last-level cache are written with streaming stores (see
 // PreferStreamingStores): a row-by-row memcpy would first read every destination line.
 template <typename T>
 void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
