@@ -100,25 +100,28 @@ DispatchLayout ComputeDispatchLayout(const int32_t *expert_ids, int64_t num_assi
 
 // grouped_x[positions[t, k]] = x[t]. Rows from `used_rows` to `total_rows` are not written
 // (unspecified; NaN with MOE_EP_POISON_UNUSED_ROWS=1).
-// Outputs above half the last-level cache are written with streaming stores (see
-// PreferStreamingStores): a row-by-row memcpy would first read every destination line.
+//
+// Rows are written in destination order (each thread a contiguous range of grouped_x) and read
+// from x (T rows, small and cached) in whatever order that takes: the output streams through
+// memory like a memcpy, instead of landing on a random page per row. Outputs above half the
+// last-level cache use streaming stores (see PreferStreamingStores): a row-by-row memcpy would
+// first read every destination line.
 template <typename T>
 void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
               const int32_t *positions, int64_t used_rows, int64_t total_rows, T *grouped_x) {
+  std::vector<int32_t> source_token(used_rows);  // [used_rows]: the token each row copies
+  for (int64_t slot = 0; slot < num_tokens * top_k; ++slot) {
+    if (positions[slot] >= 0) source_token[positions[slot]] = static_cast<int32_t>(slot / top_k);
+  }
   const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);
   const bool streaming = PreferStreamingStores(used_rows * static_cast<int64_t>(row_bytes));
-  const int64_t min_tokens = MinItemsPerThread(top_k * row_bytes);
-  ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
-    for (int64_t token = token_begin; token < token_end; ++token) {
-      const T *source = x + token * hidden;
-      for (int64_t k = 0; k < top_k; ++k) {
-        const int32_t row = positions[token * top_k + k];
-        if (row < 0) continue;
-        if (streaming) {
-          CopyStreaming(grouped_x + row * hidden, source, row_bytes);
-        } else {
-          std::memcpy(grouped_x + row * hidden, source, row_bytes);
-        }
+  ParallelFor(used_rows, MinItemsPerThread(row_bytes), [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const T *source = x + source_token[row] * hidden;
+      if (streaming) {
+        CopyStreaming(grouped_x + row * hidden, source, row_bytes);
+      } else {
+        std::memcpy(grouped_x + row * hidden, source, row_bytes);
       }
     }
     if (streaming) StreamingStoreFence();
