@@ -201,7 +201,8 @@ void CopyStreaming(void *destination, const void *source, size_t bytes) {
   // it. Copying forward with the source just behind the destination modulo 4 KiB makes every
   // load match a recent store (measured: 2.4x slower); copying backward avoids that.
   constexpr uintptr_t kPage = 4096, kAliasWindow = 1024;
-  const uintptr_t source_lag = (reinterpret_cast<uintptr_t>(out) - reinterpret_cast<uintptr_t>(in)) % kPage;
+  const uintptr_t source_lag =
+      (reinterpret_cast<uintptr_t>(out) - reinterpret_cast<uintptr_t>(in)) % kPage;
   const bool backward = source_lag > 0 && source_lag <= kAliasWindow;
   std::memcpy(out, in, head);
   StreamAlignedBody(out + head, in + head, body, backward);
