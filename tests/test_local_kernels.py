@@ -485,6 +485,35 @@ def test_combine_wide_rows_bitwise_with_special_values(dtype_name, weighted):
     np.testing.assert_array_equal(to_numpy(y), expected)  # NaN where expected has NaN
 
 
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_combine_gradient_wide_rows(dtype_name):
+    """CombineGrad over a hidden size with 16-element chunks and a scalar tail: d_expert_out is
+    bitwise round(w * dy) (0 for rows no position names); d_weights (a float32 dot product
+    over H, in partial sums) within float32 rounding of the float64 dot."""
+    from mindspore_moe_ep.ops.local_kernels import _combine_grad_op
+    rng = np.random.default_rng(24)
+    tokens, top_k, hidden = 24, 3, 64 * 3 + 16 + 7
+    num_rows = tokens * top_k + 4                                              # 4 unused rows
+    expert_out = representable(rng.standard_normal((num_rows, hidden)), dtype_name)
+    d_y = representable(rng.standard_normal((tokens, hidden)), dtype_name)
+    positions = rng.permutation(num_rows)[:tokens * top_k].reshape(tokens, top_k)
+    positions[rng.random(positions.shape) < 0.2] = -1
+    positions = positions.astype(np.int32)
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    d_expert_out, d_weights = _combine_grad_op()(
+        to_tensor(d_y, dtype_name), to_tensor(expert_out, dtype_name), Tensor(positions),
+        Tensor(weights))
+    expected_grad = np.zeros((num_rows, hidden), np.float32)
+    expected_dot = np.zeros(positions.shape)
+    for (token, k), row in np.ndenumerate(positions):
+        if row >= 0:
+            expected_grad[row] = weights[token, k] * d_y[token].astype(np.float32)
+            expected_dot[token, k] = d_y[token] @ expert_out[row]
+    np.testing.assert_array_equal(to_numpy(d_expert_out),
+                                  round_float32_like_kernels(expected_grad, dtype_name))
+    assert_close(d_weights.asnumpy(), expected_dot, 1e-5)
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_outputs_larger_than_the_cache(dtype_name):
     """Outputs above half the last-level cache (8 MiB on the development machine) are written with

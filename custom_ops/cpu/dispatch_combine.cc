@@ -20,7 +20,9 @@
 //
 // Speed: outputs above half the last-level cache are written with streaming stores; the sums
 // run on AVX2 (8 floats per instruction, all K rows of a block of H summed in registers) when
-// the CPU has it, with results bit-identical to the scalar path.
+// the CPU has it, with results bit-identical to the scalar path. CombineGrad's d_weights is the
+// one exception: on AVX2 its dot product over H is summed in 16 partial sums (deterministic, but
+// not the scalar path's order; the difference is float32 rounding).
 #include <immintrin.h>
 
 #include <limits>
@@ -423,6 +425,56 @@ void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorAr
 
 namespace {
 
+// grad[h] = FromFloat(weight * dy[h]) for h in [begin, end); returns the float32 dot product
+// of dy and value over that range, summed in order of h.
+template <typename T>
+float ScaleRowAndDotScalar(const T *dy, const T *value, float weight, int64_t begin,
+                           int64_t end, T *grad) {
+  float dot = 0.0f;
+  for (int64_t h = begin; h < end; ++h) {
+    const float upstream = ToFloat(dy[h]);
+    grad[h] = FromFloat<T>(weight * upstream);
+    dot += upstream * ToFloat(value[h]);
+  }
+  return dot;
+}
+
+// The same over [0, hidden) with AVX2: grad is bit-identical to the scalar path, but the dot
+// product is summed in 16 partial sums (one per lane of Load16, over a 16-element chunk),
+// reduced in a fixed order at the end; it differs from the scalar path's sequential sum by
+// float32 rounding (deterministically). A sequential sum would be a chain of dependent adds,
+// which limited the old loop to ~1 element per 4 cycles.
+template <typename T>
+MOE_EP_AVX2 float ScaleRowAndDotAvx2(const T *dy, const T *value, float weight, int64_t hidden,
+                                     bool streaming, T *grad) {
+  constexpr int64_t kChunk = 16;
+  int64_t h = 0;
+  float head_dot = 0.0f;
+  if (streaming) {  // a scalar head up to a 16-byte boundary of grad
+    const uintptr_t misalignment = reinterpret_cast<uintptr_t>(grad) % 16;
+    if (misalignment % sizeof(T) != 0) streaming = false;
+    h = std::min<int64_t>(hidden, ((16 - misalignment) % 16) / sizeof(T));
+    head_dot = ScaleRowAndDotScalar(dy, value, weight, 0, h, grad);
+  }
+  const __m256 weight_vector = _mm256_set1_ps(weight);
+  __m256 dot_first = _mm256_setzero_ps(), dot_second = _mm256_setzero_ps();
+  for (; h + kChunk <= hidden; h += kChunk) {
+    __m256 dy_first, dy_second, value_first, value_second;
+    Load16(dy + h, dy_first, dy_second);
+    Load16(value + h, value_first, value_second);  // the same lane order as dy
+    Store16(grad + h, _mm256_mul_ps(weight_vector, dy_first),
+            _mm256_mul_ps(weight_vector, dy_second), streaming);
+    dot_first = _mm256_add_ps(dot_first, _mm256_mul_ps(dy_first, value_first));
+    dot_second = _mm256_add_ps(dot_second, _mm256_mul_ps(dy_second, value_second));
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, dot_first);
+  _mm256_store_ps(lanes + 8, dot_second);
+  float dot = head_dot;
+  for (float lane : lanes) dot += lane;
+  return dot + ScaleRowAndDotScalar(dy, value, weight, h, hidden, grad);
+}
+
 // d_expert_out[positions[t, k]] = weights[t, k] * dy[t]   (rows no position refers to: 0)
 // d_weights[t, k] = <dy[t], expert_out[positions[t, k]]>   (0 where positions[t, k] = -1)
 template <typename T>
@@ -430,6 +482,9 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
                      const int32_t *positions, const float *weights, int64_t num_tokens,
                      int64_t top_k, const std::vector<bool> &row_is_used, T *d_expert_out,
                      float *d_weights) {
+  const bool use_avx2 = CpuHasAvx2F16c();
+  const bool streaming =
+      use_avx2 && PreferStreamingStores(num_rows * hidden * static_cast<int64_t>(sizeof(T)));
   const int64_t min_tokens = MinItemsPerThread(2 * top_k * hidden * sizeof(T));
   ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
     for (int64_t token = token_begin; token < token_end; ++token) {
@@ -443,15 +498,14 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
         }
         const T *value_row = expert_out + row * hidden;
         T *grad_row = d_expert_out + row * hidden;
-        float dot = 0.0f;
-        for (int64_t h = 0; h < hidden; ++h) {
-          const float upstream = ToFloat(dy_row[h]);
-          grad_row[h] = FromFloat<T>(weights[slot] * upstream);
-          dot += upstream * ToFloat(value_row[h]);
-        }
-        d_weights[slot] = dot;
+        d_weights[slot] =
+            use_avx2 ? ScaleRowAndDotAvx2(dy_row, value_row, weights[slot], hidden, streaming,
+                                          grad_row)
+                     : ScaleRowAndDotScalar(dy_row, value_row, weights[slot], 0, hidden,
+                                            grad_row);
       }
     }
+    if (streaming) StreamingStoreFence();
   });
   // Zero the rows no position refers to, one memset per run of them (usually one tail).
   const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);

@@ -59,7 +59,8 @@ def _combine_grad_op() -> ops.Custom:
     """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K].
 
     d_expert_out[positions[t, k]] = weights[t, k] * dy[t] (rows no position names: 0), and
-    d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped).
+    d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped; on AVX2
+    CPUs summed over H in 16 partial sums, so it may differ from a sequential sum by rounding).
     """
     def output_shapes(dy, expert_out, positions, weights):
         return expert_out, weights
