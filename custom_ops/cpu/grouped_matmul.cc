@@ -155,7 +155,7 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
 
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    // Only the used rows of rows and out are converted (16-bit types) or touched.
+    // Only the used rows are converted (16-bit types) and computed; the tail is zeroed below.
     ComputeWithGemmTypes(
         rows.data_as<const T>(), used_rows * k_in, weights.data_as<const T>(), weights.numel(),
         out.data_as<T>(), used_rows * n_out,
