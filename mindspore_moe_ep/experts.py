@@ -68,7 +68,12 @@ class GroupedSwiGLUExperts(nn.Cell):
         self.swiglu = swiglu_for_device()
 
     def construct(self, rows, tokens_per_expert):
-        """rows: [N, H] grouped by expert (tail unused); tokens_per_expert: [E_local] int32."""
+        """rows: [N, H] grouped by expert; tokens_per_expert: [E_local] int32 -> [N, H].
+
+        Rows of ``rows`` past sum(tokens_per_expert) are unspecified (never read); the grouped
+        GEMM gives zeros there, so SwiGLU, which runs over the whole buffer, sees no NaN (a NaN
+        anywhere changes MindSpore's SiLU results everywhere by ~1 ulp).
+        """
         gate_up = self.grouped_matmul(rows, self.gate_up_weight, tokens_per_expert)   # [N, 2F]
         hidden = self.swiglu(gate_up, tokens_per_expert)                             # [N, F]
         return self.grouped_matmul(hidden, self.down_weight, tokens_per_expert)       # [N, H]

@@ -4,8 +4,9 @@ Every dispatcher has the same two-step interface (as in Megatron-Core and DeepEP
 
 ``dispatch(x, expert_ids, routing_weights) -> (rows, tokens_per_expert, num_dropped, handle)``
     ``rows`` [N, H] holds one row per (token, local expert) pair, grouped by local expert;
-    ``tokens_per_expert`` [E_local] int32 gives the group sizes; ``handle`` is whatever
-    ``combine`` needs to undo the dispatch.
+    ``tokens_per_expert`` [E_local] int32 gives the group sizes (rows past their sum are
+    unspecified; only the grouped GEMM reads ``rows``, and only the used rows); ``handle`` is
+    whatever ``combine`` needs to undo the dispatch.
 ``combine(expert_out, handle) -> y``
     returns each token's weighted sum of its experts' outputs, [T, H].
 
@@ -39,7 +40,8 @@ class LocalTokenDispatcher(nn.Cell):
         self.combine_kernel = CombineKernel()
 
     def dispatch(self, x, expert_ids, routing_weights):
-        """x: [T, H], expert_ids / routing_weights: [T, K] -> rows [T*K, H] grouped by expert."""
+        """x: [T, H], expert_ids / routing_weights: [T, K] -> rows [T*K, H] grouped by expert
+        (rows past sum(tokens_per_expert) unspecified)."""
         capacity = expert_capacity(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
         rows, positions, tokens_per_expert, num_dropped = self.dispatch_kernel(
             x, expert_ids, ops.full((1,), capacity, dtype=ms.int32))

@@ -11,6 +11,10 @@ Tolerances, as |kernel - reference| <= rtol * |reference| + rtol * max|reference
   2^-8; we allow 1e-3 / 8e-3. Gradients are checked kernel by kernel, so each is one rounding
   too.
 Dispatch (a pure copy) and all integer outputs must match exactly.
+
+Rows of the worst-case buffers (grouped_x, the grouped matmul's output and its rows gradient) past
+sum(tokens_per_expert) are unspecified, so only the used rows are compared; the tests at the end
+fill that tail with NaN (MOE_EP_POISON_UNUSED_ROWS=1) to show that nothing reads it.
 """
 import re
 
@@ -66,7 +70,10 @@ def representable(values, dtype_name):
 # ---- numpy references ------------------------------------------------------------------------
 
 def reference_dispatch(x, expert_ids, num_experts, capacity):
-    """Stable sort of the (token, k) assignments by expert; keeps the first `capacity` of each."""
+    """Stable sort of the (token, k) assignments by expert; keeps the first `capacity` of each.
+
+    The returned grouped_x has zero rows past the used rows (the kernel's are unspecified).
+    """
     tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)                          # [T*K]
     order = np.argsort(flat_ids, kind="stable")               # by expert, then token, then k
@@ -101,7 +108,8 @@ def expert_slices(tokens_per_expert):
 
 
 def reference_grouped_matmul(rows, weights, tokens_per_expert, transpose_b):
-    """Rows of group e times weights[e] (transposed if transpose_b); zero rows after the groups."""
+    """Rows of group e times weights[e] (transposed if transpose_b); zero rows after the groups
+    (the kernel's are unspecified: compare the used rows only)."""
     out_features = weights.shape[1] if transpose_b else weights.shape[2]
     out = np.zeros((rows.shape[0], out_features))             # [N, N_out]
     for expert, group in enumerate(expert_slices(tokens_per_expert)):
@@ -174,7 +182,8 @@ def test_pipeline_forward_matches_numpy(mode, dtype_name, case):
 
     ref_grouped, ref_positions, ref_counts, ref_dropped = reference_dispatch(
         x, expert_ids, num_experts, capacity)
-    assert np.array_equal(to_numpy(grouped_x), ref_grouped)  # bitwise, tail rows zero
+    used = int(ref_counts.sum())  # rows past these are unspecified
+    assert np.array_equal(to_numpy(grouped_x)[:used], ref_grouped[:used])  # bitwise
     assert np.array_equal(positions.asnumpy(), ref_positions)
     assert np.array_equal(tokens_per_expert.asnumpy(), ref_counts)
     assert num_dropped.asnumpy().tolist() == [ref_dropped]
@@ -183,7 +192,7 @@ def test_pipeline_forward_matches_numpy(mode, dtype_name, case):
     assert expert_out.dtype == DTYPES[dtype_name] and y.dtype == DTYPES[dtype_name]
 
     ref_expert_out = reference_grouped_matmul(ref_grouped, expert_weights, ref_counts, transpose_b)
-    assert_close(to_numpy(expert_out), ref_expert_out, rtol(dtype_name, 1e-5))
+    assert_close(to_numpy(expert_out)[:used], ref_expert_out[:used], rtol(dtype_name, 1e-5))
     # combine is checked on the kernel's own expert_out, so only its own error counts
     ref_y = reference_gather_sum(to_numpy(expert_out), ref_positions, routing_weights)
     assert_close(to_numpy(y), ref_y, rtol(dtype_name, 1e-6))
@@ -322,7 +331,8 @@ def test_gradients_match_numpy(mode, dtype_name, case):
     ref_d_weights_b = reference_weight_grad(rows, d_out, counts)             # [E, H, F]
     if transpose_b:
         ref_d_weights_b = ref_d_weights_b.transpose(0, 2, 1)
-    assert_close(to_numpy(d_rows), ref_d_rows, rtol(dtype_name, 1e-5))
+    used = int(counts.sum())  # d_rows past the used rows is unspecified
+    assert_close(to_numpy(d_rows)[:used], ref_d_rows[:used], rtol(dtype_name, 1e-5))
     assert_close(to_numpy(d_matmul_weights), ref_d_weights_b, rtol(dtype_name, 1e-5))
 
 
@@ -394,7 +404,8 @@ def test_grouped_matmul_many_rows_per_block_and_reference_backend(dtype_name):
             results[backend] = (to_numpy(out), to_numpy(d_weights))
         finally:
             set_gemm_backend("onednn")
-        assert_close(results[backend][0], expected_out, rtol(dtype_name, 1e-5))
+        used = int(counts.sum())  # 300 of 310 rows; the others are unspecified
+        assert_close(results[backend][0][:used], expected_out[:used], rtol(dtype_name, 1e-5))
         assert_close(results[backend][1], expected_d_weights, rtol(dtype_name, 1e-5))
     assert not results["onednn"][1][0].any()  # expert 0 has no rows: zero gradient
 
@@ -405,9 +416,210 @@ def test_results_are_deterministic():
     ids = Tensor(rng.integers(0, 8, (64, 4)).astype(np.int32))
     weights = Tensor(rng.random((64, 4)).astype(np.float32))
     expert_weights = Tensor(rng.standard_normal((8, HIDDEN, HIDDEN)).astype(np.float32))
-    net = MoEPipeline(8, 0, False)
+    net = MoEPipeline(8, 0, False)  # dropless: every row of grouped_x and expert_out is used
     first, second = ([t.asnumpy() for t in net(x, ids, weights, expert_weights)] for _ in range(2))
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+# ---- the AVX2 and streaming-store paths -------------------------------------------------------
+
+def round_float32_like_kernels(values, dtype_name):
+    """float32 values rounded to the dtype as the kernels do (nearest even, NaN kept), float64."""
+    values = np.asarray(values, np.float32)
+    if dtype_name == "float32":
+        return values.astype(np.float64)
+    if dtype_name == "float16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).astype(np.float64)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+    upper = np.where(np.isnan(values), (bits >> 16) | 0x40, rounded).astype(np.uint32) << 16
+    return upper.view(np.float32).astype(np.float64)
+
+
+def float32_combine(rows, positions, weights):
+    """y = ((0 + w0*x0) + w1*x1) + ... in float32, k in order, skipping -1 (the kernels' order)."""
+    rows = rows.astype(np.float32)
+    total = np.zeros((positions.shape[0], rows.shape[1]), np.float32)
+    with np.errstate(all="ignore"):
+        for k in range(positions.shape[1]):
+            kept = positions[:, k] >= 0
+            total[kept] = total[kept] + weights[kept, k, None] * rows[positions[kept, k]]
+    return total
+
+
+SPECIAL_VALUES = {  # per dtype: infinities, NaN, signed zeros, the extremes, subnormals
+    "float32": [np.inf, -np.inf, np.nan, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-40],
+    "float16": [np.inf, -np.inf, np.nan, -0.0, 65504.0, -65504.0, 2.0 ** -24, -3 * 2.0 ** -24],
+    "bfloat16": [np.inf, -np.inf, np.nan, -0.0, 3.38e38, -3.38e38, 2.0 ** -133, 1 + 2.0 ** -8],
+}
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["combine", "gather_sum"])
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_combine_wide_rows_bitwise_with_special_values(dtype_name, weighted):
+    """Bitwise against float32 arithmetic in k order, for a hidden size covering the vector
+    blocks (64), the 16-element chunks and a scalar tail, with infinities, NaN, signed zeros,
+    overflow on weighting and subnormals among the inputs."""
+    rng = np.random.default_rng(21)
+    tokens, top_k, hidden = 40, 4, 64 * 3 + 16 + 7
+    scales = 10.0 ** rng.integers(-3, 3, (1, hidden))                          # per column
+    values = rng.standard_normal((tokens * top_k + 5, hidden)) * scales
+    special = np.array(SPECIAL_VALUES[dtype_name])
+    mask = rng.random(values.shape) < 0.05
+    values[mask] = rng.choice(special, mask.sum())
+    expert_out = representable(values, dtype_name)                             # [N, H]
+    positions = rng.permutation(values.shape[0])[:tokens * top_k].reshape(tokens, top_k)
+    positions[rng.random(positions.shape) < 0.15] = -1
+    positions = positions.astype(np.int32)                                     # [T, K]
+    weights = (rng.random((tokens, top_k)) * 4).astype(np.float32)             # [T, K]
+    weights[0, :] = [1.0, 0.5, 2.0, 3.0]  # exact scalings of the first token's rows
+    if weighted:
+        y = CombineKernel()(to_tensor(expert_out, dtype_name), Tensor(positions), Tensor(weights))
+    else:
+        from mindspore_moe_ep.ops.local_kernels import gather_sum_op
+        y = gather_sum_op()(to_tensor(expert_out, dtype_name), Tensor(positions))
+        weights = np.ones_like(weights)
+    expected = round_float32_like_kernels(float32_combine(expert_out, positions, weights),
+                                          dtype_name)
+    np.testing.assert_array_equal(to_numpy(y), expected)  # NaN where expected has NaN
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_combine_gradient_wide_rows(dtype_name):
+    """CombineGrad over a hidden size with 16-element chunks and a scalar tail: d_expert_out is
+    bitwise round(w * dy) (0 for rows no position names); d_weights (a float32 dot product
+    over H, in partial sums) within float32 rounding of the float64 dot."""
+    from mindspore_moe_ep.ops.local_kernels import _combine_grad_op
+    rng = np.random.default_rng(24)
+    tokens, top_k, hidden = 24, 3, 64 * 3 + 16 + 7
+    num_rows = tokens * top_k + 4                                              # 4 unused rows
+    expert_out = representable(rng.standard_normal((num_rows, hidden)), dtype_name)
+    d_y = representable(rng.standard_normal((tokens, hidden)), dtype_name)
+    positions = rng.permutation(num_rows)[:tokens * top_k].reshape(tokens, top_k)
+    positions[rng.random(positions.shape) < 0.2] = -1
+    positions = positions.astype(np.int32)
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    d_expert_out, d_weights = _combine_grad_op()(
+        to_tensor(d_y, dtype_name), to_tensor(expert_out, dtype_name), Tensor(positions),
+        Tensor(weights))
+    expected_grad = np.zeros((num_rows, hidden), np.float32)
+    expected_dot = np.zeros(positions.shape)
+    for (token, k), row in np.ndenumerate(positions):
+        if row >= 0:
+            expected_grad[row] = weights[token, k] * d_y[token].astype(np.float32)
+            expected_dot[token, k] = d_y[token] @ expert_out[row]
+    np.testing.assert_array_equal(to_numpy(d_expert_out),
+                                  round_float32_like_kernels(expected_grad, dtype_name))
+    assert_close(d_weights.asnumpy(), expected_dot, 1e-5)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_outputs_larger_than_the_cache(dtype_name):
+    """Outputs above half the last-level cache (8 MiB on the development machine) are written with
+    streaming stores; H = 1029 puts most rows off 16-byte boundaries (unaligned head and tail)."""
+    rng = np.random.default_rng(22)
+    tokens, top_k, num_experts, hidden = 4096, 2, 16, 1029  # y: 8.4 MB bfloat16, 17 MB float32
+    x = representable(rng.standard_normal((tokens, hidden), np.float32), dtype_name)
+    expert_ids = rng.integers(0, num_experts, (tokens, top_k)).astype(np.int32)
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    grouped_x, positions, counts, _ = DispatchKernel(num_experts)(to_tensor(x, dtype_name),
+                                                                  Tensor(expert_ids))
+    _, ref_positions, ref_counts, _ = reference_dispatch(x[:, :1], expert_ids, num_experts, 0)
+    assert np.array_equal(positions.asnumpy(), ref_positions)
+    assert np.array_equal(counts.asnumpy(), ref_counts)
+    grouped = to_numpy(grouped_x)
+    rows_of_token = np.argsort(ref_positions.reshape(-1)) // top_k   # token of each row
+    assert np.array_equal(grouped, x[rows_of_token])
+    y = CombineKernel()(grouped_x, positions, Tensor(weights))
+    expected = round_float32_like_kernels(float32_combine(grouped, ref_positions, weights),
+                                          dtype_name)
+    assert np.array_equal(to_numpy(y), expected)
+
+
+# ---- the unspecified tail of worst-case buffers ----------------------------------------------
+
+@pytest.fixture
+def poisoned_tails(monkeypatch):
+    """Kernels fill the rows past the used rows with NaN instead of leaving them unwritten."""
+    monkeypatch.setenv("MOE_EP_POISON_UNUSED_ROWS", "1")
+
+
+class SwiGLUPipeline(nn.Cell):
+    """dispatch -> grouped matmul -> SiLU-gated (over the whole buffer) -> grouped matmul
+    -> combine: the layer's data flow, in one Cell."""
+
+    def __init__(self, num_experts, capacity, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.dispatch = DispatchKernel(num_experts, capacity)
+        self.up = GroupedMatmul()
+        self.down = GroupedMatmul(transpose_b=True)
+        self.combine = CombineKernel()
+
+    def construct(self, x, expert_ids, routing_weights, up_weights, down_weights):
+        grouped_x, positions, tokens_per_expert, _ = self.dispatch(x, expert_ids)
+        hidden = self.up(grouped_x, up_weights, tokens_per_expert)
+        hidden_float = hidden.astype(ms.float32)  # MindSpore CPU has no bfloat16 SiLU
+        hidden = (ms.ops.silu(hidden_float) * hidden_float).astype(self.dtype)
+        expert_out = self.down(hidden, down_weights, tokens_per_expert)
+        return self.combine(expert_out, positions, routing_weights), grouped_x, expert_out
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_unspecified_tail_is_never_read(mode, dtype_name, monkeypatch):
+    """Forward and gradients are bitwise the same, and finite, when the unspecified tail of
+    grouped_x is NaN (the grouped matmul must not read it, its weight gradient not sum it)."""
+    rng = np.random.default_rng(23)
+    expert_ids, num_experts, capacity = make_case("capacity_drops", rng)   # leaves a tail
+    tokens, top_k = expert_ids.shape
+    x = to_tensor(representable(rng.standard_normal((tokens, HIDDEN)), dtype_name), dtype_name)
+    routing_weights = Tensor(rng.random((tokens, top_k)).astype(np.float32))
+    up_weights = to_tensor(rng.standard_normal((num_experts, HIDDEN, FFN)) * 0.3, dtype_name)
+    down_weights = to_tensor(rng.standard_normal((num_experts, HIDDEN, FFN)) * 0.3, dtype_name)
+    d_y = Tensor(rng.standard_normal((tokens, HIDDEN)).astype(np.float32))
+    net = SwiGLUPipeline(num_experts, capacity, DTYPES[dtype_name])
+
+    def loss(*inputs):
+        return (net(*inputs)[0].astype(ms.float32) * d_y).sum()
+
+    def run():
+        inputs = (x, Tensor(expert_ids), routing_weights, up_weights, down_weights)
+        y, grouped_x, expert_out = net(*inputs)
+        grads = ms.grad(loss, grad_position=(0, 2, 3, 4))(*inputs)
+        return [to_numpy(t) for t in (y, *grads)], to_numpy(grouped_x), to_numpy(expert_out)
+
+    clean, _, _ = run()
+    monkeypatch.setenv("MOE_EP_POISON_UNUSED_ROWS", "1")
+    poisoned, grouped_x, expert_out = run()
+    _, _, counts, _ = reference_dispatch(np.zeros((tokens, 1)), expert_ids, num_experts, capacity)
+    used = int(counts.sum())
+    assert used < grouped_x.shape[0] and np.isnan(grouped_x[used:]).all()  # poisoning is on
+    # The grouped matmul's output tail is zero (it feeds SiLU, which is NaN-sensitive as a whole).
+    assert not expert_out[used:].any()
+    for before, after in zip(clean, poisoned):
+        assert np.isfinite(after).all()
+        assert np.array_equal(before, after)
+
+
+def test_layer_with_unspecified_tail_matches_reference(poisoned_tails):
+    """A whole MoELayer with capacity drops (so a tail exists), forward and backward, against
+    the float64 reference while every unspecified tail row is NaN."""
+    from reference import numpy_moe as ref
+    from test_layer_vs_reference import (_grad_case, assert_scaled_close, build_layer,
+                                         layer_grads)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    cfg, params, x, grad_out, shared = _grad_case("softmax_capacity_switch_2d", seed=801)
+    assert ref.moe_forward(params, x, cfg)[1]["num_dropped"] > 0
+    layer = build_layer(cfg, params, shared=shared)
+    y_ref, _ = ref.moe_forward(params, x, cfg)
+    y = to_numpy(layer(ms.Tensor(x, ms.float32)))
+    assert_scaled_close(y, y_ref, 1e-5, "output")
+    _, expected = ref.moe_loss_and_grads(params, x, grad_out, cfg)
+    got = layer_grads(layer, x, grad_out)
+    for key in sorted(expected):
+        assert np.isfinite(got[key]).all(), key
+        assert_scaled_close(got[key], expected[key], 5e-5, f"d {key}")
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -434,8 +646,7 @@ def test_masked_expert_id_gets_no_row_and_is_not_a_drop():
     np.testing.assert_array_equal(counts, [1, 0, 1, 0])
     assert dropped.sum() == 1  # the second row for expert 2 exceeds capacity 1; -1 slots are not drops
     np.testing.assert_array_equal(grouped[0], x[2])
-    np.testing.assert_array_equal(grouped[1], x[0])
-    assert not grouped[2:].any()
+    np.testing.assert_array_equal(grouped[1], x[0])  # rows 2.. are unspecified
 
 
 def test_graph_mode_cell_call_explains_errors_by_itself():

@@ -11,6 +11,7 @@
 #define MOE_EP_GEMM_BACKEND_H_
 
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -36,19 +37,21 @@ void Gemm(const GemmProblem &problem, const BFloat16 *a, const BFloat16 *b, floa
 bool HasFastBFloat16Gemm();
 
 // Runs compute(a, b, out) where a and b hold the inputs in an element type Gemm() accepts
-// (T itself when possible, else float32 copies) and out is a float32 buffer of out_count
-// elements, then stores out into `destination` as T. For float32 nothing is copied.
+// (T itself when possible, else float32 copies of their first a_count / b_count elements) and
+// out is a float32 buffer of out_count elements, which compute must fill, then stores out into
+// the first out_count elements of `destination` as T. For float32 nothing is copied.
 template <typename T, typename Compute>
 void ComputeWithGemmTypes(const T *a, int64_t a_count, const T *b, int64_t b_count,
                           T *destination, int64_t out_count, Compute &&compute) {
   if constexpr (std::is_same_v<T, float>) {
     compute(a, b, destination);
   } else {
-    std::vector<float> out(out_count);
+    const std::unique_ptr<float[]> out_buffer(new float[out_count]);  // not zero-filled
+    float *out = out_buffer.get();
     bool computed = false;
     if constexpr (std::is_same_v<T, BFloat16>) {
       if (HasFastBFloat16Gemm()) {
-        compute(a, b, out.data());
+        compute(a, b, out);
         computed = true;
       }
     }
@@ -56,9 +59,9 @@ void ComputeWithGemmTypes(const T *a, int64_t a_count, const T *b, int64_t b_cou
       std::vector<float> a_float(a_count), b_float(b_count);
       ConvertArray(a, a_count, a_float.data());
       ConvertArray(b, b_count, b_float.data());
-      compute(a_float.data(), b_float.data(), out.data());
+      compute(a_float.data(), b_float.data(), out);
     }
-    ConvertArray(out.data(), out_count, destination);
+    ConvertArray(out, out_count, destination);
   }
 }
 

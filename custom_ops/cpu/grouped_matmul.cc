@@ -7,11 +7,19 @@
 //   MoeEpGroupedMatmulWeightGrad   a [N, P], b [N, Q], tokens_per_expert [E] int32
 //                                  -> out [E, P, Q], out[e] = a_e^T @ b_e
 //
-// Group e is the tokens_per_expert[e] consecutive rows after the rows of groups 0..e-1; rows past
-// the sum of tokens_per_expert produce zeros. The work is cut into fixed-size blocks (independent
-// of the thread count, so results do not depend on it) that run on KernelThreadCount() threads;
-// every block writes its own part of the output.
+// Group e is the tokens_per_expert[e] consecutive rows after the rows of groups 0..e-1. Only the
+// used rows (the first sum(tokens_per_expert)) are read, so rows past them may hold anything
+// (the dispatch leaves them unspecified), and the weight gradient sums over the used rows only.
+// Output rows past the used rows are zero (written with memset, not computed). They stay zero on
+// purpose: the output feeds MindSpore's SiLU, whose CPU kernel changes the result of every
+// element (by up to 1 ulp, measured) when any element of the tensor is NaN, so an unspecified
+// tail would make the layer's output depend on leftover memory.
+//
+// The work is cut into fixed-size blocks (independent of the thread count, so results do not
+// depend on it) that run on KernelThreadCount() threads; every block writes its own part of the
+// output.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "gemm_backend.h"
@@ -82,11 +90,11 @@ void RunBlocks(const std::vector<Block> &blocks, GemmOfBlock &&gemm_of) {
   });
 }
 
-// out [N, N_out] = rows of group e @ W_e, where W_e is weights[e] (or its transpose).
+// out [used rows, N_out] = rows of group e @ W_e, where W_e is weights[e] (or its transpose).
 // T is an element type Gemm() accepts (float or BFloat16); out is float32.
 template <typename T>
-void GroupedMatmul(const T *rows, int64_t num_rows, int64_t k_in, const T *weights,
-                   int64_t n_out, bool transpose_b, const Groups &groups, float *out) {
+void GroupedMatmul(const T *rows, int64_t k_in, const T *weights, int64_t n_out,
+                   bool transpose_b, const Groups &groups, float *out) {
   const std::vector<Block> blocks =
       MakeBlocks(groups, [&](int64_t expert) { return groups.size(expert); });
   RunBlocks(blocks, [&](const Block &block) {
@@ -102,8 +110,6 @@ void GroupedMatmul(const T *rows, int64_t num_rows, int64_t k_in, const T *weigh
     Gemm(problem, rows + first_row * k_in, weights + block.expert * k_in * n_out,
          out + first_row * n_out);
   });
-  const int64_t used_rows = groups.total_rows();
-  std::fill(out + used_rows * n_out, out + num_rows * n_out, 0.0f);
 }
 
 // out[e] [P, Q] = a_e^T @ b_e; experts without rows get zeros. Blocks split the P rows of out[e].
@@ -145,16 +151,19 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
   out.RequireDim(0, num_rows, "rows.shape[0]");
   out.RequireDim(1, n_out, "N_out of weights");
   const Groups groups = GroupsOf(tokens_per_expert, num_rows);
+  const int64_t used_rows = groups.total_rows();
 
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
+    // Only the used rows are converted (16-bit types) and computed; the tail is zeroed below.
     ComputeWithGemmTypes(
-        rows.data_as<const T>(), rows.numel(), weights.data_as<const T>(), weights.numel(),
-        out.data_as<T>(), out.numel(),
+        rows.data_as<const T>(), used_rows * k_in, weights.data_as<const T>(), weights.numel(),
+        out.data_as<T>(), used_rows * n_out,
         [&](const auto *rows_data, const auto *weight_data, float *out_data) {
-          GroupedMatmul(rows_data, num_rows, k_in, weight_data, n_out, transpose_b, groups,
-                        out_data);
+          GroupedMatmul(rows_data, k_in, weight_data, n_out, transpose_b, groups, out_data);
         });
+    std::memset(out.data_as<T>() + used_rows * n_out, 0,
+                (num_rows - used_rows) * n_out * sizeof(T));
   });
 }
 
@@ -172,10 +181,13 @@ void RunGroupedWeightGrad(const std::vector<TensorArg> &args) {
   out.RequireDim(1, a.dim(1), "a.shape[1]");
   out.RequireDim(2, b.dim(1), "b.shape[1]");
   const Groups groups = GroupsOf(tokens_per_expert, a.dim(0));
+  const int64_t used_rows = groups.total_rows();
 
   VisitFloatType(a, [&](auto element) {
     using T = decltype(element);
-    ComputeWithGemmTypes(a.data_as<const T>(), a.numel(), b.data_as<const T>(), b.numel(),
+    // Sums over the used rows only: the rows past them may hold anything, even NaN.
+    ComputeWithGemmTypes(a.data_as<const T>(), used_rows * a.dim(1), b.data_as<const T>(),
+                         used_rows * b.dim(1),
                          out.data_as<T>(), out.numel(),
                          [&](const auto *a_data, const auto *b_data, float *out_data) {
                            GroupedWeightGrad(a_data, a.dim(1), b_data, b.dim(1), groups,

@@ -2,7 +2,11 @@
 
 Each Cell wraps an ``ops.Custom`` AOT kernel from ``custom_ops/cpu`` (see docs/architecture.md for
 the contracts). Shapes are static; the number of rows each expert receives is data-dependent, so
-outputs are worst-case sized buffers plus counts, with the unused tail zeroed.
+outputs are worst-case sized buffers plus counts. Every kernel reads only the used rows (the first
+``sum(tokens_per_expert)``) or the rows ``positions`` names. The dispatch leaves the rows of
+``grouped_x`` past the used rows unspecified (not written; its only consumer is the grouped
+matmul). The grouped matmul's output rows past the used rows are zero: they feed MindSpore's
+SiLU, whose CPU kernel changes every element's result (by ~1 ulp) when any element is NaN.
 
 All three work under ``mindspore.grad`` / ``value_and_grad`` in PYNATIVE and GRAPH_MODE. Integer
 inputs (expert ids, positions, counts) get zero gradients. Kernel failures are re-raised as
@@ -54,8 +58,9 @@ def gather_sum_op() -> ops.Custom:
 def _combine_grad_op() -> ops.Custom:
     """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K].
 
-    d_expert_out[positions[t, k]] = weights[t, k] * dy[t] (unused rows 0), and
-    d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped).
+    d_expert_out[positions[t, k]] = weights[t, k] * dy[t] (rows no position names: 0), and
+    d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped; on AVX2
+    CPUs summed over H in 16 partial sums, so it may differ from a sequential sum by rounding).
     """
     def output_shapes(dy, expert_out, positions, weights):
         return expert_out, weights
@@ -105,7 +110,8 @@ class DispatchKernel(_KernelCell):
     """Groups token rows by expert (stable counting sort; optional per-expert capacity).
 
     ``(x [T, H], expert_ids [T, K] int32)`` -> ``(grouped_x [T*K, H], positions [T, K] int32,
-    tokens_per_expert [E] int32, num_dropped [1] int32)``. ``positions[t, k]`` is the row of
+    tokens_per_expert [E] int32, num_dropped [1] int32)``. Rows of ``grouped_x`` past
+    ``sum(tokens_per_expert)`` are unspecified. ``positions[t, k]`` is the row of
     ``grouped_x`` holding token t for its k-th expert, or -1 if dropped by ``capacity``
     (0 = dropless; a call may pass its own ``capacity`` tensor, e.g. one derived from the token
     count). Gradient: ``dx[t] = sum_k d_grouped_x[positions[t, k]]``.
@@ -155,7 +161,8 @@ class CombineKernel(_KernelCell):
 
     ``(expert_out [N, H], positions [T, K] int32, weights [T, K] float32)`` -> ``y [T, H]`` with
     ``y[t] = sum_k weights[t, k] * expert_out[positions[t, k]]`` (skipping -1), accumulated in
-    float32 in k order. Gradients flow to ``expert_out`` and ``weights``.
+    float32 in k order. Reads only the rows ``positions`` names. Gradients flow to
+    ``expert_out`` (zero for rows no position names) and ``weights``.
     """
 
     def __init__(self):
@@ -181,8 +188,9 @@ class GroupedMatmul(_KernelCell):
 
     ``(rows [N, K_in], weights [E, K_in, N_out], tokens_per_expert [E] int32)`` -> ``[N, N_out]``
     (``weights`` is ``[E, N_out, K_in]`` with ``transpose_b=True``). Group e is the next
-    ``tokens_per_expert[e]`` rows; rows past the total are zero. float32 and bfloat16 use oneDNN,
-    float16 is computed in float32.
+    ``tokens_per_expert[e]`` rows. Rows past the total are not read (they may hold anything) and
+    give zero output rows (also in the gradient of ``rows``); the weight gradient sums over the
+    used rows only. float32 and bfloat16 use oneDNN, float16 is computed in float32.
     """
 
     def __init__(self, transpose_b: bool = False):

@@ -14,6 +14,8 @@ def dispatch(x: np.ndarray, expert_ids: np.ndarray, num_experts: int,
 
     ``capacity > 0`` keeps the first ``capacity`` pairs of each expert in that order.
     Returns grouped_x [T*K, H], positions [T, K], tokens_per_expert [E], num_dropped [1].
+    Rows of grouped_x past sum(tokens_per_expert) are zero here; the kernel leaves them
+    unspecified, so compare only the used rows.
     """
     tokens, top_k = expert_ids.shape
     pairs = [(int(expert_ids[t, k]), t, k) for t in range(tokens) for k in range(top_k)
