@@ -14,8 +14,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from .initializers import TensorId, normal_array, stacked_expert_normal
-from .ops import GroupedMatmul
-from .ops.activations import GroupedSwiGLU
+from .ops import GroupedMatmul, GroupedSwiGLU
 from .runtime import ascend_backend_active
 
 

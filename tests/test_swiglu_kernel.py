@@ -4,8 +4,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from mindspore_moe_ep.ops import KernelError, explain_kernel_errors
-from mindspore_moe_ep.ops.activations import GroupedSwiGLU
+from mindspore_moe_ep.ops import GroupedSwiGLU, KernelError, explain_kernel_errors
 
 DTYPES = {"float32": (ms.float32, 2e-6), "float16": (ms.float16, 2e-3),
           "bfloat16": (ms.bfloat16, 1.6e-2)}

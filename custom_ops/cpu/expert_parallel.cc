@@ -259,6 +259,12 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   });
   // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail);
   // expand_info marks them -1, which is what the combine reads.
+  if (PoisonUnusedRows()) {
+    VisitFloatType(x, [&](auto element) {
+      using T = decltype(element);
+      FillWithNaN(expand_x.data_as<T>() + total * hidden, (capacity_rows - total) * hidden);
+    });
+  }
   std::fill(info + total * 2, info + capacity_rows * 2, kNone);
   for (int64_t source = 0; source < world_size; ++source) {
     recv_counts.data_as<int32_t>()[source] = received[source];

@@ -10,10 +10,10 @@
 // Group e is the tokens_per_expert[e] consecutive rows after the rows of groups 0..e-1. Only the
 // used rows (the first sum(tokens_per_expert)) are read, so rows past them may hold anything
 // (the dispatch leaves them unspecified), and the weight gradient sums over the used rows only.
-// Output rows past the used rows are zero (written with memset, not computed). They stay zero on
-// purpose: the output feeds MindSpore's SiLU, whose CPU kernel changes the result of every
-// element (by up to 1 ulp, measured) when any element of the tensor is NaN, so an unspecified
-// tail would make the layer's output depend on leftover memory.
+// Output rows past the used rows are unspecified too (not written): the experts' activation is
+// the GroupedSwiGLU kernel, which reads only the used rows. (MindSpore's own CPU SiLU would not
+// do: it changes the result of every element by up to 1 ulp when any element of the tensor is
+// NaN, so it must never see such a tail.)
 //
 // The work is cut into fixed-size blocks (independent of the thread count, so results do not
 // depend on it) that run on KernelThreadCount() threads; every block writes its own part of the
@@ -155,15 +155,16 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
 
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    // Only the used rows are converted (16-bit types) and computed; the tail is zeroed below.
+    // Only the used rows are converted (16-bit types) and computed; the tail is not written.
     ComputeWithGemmTypes(
         rows.data_as<const T>(), used_rows * k_in, weights.data_as<const T>(), weights.numel(),
         out.data_as<T>(), used_rows * n_out,
         [&](const auto *rows_data, const auto *weight_data, float *out_data) {
           GroupedMatmul(rows_data, k_in, weight_data, n_out, transpose_b, groups, out_data);
         });
-    std::memset(out.data_as<T>() + used_rows * n_out, 0,
-                (num_rows - used_rows) * n_out * sizeof(T));
+    if (PoisonUnusedRows()) {
+      FillWithNaN(out.data_as<T>() + used_rows * n_out, (num_rows - used_rows) * n_out);
+    }
   });
 }
 

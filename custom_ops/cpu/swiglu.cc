@@ -225,6 +225,7 @@ void SwiGLU(const std::vector<TensorArg> &args) {
 #endif
       SwiGLURowsScalar(in, ffn, first, last, out);
     });
+    if (PoisonUnusedRows()) FillWithNaN(out + used * ffn, (gate_up.dim(0) - used) * ffn);
   });
 }
 
@@ -248,6 +249,7 @@ void SwiGLUGrad(const std::vector<TensorArg> &args) {
 #endif
       SwiGLUGradRowsScalar(d_out, in, ffn, first, last, d_in);
     });
+    if (PoisonUnusedRows()) FillWithNaN(d_in + used * 2 * ffn, (gate_up.dim(0) - used) * 2 * ffn);
   });
 }
 

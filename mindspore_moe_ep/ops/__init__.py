@@ -1,12 +1,15 @@
-"""Kernels behind small Python interfaces: the local dispatch / combine / grouped matmul Cells."""
+"""Kernels behind small Python interfaces: the local dispatch, combine, grouped matmul and
+SwiGLU Cells."""
 from .kernel_library import (KernelError, KernelLibraryNotFoundError, explain_kernel_errors,
                              gemm_backend, kernel_func, set_gemm_backend)
+from .activations import GroupedSwiGLU
 from .local_kernels import CombineKernel, DispatchKernel, GroupedMatmul
 
 __all__ = [
     "CombineKernel",
     "DispatchKernel",
     "GroupedMatmul",
+    "GroupedSwiGLU",
     "KernelError",
     "KernelLibraryNotFoundError",
     "explain_kernel_errors",

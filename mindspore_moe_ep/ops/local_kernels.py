@@ -5,8 +5,10 @@ the contracts). Shapes are static; the number of rows each expert receives is da
 outputs are worst-case sized buffers plus counts. Every kernel reads only the used rows (the first
 ``sum(tokens_per_expert)``) or the rows ``positions`` names. The dispatch leaves the rows of
 ``grouped_x`` past the used rows unspecified (not written; its only consumer is the grouped
-matmul). The grouped matmul's output rows past the used rows are zero: they feed MindSpore's
-SiLU, whose CPU kernel changes every element's result (by ~1 ulp) when any element is NaN.
+matmul), and so does the grouped matmul (its consumers are the GroupedSwiGLU kernel and the
+combine). Never feed such a buffer to MindSpore's element-wise ops: its CPU SiLU, for one,
+changes every element's result (by ~1 ulp) when any element is NaN. The environment variable
+MOE_EP_POISON_UNUSED_ROWS=1 makes the kernels fill those rows with NaN, for tests.
 
 All three work under ``mindspore.grad`` / ``value_and_grad`` in PYNATIVE and GRAPH_MODE. Integer
 inputs (expert ids, positions, counts) get zero gradients. Kernel failures are re-raised as
@@ -189,8 +191,8 @@ class GroupedMatmul(_KernelCell):
     ``(rows [N, K_in], weights [E, K_in, N_out], tokens_per_expert [E] int32)`` -> ``[N, N_out]``
     (``weights`` is ``[E, N_out, K_in]`` with ``transpose_b=True``). Group e is the next
     ``tokens_per_expert[e]`` rows. Rows past the total are not read (they may hold anything) and
-    give zero output rows (also in the gradient of ``rows``); the weight gradient sums over the
-    used rows only. float32 and bfloat16 use oneDNN, float16 is computed in float32.
+    their output rows are unspecified (also in the gradient of ``rows``); the weight gradient
+    sums over the used rows only. float32 and bfloat16 use oneDNN, float16 is computed in float32.
     """
 
     def __init__(self, transpose_b: bool = False):
