@@ -578,6 +578,8 @@ class SharedMemoryWindow final : public CommWindow {
   // work to do needs).
   static constexpr double kSpinSecondsWithFreeCores = 20e-6;
   static constexpr double kSpinSecondsWhenOversubscribed = 2e-6;
+  // Payloads up to this size travel through the slot in any case (see TrySend).
+  static constexpr int64_t kSmallMessageBytes = 64 << 10;
 
   RankRecord &record(int rank) const {
     return *reinterpret_cast<RankRecord *>(segment_.bytes() + layout_.ranks_offset +
@@ -828,7 +830,13 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
 
 bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t step,
                                  PeerProgress &progress) {
-  if (sends_by_address_[peer]) return TrySendByAddress(peer, exchange, step, progress);
+  // Small payloads take the slot even where single copy is possible: one more copy of a few
+  // kilobytes costs less than waiting for the receiver's acknowledgement.
+  const bool fits_small_slot_message =
+      progress.send_bytes <= std::min<int64_t>(layout_.slot_bytes, kSmallMessageBytes);
+  if (sends_by_address_[peer] && !fits_small_slot_message) {
+    return TrySendByAddress(peer, exchange, step, progress);
+  }
   SlotHeader &message = slot_header(options_.rank, peer);
   const uint64_t published = message.published.load(std::memory_order_relaxed);
   if (message.consumed.load(std::memory_order_acquire) != published) {
@@ -948,11 +956,13 @@ void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
          exchange.capacity, "; send_rows must have the same shape and dtype on every rank",
          Where());
   }
-  const MessageKind expected_kind =
-      receive_transport() == kSingleCopy ? kRowsInSenderMemory : kRowsInSlot;
+  // A rank receiving by single copy also takes small payloads through the slot (TrySend).
+  const bool kind_allowed = message.kind == kRowsInSlot ||
+                            (message.kind == kRowsInSenderMemory &&
+                             receive_transport() == kSingleCopy && progress.receive_bytes < 0);
   const int64_t expected_offset = progress.receive_bytes < 0 ? 0 : progress.received_bytes;
   const int64_t total_bytes = message.total_rows * exchange.row_bytes;
-  if (message.kind != expected_kind || message.total_rows < 0 ||
+  if (!kind_allowed || message.total_rows < 0 ||
       message.total_rows > exchange.capacity || message.chunk_offset != expected_offset ||
       message.chunk_bytes < 0 || message.chunk_offset + message.chunk_bytes > total_bytes ||
       (message.kind == kRowsInSenderMemory && message.chunk_bytes != total_bytes)) {

@@ -10,9 +10,11 @@
 //     buffer with process_vm_readv (cross-memory attach). The sender stays in the exchange
 //     until every receiver has acknowledged (consumed) its message, so its buffer outlives the
 //     reads;
-//   - through the slot (the fallback): the sender copies rows into its slot and the receiver
-//     copies them out; payloads larger than a slot travel as several messages (chunks), so an
-//     exchange never drops rows and never fails because of its size.
+//   - through the slot (the fallback, and for small payloads, up to 64 KiB, in any case: a
+//     second copy of a few kilobytes costs less than waiting for the acknowledgement): the
+//     sender copies rows into its slot and the receiver copies them out; payloads larger than a
+//     slot travel as several messages (chunks), so an exchange never drops rows and never fails
+//     because of its size.
 // Which way is decided once, when the window opens: every rank probes whether it can read
 // its peers' memory (process_vm_readv may be forbidden by Yama, seccomp or a missing
 // capability) and records the answer in the window; rows to a rank travel by single copy if
