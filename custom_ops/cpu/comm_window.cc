@@ -298,7 +298,8 @@ int UsableCpus() {
 // check has also bumped the doorbell, so Wait returns at once instead of missing the wake-up.
 // Wait spins briefly (a peer often answers within microseconds), then sleeps on the futex for
 // at most kSleepSlice. It returns true when the caller should check on its peers (dead, failed,
-// timed out): after a sleep that nobody ended, and at least every kCheckInterval.
+// timed out): whenever kCheckInterval has passed since the last check, so after every sleep
+// that nobody ended.
 class DoorbellWaiter {
  public:
   // `spin_seconds`: how long to spin before sleeping.
