@@ -1,10 +1,12 @@
 """Multi-process tests of the row exchange (shared-memory window and AllGather fallback).
 
-- One msrun launch per world size (2 and 4) runs every exchange case of
+- One msrun launch per world size (2 and 4) and window transport (single copy, the default,
+  and the slots, forced with MOE_EP_WINDOW_TRANSPORT=slots) runs every exchange case of
   distributed/exchange_worker.py in PYNATIVE_MODE and then GRAPH_MODE; the tests below read the
   per-rank reports.
-- One plain-process launch (distributed/fault_worker.py) injects a stalled and a killed rank:
-  msrun would kill the survivors as soon as the victim dies, so it cannot show what they report.
+- One plain-process launch per window transport (distributed/fault_worker.py) injects a stalled
+  and a killed rank: msrun would kill the survivors as soon as the victim dies, so it cannot
+  show what they report.
 - Segment validation (stale or foreign segments, missing peers, /dev/shm space) runs in this
   process with one-rank and would-be two-rank windows.
 """
@@ -22,6 +24,7 @@ MSRUN = os.path.join(os.path.dirname(sys.executable), "msrun")
 SHM_DIR = "/dev/shm"
 FAULT_TIMEOUT_S = 3.0
 SLACK_S = 5.0  # scheduling slack on a loaded 2-core machine
+TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(MSRUN), reason="msrun is not installed")
 
@@ -30,13 +33,25 @@ def segment_exists(name: str) -> bool:
     return os.path.exists(os.path.join(SHM_DIR, name))
 
 
+def single_copy_expected() -> bool:
+    """Whether windows here should use single copy: Yama's ptrace_scope >= 2 forbids it."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope", encoding="ascii") as scope:
+            return int(scope.read()) <= 1
+    except OSError:
+        return True  # no Yama
+
+
 # ---- msrun launches ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
+@pytest.fixture(scope="module", params=[(2, "auto"), (4, "auto"), (2, "slots"), (4, "slots")],
+                ids=lambda param: f"world{param[0]}-{param[1]}")
 def exchange_run(request):
+    world, transport = request.param
     result = launch.run_msrun(os.path.join("tests", "distributed", "exchange_worker.py"),
-                              request.param, timeout_s=200)
-    assert result.returncode == 0 and len(result.results) == request.param, result.describe()
+                              world, timeout_s=300, env={TRANSPORT_VARIABLE: transport})
+    assert result.returncode == 0 and len(result.results) == world, result.describe()
+    result.transport = transport
     yield result
     launch.remove_launch_files(result)
 
@@ -49,8 +64,22 @@ def test_every_exchange_case_passes_on_every_rank(exchange_run):
     for report in exchange_run.results.values():
         cases = {name.split("/")[1] for name, _, _ in report["checks"]}
         assert {"placement", "chunked", "gradient", "allgather_equals_shm",
-                "repeated_runs_identical", "three_exchanges", "two_rank_groups"} <= cases
+                "repeated_runs_identical", "three_exchanges", "two_rank_groups",
+                "window_transports", "large_payload", "keep_tail"} <= cases
         assert report["auto_transport"] == "ExchangeRows"  # all ranks on this host
+
+
+def test_windows_use_the_requested_transport(exchange_run):
+    default = "slots" if exchange_run.transport == "slots" else "single_copy"
+    if default == "single_copy" and not single_copy_expected():
+        pytest.skip("Yama ptrace_scope >= 2: single copy is unavailable on this machine")
+    for report in exchange_run.results.values():
+        transports = report["window_transports"]
+        # "tiny" (64-byte slots) under single copy: payloads larger than a slot in one read
+        for name in ("main", "tiny", "pair"):
+            assert transports[name] == default, transports
+        assert transports["slots"] == "slots", transports
+        assert transports["mixed"] == "mixed", transports  # explicit arguments, not the env
 
 
 def test_graph_mode_neither_prunes_nor_reorders_exchanges(exchange_run):
@@ -82,10 +111,11 @@ def test_no_segment_is_left_in_dev_shm(exchange_run):
 
 # ---- faults (plain processes) -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fault_run():
+@pytest.fixture(scope="module", params=["auto", "slots"])
+def fault_run(request):
     result = launch.run_local(os.path.join("tests", "distributed", "fault_worker.py"), 3,
-                              [str(FAULT_TIMEOUT_S)], timeout_s=120)
+                              [str(FAULT_TIMEOUT_S)], timeout_s=120,
+                              env={TRANSPORT_VARIABLE: request.param})
     assert len(result.results) == 3, result.describe()
     yield result
     launch.remove_launch_files(result)
@@ -130,7 +160,7 @@ def test_no_segment_is_left_after_kill_9(fault_run):
 # ---- segment validation (this process) --------------------------------------------------------
 
 SEGMENT_MAGIC = 0x4E49575045454F4D  # "MOEEPWIN"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 SLOT_BYTES = 4096
 
 
@@ -192,6 +222,25 @@ def test_creating_rank_replaces_a_stale_segment(window_api):
         expected = rows.copy()
         expected[3] = 0
         assert (recv_rows.asnumpy() == expected).all() and recv_counts.asnumpy().tolist() == [3]
+
+
+def test_unknown_window_transport_is_refused(window_api):
+    with pytest.raises(ValueError, match=r"window transport must be one of \('auto', 'slots'\)"):
+        window_api.CommWindow.open([0], 0, SLOT_BYTES, job_token=secrets.token_hex(16),
+                                   window_transport="fast")
+
+
+def test_keep_tail_in_a_group_of_one(window_api):
+    import numpy as np
+    from mindspore import Tensor
+    from mindspore_moe_ep.comm import ExchangeRows
+
+    with window_api.CommWindow.open([0], 0, SLOT_BYTES, job_token=secrets.token_hex(16)) as window:
+        rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+        recv_rows, recv_counts = ExchangeRows(window, 4, zero_tail=False)(
+            Tensor(rows), Tensor(np.array([3], np.int32)))
+        assert (recv_rows.asnumpy()[:3] == rows[:3]).all()  # row 3: unspecified
+        assert recv_counts.asnumpy().tolist() == [3]
 
 
 def test_missing_peer_fails_attach_and_leaves_nothing(window_api):

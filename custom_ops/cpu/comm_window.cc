@@ -1,14 +1,18 @@
 // Shared-memory communication windows: segment creation and validation, the row exchange
-// protocol, failure detection, and the C interface used by Python (see comm_window.h).
+// protocol (single copy or through slots), waiting on doorbells, failure detection, and the C
+// interface used by Python (see comm_window.h).
 #include "comm_window.h"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,11 +20,13 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <iomanip>
 #include <map>
 #include <mutex>
 #include <new>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -38,7 +44,7 @@ namespace {
 constexpr char kSegmentNamePrefix[] = "/moe-ep-";
 constexpr char kSharedMemoryDirectory[] = "/dev/shm";
 constexpr uint64_t kSegmentMagic = 0x4e49575045454f4dULL;  // the bytes "MOEEPWIN"
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;  // 2: doorbells, transport records, single-copy messages
 constexpr int kJobTokenBytes = 16;
 constexpr size_t kCacheLine = 64;
 constexpr size_t kFailureMessageBytes = 512;
@@ -59,12 +65,37 @@ struct alignas(kCacheLine) SegmentHeader {
   std::atomic<uint32_t> ready;
 };
 
+// How the rows sent to a rank travel (RankRecord::transport; the receiver decides).
+enum Transport : uint32_t {
+  kUndecided = 0,   // the rank has not finished probing its peers yet
+  kSlots = 1,       // through the slots (two copies)
+  kSingleCopy = 2,  // the rank reads its peers' send buffers directly (process_vm_readv)
+};
+
 // What one rank tells the others about itself.
 struct alignas(kCacheLine) RankRecord {
   std::atomic<int64_t> pid;            // 0 until the rank has attached
   std::atomic<uint64_t> entered_step;  // the last exchange step the rank entered
   std::atomic<uint64_t> failed_step;   // 0, or the step in which the rank failed
+  std::atomic<uint32_t> transport;     // a Transport; kUndecided while the window opens
+  // The single-copy probe: `probe_address` in the rank's memory holds `probe_value`. Written
+  // before pid.
+  uint64_t probe_address;
+  uint64_t probe_value;
   char failure[kFailureMessageBytes];  // why it failed; written before failed_step
+
+  // Written by the peers (own cache line). The doorbell is a futex word: a peer bumps it and
+  // wakes the rank after publishing a message to it or consuming a message from it, and after
+  // a failure. `sleepers` counts the rank's threads blocked on it, so that the peers make the
+  // wake system call only when someone sleeps.
+  alignas(kCacheLine) std::atomic<uint32_t> doorbell;
+  std::atomic<uint32_t> sleepers;
+};
+
+// Where the rows of a message are.
+enum MessageKind : uint32_t {
+  kRowsInSlot = 1,          // chunk_bytes bytes in the slot's payload
+  kRowsInSenderMemory = 2,  // all rows at source_address in the sender's memory (single copy)
 };
 
 // The header of the slot carrying messages from one rank to another. A message is present
@@ -78,6 +109,8 @@ struct alignas(kCacheLine) SlotHeader {
   int64_t capacity;
   int64_t chunk_offset;             // byte offset of this chunk within those rows
   int64_t chunk_bytes;
+  uint32_t kind;                    // a MessageKind
+  uint64_t source_address;          // kRowsInSenderMemory: the rows in the sender's memory
   alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
 };
 
@@ -234,41 +267,83 @@ inline void CpuRelax() {
 #endif
 }
 
-// Waiting without a condition variable: spin briefly, then yield, then sleep in short naps.
-// Wait() says when the caller should check on its peers (dead, failed, timed out).
-class Backoff {
- public:
-  Backoff() { Reset(); }
+// The futex system call on a 32-bit word of the shared segment. Not the _PRIVATE operations:
+// the word is shared between processes (MAP_SHARED), so the kernel must key it by the page.
+long Futex(std::atomic<uint32_t> &word, int operation, uint32_t value,
+           const timespec *timeout = nullptr) {
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex words are 32-bit");
+  return syscall(SYS_futex, reinterpret_cast<uint32_t *>(&word), operation, value, timeout,
+                 nullptr, 0);
+}
 
-  void Reset() {
-    idle_rounds_ = 0;
-    idle_since_ = SecondsSinceStart();
+// Tells a rank that something it may wait for has changed.
+void RingDoorbell(RankRecord &record) {
+  record.doorbell.fetch_add(1, std::memory_order_seq_cst);
+  // Seen no sleeper: any sleeper-to-be registers after our bump, so its FUTEX_WAIT finds the
+  // doorbell changed and returns at once.
+  if (record.sleepers.load(std::memory_order_seq_cst) != 0) {
+    Futex(record.doorbell, FUTEX_WAKE, INT32_MAX);
+  }
+}
+
+// The number of CPUs this process may run on.
+int UsableCpus() {
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return CPU_COUNT(&cpus);
+  return static_cast<int>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+}
+
+// Waiting for peers on this rank's doorbell. The caller reads the doorbell (Observe) *before*
+// checking whether it can progress, and passes that value to Wait: a peer's change after the
+// check has also bumped the doorbell, so Wait returns at once instead of missing the wake-up.
+// Wait spins briefly (a peer often answers within microseconds), then sleeps on the futex for
+// at most kSleepSlice. It returns true when the caller should check on its peers (dead, failed,
+// timed out): whenever kCheckInterval has passed since the last check, so after every sleep
+// that nobody ended.
+class DoorbellWaiter {
+ public:
+  // `spin_seconds`: how long to spin before sleeping.
+  DoorbellWaiter(RankRecord &own, double spin_seconds) : own_(own), spin_seconds_(spin_seconds) {
+    Reset();
+    last_check_ = idle_since_;
   }
 
-  bool Wait() {
-    ++idle_rounds_;
-    if (idle_rounds_ <= kSpinRounds) {
+  uint32_t Observe() const { return own_.doorbell.load(std::memory_order_acquire); }
+
+  // The caller progressed: the timeout counts from now.
+  void Reset() { idle_since_ = SecondsSinceStart(); }
+
+  bool Wait(uint32_t observed) {
+    const double spin_until = SecondsSinceStart() + spin_seconds_;
+    for (int round = 1;; ++round) {
+      if (own_.doorbell.load(std::memory_order_acquire) != observed) return CheckDue();
       CpuRelax();
-      return false;
+      if (round % kRoundsPerClockRead == 0 && SecondsSinceStart() >= spin_until) break;
     }
-    if (idle_rounds_ <= kSpinRounds + kYieldRounds) {
-      sched_yield();
-      return idle_rounds_ % kYieldRoundsPerCheck == 0;
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(kNapMicroseconds));
-    return true;
+    own_.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    Futex(own_.doorbell, FUTEX_WAIT, observed, &kSleepSlice);  // woken, timed out or EAGAIN
+    own_.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    return CheckDue();  // always due after a sleep nobody ended (it lasted kSleepSlice)
   }
 
   double IdleSeconds() const { return SecondsSinceStart() - idle_since_; }
 
  private:
-  static constexpr int64_t kSpinRounds = 256;
-  static constexpr int64_t kYieldRounds = 4096;
-  static constexpr int64_t kYieldRoundsPerCheck = 256;
-  static constexpr int kNapMicroseconds = 100;
+  static constexpr timespec kSleepSlice{0, 2'000'000};  // 2 ms
+  static constexpr double kCheckInterval = 0.002;       // seconds, at most kSleepSlice
+  static constexpr int kRoundsPerClockRead = 64;
 
-  int64_t idle_rounds_ = 0;
+  bool CheckDue() {
+    const double now = SecondsSinceStart();
+    if (now - last_check_ < kCheckInterval) return false;
+    last_check_ = now;
+    return true;
+  }
+
+  RankRecord &own_;
+  const double spin_seconds_;
   double idle_since_ = 0.0;
+  double last_check_ = 0.0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -283,6 +358,7 @@ struct WindowOptions {
   double timeout_s = 0.0;          // longest wait for a peer during an exchange
   double attach_timeout_s = 0.0;   // longest wait for all ranks to attach
   std::string timeout_setting;     // name of the setting behind timeout_s, for messages
+  bool allow_single_copy = true;   // false: rows always travel through the slots
 };
 
 void ValidateOptions(const WindowOptions &options) {
@@ -445,34 +521,67 @@ MappedSegment AttachSegment(const std::string &name, const SegmentLayout &layout
 // How far the exchange with one peer has got in the current step.
 struct PeerProgress {
   int64_t send_bytes = 0;      // bytes of rows to send to the peer
-  int64_t sent_bytes = 0;
+  int64_t sent_bytes = 0;      // bytes published (in the slot or by address)
   bool send_started = false;   // the first message (carrying the row count) is out
+  bool awaiting_ack = false;   // single copy: the peer has not yet read our rows
   int64_t receive_bytes = -1;  // bytes of rows the peer sends us; -1 until its first message
   int64_t received_bytes = 0;
 
-  bool send_done() const { return send_started && sent_bytes == send_bytes; }
+  bool send_done() const { return send_started && sent_bytes == send_bytes && !awaiting_ack; }
   bool receive_done() const { return receive_bytes >= 0 && received_bytes == receive_bytes; }
   bool done() const { return send_done() && receive_done(); }
 };
+
+// Lets processes of our user read this process's memory with process_vm_readv where Yama's
+// ptrace_scope = 1 would restrict that to our ancestors (the ranks are siblings). This widens
+// what other processes of the same user may do to this one (ptrace attach included), which is
+// the price of the single copy; MOE_EP_WINDOW_TRANSPORT=slots avoids it.
+void AllowSiblingsToReadMemory() {
+  std::ifstream scope_file("/proc/sys/kernel/yama/ptrace_scope");
+  int scope = 0;
+  if (scope_file >> scope && scope == 1) prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+}
 
 class SharedMemoryWindow final : public CommWindow {
  public:
   SharedMemoryWindow(int64_t id, const WindowOptions &options, const SegmentLayout &layout,
                      MappedSegment segment)
       : id_(id), options_(options), layout_(layout), segment_(std::move(segment)),
-        monitor_(options.world_size) {}
+        monitor_(options.world_size),
+        spin_seconds_(options.world_size <= UsableCpus() ? kSpinSecondsWithFreeCores
+                                                         : kSpinSecondsWhenOversubscribed),
+        sends_by_address_(options.world_size, false),
+        probe_value_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32)) {}
 
   int world_size() const override { return options_.world_size; }
   int rank() const override { return options_.rank; }
   uint64_t step() const { return step_.load(); }
+  // How rows arrive at this rank (kSlots or kSingleCopy), once the window is open.
+  Transport receive_transport() const {
+    return static_cast<Transport>(record(options_.rank).transport.load());
+  }
+  // Whether rows to `peer` travel by single copy.
+  bool sends_by_address(int peer) const { return sends_by_address_[peer]; }
 
   // Records this rank's pid and waits (until `deadline`) for every rank to do the same.
   void JoinGroup(double deadline);
+  // Probes whether this rank can read its peers' memory, records the answer and waits (until
+  // `deadline`) for every rank's answer; then rows to rank d travel by single copy if rank d
+  // could read all its peers.
+  void AgreeOnTransport(double deadline);
 
   void ExchangeRows(const RowExchange &exchange) override;
   void Abandon(const std::string &reason) override;
 
  private:
+  // Spin this long before sleeping on the doorbell: a few microseconds when every rank has a
+  // core to itself, less when ranks share cores (a spinning rank would hold a core a peer with
+  // work to do needs).
+  static constexpr double kSpinSecondsWithFreeCores = 20e-6;
+  static constexpr double kSpinSecondsWhenOversubscribed = 2e-6;
+  // Payloads up to this size travel through the slot in any case (see TrySend).
+  static constexpr int64_t kSmallMessageBytes = 64 << 10;
+
   RankRecord &record(int rank) const {
     return *reinterpret_cast<RankRecord *>(segment_.bytes() + layout_.ranks_offset +
                                            rank * sizeof(RankRecord));
@@ -487,16 +596,32 @@ class SharedMemoryWindow final : public CommWindow {
   uint8_t *slot_payload(int source, int destination) const {
     return slot(source, destination) + sizeof(SlotHeader);
   }
+  void RingPeers() {
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer != options_.rank) RingDoorbell(record(peer));
+    }
+  }
 
   // " [window 2, rank 0 of 4]": where an error happened.
   std::string Where() const;
   void RequireUsable() const;
   void RequireValidCounts(const RowExchange &exchange) const;
   void RecordFailure(uint64_t step, const std::string &reason);
+  // Waits until is_ready(peer) holds for every peer, failing (with "rank(s) ... did not
+  // <what> within ...") after `deadline` or as soon as a peer exits.
+  template <typename IsReady>
+  void WaitForEveryPeer(double deadline, const char *what, IsReady is_ready);
+  // Whether process_vm_readv reads `peer`'s probe value.
+  bool CanReadMemoryOf(int peer) const;
 
   void RunExchange(const RowExchange &exchange, uint64_t step);
   bool TrySend(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
+  bool TrySendByAddress(int peer, const RowExchange &exchange, uint64_t step,
+                        PeerProgress &progress);
   bool TryReceive(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
+  // Copies `bytes` at `source_address` in `peer`'s memory to `destination`.
+  void ReadPeerMemory(int peer, uint64_t step, uint64_t source_address, uint8_t *destination,
+                      int64_t bytes) const;
   void CheckMessage(int peer, const SlotHeader &message, const RowExchange &exchange,
                     uint64_t step, const PeerProgress &progress) const;
   // Fails if a peer we still wait for has failed or exited, or if we waited too long.
@@ -510,6 +635,9 @@ class SharedMemoryWindow final : public CommWindow {
   const SegmentLayout layout_;
   MappedSegment segment_;
   PeerMonitor monitor_;
+  const double spin_seconds_;
+  std::vector<bool> sends_by_address_;  // per peer: rows to it travel by single copy
+  const uint64_t probe_value_;          // what peers read at &probe_value_ to test single copy
   std::mutex exchange_mutex_;  // one exchange at a time per window
   std::atomic<uint64_t> step_{0};  // exchange steps entered so far
   std::string failure_;        // non-empty once the window is unusable
@@ -522,37 +650,77 @@ std::string SharedMemoryWindow::Where() const {
   return text.str();
 }
 
-void SharedMemoryWindow::JoinGroup(double deadline) {
-  int64_t no_pid = 0;
-  const int64_t own_pid = getpid();
-  if (!record(options_.rank).pid.compare_exchange_strong(no_pid, own_pid)) {
-    Fail(kInternalError, "rank ", options_.rank, " of the communication window is already taken "
-         "by pid ", no_pid, ": two processes were started with the same rank", Where());
-  }
-  Backoff backoff;
+template <typename IsReady>
+void SharedMemoryWindow::WaitForEveryPeer(double deadline, const char *what, IsReady is_ready) {
+  DoorbellWaiter waiter(record(options_.rank), spin_seconds_);
   while (true) {
+    const uint32_t doorbell = waiter.Observe();
     std::vector<int> missing;
     for (int peer = 0; peer < options_.world_size; ++peer) {
       if (peer == options_.rank) continue;
       const int64_t pid = record(peer).pid.load(std::memory_order_acquire);
-      if (pid == 0) {
-        missing.push_back(peer);
-        continue;
+      if (pid != 0) {
+        if (!monitor_.IsWatching(peer)) monitor_.Watch(peer, pid);
+        if (monitor_.HasExited(peer)) {
+          Fail(kInternalError, "rank ", peer, " (pid ", pid,
+               ") exited before all ranks attached to the communication window", Where());
+        }
       }
-      if (!monitor_.IsWatching(peer)) monitor_.Watch(peer, pid);
-      if (monitor_.HasExited(peer)) {
-        Fail(kInternalError, "rank ", peer, " (pid ", pid,
-             ") exited before all ranks attached to the communication window", Where());
-      }
+      if (!is_ready(peer)) missing.push_back(peer);
     }
     if (missing.empty()) return;
     if (SecondsSinceStart() > deadline) {
       std::ostringstream ranks;
       for (size_t i = 0; i < missing.size(); ++i) ranks << (i ? ", " : "") << missing[i];
-      Fail(kInternalError, "rank(s) ", ranks.str(), " did not attach to the communication window "
-           "within ", DescribeSeconds(options_.attach_timeout_s), " (attach_timeout_s)", Where());
+      Fail(kInternalError, "rank(s) ", ranks.str(), " did not ", what, " within ",
+           DescribeSeconds(options_.attach_timeout_s), " (attach_timeout_s)", Where());
     }
-    backoff.Wait();
+    waiter.Wait(doorbell);
+  }
+}
+
+void SharedMemoryWindow::JoinGroup(double deadline) {
+  RankRecord &own = record(options_.rank);
+  if (options_.allow_single_copy) AllowSiblingsToReadMemory();
+  own.probe_address = reinterpret_cast<uint64_t>(&probe_value_);
+  own.probe_value = probe_value_;
+  int64_t no_pid = 0;
+  const int64_t own_pid = getpid();
+  if (!own.pid.compare_exchange_strong(no_pid, own_pid)) {  // publishes the probe fields too
+    Fail(kInternalError, "rank ", options_.rank, " of the communication window is already taken "
+         "by pid ", no_pid, ": two processes were started with the same rank", Where());
+  }
+  RingPeers();
+  WaitForEveryPeer(deadline, "attach to the communication window", [&](int peer) {
+    return record(peer).pid.load(std::memory_order_acquire) != 0;
+  });
+}
+
+bool SharedMemoryWindow::CanReadMemoryOf(int peer) const {
+  const RankRecord &peer_record = record(peer);
+  uint64_t value = 0;
+  iovec local{&value, sizeof(value)};
+  iovec remote{reinterpret_cast<void *>(peer_record.probe_address), sizeof(value)};
+  const ssize_t read = process_vm_readv(static_cast<pid_t>(peer_record.pid.load()), &local, 1,
+                                        &remote, 1, 0);
+  // EPERM (ptrace rules), ENOSYS (no such call), ESRCH (another pid namespace): no single copy.
+  return read == static_cast<ssize_t>(sizeof(value)) && value == peer_record.probe_value;
+}
+
+void SharedMemoryWindow::AgreeOnTransport(double deadline) {
+  bool can_read_all = options_.allow_single_copy;
+  for (int peer = 0; peer < options_.world_size && can_read_all; ++peer) {
+    if (peer != options_.rank) can_read_all = CanReadMemoryOf(peer);
+  }
+  // Peers may still probe us until every rank has answered: probe_value_ must stay put.
+  record(options_.rank).transport.store(can_read_all ? kSingleCopy : kSlots,
+                                        std::memory_order_release);
+  RingPeers();
+  WaitForEveryPeer(deadline, "finish opening the communication window", [&](int peer) {
+    return record(peer).transport.load(std::memory_order_acquire) != kUndecided;
+  });
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    sends_by_address_[peer] = peer != options_.rank && record(peer).transport.load() == kSingleCopy;
   }
 }
 
@@ -580,6 +748,7 @@ void SharedMemoryWindow::RecordFailure(uint64_t step, const std::string &reason)
   std::memcpy(own.failure, reason.data(), length);
   own.failure[length] = '\0';
   own.failed_step.store(step, std::memory_order_release);
+  RingPeers();  // peers sleeping on us learn at once
 }
 
 void SharedMemoryWindow::Abandon(const std::string &reason) {
@@ -605,18 +774,15 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
   const int own_rank = options_.rank;
   const int64_t block_bytes = exchange.capacity * exchange.row_bytes;  // one peer's rows
 
-  // Own rows need no messages.
-  std::memcpy(exchange.recv + own_rank * block_bytes, exchange.send + own_rank * block_bytes,
-              exchange.send_counts[own_rank] * exchange.row_bytes);
-  exchange.recv_counts[own_rank] = exchange.send_counts[own_rank];
-
   std::vector<PeerProgress> progress(options_.world_size);
   int unfinished_peers = options_.world_size - 1;
   for (int peer = 0; peer < options_.world_size; ++peer) {
     progress[peer].send_bytes = exchange.send_counts[peer] * exchange.row_bytes;
   }
-  Backoff backoff;
+  DoorbellWaiter waiter(record(own_rank), spin_seconds_);
+  bool own_rows_copied = false;
   while (unfinished_peers > 0) {
+    const uint32_t doorbell = waiter.Observe();  // before looking: see DoorbellWaiter
     bool progressed = false;
     for (int peer = 0; peer < options_.world_size; ++peer) {
       PeerProgress &peer_progress = progress[peer];
@@ -629,17 +795,31 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
       }
       if (peer_progress.done()) --unfinished_peers;
     }
+    if (!own_rows_copied) {
+      // Own rows need no messages; copied once the messages to the peers are out, so that
+      // they can start reading meanwhile.
+      std::memcpy(exchange.recv + own_rank * block_bytes, exchange.send + own_rank * block_bytes,
+                  exchange.send_counts[own_rank] * exchange.row_bytes);
+      own_rows_copied = true;
+      progressed = true;
+    }
     if (progressed) {
-      backoff.Reset();
-    } else if (backoff.Wait()) {
-      CheckPendingPeers(progress, step, backoff.IdleSeconds());
+      waiter.Reset();
+    } else if (waiter.Wait(doorbell)) {
+      CheckPendingPeers(progress, step, waiter.IdleSeconds());
     }
   }
+  if (!own_rows_copied) {  // a group of one
+    std::memcpy(exchange.recv + own_rank * block_bytes, exchange.send + own_rank * block_bytes,
+                exchange.send_counts[own_rank] * exchange.row_bytes);
+  }
+  exchange.recv_counts[own_rank] = exchange.send_counts[own_rank];
 
-  // Zero the unused tail of every peer's block.
-  for (int source = 0; source < options_.world_size; ++source) {
-    const int64_t used_bytes = exchange.recv_counts[source] * exchange.row_bytes;
-    std::memset(exchange.recv + source * block_bytes + used_bytes, 0, block_bytes - used_bytes);
+  if (exchange.zero_tail) {  // zero the unused tail of every peer's block
+    for (int source = 0; source < options_.world_size; ++source) {
+      const int64_t used_bytes = exchange.recv_counts[source] * exchange.row_bytes;
+      std::memset(exchange.recv + source * block_bytes + used_bytes, 0, block_bytes - used_bytes);
+    }
   }
 
   // A peer may have given up on this step after handing us all its rows (e.g. it timed out
@@ -651,6 +831,13 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
 
 bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t step,
                                  PeerProgress &progress) {
+  // Small payloads take the slot even where single copy is possible: one more copy of a few
+  // kilobytes costs less than waiting for the receiver's acknowledgement.
+  const bool fits_small_slot_message =
+      progress.send_bytes <= std::min<int64_t>(layout_.slot_bytes, kSmallMessageBytes);
+  if (sends_by_address_[peer] && !fits_small_slot_message) {
+    return TrySendByAddress(peer, exchange, step, progress);
+  }
   SlotHeader &message = slot_header(options_.rank, peer);
   const uint64_t published = message.published.load(std::memory_order_relaxed);
   if (message.consumed.load(std::memory_order_acquire) != published) {
@@ -666,9 +853,42 @@ bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t
   message.capacity = exchange.capacity;
   message.chunk_offset = progress.sent_bytes;
   message.chunk_bytes = chunk_bytes;
+  message.kind = kRowsInSlot;
+  message.source_address = 0;
   message.published.store(published + 1, std::memory_order_release);
+  RingDoorbell(record(peer));
   progress.sent_bytes += chunk_bytes;
   progress.send_started = true;
+  return true;
+}
+
+// Single copy: one message announces all rows by their address; the peer reads them and
+// acknowledges by consuming the message. Until then our rows must stay put.
+bool SharedMemoryWindow::TrySendByAddress(int peer, const RowExchange &exchange, uint64_t step,
+                                          PeerProgress &progress) {
+  SlotHeader &message = slot_header(options_.rank, peer);
+  const uint64_t published = message.published.load(std::memory_order_relaxed);
+  if (message.consumed.load(std::memory_order_acquire) != published) {
+    return false;  // the peer is still reading (or has not read our previous message)
+  }
+  if (progress.awaiting_ack) {  // the peer has read our rows
+    progress.awaiting_ack = false;
+    return true;
+  }
+  message.step = step;
+  message.total_rows = exchange.send_counts[peer];
+  message.row_bytes = exchange.row_bytes;
+  message.capacity = exchange.capacity;
+  message.chunk_offset = 0;
+  message.chunk_bytes = progress.send_bytes;
+  message.kind = kRowsInSenderMemory;
+  message.source_address =
+      reinterpret_cast<uint64_t>(exchange.send + peer * exchange.capacity * exchange.row_bytes);
+  message.published.store(published + 1, std::memory_order_release);
+  RingDoorbell(record(peer));
+  progress.sent_bytes = progress.send_bytes;
+  progress.send_started = true;
+  progress.awaiting_ack = true;
   return true;
 }
 
@@ -685,10 +905,41 @@ bool SharedMemoryWindow::TryReceive(int peer, const RowExchange &exchange, uint6
     progress.receive_bytes = message.total_rows * exchange.row_bytes;
   }
   uint8_t *rows = exchange.recv + peer * exchange.capacity * exchange.row_bytes;
-  std::memcpy(rows + message.chunk_offset, slot_payload(peer, options_.rank), message.chunk_bytes);
+  if (message.kind == kRowsInSenderMemory) {
+    ReadPeerMemory(peer, step, message.source_address, rows, message.chunk_bytes);
+  } else {
+    std::memcpy(rows + message.chunk_offset, slot_payload(peer, options_.rank),
+                message.chunk_bytes);
+  }
   progress.received_bytes += message.chunk_bytes;
   message.consumed.store(consumed + 1, std::memory_order_release);
+  RingDoorbell(record(peer));
   return true;
+}
+
+void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step, uint64_t source_address,
+                                        uint8_t *destination, int64_t bytes) const {
+  const pid_t pid = static_cast<pid_t>(record(peer).pid.load());
+  int64_t done = 0;
+  while (done < bytes) {  // a large read may come back partial: go on from where it stopped
+    iovec local{destination + done, static_cast<size_t>(bytes - done)};
+    iovec remote{reinterpret_cast<void *>(source_address + done), static_cast<size_t>(bytes - done)};
+    const ssize_t read = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    if (read > 0) {
+      done += read;
+      continue;
+    }
+    if (read < 0 && errno == EINTR) continue;
+    const int error = read < 0 ? errno : EIO;
+    RequireHealthy(peer);  // a peer that gave up may have released its rows: say so instead
+    if (monitor_.HasExited(peer)) {
+      Fail(kInternalError, "rank ", peer, " (pid ", pid, ") exited during exchange step ", step,
+           Where());
+    }
+    Fail(kInternalError, "reading ", bytes, " bytes of rows from rank ", peer, " (pid ", pid,
+         ") with process_vm_readv failed after ", done, " bytes in exchange step ", step, ": ",
+         ErrnoText(error), " (MOE_EP_WINDOW_TRANSPORT=slots avoids direct reads)", Where());
+  }
 }
 
 void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
@@ -706,13 +957,19 @@ void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
          exchange.capacity, "; send_rows must have the same shape and dtype on every rank",
          Where());
   }
+  // A rank receiving by single copy also takes small payloads through the slot (TrySend).
+  const bool kind_allowed = message.kind == kRowsInSlot ||
+                            (message.kind == kRowsInSenderMemory &&
+                             receive_transport() == kSingleCopy && progress.receive_bytes < 0);
   const int64_t expected_offset = progress.receive_bytes < 0 ? 0 : progress.received_bytes;
-  if (message.total_rows < 0 || message.total_rows > exchange.capacity ||
-      message.chunk_offset != expected_offset || message.chunk_bytes < 0 ||
-      message.chunk_offset + message.chunk_bytes > message.total_rows * exchange.row_bytes) {
+  const int64_t total_bytes = message.total_rows * exchange.row_bytes;
+  if (!kind_allowed || message.total_rows < 0 ||
+      message.total_rows > exchange.capacity || message.chunk_offset != expected_offset ||
+      message.chunk_bytes < 0 || message.chunk_offset + message.chunk_bytes > total_bytes ||
+      (message.kind == kRowsInSenderMemory && message.chunk_bytes != total_bytes)) {
     Fail(kInternalError, "corrupt message from rank ", peer, " in exchange step ", step,
-         " (rows ", message.total_rows, ", chunk at byte ", message.chunk_offset, " of ",
-         message.chunk_bytes, " bytes)", Where());
+         " (kind ", message.kind, ", rows ", message.total_rows, ", chunk at byte ",
+         message.chunk_offset, " of ", message.chunk_bytes, " bytes)", Where());
   }
 }
 
@@ -809,6 +1066,7 @@ int64_t OpenWindow(const WindowOptions &options) {
     const int64_t id = WindowRegistry::Instance().ReserveId();
     auto window = std::make_shared<SharedMemoryWindow>(id, options, layout, std::move(segment));
     window->JoinGroup(deadline);
+    window->AgreeOnTransport(deadline);
     shm_unlink(name.c_str());  // all ranks hold a mapping: the name is no longer needed
     WindowRegistry::Instance().Add(id, std::move(window));
     return id;
@@ -831,10 +1089,12 @@ std::shared_ptr<CommWindow> FindCommWindow(int64_t window_id) {
 // ---------------------------------------------------------------------------------------------
 
 // Opens (rank 0: creates) the window of a group and waits until every rank has attached.
-// Returns the window id (>= 0) or -1.
+// `allow_single_copy` = 0 makes rows always travel through the slots. Returns the window id
+// (>= 0) or -1.
 MOE_EP_EXPORT int64_t MoeEpWindowOpen(const char *job_token_hex, int world_size, int rank,
                                       int64_t slot_bytes, double timeout_s,
-                                      double attach_timeout_s, const char *timeout_setting) {
+                                      double attach_timeout_s, const char *timeout_setting,
+                                      int allow_single_copy) {
   int64_t window_id = -1;
   const int status = moe_ep::RunKernel("MoeEpWindowOpen", [&] {
     moe_ep::WindowOptions options;
@@ -845,6 +1105,7 @@ MOE_EP_EXPORT int64_t MoeEpWindowOpen(const char *job_token_hex, int world_size,
     options.timeout_s = timeout_s;
     options.attach_timeout_s = attach_timeout_s;
     options.timeout_setting = timeout_setting;
+    options.allow_single_copy = allow_single_copy != 0;
     window_id = moe_ep::OpenWindow(options);
   });
   return status == 0 ? window_id : -1;
@@ -868,4 +1129,27 @@ MOE_EP_EXPORT int64_t MoeEpWindowStep(int64_t window_id) {
     step = static_cast<int64_t>(moe_ep::WindowRegistry::Instance().Find(window_id)->step());
   });
   return step;
+}
+
+// How rows travel between this rank and its peers: 2 = all by single copy (process_vm_readv),
+// 1 = some pairs by single copy and some through slots, 0 = all through slots; -1 on error.
+// A group of one reports what it would receive by.
+MOE_EP_EXPORT int MoeEpWindowTransport(int64_t window_id) {
+  int transport = -1;
+  moe_ep::RunKernel("MoeEpWindowTransport", [&] {
+    const auto window = moe_ep::WindowRegistry::Instance().Find(window_id);
+    const bool receives_by_address = window->receive_transport() == moe_ep::kSingleCopy;
+    int pairs = 0, single_copy_pairs = 0;
+    for (int peer = 0; peer < window->world_size(); ++peer) {
+      if (peer == window->rank()) continue;
+      pairs += 2;
+      single_copy_pairs += int{receives_by_address} + int{window->sends_by_address(peer)};
+    }
+    if (pairs == 0) {
+      transport = receives_by_address ? 2 : 0;
+    } else {
+      transport = single_copy_pairs == pairs ? 2 : single_copy_pairs == 0 ? 0 : 1;
+    }
+  });
+  return transport;
 }

@@ -3,16 +3,36 @@
 // MindSpore's CPU backend has no all-to-all, so the ranks of one host exchange rows through a
 // POSIX shared-memory segment, the "window". For every ordered pair of distinct ranks
 // (src, dst) the window holds one slot: a small header (message counters, step id, row count)
-// and `slot_bytes` of payload. The sender writes a message into its slot, the receiver copies
-// it out; payloads larger than a slot travel as several messages (chunks), so an exchange never
-// drops rows and never fails because of its size.
+// and `slot_bytes` of payload. A message from src to dst announces the rows src sends to dst in
+// this step. The rows themselves travel one of two ways:
+//   - single copy (the default where the kernel allows it): the message carries the address of
+//     the rows in the sender's memory and the receiver copies them straight into its own
+//     buffer with process_vm_readv (cross-memory attach). The sender stays in the exchange
+//     until every receiver has acknowledged (consumed) its message, so its buffer outlives the
+//     reads;
+//   - through the slot (the fallback, and for small payloads, up to 64 KiB, in any case: a
+//     second copy of a few kilobytes costs less than waiting for the acknowledgement): the
+//     sender copies rows into its slot and the receiver copies them out; payloads larger than a
+//     slot travel as several messages (chunks), so an exchange never drops rows and never fails
+//     because of its size.
+// Which way is decided once, when the window opens: every rank probes whether it can read
+// its peers' memory (process_vm_readv may be forbidden by Yama, seccomp or a missing
+// capability) and records the answer in the window; rows to a rank travel by single copy if
+// and only if that rank could read all its peers. MOE_EP_WINDOW_TRANSPORT=slots (Python side)
+// forces the slots.
+//
+// Waiting: a rank with nothing to do spins for a few microseconds, then sleeps on its
+// "doorbell", a 32-bit futex word in the window that every peer bumps (and wakes) when it
+// publishes a message to the rank or consumes one of the rank's messages. Sleeps last at most
+// a few milliseconds, after which the rank checks on its peers, so a waiting rank gives its
+// core away without losing failure detection.
 //
 // Life cycle (see SharedMemoryWindow in comm_window.cc):
 //   - rank 0 of the group creates the segment /dev/shm/moe-ep-<job token> (mode 0600) and
 //     writes a header (magic, version, world size, job token, slot size); the job token is
 //     128 random bits drawn once per window and shared by the Python side;
 //   - the other ranks attach and validate every header field (a segment of another job is
-//     never used), then every rank records its pid;
+//     never used), then every rank records its pid, and then which transport it receives by;
 //   - once all ranks are attached the name is unlinked, so nothing is left in /dev/shm when
 //     the job ends, normally or by kill -9.
 //
@@ -35,13 +55,17 @@ namespace moe_ep {
 // One rank's side of an all-to-all-v of rows. Rows for destination d are the
 // send_counts[d] rows starting at row d * capacity of `send`; rows from source s arrive at
 // row s * capacity of `recv`, and recv_counts[s] says how many. Rows are opaque bytes.
+// `send` must stay valid and unchanged during ExchangeRows (peers may read it directly).
 struct RowExchange {
   const uint8_t *send = nullptr;   // [world_size * capacity, row_bytes]
   const int32_t *send_counts = nullptr;  // [world_size], each in [0, capacity]
-  uint8_t *recv = nullptr;         // [world_size * capacity, row_bytes]; tail of each block zeroed
+  uint8_t *recv = nullptr;         // [world_size * capacity, row_bytes]
   int32_t *recv_counts = nullptr;  // [world_size]
   int64_t capacity = 0;            // rows per peer block
   int64_t row_bytes = 0;
+  // true: the rows of block s past recv_counts[s] are zeroed. false: they are left as they
+  // were (unspecified), which saves writing them when the caller reads only counted rows.
+  bool zero_tail = true;
 };
 
 // An open communication window of one group of ranks on this host.

@@ -1,14 +1,15 @@
-// The ExchangeRows AOT kernel: an all-to-all-v of rows between the ranks of a communication
+// The ExchangeRows AOT kernels: an all-to-all-v of rows between the ranks of a communication
 // window (comm_window.h).
 //
-//   MoeEpExchangeRows  send_rows [R*C, ...] (any dtype), send_counts [R] int32,
-//                      window_id [1] int32
-//                      -> recv_rows [R*C, ...] (send_rows' dtype), recv_counts [R] int32
+//   MoeEpExchangeRows          send_rows [R*C, ...] (any dtype), send_counts [R] int32,
+//   MoeEpExchangeRowsKeepTail  window_id [1] int32
+//                              -> recv_rows [R*C, ...] (send_rows' dtype), recv_counts [R] int32
 //
 // R is the window's world size and C the capacity per peer. Rows for destination d are the
 // first send_counts[d] rows of block d (rows [d*C, (d+1)*C)); rows from source s arrive in block
-// s of recv_rows, recv_counts[s] of them, and the rest of each block is zeroed. A row is all
-// trailing dimensions of its tensor, moved as raw bytes.
+// s of recv_rows, recv_counts[s] of them. MoeEpExchangeRows zeroes the rest of each block;
+// MoeEpExchangeRowsKeepTail leaves it unspecified (not written), for callers that read only the
+// counted rows. A row is all trailing dimensions of its tensor, moved as raw bytes.
 #include "comm_window.h"
 #include "kernel_common.h"
 
@@ -60,13 +61,10 @@ RowExchange DescribeExchange(const std::vector<TensorArg> &args, int world_size)
   return exchange;
 }
 
-}  // namespace
-}  // namespace moe_ep
-
-MOE_EP_EXPORT int MoeEpExchangeRows(int nparam, void **params, int *ndims, int64_t **shapes,
-                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
-  using namespace moe_ep;
-  return RunKernel("MoeEpExchangeRows", [&] {
+// Both kernels: binds the arguments, then runs one exchange step on the window.
+int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void **params,
+                      int *ndims, int64_t **shapes, const char **dtypes) {
+  return RunKernel(kernel_name, [&] {
     const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes,
                  {"send_rows", "send_counts", "window_id", "recv_rows", "recv_counts"});
@@ -82,6 +80,23 @@ MOE_EP_EXPORT int MoeEpExchangeRows(int nparam, void **params, int *ndims, int64
       window->Abandon(error.what());  // tell the peers instead of letting them time out
       throw;
     }
+    exchange.zero_tail = zero_tail;
     window->ExchangeRows(exchange);
   });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+MOE_EP_EXPORT int MoeEpExchangeRows(int nparam, void **params, int *ndims, int64_t **shapes,
+                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunExchangeKernel("MoeEpExchangeRows", /*zero_tail=*/true, nparam, params,
+                                   ndims, shapes, dtypes);
+}
+
+MOE_EP_EXPORT int MoeEpExchangeRowsKeepTail(int nparam, void **params, int *ndims,
+                                            int64_t **shapes, const char **dtypes,
+                                            void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunExchangeKernel("MoeEpExchangeRowsKeepTail", /*zero_tail=*/false, nparam,
+                                   params, ndims, shapes, dtypes);
 }

@@ -6,12 +6,19 @@ Both transports have the same interface::
 
 ``send_rows`` [R*C, ...] holds, for every destination rank d of the group, a block of C rows
 (C = ``capacity_per_peer``) of which the first ``send_counts[d]`` are sent. ``recv_rows`` [R*C, ...]
-holds, in block s, the rows received from source rank s (``recv_counts[s]`` of them) and zeros
-after them. The gradient is the reverse exchange: ``d send_rows = exchange(d recv_rows,
+holds, in block s, the rows received from source rank s (``recv_counts[s]`` of them) and, after
+them, zeros. The gradient is the reverse exchange: ``d send_rows = exchange(d recv_rows,
 recv_counts)[0]``.
 
+Tail contract: with ``zero_tail=False`` the rows past ``recv_counts[s]`` in block s are
+*unspecified* (whatever the output buffer held; the exchange does not write them), which saves
+writing them when the caller reads only the counted rows. The gradient ignores those rows (they
+were never sent), and its own reverse exchange always zeroes its tails: the gradient of a send
+row that was not sent is exactly zero, whoever reads it.
+
 - :class:`ExchangeRows`: ranks on one host, through a shared-memory :class:`CommWindow`
-  (the ``MoeEpExchangeRows`` kernel). Any dtype; payloads larger than a slot travel in chunks.
+  (the ``MoeEpExchangeRows`` / ``MoeEpExchangeRowsKeepTail`` kernels). Any dtype; rows travel
+  by single copy or, in chunks, through the window's slots.
 - :class:`AllGatherExchangeRows`: any placement, with MindSpore's AllGather (R times more data).
 - :func:`make_exchange` picks one ("auto": shared memory when every group is on one host).
 
@@ -44,8 +51,12 @@ def _check_capacity(capacity_per_peer: int) -> None:
         raise ValueError(f"capacity_per_peer must be an int >= 0, got {capacity_per_peer!r}")
 
 
-def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None) -> ops.Custom:
-    """The MoeEpExchangeRows Custom op: (send_rows, send_counts, window_id) -> (rows, counts)."""
+def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
+                     zero_tail: bool = True) -> ops.Custom:
+    """The exchange Custom op: (send_rows, send_counts, window_id) -> (rows, counts).
+
+    ``zero_tail``: MoeEpExchangeRows (tails zeroed) or MoeEpExchangeRowsKeepTail (unspecified).
+    """
 
     def output_shapes(send_rows, send_counts, window_id):
         rows = send_rows[0]
@@ -54,7 +65,8 @@ def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None) -> ops
                              f"= {world_size} * {capacity_per_peer}")
         return list(send_rows), [world_size]
 
-    return custom_op("MoeEpExchangeRows", out_shape=output_shapes,
+    kernel_name = "MoeEpExchangeRows" if zero_tail else "MoeEpExchangeRowsKeepTail"
+    return custom_op(kernel_name, out_shape=output_shapes,
                      out_dtype=lambda send_rows, send_counts, window_id:
                      (send_rows, mstype.int32),
                      bprop=bprop, shape_key={"world_size": world_size,
@@ -68,15 +80,18 @@ class ExchangeRows(nn.Cell):
     ``(send_rows [R*C, ...] any dtype, send_counts [R] int32) -> (recv_rows [R*C, ...],
     recv_counts [R] int32)`` with R = ``window.world_size`` and C = ``capacity_per_peer``.
     Counts outside [0, C] fail with a message naming the value. Differentiable w.r.t. send_rows
-    (reverse exchange) in PYNATIVE and GRAPH_MODE.
+    (reverse exchange) in PYNATIVE and GRAPH_MODE. ``zero_tail=False``: rows past
+    ``recv_counts[s]`` in block s are unspecified (module doc).
     """
 
-    def __init__(self, window: CommWindow, capacity_per_peer: int):
+    def __init__(self, window: CommWindow, capacity_per_peer: int, zero_tail: bool = True):
         super().__init__()
         _check_capacity(capacity_per_peer)
         self.window = window
         self.capacity_per_peer = capacity_per_peer
+        self.zero_tail = bool(zero_tail)
         self._window_id = window.id_tensor  # [1] int32, read by the kernel
+        # The reverse exchange zeroes its tails: they are the gradient of unsent send rows (0).
         reverse_exchange = _exchange_kernel(window.world_size, capacity_per_peer)
 
         def bprop(send_rows, send_counts, window_id, out, dout):
@@ -85,7 +100,8 @@ class ExchangeRows(nn.Cell):
             d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)
             return d_send_rows, ops.zeros_like(send_counts), ops.zeros_like(window_id)
 
-        self._exchange = _exchange_kernel(window.world_size, capacity_per_peer, bprop)
+        self._exchange = _exchange_kernel(window.world_size, capacity_per_peer, bprop,
+                                          self.zero_tail)
 
     def construct(self, send_rows, send_counts):
         return self._exchange(send_rows, send_counts, self._window_id)
@@ -95,7 +111,8 @@ class ExchangeRows(nn.Cell):
             return super().__call__(*args, **kwargs)
 
     def extend_repr(self):
-        return f"window={self.window!r}, capacity_per_peer={self.capacity_per_peer}"
+        return (f"window={self.window!r}, capacity_per_peer={self.capacity_per_peer}, "
+                f"zero_tail={self.zero_tail}")
 
 
 class _GroupAllGather(nn.Cell):
@@ -131,8 +148,13 @@ class _AllGatherRows(_GroupAllGather):
 
     Runs after the counts' AllGather on every rank (``depend`` on recv_counts), so all ranks
     issue the collectives in the same order. Works in float32 for bfloat16 payloads (CPU
-    AllGather, Gather and Reshape lack bfloat16; the round trip is exact).
+    AllGather, Gather and Reshape lack bfloat16; the round trip is exact). With
+    ``zero_tail=False`` the tails keep whatever the senders had there (unspecified).
     """
+
+    def __init__(self, *layout, zero_tail: bool = True):
+        super().__init__(*layout)
+        self._zero_tail = zero_tail
 
     def construct(self, send_rows, recv_counts):
         world, group_size, capacity = self._world_size, self._group_size, self._capacity
@@ -144,10 +166,11 @@ class _AllGatherRows(_GroupAllGather):
         gathered = self._all_gather(rows)  # [world*R*C, ...]
         blocks = gathered.reshape((world, group_size, capacity) + row_shape)
         blocks = ops.gather(blocks, self._sources, 0)[:, self._group_rank]  # [R, C, ...]
-        keep = ops.arange(capacity).reshape(1, capacity) < recv_counts.reshape(group_size, 1)
-        keep = keep.reshape((group_size, capacity) + (1,) * len(row_shape))  # [R, C, 1...]
-        recv_rows = ops.where(keep, blocks, ops.zeros_like(blocks))
-        recv_rows = recv_rows.reshape((group_size * capacity,) + row_shape)
+        if self._zero_tail:
+            keep = ops.arange(capacity).reshape(1, capacity) < recv_counts.reshape(group_size, 1)
+            keep = keep.reshape((group_size, capacity) + (1,) * len(row_shape))  # [R, C, 1...]
+            blocks = ops.where(keep, blocks, ops.zeros_like(blocks))
+        recv_rows = blocks.reshape((group_size * capacity,) + row_shape)
         if payload_dtype == mstype.bfloat16:
             recv_rows = recv_rows.astype(mstype.bfloat16)
         return recv_rows
@@ -157,13 +180,16 @@ class _ReversibleRows(nn.Cell):
     """_AllGatherRows with the reverse exchange as its gradient (CPU has no ReduceScatter).
 
     A separate single-output Cell because a custom Cell bprop with a tuple output fails in
-    GRAPH_MODE ("The func graph is empty ... zeros_like").
+    GRAPH_MODE ("The func graph is empty ... zeros_like"). The reverse exchange always zeroes
+    its tails (the gradient of unsent rows is zero).
     """
 
-    def __init__(self, counts: _AllGatherCounts, rows: _AllGatherRows):
+    def __init__(self, counts: _AllGatherCounts, rows: _AllGatherRows,
+                 reverse_rows: _AllGatherRows):
         super().__init__()
         self._counts = counts
         self._rows = rows
+        self._reverse_rows = reverse_rows
 
     def construct(self, send_rows, recv_counts):
         return self._rows(send_rows, recv_counts)
@@ -171,7 +197,7 @@ class _ReversibleRows(nn.Cell):
     def bprop(self, send_rows, recv_counts, out, dout):
         d_recv_rows = ops.depend(dout, out)  # after the forward exchange
         reverse_counts = self._counts(recv_counts)
-        return self._rows(d_recv_rows, reverse_counts), ops.zeros_like(recv_counts)
+        return self._reverse_rows(d_recv_rows, reverse_counts), ops.zeros_like(recv_counts)
 
 
 class AllGatherExchangeRows(nn.Cell):
@@ -182,11 +208,12 @@ class AllGatherExchangeRows(nn.Cell):
     gather spans the world and each rank picks the rows of its own ``group_ranks``; every rank of
     the world must run the same exchanges. Payloads: float32, float16, int32 (what CPU AllGather
     supports) and bfloat16 (gathered as float32, exactly). Counts outside [0, C] fail on every
-    rank through MindSpore's Assert. The gradient is the reverse exchange.
+    rank through MindSpore's Assert. The gradient is the reverse exchange. ``zero_tail=False``:
+    rows past ``recv_counts[s]`` in block s are unspecified (module doc).
     """
 
     def __init__(self, capacity_per_peer: int, group_ranks: Optional[Sequence[int]] = None,
-                 rank: Optional[int] = None):
+                 rank: Optional[int] = None, zero_tail: bool = True):
         super().__init__()
         _check_capacity(capacity_per_peer)
         world_group = GlobalComm.WORLD_COMM_GROUP
@@ -197,9 +224,12 @@ class AllGatherExchangeRows(nn.Cell):
             raise ValueError(f"group_ranks {group_ranks} must contain rank {rank}")
         self.capacity_per_peer = capacity_per_peer
         self.group_ranks = tuple(group_ranks)
+        self.zero_tail = bool(zero_tail)
         layout = (world_size, group_ranks, group_ranks.index(rank), capacity_per_peer)
         self._counts = _AllGatherCounts(*layout)
-        self._rows = _ReversibleRows(self._counts, _AllGatherRows(*layout))
+        self._rows = _ReversibleRows(self._counts,
+                                     _AllGatherRows(*layout, zero_tail=self.zero_tail),
+                                     _AllGatherRows(*layout))
 
     def construct(self, send_rows, send_counts):
         recv_counts = self._counts(send_counts)
@@ -216,7 +246,8 @@ class AllGatherExchangeRows(nn.Cell):
                               f"Assert printed the gathered counts [world, R] above") from error
 
     def extend_repr(self):
-        return f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}"
+        return (f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}, "
+                f"zero_tail={self.zero_tail}")
 
 
 def _every_group_shares_memory(group_ranks: Sequence[int]) -> bool:
@@ -229,13 +260,16 @@ def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
                   group_ranks: Optional[Sequence[int]] = None, rank: Optional[int] = None,
                   slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 60.0,
                   attach_timeout_s: float = 300.0,
-                  timeout_setting: str = "dispatch.timeout_s") -> nn.Cell:
+                  timeout_setting: str = "dispatch.timeout_s", zero_tail: bool = True,
+                  window_transport: Optional[str] = None) -> nn.Cell:
     """The row exchange of this rank's expert-parallel group (``group_ranks``, default: world).
 
     ``transport``: "shm" (:class:`ExchangeRows` over a new window), "allgather"
     (:class:`AllGatherExchangeRows`) or "auto" (shm when every group's ranks share this host's
     /dev/shm, else allgather; decided identically on every rank). Collective over the world
     group: every rank must call it, eagerly, after ``mindspore.communication.init()``.
+    ``zero_tail=False``: rows past the counts are unspecified (module doc).
+    ``window_transport``: how the shm window moves rows (:meth:`CommWindow.open`).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -252,6 +286,7 @@ def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
         transport = "shm" if all_local else "allgather"
     if transport == "shm":
         window = CommWindow.open(group_ranks, rank, slot_bytes, timeout_s, attach_timeout_s,
-                                 timeout_setting=timeout_setting)
-        return ExchangeRows(window, capacity_per_peer)
-    return AllGatherExchangeRows(capacity_per_peer, group_ranks, rank)
+                                 timeout_setting=timeout_setting,
+                                 window_transport=window_transport)
+        return ExchangeRows(window, capacity_per_peer, zero_tail)
+    return AllGatherExchangeRows(capacity_per_peer, group_ranks, rank, zero_tail)

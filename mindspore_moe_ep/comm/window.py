@@ -2,7 +2,10 @@
 
 A window is a POSIX shared-memory segment with one slot per ordered pair of ranks, used by the
 ``MoeEpExchangeRows`` kernel to move rows between processes (see ``custom_ops/cpu/comm_window.h``
-for the layout, the protocol and the failure detection). This module opens and closes windows
+for the layout, the protocol and the failure detection). Rows travel by single copy (the
+receiver reads the sender's buffer with ``process_vm_readv``) where the kernel allows it, else
+through the slots; ``window_transport="slots"`` or the environment variable
+``MOE_EP_WINDOW_TRANSPORT=slots`` forces the slots (:data:`WINDOW_TRANSPORTS`). This module opens and closes windows
 through ctypes, from the same library file MindSpore loads for the Custom ops, so Python and the
 kernels share the window registry.
 
@@ -31,6 +34,10 @@ from mindspore.communication import GlobalComm, get_group_size
 from ..ops.kernel_library import library_path
 
 DEFAULT_SLOT_BYTES = 1 << 20
+WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
+# "auto": single copy where every rank can read its peers' memory, else slots (decided per
+# receiving rank when the window opens); "slots": always through the slots.
+WINDOW_TRANSPORTS = ("auto", "slots")
 SEGMENT_NAME_PREFIX = "moe-ep-"  # segments appear as /dev/shm/moe-ep-<32 hex digits>
 JOB_TOKEN_BYTES = 16
 
@@ -45,7 +52,9 @@ def _window_library() -> ctypes.CDLL:
     library.MoeEpWindowOpen.restype = ctypes.c_int64
     library.MoeEpWindowOpen.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
                                         ctypes.c_int64, ctypes.c_double, ctypes.c_double,
-                                        ctypes.c_char_p]
+                                        ctypes.c_char_p, ctypes.c_int]
+    library.MoeEpWindowTransport.restype = ctypes.c_int
+    library.MoeEpWindowTransport.argtypes = [ctypes.c_int64]
     library.MoeEpWindowClose.restype = ctypes.c_int
     library.MoeEpWindowClose.argtypes = [ctypes.c_int64]
     library.MoeEpWindowStep.restype = ctypes.c_int64
@@ -140,18 +149,27 @@ class CommWindow:
     def open(cls, group_ranks: Sequence[int], rank: int, slot_bytes: int = DEFAULT_SLOT_BYTES,
              timeout_s: float = 60.0, attach_timeout_s: float = 300.0, *,
              job_token: Optional[str] = None,
-             timeout_setting: str = "dispatch.timeout_s") -> "CommWindow":
+             timeout_setting: str = "dispatch.timeout_s",
+             window_transport: Optional[str] = None) -> "CommWindow":
         """Opens the window of ``group_ranks`` (global ranks, this process being ``rank``).
 
         Collective over the world group unless the group is this rank alone or ``job_token``
         (32 hex digits, shared by the caller out of band, e.g. by a custom launcher) is given.
         Blocks until every rank of the group has attached, at most ``attach_timeout_s``.
         ``timeout_s`` bounds each wait for a peer during an exchange; ``timeout_setting`` is
-        the configuration key named in timeout errors.
+        the configuration key named in timeout errors. ``window_transport`` is one of
+        :data:`WINDOW_TRANSPORTS` (default: ``$MOE_EP_WINDOW_TRANSPORT``, else "auto"); the
+        :attr:`transport` property tells what the ranks agreed on.
         """
         group_ranks = [int(member) for member in group_ranks]
         if len(set(group_ranks)) != len(group_ranks) or rank not in group_ranks:
             raise ValueError(f"group_ranks {group_ranks} must be distinct and contain rank {rank}")
+        if window_transport is None:
+            window_transport = os.environ.get(WINDOW_TRANSPORT_VARIABLE, "") or "auto"
+        if window_transport not in WINDOW_TRANSPORTS:
+            raise ValueError(f"window transport must be one of {WINDOW_TRANSPORTS} (argument "
+                             f"window_transport or ${WINDOW_TRANSPORT_VARIABLE}), got "
+                             f"{window_transport!r}")
         if job_token is None:
             if len(group_ranks) == 1:
                 job_token = secrets.token_bytes(JOB_TOKEN_BYTES).hex()
@@ -163,7 +181,8 @@ class CommWindow:
                     "mindspore.communication.init() first (or an explicit job_token)")
         window_id = _window_library().MoeEpWindowOpen(
             job_token.encode(), len(group_ranks), group_ranks.index(rank), int(slot_bytes),
-            float(timeout_s), float(attach_timeout_s), timeout_setting.encode())
+            float(timeout_s), float(attach_timeout_s), timeout_setting.encode(),
+            int(window_transport == "auto"))
         if window_id < 0:
             raise CommWindowError(f"rank {rank}: {_last_error()}")
         return cls(window_id, group_ranks, rank, int(slot_bytes), float(timeout_s),
@@ -173,6 +192,16 @@ class CommWindow:
     def segment_bytes(world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> int:
         """Bytes of /dev/shm the window of ``world_size`` ranks occupies (about R*(R-1) slots)."""
         return int(_window_library().MoeEpWindowSegmentBytes(world_size, slot_bytes))
+
+    @property
+    def transport(self) -> str:
+        """How rows travel to and from this rank: "single_copy", "slots" or "mixed" (some pairs
+        each way, when only some ranks can read their peers' memory)."""
+        self._require_open()
+        code = int(_window_library().MoeEpWindowTransport(self.window_id))
+        if code < 0:
+            raise CommWindowError(_last_error())
+        return ("slots", "mixed", "single_copy")[code]
 
     @property
     def world_size(self) -> int:
@@ -203,5 +232,6 @@ class CommWindow:
         self.close()
 
     def __repr__(self) -> str:
+        transport = self.transport if self._open else "-"
         return (f"CommWindow(id={self.window_id}, rank={self.group_rank} of {self.world_size}, "
-                f"slot_bytes={self.slot_bytes}, open={self._open})")
+                f"slot_bytes={self.slot_bytes}, transport={transport}, open={self._open})")

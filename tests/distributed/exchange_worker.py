@@ -5,6 +5,10 @@ buffers are deterministic functions of the sender's rank), records one (case, ok
 per check, and writes its report with launch.write_result. Values that the pytest side compares
 across ranks (window steps, segment names) are reported too.
 
+Windows open with the transport of $MOE_EP_WINDOW_TRANSPORT (single copy by default, the
+slots when it is "slots"), except the "slots" window (always slots) and the "mixed" window (rank 0
+receives through slots, the others by single copy).
+
 Usage: msrun ... exchange_worker.py
 """
 import os
@@ -29,6 +33,7 @@ TINY_SLOT = 64     # bytes: forces several chunks per peer (and rows wider than 
 TIMEOUT_S = 30.0
 DTYPES = {"int32": ms.int32, "float32": ms.float32, "float16": ms.float16,
           "bfloat16": ms.bfloat16}
+LARGE_WIDTH = 50_000  # float32: 200 kB rows, blocks of up to 1.2 MB > the 1 MiB default slot
 TAIL_FILL = -7     # what senders put after their counted rows: it must never arrive
 PLAN_SEEDS = {"random": 1, "last_rank_silent": 2, "full": 3}
 
@@ -155,6 +160,49 @@ def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, rank: in
     for plan in ("last_rank_silent", "full"):
         report.run(f"placement/{plan}", lambda: placement("float32", plan))
 
+    def other_window_transports():
+        # The same exchange through a window forced to the slots and through a mixed window.
+        for name in ("slots", "mixed"):
+            exchange = ExchangeRows(windows[name], CAPACITY)
+            for plan in ("random", "full"):
+                rows = Tensor(send_rows_of(rank, world, plan).astype(np.float32))
+                recv_rows, recv_counts = exchange(rows, Tensor(send_counts_of(rank, world, plan)))
+                expected_rows, expected_counts = expected_recv(rank, world, plan)
+                report.equal(f"window_transports/{name}/{plan}/rows", recv_rows.asnumpy(),
+                             expected_rows)
+                report.equal(f"window_transports/{name}/{plan}/counts", recv_counts.asnumpy(),
+                             expected_counts)
+
+    report.run("window_transports", other_window_transports)
+
+    def large_payload():
+        # Blocks larger than the 1 MiB slot: several chunks, or one single-copy read.
+        rows = Tensor(send_rows_of(rank, world, "full", LARGE_WIDTH).astype(np.float32))
+        recv_rows, _ = main(rows, Tensor(send_counts_of(rank, world, "full")))
+        expected_rows, _ = expected_recv(rank, world, "full", LARGE_WIDTH)
+        report.equal("large_payload", recv_rows.asnumpy(), expected_rows)
+
+    report.run("large_payload", large_payload)
+
+    def keep_tail():
+        # zero_tail=False: counted rows and counts exact; nothing is assumed about the tails.
+        kept = {"shm": ExchangeRows(windows["main"], CAPACITY, zero_tail=False),
+                "shm_chunked": ExchangeRows(windows["tiny"], CAPACITY, zero_tail=False),
+                "allgather": AllGatherExchangeRows(CAPACITY, zero_tail=False)}
+        rows = Tensor(send_rows_of(rank, world, "random").astype(np.float32))
+        counts = Tensor(send_counts_of(rank, world, "random"))
+        expected_rows, expected_counts = expected_recv(rank, world, "random")
+        counted = np.arange(world * CAPACITY) % CAPACITY < np.repeat(expected_counts, CAPACITY)
+        for name, exchange in kept.items():
+            for repeat in range(2):  # the second call may reuse the first one's output memory
+                recv_rows, recv_counts = exchange(rows, counts)
+                report.equal(f"keep_tail/{name}/{repeat}/rows", recv_rows.asnumpy()[counted],
+                             expected_rows[counted])
+                report.equal(f"keep_tail/{name}/{repeat}/counts", recv_counts.asnumpy(),
+                             expected_counts)
+
+    report.run("keep_tail", keep_tail)
+
     def chunked_equals_unchunked():
         for width in (WIDTH, 40):  # 40 float32 = 160-byte rows: wider than the 64-byte slot
             rows = Tensor(send_rows_of(rank, world, "random", width).astype(np.float32))
@@ -207,7 +255,11 @@ def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, rank: in
             expected[destination * CAPACITY:destination * CAPACITY + count] = \
                 weights_of(destination)[rank * CAPACITY:rank * CAPACITY + count]
         weights = Tensor(weights_of(rank))
-        for name, exchange in (("shm", main), ("shm_chunked", tiny), ("allgather", gathered)):
+        # zero_tail=False forward: the loss reads the unspecified tails too, yet their rows were
+        # never sent, so the gradient of send_rows is the same.
+        keep_tail = ExchangeRows(windows["main"], CAPACITY, zero_tail=False)
+        for name, exchange in (("shm", main), ("shm_chunked", tiny), ("allgather", gathered),
+                               ("shm_keep_tail", keep_tail)):
             gradient = ms.grad(make_weighted_sum(exchange, weights), grad_position=0)
             report.equal(f"gradient/{name}", gradient(rows, counts).asnumpy(), expected)
 
@@ -306,6 +358,9 @@ def main() -> None:
         "tiny": CommWindow.open(ranks, rank, slot_bytes=TINY_SLOT, timeout_s=TIMEOUT_S),
         "bad_pynative": CommWindow.open(ranks, rank, timeout_s=TIMEOUT_S),
         "bad_graph": CommWindow.open(ranks, rank, timeout_s=TIMEOUT_S),
+        "slots": CommWindow.open(ranks, rank, timeout_s=TIMEOUT_S, window_transport="slots"),
+        "mixed": CommWindow.open(ranks, rank, timeout_s=TIMEOUT_S,
+                                 window_transport="slots" if rank == 0 else "auto"),
     }
     # make_exchange is collective over the world: every rank builds the same exchanges.
     values = {"auto_transport": type(make_exchange(CAPACITY, timeout_s=TIMEOUT_S)).__name__}
@@ -320,6 +375,7 @@ def main() -> None:
         "names_left_after_open": [window.segment_name for window in windows.values()
                                   if os.path.exists("/dev/shm/" + window.segment_name)],
         "setup_s": time.monotonic() - started,
+        "window_transports": {name: window.transport for name, window in windows.items()},
     })
     checks = []
     for mode_name, mode in (("pynative", ms.PYNATIVE_MODE), ("graph", ms.GRAPH_MODE)):

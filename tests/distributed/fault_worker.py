@@ -32,7 +32,8 @@ from mindspore_moe_ep.comm import CommWindow, ExchangeRows
 from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
 
 CAPACITY = 4
-WIDTH = 3
+WIDTH = 6000  # float32: 96 kB per peer block, above the 64 KiB that always take the slot, so
+              # that windows using single copy really read across processes
 VICTIM_DELAY_S = 0.5  # how long the survivors wait before the victim dies
 
 
