@@ -48,7 +48,8 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.max_tokens = max_tokens_per_rank
         self.layout = ExpertParallelLayout(group.size, max_tokens_per_rank, group.experts_per_rank)
         self.gather_rows = GatherRows()
-        self.exchange = exchange
+        self.exchange = exchange                 # zeroed tails: metadata, token counts
+        self.exchange_rows = exchange.keep_tail()  # token rows: only counted rows are read
         self.local_dispatch = DispatchKernel(group.experts_per_rank)
         self.local_combine = CombineKernel()
         if capacity_factor is not None:
@@ -89,7 +90,9 @@ class SparseAllToAllDispatcher(nn.Cell):
         # Local ids travel as float32 next to the weights (id + 1, so a zeroed tail reads -1).
         metadata = ops.concat([(local_ids + 1).astype(ms.float32), slot_weights], axis=1)
 
-        recv_rows, recv_counts = self.exchange(send_rows, send_counts)           # [R*C, H]
+        # Rows past the counts stay unspecified; their local ids (from the zeroed metadata) are
+        # -1, so the local dispatch never reads them.
+        recv_rows, recv_counts = self.exchange_rows(send_rows, send_counts)      # [R*C, H]
         recv_metadata, _ = self.exchange(metadata, send_counts)                  # [R*C, 2K]
         recv_local_ids = recv_metadata[:, :self.top_k].astype(ms.int32) - 1      # [R*C, K]
         recv_weights = recv_metadata[:, self.top_k:]                             # [R*C, K]
@@ -107,7 +110,7 @@ class SparseAllToAllDispatcher(nn.Cell):
         """expert_out: [R*C*K, H] -> y [T, H]."""
         positions, recv_weights, recv_counts, token_slot, slot_token = handle
         partial = self.local_combine(expert_out, positions, recv_weights)        # [R*C, H]
-        returned, _ = self.exchange(partial, recv_counts)                        # [R*C, H]
+        returned, _ = self.exchange_rows(partial, recv_counts)                   # [R*C, H]
         return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
 
 

@@ -815,10 +815,14 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
   }
   exchange.recv_counts[own_rank] = exchange.send_counts[own_rank];
 
-  if (exchange.zero_tail) {  // zero the unused tail of every peer's block
+  // Zero the unused tail of every peer's block, or leave it unspecified; the test aid
+  // MOE_EP_POISON_UNUSED_ROWS=1 fills unspecified tails with all-ones bytes (NaN as floats).
+  if (exchange.zero_tail || PoisonUnusedRows()) {
+    const int fill = exchange.zero_tail ? 0 : 0xff;
     for (int source = 0; source < options_.world_size; ++source) {
       const int64_t used_bytes = exchange.recv_counts[source] * exchange.row_bytes;
-      std::memset(exchange.recv + source * block_bytes + used_bytes, 0, block_bytes - used_bytes);
+      std::memset(exchange.recv + source * block_bytes + used_bytes, fill,
+                  block_bytes - used_bytes);
     }
   }
 

@@ -221,8 +221,9 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     }
   }
 
+  // Only the counted rows are read: the receive tails need no zeroing.
   window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(), received.data(),
-                                   capacity, row_bytes});
+                                   capacity, row_bytes, /*zero_tail=*/false});
 
   // Group by local expert, in (source rank, source token, k) order: a stable counting sort.
   std::vector<int64_t> rows_of_expert(experts_per_rank, 0);
@@ -333,8 +334,9 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     }
   }
 
+  // Only the counted rows are read: the receive tails need no zeroing.
   window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(), received.data(),
-                                   capacity, row_bytes});
+                                   capacity, row_bytes, /*zero_tail=*/false});
 
   // Place each returned row at its (token, k) pair, then sum in k order (the local combine).
   // Only the pairs whose position is set are read, so `returned` needs no zeroing.

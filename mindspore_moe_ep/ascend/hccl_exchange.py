@@ -168,5 +168,9 @@ class HcclExchangeRows(nn.Cell):
         recv_counts = self._counts(send_counts)
         return self._rows(send_rows, send_counts, recv_counts), recv_counts
 
+    def keep_tail(self) -> "HcclExchangeRows":
+        """Tails are always zeroed here (the unpacking gathers a zero row): the exchange itself."""
+        return self
+
     def extend_repr(self):
         return f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}"

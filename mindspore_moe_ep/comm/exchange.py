@@ -106,6 +106,10 @@ class ExchangeRows(nn.Cell):
     def construct(self, send_rows, send_counts):
         return self._exchange(send_rows, send_counts, self._window_id)
 
+    def keep_tail(self) -> "ExchangeRows":
+        """The same exchange (same window, same step sequence) with unspecified tails."""
+        return ExchangeRows(self.window, self.capacity_per_peer, zero_tail=False)
+
     def __call__(self, *args, **kwargs):
         with explain_kernel_errors():
             return super().__call__(*args, **kwargs)
@@ -224,6 +228,7 @@ class AllGatherExchangeRows(nn.Cell):
             raise ValueError(f"group_ranks {group_ranks} must contain rank {rank}")
         self.capacity_per_peer = capacity_per_peer
         self.group_ranks = tuple(group_ranks)
+        self.rank = rank
         self.zero_tail = bool(zero_tail)
         layout = (world_size, group_ranks, group_ranks.index(rank), capacity_per_peer)
         self._counts = _AllGatherCounts(*layout)
@@ -234,6 +239,11 @@ class AllGatherExchangeRows(nn.Cell):
     def construct(self, send_rows, send_counts):
         recv_counts = self._counts(send_counts)
         return self._rows(send_rows, recv_counts), recv_counts
+
+    def keep_tail(self) -> "AllGatherExchangeRows":
+        """The same exchange (same group) with unspecified tails."""
+        return AllGatherExchangeRows(self.capacity_per_peer, self.group_ranks, self.rank,
+                                     zero_tail=False)
 
     def __call__(self, *args, **kwargs):
         try:
