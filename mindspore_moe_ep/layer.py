@@ -13,14 +13,18 @@ from .token_dispatcher import LocalTokenDispatcher
 
 
 def _window_slot_bytes(config):
-    """Shared memory per ordered rank pair: one full step of the largest message, by default."""
+    """Shared memory per ordered rank pair, by default one full step of the largest message but
+    at most DEFAULT_SLOT_BYTES: large payloads travel by single copy (or, where the kernel
+    forbids it, in slot-sized chunks), so a larger slot would only cost /dev/shm."""
     if config.dispatch.window_slot_bytes is not None:
         return config.dispatch.window_slot_bytes
+    from .comm.window import DEFAULT_SLOT_BYTES
     element_bytes = 4 if config.runtime.dtype == "float32" else 2
     top_k = config.router.top_k
     # token row + (top_k local ids + token index) int32: the fused dispatch message
     largest_row = config.model.hidden_size * element_bytes + (top_k + 1) * 4
-    return config.dispatch.max_tokens_per_rank * max(largest_row, 8 * top_k)
+    whole_step = config.dispatch.max_tokens_per_rank * max(largest_row, 8 * top_k)
+    return min(whole_step, DEFAULT_SLOT_BYTES)
 
 
 def _build_dispatchers(config, group):
