@@ -15,9 +15,10 @@ give the same numbers; they differ in how the rows travel.
     Every step is a kernel with a gradient, so training runs backward through the same path.
 
 ``FusedDecodeDispatcher`` (decode, inference):
-    one ``FusedDispatch`` kernel (layout + pack + delivery + grouping) and one ``FusedCombine``
-    kernel (return of every expert output + weighted sum at the source, in k order: exactly the
-    local combine's arithmetic). Two launches per layer, no separate collective for counts.
+    one ``FusedDispatch`` kernel (layout + pack + delivery of rows, local ids and routing
+    weights + grouping) and one ``FusedCombine`` kernel (weighted partial sum per received token
+    at the expert rank, return, sum over ranks at the source: exactly the arithmetic of steps 3-4
+    above). Two launches per layer, no separate collective for counts.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
@@ -126,10 +127,11 @@ class FusedDecodeDispatcher(nn.Cell):
 
     def dispatch(self, x, expert_ids, routing_weights):
         check_tokens_fit(x.shape[0], self.max_tokens)
-        expand_x, tokens_per_expert, expand_info, _ = self.fused_dispatch(x, expert_ids)
+        expand_x, tokens_per_expert, *handle = self.fused_dispatch(x, expert_ids,
+                                                                   routing_weights)
         no_drops = ops.zeros((1,), ms.int32)
-        return expand_x, tokens_per_expert, no_drops, (expand_info, routing_weights)
+        return expand_x, tokens_per_expert, no_drops, tuple(handle)
 
     def combine(self, expert_out, handle):
-        expand_info, routing_weights = handle
-        return self.fused_combine(expert_out, expand_info, routing_weights)
+        positions, recv_weights, recv_counts, token_slot = handle
+        return self.fused_combine(expert_out, positions, recv_weights, recv_counts, token_slot)

@@ -10,22 +10,26 @@
 //     A token goes to a rank once, however many of its experts live there (R and C are read
 //     from the output shapes; C is dispatch.max_tokens_per_rank).
 //
-//   MoeEpFusedDispatch  x [T, H], expert_ids [T, K] int32, experts_per_rank [1] int32,
-//                       window_id [1] int32
-//       -> expand_x [N, H]              received rows grouped by local expert; rows from
-//                                       sum(tokens_per_local_expert) on are unspecified
+//   MoeEpFusedDispatch  x [T, H], expert_ids [T, K] int32, weights [T, K] float32,
+//                       experts_per_rank [1] int32, window_id [1] int32
+//       -> expand_x [N, H]                  received rows grouped by local expert; rows from
+//                                           sum(tokens_per_local_expert) on are unspecified
 //          tokens_per_local_expert [L] int32
-//          expand_info [N, 2] int32     (source rank, source t*K+k) of each row, -1 if unused
-//          recv_counts [R] int32        tokens received from each rank
-//     One kernel: layout, pack, delivery through the communication window (counts travel with
-//     the rows: no separate collective), and grouping by local expert on arrival.
-//     N = R * C * min(K, L) rows is the worst case.
+//          positions [R*C, K] int32         expand_x row of received token j's k-th choice, -1
+//                                           if that expert is elsewhere (or j was not received)
+//          recv_weights [R*C, K] float32    its routing weight (0 where the position is -1)
+//          recv_counts [R] int32            tokens received from each rank (block s of j)
+//          token_slot [T, R] int32          slot d*C+i of token t at rank d, -1 if not sent
+//     One kernel: layout, pack, delivery through the communication window (counts and routing
+//     weights travel with the rows: no separate collective), and grouping by local expert on
+//     arrival, in the local dispatch's order. N = R * C * min(K, L) rows is the worst case.
 //
-//   MoeEpFusedCombine   expert_out [N, H], expand_info [N, 2] int32, weights [T, K] float32,
-//                       window_id [1] int32
-//       -> y [T, H]
-//     Returns every expert output row to its source and forms y[t] = sum_k w[t,k] * out[t,k]
-//     there, in k order with float32 accumulation (the same arithmetic as the local combine).
+//   MoeEpFusedCombine   expert_out [N, H], positions, recv_weights, recv_counts, token_slot
+//                       (the dispatch's handle), window_id [1] int32 -> y [T, H]
+//     Each expert rank forms one weighted partial sum per received token over its own experts
+//     (in k order) and returns it; the source adds the partial sums of its token in rank
+//     order. One row per (token, rank) travels back instead of one per (token, expert), and the
+//     arithmetic is exactly the sparse prefill path's.
 #include <vector>
 
 #include "comm_window.h"
@@ -150,13 +154,11 @@ void ExpertParallelLayout(const std::vector<TensorArg> &args) {
 // most of the step's time. Only the rows the counts declare are ever read, so it is not zeroed.
 struct StagingBuffers {
   std::vector<uint8_t> send, recv;  // message rows, [R * C, row bytes] each
-  std::vector<uint8_t> returned;    // combine: expert output rows by (token, k) pair
 
-  static StagingBuffers &ForThisThread(int64_t message_bytes, int64_t returned_bytes = 0) {
+  static StagingBuffers &ForThisThread(int64_t message_bytes) {
     thread_local StagingBuffers buffers;
     GrowTo(buffers.send, message_bytes);
     GrowTo(buffers.recv, message_bytes);
-    GrowTo(buffers.returned, returned_bytes);
     return buffers;
   }
 
@@ -174,49 +176,60 @@ struct MessageLayout {
 };
 
 void FusedDispatch(const std::vector<TensorArg> &args) {
-  const TensorArg &x = args[0], &expert_ids = args[1], &expand_x = args[4],
-                  &tokens_per_local_expert = args[5], &expand_info = args[6],
-                  &recv_counts = args[7];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[3]));
+  const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
+  const TensorArg &expand_x = args[5], &tokens_per_local_expert = args[6];
+  const TensorArg &positions = args[7], &recv_weights = args[8], &recv_counts = args[9];
+  const TensorArg &token_slot = args[10];
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[4]));
   const int64_t world_size = window->world_size();
   // A check failing before the exchange abandons the window: the peers waiting in this step
   // get the reason at once instead of a timeout.
   const int64_t experts_per_rank = AbandonOnFailure(*window, [&] {
-    const int64_t epr = CheckRouting(expert_ids, args[2], world_size);
+    const int64_t epr = CheckRouting(expert_ids, args[3], world_size);
     x.RequireRank(2);
+    weights.RequireDtype("float32");
+    weights.RequireRank(2);
+    weights.RequireDim(0, expert_ids.dim(0), "the number of tokens");
+    weights.RequireDim(1, expert_ids.dim(1), "top_k");
     expand_x.RequireSameDtype(x);
     recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
     tokens_per_local_expert.RequireDim(0, epr, "experts per rank");
+    token_slot.RequireDim(1, world_size, "the expert-parallel world size");
     return epr;
   });
   const int64_t tokens = x.dim(0), hidden = x.dim(1), top_k = expert_ids.dim(1);
   const int64_t element_bytes = x.dtype == "float32" ? 4 : 2;
   const int64_t capacity_rows = expand_x.dim(0);
-  const int64_t capacity = capacity_rows / (world_size * std::min(top_k, experts_per_rank));
+  const int64_t capacity = positions.dim(0) / world_size;  // C: tokens per rank and peer
   const int32_t *ids = expert_ids.data_as<const int32_t>();
+  const float *weight_data = weights.data_as<const float>();
   const SendPlan plan = AbandonOnFailure(*window, [&] {
     return SendPlan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
   });
 
-  // Pack: row = x[t] | K local expert ids at the destination | t.
-  const MessageLayout layout{hidden * element_bytes, top_k + 1};
+  // Pack: row = x[t] | K local expert ids at the destination | K routing weights (float bits).
+  // The source remembers where each token went (token_slot), so rows carry no token id.
+  const MessageLayout layout{hidden * element_bytes, 2 * top_k};
   const int64_t row_bytes = layout.row_bytes();
   StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
   std::vector<int32_t> send_counts(world_size), received(world_size);
   const uint8_t *x_bytes = x.data_as<const uint8_t>();
-  std::vector<int32_t> ints(top_k + 1);
+  int32_t *slot_of = token_slot.data_as<int32_t>();
+  std::fill(slot_of, slot_of + tokens * world_size, kNone);
+  std::vector<int32_t> ints(2 * top_k);
   for (int64_t rank = 0; rank < world_size; ++rank) {
     const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
     send_counts[rank] = static_cast<int32_t>(sent.size());
     for (int64_t i = 0; i < static_cast<int64_t>(sent.size()); ++i) {
       uint8_t *row = send.data() + (rank * capacity + i) * row_bytes;
       const int64_t t = sent[i];
+      slot_of[t * world_size + rank] = static_cast<int32_t>(rank * capacity + i);
       std::memcpy(row, x_bytes + t * layout.payload_bytes, layout.payload_bytes);
       for (int64_t k = 0; k < top_k; ++k) {
         ints[k] = LocalExpertAt(ids, t * top_k + k, rank, experts_per_rank);
       }
-      ints[top_k] = static_cast<int32_t>(t);
+      std::memcpy(&ints[top_k], weight_data + t * top_k, top_k * sizeof(float));
       std::memcpy(row + layout.payload_bytes, ints.data(), ints.size() * sizeof(int32_t));
     }
   }
@@ -225,20 +238,30 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(), received.data(),
                                    capacity, row_bytes, /*zero_tail=*/false});
 
-  // Group by local expert, in (source rank, source token, k) order: a stable counting sort.
+  // Group by local expert, in (received row j, k) order: a stable counting sort, the order of
+  // the local dispatch. positions[j, k] is the expand_x row of received row j's k-th choice.
+  int32_t *position = positions.data_as<int32_t>();
+  float *pair_weight = recv_weights.data_as<float>();
+  std::fill(position, position + world_size * capacity * top_k, kNone);
+  std::fill(pair_weight, pair_weight + world_size * capacity * top_k, 0.0f);
   std::vector<int64_t> rows_of_expert(experts_per_rank, 0);
   auto for_each_received_pair = [&](auto &&visit) {
     for (int64_t source = 0; source < world_size; ++source) {
       for (int64_t i = 0; i < received[source]; ++i) {
-        const uint8_t *row = recv.data() + (source * capacity + i) * row_bytes;
+        const int64_t j = source * capacity + i;
+        const uint8_t *row = recv.data() + j * row_bytes;
         std::memcpy(ints.data(), row + layout.payload_bytes, ints.size() * sizeof(int32_t));
         for (int64_t k = 0; k < top_k; ++k) {
-          if (ints[k] != kNone) visit(source, row, ints[top_k], k, ints[k]);
+          if (ints[k] != kNone) visit(j, row, k, ints[k], ints[top_k + k]);
         }
       }
     }
   };
-  for_each_received_pair([&](int64_t, const uint8_t *, int32_t, int64_t, int32_t expert) {
+  for_each_received_pair([&](int64_t, const uint8_t *, int64_t, int32_t expert, int32_t) {
+    if (expert < 0 || expert >= experts_per_rank) {
+      Fail(kInternalError, "a received row names local expert ", expert, " of ",
+           experts_per_rank);
+    }
     ++rows_of_expert[expert];
   });
   std::vector<int64_t> next_row(experts_per_rank);
@@ -249,118 +272,115 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     tokens_per_local_expert.data_as<int32_t>()[expert] =
         static_cast<int32_t>(rows_of_expert[expert]);
   }
+  if (total > capacity_rows) {
+    Fail(kInternalError, total, " received (token, expert) pairs exceed the ", capacity_rows,
+         " rows of expand_x");
+  }
   uint8_t *out = expand_x.data_as<uint8_t>();
-  int32_t *info = expand_info.data_as<int32_t>();
-  for_each_received_pair([&](int64_t source, const uint8_t *row, int32_t t, int64_t k,
-                             int32_t expert) {
-    const int64_t position = next_row[expert]++;
-    std::memcpy(out + position * layout.payload_bytes, row, layout.payload_bytes);
-    info[position * 2] = static_cast<int32_t>(source);
-    info[position * 2 + 1] = static_cast<int32_t>(t * top_k + k);
+  for_each_received_pair([&](int64_t j, const uint8_t *row, int64_t k, int32_t expert,
+                             int32_t weight_bits) {
+    const int64_t expand_row = next_row[expert]++;
+    std::memcpy(out + expand_row * layout.payload_bytes, row, layout.payload_bytes);
+    position[j * top_k + k] = static_cast<int32_t>(expand_row);
+    std::memcpy(&pair_weight[j * top_k + k], &weight_bits, sizeof(float));
   });
-  // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail);
-  // expand_info marks them -1, which is what the combine reads.
+  // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail).
   if (PoisonUnusedRows()) {
     VisitFloatType(x, [&](auto element) {
       using T = decltype(element);
       FillWithNaN(expand_x.data_as<T>() + total * hidden, (capacity_rows - total) * hidden);
     });
   }
-  std::fill(info + total * 2, info + capacity_rows * 2, kNone);
   for (int64_t source = 0; source < world_size; ++source) {
     recv_counts.data_as<int32_t>()[source] = received[source];
   }
 }
 
 void FusedCombine(const std::vector<TensorArg> &args) {
-  const TensorArg &expert_out = args[0], &expand_info = args[1], &weights = args[2], &y = args[4];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[3]));
+  const TensorArg &expert_out = args[0], &positions = args[1], &recv_weights = args[2];
+  const TensorArg &recv_counts = args[3], &token_slot = args[4], &y = args[6];
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[5]));
   const int64_t world_size = window->world_size();
-  expert_out.RequireRank(2);
-  expand_info.RequireRank(2);
-  expand_info.RequireDtype("int32");
-  expand_info.RequireDim(0, expert_out.dim(0), "the rows of expert_out");
-  weights.RequireRank(2);
-  weights.RequireDtype("float32");
-  y.RequireSameDtype(expert_out);
   const int64_t rows = expert_out.dim(0), hidden = expert_out.dim(1);
-  const int64_t tokens = weights.dim(0), top_k = weights.dim(1);
+  const int64_t tokens = token_slot.dim(0);
   const int64_t element_bytes = expert_out.dtype == "float32" ? 4 : 2;
-  const int32_t *info = expand_info.data_as<const int32_t>();
-
-  // Each source receives at most one row per (token, k) pair of its own (`pairs` here). The
-  // exchange needs the same block size on every rank, and ranks may hold different numbers of
-  // tokens: a block holds N / R rows (N = R * C * min(K, L) on every rank), the most rows one
-  // rank can owe one source (C tokens, at most min(K, L) of their pairs on one rank).
-  const int64_t pairs = tokens * top_k;
-  const int64_t capacity = rows / world_size;
-  const MessageLayout layout{hidden * element_bytes, 1};
-  const int64_t row_bytes = layout.row_bytes();
-  std::vector<std::vector<int64_t>> rows_for_rank(world_size);
+  const int64_t row_bytes = hidden * element_bytes;
+  int64_t capacity = 0, top_k = 0;
   AbandonOnFailure(*window, [&] {
-    if (rows % world_size != 0) {
-      Fail(kInvalidArgument, "expert_out has ", rows, " rows, not a multiple of the world size ",
-           world_size, ": it does not come from the matching dispatch");
+    expert_out.RequireRank(2);
+    positions.RequireRank(2);
+    positions.RequireDtype("int32");
+    recv_weights.RequireDtype("float32");
+    recv_weights.RequireRank(2);
+    recv_weights.RequireDim(0, positions.dim(0), "the rows of positions");
+    recv_weights.RequireDim(1, positions.dim(1), "top_k");
+    recv_counts.RequireDtype("int32");
+    recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+    token_slot.RequireRank(2);
+    token_slot.RequireDtype("int32");
+    token_slot.RequireDim(1, world_size, "the expert-parallel world size");
+    y.RequireSameDtype(expert_out);
+    if (positions.dim(0) % world_size != 0) {
+      Fail(kInvalidArgument, "positions has ", positions.dim(0), " rows, not a multiple of the "
+           "world size ", world_size, ": it does not come from the matching dispatch");
     }
-    for (int64_t j = 0; j < rows; ++j) {
-      const int32_t source = info[j * 2];
-      if (source == kNone) continue;
-      if (source < 0 || source >= world_size || info[j * 2 + 1] < 0) {
-        Fail(kOutOfRange, "expand_info[", j, "] = (", source, ", ", info[j * 2 + 1],
-             ") does not come from the matching dispatch");
+    capacity = positions.dim(0) / world_size;
+    top_k = positions.dim(1);
+    const int32_t *counts = recv_counts.data_as<const int32_t>();
+    const int32_t *position = positions.data_as<const int32_t>();
+    for (int64_t source = 0; source < world_size; ++source) {
+      if (counts[source] < 0 || counts[source] > capacity) {
+        Fail(kOutOfRange, "recv_counts[", source, "] = ", counts[source], " is out of range [0, ",
+             capacity, "]: it does not come from the matching dispatch");
       }
-      rows_for_rank[source].push_back(j);
-    }
-    for (int64_t rank = 0; rank < world_size; ++rank) {
-      if (static_cast<int64_t>(rows_for_rank[rank].size()) > capacity) {
-        Fail(kInvalidArgument, "rank ", rank, " is owed ", rows_for_rank[rank].size(),
-             " rows but a rank can owe one source at most ", capacity);
+      for (int64_t i = 0; i < counts[source] * top_k; ++i) {
+        const int32_t row = position[source * capacity * top_k + i];
+        if (row < kNone || row >= rows) {
+          Fail(kOutOfRange, "positions[", source * capacity + i / top_k, ",", i % top_k, "] = ",
+               row, " is out of range [-1, ", rows, ")");
+        }
       }
     }
     return 0;
   });
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes,
-                                                          pairs * layout.payload_bytes);
-  std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
-  std::vector<int32_t> send_counts(world_size), received(world_size);
-  const uint8_t *out_bytes = expert_out.data_as<const uint8_t>();
-  for (int64_t rank = 0; rank < world_size; ++rank) {
-    send_counts[rank] = static_cast<int32_t>(rows_for_rank[rank].size());
-    for (int64_t i = 0; i < send_counts[rank]; ++i) {
-      const int64_t j = rows_for_rank[rank][i];
-      uint8_t *row = send.data() + (rank * capacity + i) * row_bytes;
-      std::memcpy(row, out_bytes + j * layout.payload_bytes, layout.payload_bytes);
-      std::memcpy(row + layout.payload_bytes, &info[j * 2 + 1], sizeof(int32_t));
-    }
-  }
 
-  // Only the counted rows are read: the receive tails need no zeroing.
-  window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(), received.data(),
-                                   capacity, row_bytes, /*zero_tail=*/false});
-
-  // Place each returned row at its (token, k) pair, then sum in k order (the local combine).
-  // Only the pairs whose position is set are read, so `returned` needs no zeroing.
-  uint8_t *returned = staging.returned.data();
-  std::vector<int32_t> positions(pairs, kNone);
+  // At the expert rank: one weighted partial sum per received token, over this rank's experts
+  // in k order (the local combine's arithmetic), written straight into the send blocks.
+  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  const int32_t *counts = recv_counts.data_as<const int32_t>();
   for (int64_t source = 0; source < world_size; ++source) {
-    for (int64_t i = 0; i < received[source]; ++i) {
-      const uint8_t *row = recv.data() + (source * capacity + i) * row_bytes;
-      int32_t pair;
-      std::memcpy(&pair, row + layout.payload_bytes, sizeof(pair));
-      if (pair < 0 || pair >= pairs || positions[pair] != kNone) {
-        Fail(kInternalError, "rank ", source, " returned pair ", pair,
-             " twice or out of range [0, ", pairs, ")");
+    const int64_t block = source * capacity;
+    const int64_t block_positions_shape[2] = {counts[source], top_k};
+    const int64_t partial_shape[2] = {counts[source], hidden};
+    const TensorArg block_positions{"positions", positions.data_as<int32_t>() + block * top_k,
+                                    2, block_positions_shape, "int32"};
+    const TensorArg block_weights{"recv_weights", recv_weights.data_as<float>() + block * top_k,
+                                  2, block_positions_shape, "float32"};
+    const TensorArg partial{"partial", staging.send.data() + block * row_bytes, 2, partial_shape,
+                            expert_out.dtype};
+    GatherSum(expert_out, block_positions, &block_weights, partial);
+  }
+  std::vector<int32_t> returned_counts(world_size);
+  window->ExchangeRows(RowExchange{staging.send.data(), counts, staging.recv.data(),
+                                   returned_counts.data(), capacity, row_bytes,
+                                   /*zero_tail=*/false});
+
+  // At the source: y[t] = the sum, in rank order, of the partial rows of t (the prefill path's
+  // arithmetic), read in place from the received blocks.
+  const int32_t *slot_of = token_slot.data_as<const int32_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t rank = 0; rank < world_size; ++rank) {
+      const int32_t slot = slot_of[t * world_size + rank];
+      if (slot != kNone && (slot / capacity != rank || slot % capacity >= returned_counts[rank])) {
+        Fail(kInternalError, "token_slot[", t, ",", rank, "] = ", slot, " names no row that rank ",
+             rank, " returned (", returned_counts[rank], " rows)");
       }
-      positions[pair] = pair;
-      std::memcpy(returned + pair * layout.payload_bytes, row, layout.payload_bytes);
     }
   }
-  const int64_t returned_shape[2] = {pairs, hidden};
-  const int64_t positions_shape[2] = {tokens, top_k};
-  const TensorArg returned_rows{"returned_rows", returned, 2, returned_shape,
+  const int64_t returned_shape[2] = {world_size * capacity, hidden};
+  const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape,
                                 expert_out.dtype};
-  const TensorArg pair_positions{"pair_positions", positions.data(), 2, positions_shape, "int32"};
-  GatherSum(returned_rows, pair_positions, &weights, y);
+  GatherSum(returned_rows, token_slot, nullptr, y);
 }
 
 }  // namespace
@@ -382,8 +402,8 @@ MOE_EP_EXPORT int MoeEpFusedDispatch(int nparam, void **params, int *ndims, int6
   return moe_ep::RunKernel("MoeEpFusedDispatch", [&] {
     moe_ep::FusedDispatch(moe_ep::BindArgs(
         nparam, params, ndims, shapes, dtypes,
-        {"x", "expert_ids", "experts_per_rank", "window_id", "expand_x",
-         "tokens_per_local_expert", "expand_info", "recv_counts"}));
+        {"x", "expert_ids", "weights", "experts_per_rank", "window_id", "expand_x",
+         "tokens_per_local_expert", "positions", "recv_weights", "recv_counts", "token_slot"}));
   });
 }
 
@@ -392,7 +412,8 @@ MOE_EP_EXPORT int MoeEpFusedCombine(int nparam, void **params, int *ndims, int64
   return moe_ep::RunKernel("MoeEpFusedCombine", [&] {
     moe_ep::FusedCombine(moe_ep::BindArgs(
         nparam, params, ndims, shapes, dtypes,
-        {"expert_out", "expand_info", "weights", "window_id", "y"}));
+        {"expert_out", "positions", "recv_weights", "recv_counts", "token_slot", "window_id",
+         "y"}));
   });
 }
 

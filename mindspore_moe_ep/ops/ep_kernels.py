@@ -70,43 +70,52 @@ class GatherRows(_ExplainedCell):
 
 
 class FusedDispatch(_ExplainedCell):
-    """Decode Dispatch: ``(x [T, H], expert_ids [T, K])`` -> ``(expand_x [N, H],
-    tokens_per_local_expert [L], expand_info [N, 2], recv_counts [R])`` in one kernel.
+    """Decode Dispatch: ``(x [T, H], expert_ids [T, K], weights [T, K])`` -> ``(expand_x [N, H],
+    tokens_per_local_expert [L], positions [R*C, K], recv_weights [R*C, K], recv_counts [R],
+    token_slot [T, R])`` in one kernel.
 
     N = R * C * min(K, L) is the worst case of rows one rank can receive (C =
-    dispatch.max_tokens_per_rank, L = experts per rank). ``expand_info`` is the handle the
-    Combine needs: the source rank and source (token * K + k) of every row.
+    dispatch.max_tokens_per_rank, L = experts per rank); rows of ``expand_x`` past
+    ``sum(tokens_per_local_expert)`` are unspecified. The last four outputs are the handle the
+    Combine needs (see the kernel's header comment).
     """
 
     def __init__(self, world_size, capacity_per_rank, experts_per_rank, top_k, window):
         super().__init__()
         rows = world_size * capacity_per_rank * min(top_k, experts_per_rank)
+        slots = world_size * capacity_per_rank
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._window_id = window.id_tensor
         self._dispatch = custom_op(
             "MoeEpFusedDispatch",
-            out_shape=lambda x, ids, epr, window_id: ([rows, x[1]], [experts_per_rank],
-                                                      [rows, 2], [world_size]),
-            out_dtype=lambda x, ids, epr, window_id: (x, mstype.int32, mstype.int32,
-                                                      mstype.int32),
-            shape_key={"rows": rows, "experts_per_rank": experts_per_rank,
+            out_shape=lambda x, ids, weights, epr, window_id: (
+                [rows, x[1]], [experts_per_rank], [slots, ids[1]], [slots, ids[1]],
+                [world_size], [x[0], world_size]),
+            out_dtype=lambda x, ids, weights, epr, window_id: (
+                x, mstype.int32, mstype.int32, mstype.float32, mstype.int32, mstype.int32),
+            shape_key={"rows": rows, "slots": slots, "experts_per_rank": experts_per_rank,
                        "world_size": world_size},
             side_effect=True)
 
-    def construct(self, x, expert_ids):
-        return self._dispatch(x, expert_ids, self._experts_per_rank, self._window_id)
+    def construct(self, x, expert_ids, weights):
+        return self._dispatch(x, expert_ids, weights, self._experts_per_rank, self._window_id)
 
 
 class FusedCombine(_ExplainedCell):
-    """Decode Combine: ``(expert_out [N, H], expand_info [N, 2], weights [T, K])`` -> ``y [T, H]``."""
+    """Decode Combine: ``(expert_out [N, H], positions, recv_weights, recv_counts, token_slot)``
+    (the Dispatch's handle) -> ``y [T, H]``: per-rank weighted partial sums, returned and added
+    up at the source."""
 
     def __init__(self, window):
         super().__init__()
         self._window_id = window.id_tensor
         self._combine = custom_op(
             "MoeEpFusedCombine",
-            out_shape=lambda out, info, weights, window_id: [weights[0], out[1]],
-            out_dtype=lambda out, info, weights, window_id: out, side_effect=True)
+            out_shape=lambda out, positions, weights, counts, slots, window_id: [slots[0],
+                                                                                 out[1]],
+            out_dtype=lambda out, positions, weights, counts, slots, window_id: out,
+            side_effect=True)
 
-    def construct(self, expert_out, expand_info, weights):
-        return self._combine(expert_out, expand_info, weights, self._window_id)
+    def construct(self, expert_out, positions, recv_weights, recv_counts, token_slot):
+        return self._combine(expert_out, positions, recv_weights, recv_counts, token_slot,
+                             self._window_id)
