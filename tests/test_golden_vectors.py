@@ -44,22 +44,12 @@ def test_golden_files_are_small():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["dispatch_dropless", "dispatch_capacity"])
 def test_dispatch(name, dtype):
-    """golden.check_dispatch on the used rows only: on CPU, rows of grouped_x past
-    sum(tokens_per_expert) are unspecified (the kernel does not write them)."""
-    from mindspore_moe_ep.ops import DispatchKernel
+    """Rows past sum(tokens_per_expert) are unspecified, so check_dispatch compares the used
+    rows; the capacity case has such a tail."""
+    golden.check_dispatch(name, dtype)
     case = golden.load(name)
-    kernel = DispatchKernel(int(case["num_experts"]), int(case["capacity"][0]))
-    x = ms.Tensor(case["x"].astype(np.float32)).astype(getattr(ms, dtype))
-    grouped_x, positions, tokens_per_expert, num_dropped = kernel(x, ms.Tensor(case["expert_ids"]))
-    np.testing.assert_array_equal(positions.asnumpy(), case["positions"])
-    np.testing.assert_array_equal(tokens_per_expert.asnumpy(), case["tokens_per_expert"])
-    np.testing.assert_array_equal(num_dropped.asnumpy(), case["num_dropped"])
-    used = int(case["tokens_per_expert"].sum())
     if name == "dispatch_capacity":
-        assert used < grouped_x.shape[0]  # the case has an unspecified tail
-    expected = ms.Tensor(case["grouped_x"][:used].astype(np.float32)).astype(getattr(ms, dtype))
-    np.testing.assert_array_equal(grouped_x.astype(ms.float32).asnumpy()[:used],
-                                  expected.astype(ms.float32).asnumpy())
+        assert case["tokens_per_expert"].sum() < case["grouped_x"].shape[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
