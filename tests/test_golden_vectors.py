@@ -7,7 +7,6 @@ import importlib.util
 import os
 
 import mindspore as ms
-import numpy as np
 import pytest
 
 from reference import golden
