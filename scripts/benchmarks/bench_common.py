@@ -33,15 +33,28 @@ CPU_FLAGS_OF_INTEREST = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx
 
 # ---- arguments -------------------------------------------------------------------------------
 
-def argument_parser(description: str) -> argparse.ArgumentParser:
-    """The options every benchmark has: --out DIR and --quick."""
+def argument_parser(description: str, worker_roles: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark has: --out DIR, --quick, --no-plot; with ``worker_roles`` the
+    hidden --role {ms,torch} by which a benchmark starts its own worker processes."""
     parser = argparse.ArgumentParser(description=description)
+    if worker_roles:
+        parser.add_argument("--role", choices=["ms", "torch"], default=None,
+                            help=argparse.SUPPRESS)
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"directory for the JSON results and plots (default {DEFAULT_OUT}/)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sizes and repetitions (about 2 minutes)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     return parser
+
+
+def random_routing(tokens: int, top_k: int, experts: int, seed: int = 0):
+    """[T, K] distinct uniformly random experts per token (int32) and normalised weights
+    (float32): balanced loads, the same for every benchmark."""
+    rng = np.random.default_rng(seed)
+    ids = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k].astype(np.int32)
+    weights = rng.random((tokens, top_k)).astype(np.float32)
+    return ids, weights / weights.sum(axis=1, keepdims=True)
 
 
 # ---- machine information ---------------------------------------------------------------------

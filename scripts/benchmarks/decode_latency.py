@@ -25,7 +25,6 @@ launch is amortised; ``per launch`` columns give one round trip per launch. Late
 slowest rank's best repetition (each repetition starts after a barrier).
 Targets: fused <= 0.6x the prefill path; fused <= 0.2x gloo.
 """
-import argparse
 import os
 import sys
 import time
@@ -37,13 +36,6 @@ import bench_common as bc
 NAME = "decode_latency"
 WORLD = 4
 EXPERTS, TOP_K, MAX_TOKENS, EXPERT_FFN = 64, 8, 128, 256
-
-
-def routing(tokens, seed):
-    rng = np.random.default_rng(seed)
-    ids = np.argsort(rng.random((tokens, EXPERTS)), axis=1)[:, :TOP_K].astype(np.int32)
-    weights = rng.random((tokens, TOP_K)).astype(np.float32)
-    return ids, weights / weights.sum(axis=1, keepdims=True)
 
 
 def settings(quick):
@@ -105,7 +97,8 @@ def ms_worker(quick):
         assert layer.decode_dispatcher is not None, "the fused decode dispatcher is missing"
         paths = {"fused": layer.decode_dispatcher, "prefill path": layer.prefill_dispatcher}
         for tokens in token_counts:
-            ids_np, weights_np = routing(tokens, seed=1000 * rank + tokens)
+            ids_np, weights_np = bc.random_routing(tokens, TOP_K, EXPERTS,
+                                                   seed=1000 * rank + tokens)
             x = Tensor(np.random.default_rng(rank).standard_normal((tokens, hidden),
                                                                    dtype=np.float32))
             inputs = (x, Tensor(ids_np), Tensor(weights_np))
@@ -139,7 +132,8 @@ def torch_worker(quick):
     results = []
     for hidden in hiddens:
         for tokens in token_counts:
-            ids_np, weights_np = routing(tokens, seed=1000 * rank + tokens)
+            ids_np, weights_np = bc.random_routing(tokens, TOP_K, EXPERTS,
+                                                   seed=1000 * rank + tokens)
             x = torch.from_numpy(np.random.default_rng(rank).standard_normal(
                 (tokens, hidden), dtype=np.float32))
             ids, weights = torch.from_numpy(ids_np).long(), torch.from_numpy(weights_np)
@@ -197,8 +191,7 @@ def merge(reports):
 
 
 def main(argv=None):
-    parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
+    parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
     args = parser.parse_args(argv)
     if args.role == "ms":
         return ms_worker(args.quick)

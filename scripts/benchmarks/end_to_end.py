@@ -20,7 +20,6 @@ Tokens/s = 4 * T / step time, the step time being the slowest rank's best repeti
 repetition starts after a barrier). Threads per process: the cores shared evenly (same policy
 for both). Target: >= 2x fairscale.
 """
-import argparse
 import os
 import sys
 import time
@@ -193,8 +192,7 @@ class MinimalMoE:  # pragma: no cover - used only without fairscale
 
 
 def main(argv=None):
-    parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
+    parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
     args = parser.parse_args(argv)
     if args.role == "ms":
         return ms_worker(args.quick)

@@ -51,14 +51,6 @@ KERNEL_ARG_TYPES = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTE
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def routing(tokens, top_k, experts, seed=0):
-    """[T, K] distinct random experts per token (int32) and normalised weights (float32)."""
-    rng = np.random.default_rng(seed)
-    ids = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k].astype(np.int32)
-    weights = rng.random((tokens, top_k)).astype(np.float32)
-    return ids, weights / weights.sum(axis=1, keepdims=True)
-
-
 def make_x(tokens, hidden, dtype, seed=1):
     values = np.random.default_rng(seed).standard_normal((tokens, hidden), dtype=np.float32)
     if dtype == "float32":
@@ -102,7 +94,7 @@ def direct_worker(hiddens, dtypes, repeats, result_path):
     from mindspore_moe_ep.ops.kernel_library import library_path
     library = ctypes.CDLL(library_path())
     threads = int(os.environ["MOE_EP_NUM_THREADS"])
-    ids, weights = routing(TOKENS, TOP_K, EXPERTS)
+    ids, weights = bc.random_routing(TOKENS, TOP_K, EXPERTS)
     rows = []
     for dtype in dtypes:
         for hidden in hiddens:
@@ -196,7 +188,7 @@ def run_graph(hiddens, dtypes, repeats, calls_per_launch):
                 grouped = ops.depend(grouped, y)
             return y
 
-    ids_np, weights_np = routing(TOKENS, TOP_K, EXPERTS)
+    ids_np, weights_np = bc.random_routing(TOKENS, TOP_K, EXPERTS)
     ids, weights = Tensor(ids_np), Tensor(weights_np)
     rows = []
     for dtype in dtypes:

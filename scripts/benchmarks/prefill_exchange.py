@@ -23,7 +23,6 @@ GB/s per rank = S / time of one exchange, the time being the slowest rank's best
 (every repetition starts after a barrier). Each framework runs alone on the machine.
 Targets: ExchangeRows >= 3x gloo and >= 0.5x the single-copy bound.
 """
-import argparse
 import os
 import sys
 import time
@@ -155,9 +154,8 @@ def merge(reports):
 
 
 def main(argv=None):
-    parser = bc.argument_parser(__doc__.split("\n\n")[0])
+    parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
     parser.add_argument("--ranks", default="2,4", help="comma-separated worker counts")
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sizes-mib", default=None, help="comma-separated MiB per rank")
     args = parser.parse_args(argv)
     sizes = ([int(s) * MIB for s in args.sizes_mib.split(",")] if args.sizes_mib

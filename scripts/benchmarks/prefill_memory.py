@@ -37,7 +37,6 @@ forward those pages are not resident and its measured growth is far below its an
 a memory pool that reuses pages across steps does not keep that saving, so the target is judged
 on the analytic static sizes. Target: sparse <= 0.5x dense.
 """
-import argparse
 import os
 import sys
 
@@ -49,19 +48,12 @@ NAME = "prefill_memory"
 WORLD, EXPERTS, TOP_K, ELEMENT = 4, 64, 8, 4
 
 
-def routing(tokens, seed):
-    rng = np.random.default_rng(seed)
-    ids = np.argsort(rng.random((tokens, EXPERTS)), axis=1)[:, :TOP_K].astype(np.int32)
-    weights = rng.random((tokens, TOP_K)).astype(np.float32)
-    return ids, weights / weights.sum(axis=1, keepdims=True)
-
-
 def routing_statistics(tokens):
     """Over all R ranks' routing: dense capacity, rows exchanged and pairs received per rank."""
     local = EXPERTS // WORLD
     capacity, sent_rows, received_pairs = 0, np.zeros(WORLD), np.zeros(WORLD)
     for rank in range(WORLD):
-        ids, _ = routing(tokens, seed=rank)
+        ids, _ = bc.random_routing(tokens, TOP_K, EXPERTS, seed=rank)
         capacity = max(capacity, int(np.bincount(ids.ravel(), minlength=EXPERTS).max()))
         destination = ids // local
         for dest in range(WORLD):
@@ -145,7 +137,7 @@ def torch_dense_peak(tokens, hidden, ffn, capacity):
     """Runs in a child process: ru_maxrss growth of one rank's dense GShard forward."""
     import torch
     torch.set_num_threads(bc.threads_per_process(1))
-    ids_np, weights_np = routing(tokens, seed=0)
+    ids_np, weights_np = bc.random_routing(tokens, TOP_K, EXPERTS, seed=0)
     x = torch.randn(tokens, hidden)
     ids, weights = torch.from_numpy(ids_np).long(), torch.from_numpy(weights_np)
     gate_up = torch.randn(EXPERTS, hidden, 2 * ffn) * hidden ** -0.5  # all E: [R, L] blocks
@@ -175,8 +167,7 @@ def torch_dense_peak(tokens, hidden, ffn, capacity):
 # ---- parent ----------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = bc.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=["ms", "torch"], default=None, help=argparse.SUPPRESS)
+    parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--ffn", type=int, default=None)
