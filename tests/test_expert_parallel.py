@@ -106,8 +106,8 @@ def test_routing_configurations_cover_the_edge_cases(ep_run):
 def test_layer_prefill_and_decode_equal_single_process(ep_run):
     found = assert_all_pass(ep_run, "layer/", minimum=20)
     names = {name.split("/")[2] for _, name, _, _ in found}
-    assert {"tiny", "deepseek"} <= names
-    for model in ("tiny", "deepseek"):
+    assert {"tiny", "deepseek", "hf_checkpoint"} <= names
+    for model in ("tiny", "deepseek", "hf_checkpoint"):
         for phase in ("prefill", "decode"):
             assert any(name.endswith(f"layer/{model}/{phase}/output") for _, name, _, _ in found)
     assert "graph" in modes_of(found)

@@ -15,7 +15,9 @@ Parts (all by default; choose with ``--parts routing,layer,...``):
   fake expert (row * (global expert id + 1)) is applied and ``combine`` must return
   sum_k w[t, k] * (e_k + 1) * x[t] to the right token. Many seeded random configurations.
 - ``layer``: MoELayer(EP = W) prefill and decode outputs and statistics against an EP = 1 layer
-  (same weights: initialisation is keyed per global expert) on the concatenated batch.
+  (same weights: initialisation is keyed per global expert) on the concatenated batch; also
+  both layers loaded from one Hugging Face-named checkpoint of the whole model (each EP rank
+  loads only its own experts).
 - ``grad``: gradients of L = sum over ranks of L_r = sum(y_r * G_r) (+ the router losses),
   after ExpertParallelGradReducer, against the sum over sources s of the EP = 1 gradients of L_s
   (each rank's router losses cover its own tokens, so the sum of the L_s, not the loss of the
@@ -488,6 +490,35 @@ def layer_part(report, rank, world):
         report.check(f"layer/{name}/decode_path_is_fused",
                      type(layer.decode_dispatcher).__name__ == "FusedDecodeDispatcher",
                      type(layer.decode_dispatcher).__name__)
+    set_mode(report, "pynative")
+    report.run("layer/hf_checkpoint", lambda: checkpoint_part(report, rank, world))
+
+
+def random_checkpoint(full_layer, seed):
+    """A Hugging Face-named state dict of the whole model (every expert), random values."""
+    from mindspore_moe_ep.state_dict import _expected_shapes  # the keys an EP = 1 layer loads
+    rng = np.random.default_rng([MASTER_SEED, seed])
+    return {key: (rng.standard_normal(shape) * 0.2).astype(np.float32)
+            for key, shape in _expected_shapes(full_layer).items()}
+
+
+def checkpoint_part(report, rank, world):
+    """Both layers load one checkpoint: EP output must equal EP = 1 (the right experts loaded)."""
+    config = deepseek_layer_config(world)
+    layer = mee.MoELayer(config)
+    ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+    checkpoint = random_checkpoint(ref_layer, seed=11)
+    for each in (layer, ref_layer):
+        each.load_hf_state_dict(checkpoint)
+        each.set_train(False)
+    report.check("layer/hf_checkpoint/loaded_experts",
+                 len(layer.local_expert_indices) == config.model.num_experts // world,
+                 f"local experts {list(layer.local_expert_indices)}")
+    xs = [x for x, _ in layer_inputs(3, DEEPSEEK_SHAPES[:world], 64)]
+    for phase in ("prefill", "decode"):
+        case = f"layer/hf_checkpoint/{phase}"
+        report.run(case, lambda case=case, phase=phase: check_layer_forward(
+            report, case, layer, ref_layer, xs, rank, phase, "pynative"))
 
 
 # ---- part "grad" -------------------------------------------------------------------------------
