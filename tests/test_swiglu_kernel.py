@@ -21,7 +21,8 @@ def reference(gate_up, d_hidden):
 
 
 def as_numpy(tensor):
-    return tensor.astype(ms.float32).asnumpy().astype(np.float64)
+    with np.errstate(invalid="ignore"):  # the inputs hold NaN and inf on purpose
+        return tensor.astype(ms.float32).asnumpy().astype(np.float64)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
