@@ -69,9 +69,9 @@ class GroupedSwiGLUExperts(nn.Cell):
     def construct(self, rows, tokens_per_expert):
         """rows: [N, H] grouped by expert; tokens_per_expert: [E_local] int32 -> [N, H].
 
-        Rows of ``rows`` past sum(tokens_per_expert) are unspecified (never read); the grouped
-        GEMM gives zeros there, so SwiGLU, which runs over the whole buffer, sees no NaN (a NaN
-        anywhere changes MindSpore's SiLU results everywhere by ~1 ulp).
+        Rows past sum(tokens_per_expert) are unspecified, in ``rows`` and in every buffer
+        derived from it: the grouped GEMMs and the SwiGLU kernel read and write only the used
+        rows (on Ascend, the element-wise SwiGLU runs over all rows; its tail is never read).
         """
         gate_up = self.grouped_matmul(rows, self.gate_up_weight, tokens_per_expert)   # [N, 2F]
         hidden = self.swiglu(gate_up, tokens_per_expert)                             # [N, F]

@@ -16,14 +16,11 @@
 //
 // Arithmetic: float32 whatever the storage dtype (float32, float16 or bfloat16), with one
 // exponential implementation (a Cephes-style polynomial, ~1 ulp) for the vector and scalar paths.
-// The AVX2 + FMA + F16C path is chosen at run time; the build itself targets x86-64-v2.
+// The AVX2 + F16C path is chosen at run time; the build itself targets x86-64-v2.
 #include <cmath>
 
 #include "kernel_common.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "simd_convert.h"
 
 namespace moe_ep {
 namespace {
@@ -81,102 +78,84 @@ void SwiGLUGradRowsScalar(const T *d_hidden, const T *gate_up, int64_t ffn, int6
   }
 }
 
-#if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+// ---- AVX2 path: 16 elements at a time (simd_convert.h), the same formulas -------------------
+// Load16 / Store16 may permute the 16 elements of a bfloat16 block (and undo it on the way
+// back); an element-wise computation over gate, up and d_hidden loaded alike does not mind.
 
-// Eight values of T to and from float32 lanes.
-inline __m256 Load8(const float *p) { return _mm256_loadu_ps(p); }
-inline __m256 Load8(const Float16 *p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-}
-inline __m256 Load8(const BFloat16 *p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-inline void Store8(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void Store8(Float16 *p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-// Round to nearest even (as FromFloat<BFloat16>), NaN kept a quiet NaN.
-inline void Store8(BFloat16 *p, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lowest_kept), 16);
-  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
-  const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  rounded = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
-                                                 _mm256_castsi256_ps(quiet_nan), is_nan));
-  // Pack the low 16 bits of the eight 32-bit lanes.
-  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane
-  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_castsi256_si128(ordered));
-}
-
-inline __m256 Exp8(__m256 x) {
+MOE_EP_AVX2 inline __m256 Exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLowest)), _mm256_set1_ps(kExpHighest));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(kLn2High)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(kLn2Low)));
   __m256 p = _mm256_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  for (int i = 1; i < 6; ++i) {
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(kExpPoly[i]));
+  }
+  p = _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)),
+                    _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i scale = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-inline __m256 Sigmoid8(__m256 gate) {
+MOE_EP_AVX2 inline __m256 Sigmoid8(__m256 gate) {
   const __m256 one = _mm256_set1_ps(1.0f);
   return _mm256_div_ps(one, _mm256_add_ps(one, Exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
 }
 
-template <typename T>
-void SwiGLURowsAvx2(const T *gate_up, int64_t ffn, int64_t first, int64_t last, T *hidden) {
-  const int64_t vector_end = ffn / 8 * 8;
-  for (int64_t row = first; row < last; ++row) {
-    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn;
-    T *out = hidden + row * ffn;
-    for (int64_t i = 0; i < vector_end; i += 8) {
-      const __m256 g = Load8(gate + i);
-      Store8(out + i, _mm256_mul_ps(_mm256_mul_ps(g, Sigmoid8(g)), Load8(up + i)));
-    }
-    SwiGLURowsScalar(gate_up, ffn, row, row + 1, hidden, vector_end);  // the last ffn % 8
-  }
+MOE_EP_AVX2 inline __m256 SwiGLU8(__m256 gate, __m256 up) {
+  return _mm256_mul_ps(_mm256_mul_ps(gate, Sigmoid8(gate)), up);
 }
 
 template <typename T>
-void SwiGLUGradRowsAvx2(const T *d_hidden, const T *gate_up, int64_t ffn, int64_t first,
-                        int64_t last, T *d_gate_up) {
-  const int64_t vector_end = ffn / 8 * 8;
+MOE_EP_AVX2 void SwiGLURowsAvx2(const T *gate_up, int64_t ffn, int64_t first, int64_t last,
+                                T *hidden) {
+  const int64_t vector_end = ffn / 16 * 16;
+  for (int64_t row = first; row < last; ++row) {
+    const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn;
+    T *out = hidden + row * ffn;
+    for (int64_t i = 0; i < vector_end; i += 16) {
+      __m256 g0, g1, u0, u1;
+      Load16(gate + i, g0, g1);
+      Load16(up + i, u0, u1);
+      Store16(out + i, SwiGLU8(g0, u0), SwiGLU8(g1, u1), /*streaming=*/false);
+    }
+    SwiGLURowsScalar(gate_up, ffn, row, row + 1, hidden, vector_end);  // the last ffn % 16
+  }
+}
+
+// (d_gate, d_up) of 8 lanes.
+MOE_EP_AVX2 inline void SwiGLUGrad8(__m256 g, __m256 u, __m256 d, __m256 &d_gate, __m256 &d_up) {
   const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 s = Sigmoid8(g);
+  const __m256 derivative =
+      _mm256_mul_ps(s, _mm256_add_ps(_mm256_mul_ps(g, _mm256_sub_ps(one, s)), one));
+  d_gate = _mm256_mul_ps(_mm256_mul_ps(d, u), derivative);
+  d_up = _mm256_mul_ps(d, _mm256_mul_ps(g, s));
+}
+
+template <typename T>
+MOE_EP_AVX2 void SwiGLUGradRowsAvx2(const T *d_hidden, const T *gate_up, int64_t ffn,
+                                    int64_t first, int64_t last, T *d_gate_up) {
+  const int64_t vector_end = ffn / 16 * 16;
   for (int64_t row = first; row < last; ++row) {
     const T *gate = gate_up + row * 2 * ffn, *up = gate + ffn, *d_out = d_hidden + row * ffn;
     T *d_gate = d_gate_up + row * 2 * ffn, *d_up = d_gate + ffn;
-    for (int64_t i = 0; i < vector_end; i += 8) {
-      const __m256 g = Load8(gate + i), u = Load8(up + i), d = Load8(d_out + i);
-      const __m256 s = Sigmoid8(g);
-      const __m256 derivative = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
-      Store8(d_gate + i, _mm256_mul_ps(_mm256_mul_ps(d, u), derivative));
-      Store8(d_up + i, _mm256_mul_ps(d, _mm256_mul_ps(g, s)));
+    for (int64_t i = 0; i < vector_end; i += 16) {
+      __m256 g[2], u[2], d[2], dg[2], du[2];
+      Load16(gate + i, g[0], g[1]);
+      Load16(up + i, u[0], u[1]);
+      Load16(d_out + i, d[0], d[1]);
+      for (int half = 0; half < 2; ++half) {
+        SwiGLUGrad8(g[half], u[half], d[half], dg[half], du[half]);
+      }
+      Store16(d_gate + i, dg[0], dg[1], /*streaming=*/false);
+      Store16(d_up + i, du[0], du[1], /*streaming=*/false);
     }
     SwiGLUGradRowsScalar(d_hidden, gate_up, ffn, row, row + 1, d_gate_up, vector_end);
   }
 }
-
-#pragma GCC pop_options
-
-bool HasAvx2Fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") &&
-                                __builtin_cpu_supports("fma") &&
-                                __builtin_cpu_supports("f16c");
-  return supported;
-}
-#else
-bool HasAvx2Fma() { return false; }
-#endif
 
 // The number of rows that carry tokens: sum(tokens_per_expert), checked against `num_rows`.
 int64_t UsedRows(const TensorArg &tokens_per_expert, int64_t num_rows) {
@@ -220,9 +199,7 @@ void SwiGLU(const std::vector<TensorArg> &args) {
     const T *in = gate_up.data_as<const T>();
     T *out = hidden.data_as<T>();
     ParallelFor(used, MinItemsPerThread(3 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
-#if defined(__x86_64__)
-      if (HasAvx2Fma()) return SwiGLURowsAvx2(in, ffn, first, last, out);
-#endif
+      if (CpuHasAvx2F16c()) return SwiGLURowsAvx2(in, ffn, first, last, out);
       SwiGLURowsScalar(in, ffn, first, last, out);
     });
     if (PoisonUnusedRows()) FillWithNaN(out + used * ffn, (gate_up.dim(0) - used) * ffn);
@@ -244,9 +221,7 @@ void SwiGLUGrad(const std::vector<TensorArg> &args) {
     const T *d_out = d_hidden.data_as<const T>(), *in = gate_up.data_as<const T>();
     T *d_in = d_gate_up.data_as<T>();
     ParallelFor(used, MinItemsPerThread(5 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
-#if defined(__x86_64__)
-      if (HasAvx2Fma()) return SwiGLUGradRowsAvx2(d_out, in, ffn, first, last, d_in);
-#endif
+      if (CpuHasAvx2F16c()) return SwiGLUGradRowsAvx2(d_out, in, ffn, first, last, d_in);
       SwiGLUGradRowsScalar(d_out, in, ffn, first, last, d_in);
     });
     if (PoisonUnusedRows()) FillWithNaN(d_in + used * 2 * ffn, (gate_up.dim(0) - used) * 2 * ffn);
