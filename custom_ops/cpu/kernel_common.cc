@@ -1,4 +1,4 @@
-// Error buffer, argument checks and thread count shared by all CPU kernels.
+// Error buffer, argument checks and CPU features shared by all CPU kernels.
 #include "kernel_common.h"
 
 #include <emmintrin.h>  // SSE2: _mm_stream_si128, _mm_sfence
@@ -94,18 +94,6 @@ std::string TensorArg::IndexString(int64_t flat_index) const {
   for (int axis = 0; axis < rank; ++axis) text << (axis ? "," : "") << index[axis];
   text << "]";
   return text.str();
-}
-
-int KernelThreadCount() {
-  static const int thread_count = [] {
-    if (const char *requested = std::getenv("MOE_EP_NUM_THREADS")) {
-      const int value = std::atoi(requested);
-      if (value > 0) return value;
-    }
-    const unsigned cores = std::thread::hardware_concurrency();
-    return cores > 0 ? static_cast<int>(cores) : 1;
-  }();
-  return thread_count;
 }
 
 bool CpuHasAvx2F16c() {

@@ -1,5 +1,6 @@
-// Shared building blocks of the CPU AOT kernels: error reporting, argument checking, the
-// floating-point element types (float32 / float16 / bfloat16) and a deterministic parallel loop.
+// Shared building blocks of the CPU AOT kernels: error reporting, argument checking and the
+// floating-point element types (float32 / float16 / bfloat16). The parallel loop is in
+// parallel_for.h (included here, since most kernels use it).
 //
 // Every kernel entry point has MindSpore's AOT signature
 //   extern "C" int Name(int nparam, void **params, int *ndims, int64_t **shapes,
@@ -18,9 +19,10 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <type_traits>
 #include <vector>
+
+#include "parallel_for.h"
 
 #define MOE_EP_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -212,52 +214,6 @@ void VisitFloatType(const TensorArg &tensor, Visitor &&visitor) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parallel loop
-// ---------------------------------------------------------------------------------------------
-
-// Number of worker threads kernels may use: MOE_EP_NUM_THREADS if set, else the core count.
-int KernelThreadCount();
-
-// The smallest share of a memory-bound loop worth a thread of its own (starting a thread costs
-// ~20-50 us): items of `bytes_per_item` bytes adding up to 256 KiB.
-inline int64_t MinItemsPerThread(int64_t bytes_per_item) {
-  constexpr int64_t kMinBytesPerThread = int64_t{1} << 18;
-  return std::max<int64_t>(1, kMinBytesPerThread / std::max<int64_t>(1, bytes_per_item));
-}
-
-// Runs body(begin, end) over disjoint ranges covering [0, count). Uses several threads only when
-// each gets at least `min_items_per_thread` items. Results are deterministic as long as the
-// body writes only outputs owned by its range. The first exception thrown by a body is rethrown.
-template <typename Body>
-void ParallelFor(int64_t count, int64_t min_items_per_thread, Body &&body) {
-  if (count <= 0) return;
-  const int64_t useful_threads = count / std::max<int64_t>(min_items_per_thread, 1);
-  const int64_t thread_count = std::min<int64_t>(KernelThreadCount(), useful_threads);
-  if (thread_count <= 1) {
-    body(int64_t{0}, count);
-    return;
-  }
-  std::vector<std::exception_ptr> failures(thread_count);
-  std::vector<std::thread> helpers;
-  helpers.reserve(thread_count - 1);
-  auto run_share = [&](int64_t share) {
-    const int64_t begin = count * share / thread_count;
-    const int64_t end = count * (share + 1) / thread_count;
-    try {
-      body(begin, end);
-    } catch (...) {
-      failures[share] = std::current_exception();
-    }
-  };
-  for (int64_t share = 1; share < thread_count; ++share) helpers.emplace_back(run_share, share);
-  run_share(0);  // the calling thread takes the first share
-  for (std::thread &helper : helpers) helper.join();
-  for (const std::exception_ptr &failure : failures) {
-    if (failure) std::rethrow_exception(failure);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // CPU features and memory
 // ---------------------------------------------------------------------------------------------
 
@@ -282,7 +238,8 @@ inline bool PreferStreamingStores(int64_t output_bytes) {
 
 // memcpy with non-temporal stores for the 16-byte aligned part of `destination` (ordinary stores
 // for an unaligned head and a tail shorter than 16 bytes). The thread that copied must call
-// StreamingStoreFence() before another thread (or the caller after a join) reads destination.
+// StreamingStoreFence() before another thread reads destination (a ParallelFor body: at the
+// end of its range).
 void CopyStreaming(void *destination, const void *source, size_t bytes);
 
 // Orders this thread's earlier non-temporal stores before its later stores (sfence).
