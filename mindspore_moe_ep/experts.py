@@ -79,9 +79,13 @@ class GroupedSwiGLUExperts(nn.Cell):
 
 
 class SharedExpert(nn.Cell):
-    """The always-on SwiGLU expert(s) of DeepSeek-V3 / Qwen-MoE, as one wide FFN."""
+    """The always-on SwiGLU expert(s) of DeepSeek-V3 / Qwen-MoE, as one wide FFN.
 
-    def __init__(self, hidden_size, ffn_size, param_dtype=ms.float32, seed=0):
+    With ``gated`` (Qwen2-MoE), each token's output is scaled by ``sigmoid(x . gate_weight)``;
+    the gate is a float32 [H, 1] Parameter (HF ``shared_expert_gate.weight`` [1, H], transposed).
+    """
+
+    def __init__(self, hidden_size, ffn_size, param_dtype=ms.float32, seed=0, gated=False):
         super().__init__()
         self.hidden_size = hidden_size
         self.ffn_size = ffn_size
@@ -98,11 +102,19 @@ class SharedExpert(nn.Cell):
                                      name="down_weight")        # [1, Fs, H]
         self.grouped_matmul = grouped_matmul_for_device()
         self.swiglu = swiglu_for_device()
+        self.gated = gated
+        if gated:
+            gate = normal_array((hidden_size, 1), std=hidden_size ** -0.5,
+                                key=(seed, TensorId.SHARED_GATE))
+            self.gate_weight = Parameter(Tensor(gate), name="gate_weight")       # [H, 1] float32
 
     def construct(self, x):
-        """x: [T, H] float32 -> [T, H] in the parameter dtype."""
+        """x: [T, H] float32 -> [T, H] float32."""
         all_rows = ops.full((1,), x.shape[0], dtype=ms.int32)                        # [1]
         gate_up = self.grouped_matmul(x.astype(self.param_dtype), self.gate_up_weight,
                                       all_rows)                                        # [T, 2Fs]
         hidden = self.swiglu(gate_up, all_rows)                                      # [T, Fs]
-        return self.grouped_matmul(hidden, self.down_weight, all_rows)               # [T, H]
+        out = self.grouped_matmul(hidden, self.down_weight, all_rows).astype(ms.float32)  # [T, H]
+        if self.gated:
+            out = out * ops.sigmoid(ops.matmul(x, self.gate_weight))                 # [T, 1]
+        return out

@@ -17,6 +17,7 @@ class TensorId(enum.IntEnum):
     EXPERT_DOWN = 2
     SHARED_GATE_UP = 3
     SHARED_DOWN = 4
+    SHARED_GATE = 5
 
 
 def normal_array(shape, std, key):

@@ -101,7 +101,8 @@ class MoELayer(nn.Cell):
                                             model.expert_ffn_size, dtype,
                                             seed=config.runtime.seed)
         self.shared_expert = (SharedExpert(model.hidden_size, model.shared_ffn_size, dtype,
-                                           seed=config.runtime.seed)
+                                           seed=config.runtime.seed,
+                                           gated=model.shared_expert_gate)
                               if model.num_shared_experts > 0 else None)
         self.aux_loss_scaler = AuxLossScaler()
 
@@ -137,7 +138,7 @@ class MoELayer(nn.Cell):
         expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
         output = dispatcher.combine(expert_out, handle).astype(ms.float32)         # [T, H]
         if self.shared_expert is not None:
-            output = output + self.shared_expert(tokens).astype(ms.float32)
+            output = output + self.shared_expert(tokens)
         output = self.aux_loss_scaler(output, aux_loss + z_loss)
 
         ops.assign(self.last_tokens_per_expert, tokens_per_expert)

@@ -1,4 +1,4 @@
-"""Loading Hugging Face (DeepSeek-V3 naming) MoE weights into an MoELayer.
+"""Loading Hugging Face MoE weights (DeepSeek-V3 and Qwen-MoE naming) into an MoELayer.
 
 Checkpoint names, relative to ``prefix`` (e.g. ``"model.layers.3.mlp."``):
 
@@ -9,6 +9,9 @@ Checkpoint names, relative to ``prefix`` (e.g. ``"model.layers.3.mlp."``):
 | ``experts.{i}.gate_proj.weight`` / ``up_proj.weight`` | [F, H] |
 | ``experts.{i}.down_proj.weight`` | [H, F] |
 | ``shared_experts.{gate,up,down}_proj.weight`` | [Fs, H] / [Fs, H] / [H, Fs] |
+| ``shared_expert_gate.weight`` | [1, H] (only with ``model.shared_expert_gate``) |
+
+Qwen-MoE names its shared expert ``shared_expert.`` (singular); both spellings are accepted.
 
 Keys outside ``prefix`` belong to other layers and are ignored. Under expert parallelism a rank
 loads only its own experts; entries for other experts are accepted and skipped.
@@ -45,7 +48,15 @@ def _expected_shapes(layer):
         shapes["shared_experts.gate_proj.weight"] = (shared, hidden)
         shapes["shared_experts.up_proj.weight"] = (shared, hidden)
         shapes["shared_experts.down_proj.weight"] = (hidden, shared)
+        if model.shared_expert_gate:
+            shapes["shared_expert_gate.weight"] = (1, hidden)
     return shapes
+
+
+def _canonical_key(key):
+    """Qwen-MoE's ``shared_expert.*`` -> this module's ``shared_experts.*``; others unchanged."""
+    qwen_prefix = "shared_expert."
+    return "shared_experts." + key[len(qwen_prefix):] if key.startswith(qwen_prefix) else key
 
 
 def _is_other_ranks_expert(key, num_experts):
@@ -56,11 +67,16 @@ def _is_other_ranks_expert(key, num_experts):
 def load_hf_moe_state_dict(layer, state_dict, prefix=""):
     """Validate every entry first, then copy into the layer's Parameters (all or nothing)."""
     expected = _expected_shapes(layer)
-    arrays, problems = {}, []
+    arrays, problems, seen = {}, [], set()
     for full_key, value in state_dict.items():
         if not full_key.startswith(prefix):
             continue
-        key = full_key[len(prefix):]
+        key = _canonical_key(full_key[len(prefix):])
+        if key in seen:
+            problems.append(f"'{full_key}' is given twice (as shared_expert. and "
+                            f"shared_experts.)")
+            continue
+        seen.add(key)
         if key not in expected:
             if not _is_other_ranks_expert(key, layer.config.model.num_experts):
                 problems.append(f"unexpected key '{full_key}'")
@@ -73,8 +89,7 @@ def load_hf_moe_state_dict(layer, state_dict, prefix=""):
             problems.append(f"'{full_key}' has dtype {array.dtype}; expected a floating type")
         else:
             arrays[key] = array.astype(np.float32)
-    missing = [prefix + key for key in expected if key not in arrays and not any(
-        p.startswith(f"'{prefix + key}'") for p in problems)]
+    missing = [prefix + key for key in expected if key not in seen]
     problems += [f"missing key '{key}'" for key in missing]
     if problems:
         raise StateDictError("load_hf_state_dict: " + "; ".join(problems))
@@ -97,3 +112,5 @@ def load_hf_moe_state_dict(layer, state_dict, prefix=""):
     if layer.shared_expert is not None:
         assign(layer.shared_expert.gate_up_weight, gate_up("shared_experts")[None])
         assign(layer.shared_expert.down_weight, arrays["shared_experts.down_proj.weight"].T[None])
+        if "shared_expert_gate.weight" in arrays:
+            assign(layer.shared_expert.gate_weight, arrays["shared_expert_gate.weight"].T)

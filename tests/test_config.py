@@ -391,11 +391,11 @@ def test_mixtral_import():
     assert (config.router.aux_loss_type, config.router.aux_loss_coeff) == ("switch", 0.02)
 
 
-def test_qwen2_moe_import_warns_about_the_shared_expert_gate():
-    with pytest.warns(UserWarning, match="sigmoid"):
-        config = config_from_hf(QWEN2_MOE_A2_7B)
+def test_qwen2_moe_import_gates_the_shared_expert():
+    config = config_from_hf(QWEN2_MOE_A2_7B)
     assert (config.model.num_experts, config.model.expert_ffn_size) == (60, 1408)
     assert (config.model.num_shared_experts, config.model.shared_ffn_size) == (1, 5632)
+    assert config.model.shared_expert_gate is True
     assert (config.router.top_k, config.router.norm_topk_prob) == (4, False)
     assert (config.router.aux_loss_type, config.router.aux_loss_coeff) == ("switch", 0.001)
 
@@ -404,6 +404,7 @@ def test_qwen3_moe_import_and_family_detection_by_keys():
     config = config_from_hf(QWEN3_MOE_30B_A3B)
     assert (config.model.num_experts, config.router.top_k, config.model.num_shared_experts) == (
         128, 8, 0)
+    assert config.model.shared_expert_gate is False
     untyped = {key: value for key, value in DEEPSEEK_V3.items() if key != "model_type"}
     assert config_from_hf({**untyped, "model_type": "kimi_k2"}).model.num_experts == 256
     assert config_from_hf({**MIXTRAL_8X7B, "model_type": None}).model.num_experts == 8

@@ -17,6 +17,7 @@ import pytest
 from mindspore import nn, ops
 
 import mindspore_moe_ep as mee
+from mindspore_moe_ep.state_dict import StateDictError
 from reference import numpy_moe as ref
 from reference.numpy_moe import RefConfig
 
@@ -40,12 +41,18 @@ def pynative_mode():
 # ----------------------------------------------------------------------------------------------
 
 def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynative", prefix=""):
-    """An MoELayer with the same routing settings as ``ref_cfg``, loaded with ``params``."""
+    """An MoELayer with the same routing settings as ``ref_cfg``, loaded with ``params``.
+
+    ``shared``: False, True (DeepSeek: added as is) or "gated" (Qwen2-MoE: scaled by a sigmoid
+    gate; its weights are then loaded under Qwen's ``shared_expert.`` names)."""
     overrides = {k: v for k, v in dataclasses.asdict(ref_cfg).items() if v is not None}
     overrides.update(hidden_size=H, expert_ffn_size=F, num_shared_experts=1 if shared else 0,
                      dtype=dtype, mode=mode)
     if shared:
         overrides["shared_expert_ffn_size"] = FS
+    if shared == "gated":
+        overrides["shared_expert_gate"] = True
+        params = {k.replace("shared_experts.", "shared_expert."): v for k, v in params.items()}
     layer = mee.MoELayer(mee.load_config(TINY, **overrides))
     layer.load_hf_state_dict({prefix + k: v for k, v in params.items()}, prefix=prefix)
     return layer
@@ -62,7 +69,7 @@ def make_case(ref_cfg, shape, seed, *, shared=False, dtype="float32", gate_scale
     if params is None:
         params = ref.make_params(rng, H, F, ref_cfg.num_experts,
                                  shared_ffn=FS if shared else None, gate_scale=gate_scale,
-                                 with_bias=ref_cfg.expert_bias)
+                                 with_bias=ref_cfg.expert_bias, shared_gate=shared == "gated")
     params = {k: ref.round_to_dtype(v, dtype) for k, v in params.items()}
     tokens = []                                                    # [T] of [H]
     while len(tokens) < int(np.prod(shape[:-1])):
@@ -140,6 +147,8 @@ def layer_grads(layer, x, grad_out):
             grads["shared_experts.up_proj.weight"] = g[:, fs:].T
         elif name.endswith("shared_expert.down_weight"):            # [Fs, H] (or [1, Fs, H])
             grads["shared_experts.down_proj.weight"] = g.reshape(g.shape[-2:]).T
+        elif name.endswith("shared_expert.gate_weight"):            # [H, 1]
+            grads["shared_expert_gate.weight"] = g.T
         elif name.endswith("router.gate_weight"):                   # [E, H]
             grads["gate.weight"] = g
         elif name.endswith("experts.gate_up_weight"):               # [E, H, 2F]
@@ -159,7 +168,7 @@ def layer_grads(layer, x, grad_out):
 # Forward, float32
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("shared", [False, True, "gated"], ids=["routed", "shared", "gated"])
 @pytest.mark.parametrize("shape", [(24, H), (2, 8, H)], ids=["2d", "3d"])
 def test_forward_float32(shape, shared):
     cfg = RefConfig(num_experts=E, top_k=2)
@@ -262,6 +271,7 @@ GRAD_CASES = {
                                      (2, 8, H), True),
     "softmax_capacity_switch_2d": (dict(top_k=2, capacity_factor=0.75, aux_loss_type="switch",
                                         aux_loss_coeff=0.1, z_loss_coeff=0.01), (16, H), False),
+    "softmax_gated_shared_qwen_2d": (dict(top_k=2, z_loss_coeff=0.01), (16, H), "gated"),
 }
 
 
@@ -379,3 +389,19 @@ def test_load_wrong_shared_shape_names_the_key():
     with pytest.raises(Exception) as info:
         build_layer(cfg, params, shared=True)
     assert key in str(info.value), f"error does not name {key!r}: {info.value}"
+
+
+def test_load_qwen_names_refuses_both_spellings_and_requires_the_gate():
+    """Qwen's ``shared_expert.*`` and DeepSeek's ``shared_experts.*`` name the same weights."""
+    cfg, params = _fresh()
+    layer = mee.MoELayer(mee.load_config(TINY, hidden_size=H, expert_ffn_size=F, num_experts=E,
+                                         top_k=2, num_shared_experts=1,
+                                         shared_expert_ffn_size=FS, shared_expert_gate=True))
+    gate = {"shared_expert_gate.weight": np.ones((1, H), np.float32)}
+    both = {**params, **gate,
+            "shared_expert.up_proj.weight": params["shared_experts.up_proj.weight"]}
+    with pytest.raises(StateDictError, match=r"'shared_expert\.up_proj\.weight' is given "
+                                                 r"twice"):
+        layer.load_hf_state_dict(both)
+    with pytest.raises(StateDictError, match=r"missing key 'shared_expert_gate\.weight'"):
+        layer.load_hf_state_dict(params)

@@ -215,6 +215,7 @@ def test_aux_loss_with_uniform_probs_equals_coeff_and_z_loss_known():
 GRAD_CASES = {
     "softmax_norm_switch_z_shared": dict(top_k=2, aux_loss_type="switch", aux_loss_coeff=0.05,
                                          z_loss_coeff=0.01, shared=True),
+    "softmax_gated_shared_qwen": dict(top_k=2, z_loss_coeff=0.01, shared="gated"),
     "sigmoid_groups_bias_scale_seq": dict(top_k=2, score_func="sigmoid", num_groups=2,
                                           topk_groups=1, expert_bias=True,
                                           routed_scaling_factor=2.5, aux_loss_type="seq",
@@ -236,7 +237,8 @@ def test_analytic_grads_match_finite_differences(case):
     cfg = RefConfig(num_experts=e, **opts)
     params = {k: v.astype(np.float64) for k, v in
               ref.make_params(rng, h, f, e, shared_ffn=4 if shared else None, gate_scale=2.0,
-                              with_bias=cfg.expert_bias).items()}
+                              with_bias=cfg.expert_bias,
+                              shared_gate=shared == "gated").items()}
     x = rng.standard_normal((batch, t // batch, h) if batch > 1 else (t, h))
     g = rng.standard_normal(x.shape)
     assert ref.routing_margin(x, params, cfg) > 1e-4   # eps cannot flip the selection

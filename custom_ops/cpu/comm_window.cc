@@ -758,14 +758,20 @@ void SharedMemoryWindow::Abandon(const std::string &reason) {
 
 void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
   std::lock_guard<std::mutex> lock(exchange_mutex_);
-  RequireUsable();
+  try {
+    RequireUsable();  // an earlier failure: the peers were told then
+  } catch (KernelError &error) {
+    error.set_peers_informed();
+    throw;
+  }
   const uint64_t step = ++step_;
   record(options_.rank).entered_step.store(step, std::memory_order_release);
   try {
     RequireValidCounts(exchange);
     RunExchange(exchange, step);
-  } catch (const KernelError &error) {
+  } catch (KernelError &error) {
     RecordFailure(step, error.what());
+    error.set_peers_informed();
     throw;
   }
 }
@@ -1043,6 +1049,17 @@ class WindowRegistry {
     return found->second;
   }
 
+  // Abandons every open window (see CommWindow::Abandon); windows already failed keep their
+  // first failure.
+  void AbandonAll(const std::string &reason) {
+    std::vector<std::shared_ptr<SharedMemoryWindow>> open;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto &entry : windows_) open.push_back(entry.second);
+    }
+    for (const auto &window : open) window->Abandon(reason);
+  }
+
   void Remove(int64_t id) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (windows_.erase(id) == 0) {
@@ -1081,6 +1098,16 @@ int64_t OpenWindow(const WindowOptions &options) {
 }
 
 }  // namespace
+
+// Any failed kernel of this process abandons its open windows: the process will not reach its
+// next exchange (PyNative stops the step, GRAPH_MODE stops the graph), so peers waiting there
+// get the reason at once. This covers kernels that have no window of their own, e.g. the
+// prefill layout kernel rejecting an expert id.
+const bool kernel_failures_abandon_windows = [] {
+  SetKernelFailureListener(
+      [](const std::string &reason) { WindowRegistry::Instance().AbandonAll(reason); });
+  return true;
+}();
 
 std::shared_ptr<CommWindow> FindCommWindow(int64_t window_id) {
   return WindowRegistry::Instance().Find(window_id);

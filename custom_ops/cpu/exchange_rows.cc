@@ -76,8 +76,9 @@ int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void 
     RowExchange exchange;
     try {
       exchange = DescribeExchange(args, window->world_size());
-    } catch (const KernelError &error) {
+    } catch (KernelError &error) {
       window->Abandon(error.what());  // tell the peers instead of letting them time out
+      error.set_peers_informed();
       throw;
     }
     exchange.zero_tail = zero_tail;

@@ -75,8 +75,9 @@ template <typename Checks>
 auto AbandonOnFailure(CommWindow &window, Checks &&checks) -> decltype(checks()) {
   try {
     return checks();
-  } catch (const KernelError &error) {
+  } catch (KernelError &error) {
     window.Abandon(error.what());
+    error.set_peers_informed();
     throw;
   }
 }

@@ -4,6 +4,7 @@
 #include <emmintrin.h>  // SSE2: _mm_stream_si128, _mm_sfence
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -16,15 +17,22 @@ namespace {
 // message on its own thread, so this is one process-wide buffer guarded by a mutex.
 std::mutex last_error_mutex;
 std::string last_error;
+std::atomic<KernelFailureListener> failure_listener{nullptr};
 
 }  // namespace
 
-void RecordError(const char *kernel_name, const char *message) {
+void RecordError(const char *kernel_name, const char *message, bool peers_informed) {
   const std::string full_message = std::string(kernel_name) + ": " + message;
   std::fprintf(stderr, "[mindspore_moe_ep] kernel error in %s\n", full_message.c_str());
-  std::lock_guard<std::mutex> lock(last_error_mutex);
-  last_error = full_message;
+  {
+    std::lock_guard<std::mutex> lock(last_error_mutex);
+    last_error = full_message;
+  }
+  if (peers_informed) return;
+  if (KernelFailureListener listener = failure_listener.load()) listener(full_message);
 }
+
+void SetKernelFailureListener(KernelFailureListener listener) { failure_listener.store(listener); }
 
 int64_t TensorArg::numel() const {
   int64_t count = 1;

@@ -45,8 +45,14 @@ class KernelError : public std::runtime_error {
       : std::runtime_error(message), code_(code) {}
   ErrorCode code() const { return code_; }
 
+  // Whether the peers of this rank already know of the failure (a communication window recorded
+  // it). If not, RunKernel tells the kernel failure listener (see SetKernelFailureListener).
+  bool peers_informed() const { return peers_informed_; }
+  void set_peers_informed() { peers_informed_ = true; }
+
  private:
   ErrorCode code_;
+  bool peers_informed_ = false;
 };
 
 // Throws a KernelError whose message is the concatenation of `parts` (anything streamable).
@@ -57,8 +63,16 @@ template <typename... Parts>
   throw KernelError(code, message.str());
 }
 
-// Stores "<kernel>: <message>" as the last error and prints it to stderr.
-void RecordError(const char *kernel_name, const char *message);
+// Stores "<kernel>: <message>" as the last error and prints it to stderr; unless
+// `peers_informed`, also tells the failure listener, if one is set.
+void RecordError(const char *kernel_name, const char *message, bool peers_informed = false);
+
+// Called with "<kernel>: <message>" whenever a kernel of this process fails without its peers
+// having been told. The communication windows set it (comm_window.cc): a rank whose kernel
+// failed will not reach its next exchange, so its peers are told at once instead of waiting
+// for the exchange timeout.
+using KernelFailureListener = void (*)(const std::string &reason);
+void SetKernelFailureListener(KernelFailureListener listener);
 
 // Runs a kernel body, converting exceptions into a return code and a recorded error message.
 template <typename Body>
@@ -67,7 +81,7 @@ int RunKernel(const char *kernel_name, Body &&body) noexcept {
     body();
     return 0;
   } catch (const KernelError &error) {
-    RecordError(kernel_name, error.what());
+    RecordError(kernel_name, error.what(), error.peers_informed());
     return error.code();
   } catch (const std::exception &error) {
     RecordError(kernel_name, error.what());

@@ -13,10 +13,9 @@ ignored. The keys that decide the routing arithmetic (DeepSeek's ``scoring_func`
 ``topk_method`` and ``norm_topk_prob``, Qwen's ``norm_topk_prob``) must be present: their
 transformers defaults differ between model versions, so they are not guessed.
 
-Not modelled: Qwen2-MoE multiplies its shared expert's output by a learned sigmoid gate; here
-the shared expert is added ungated (a warning says so when such a config is imported).
+Qwen2-MoE's shared expert is scaled by a learned sigmoid gate (``shared_expert_gate``); the import
+sets ``model.shared_expert_gate`` whenever a Qwen-MoE config has a shared expert.
 """
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -116,7 +115,7 @@ def _from_mixtral(hf: _Reader) -> Translation:
 
 
 def _from_qwen_moe(hf: _Reader) -> Translation:
-    """Qwen2-MoE / Qwen3-MoE: softmax routing, optionally one (ungated) shared expert."""
+    """Qwen2-MoE / Qwen3-MoE: softmax routing, optionally one sigmoid-gated shared expert."""
     translation = {
         "hidden_size": hf.required("hidden_size"),
         "num_experts": hf.required("num_experts"),
@@ -128,11 +127,9 @@ def _from_qwen_moe(hf: _Reader) -> Translation:
     }
     shared_size = hf.optional("shared_expert_intermediate_size", 0)
     if shared_size.value != 0:
-        warnings.warn("Qwen-MoE gates its shared expert with a learned sigmoid; mindspore-moe-ep "
-                      "adds the shared expert ungated, so outputs differ from the original model",
-                      UserWarning, stacklevel=3)
         translation["num_shared_experts"] = _Imported(1, shared_size.hf_key)
         translation["shared_expert_ffn_size"] = shared_size
+        translation["shared_expert_gate"] = _Imported(True, shared_size.hf_key)
     return translation
 
 

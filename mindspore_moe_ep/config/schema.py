@@ -167,6 +167,9 @@ class ModelConfig(_Section):
     shared_expert_ffn_size: Optional[int] = option(
         "Intermediate size of the combined shared experts; null means "
         "`expert_ffn_size * num_shared_experts`.", default=None, gt=0)
+    shared_expert_gate: bool = option(
+        "Scale the shared experts' output per token by sigmoid(x . w), w a learned [H] vector "
+        "(Qwen2-MoE's `shared_expert_gate`); false adds it unscaled (DeepSeek).", default=False)
 
     @property
     def shared_ffn_size(self) -> int:
@@ -180,6 +183,10 @@ class ModelConfig(_Section):
                  f"model.shared_expert_ffn_size = {self.shared_expert_ffn_size} is set but "
                  f"model.num_shared_experts = 0; set model.num_shared_experts or remove "
                  f"model.shared_expert_ffn_size")
+        _require(not self.shared_expert_gate or self.num_shared_experts > 0,
+                 "model.shared_expert_gate = true needs a shared expert, but "
+                 "model.num_shared_experts = 0; set model.num_shared_experts or remove "
+                 "model.shared_expert_gate")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ G expert groups. Weights use the Hugging Face (DeepSeek-V3) layouts and names:
     shared_experts.gate_proj.weight      [Fs, H] (optional)
     shared_experts.up_proj.weight        [Fs, H] (optional)
     shared_experts.down_proj.weight      [H, Fs] (optional)
+    shared_expert_gate.weight            [1, H]  (optional, Qwen2-MoE: the shared output is
+                                                  scaled by sigmoid(x . w) per token)
 
 Public functions:
     route(...)                  router: expert ids, routing weights, scores, logits
@@ -31,6 +33,7 @@ import numpy as np
 GATE = "gate.weight"
 BIAS = "gate.e_score_correction_bias"
 SHARED_PREFIX = "shared_experts"
+SHARED_GATE = "shared_expert_gate.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +279,13 @@ def _shared_weights(params):
             params[p + "down_proj.weight"])
 
 
+def _shared_scale(params, x2):
+    """[T, 1]: sigmoid(x . w) with a shared-expert gate w [1, H], else 1."""
+    if SHARED_GATE not in params:
+        return np.ones((x2.shape[0], 1))
+    return sigmoid(x2 @ params[SHARED_GATE].T)
+
+
 def _as_float64(params):
     return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
@@ -314,7 +324,7 @@ def moe_forward(params, x, cfg):
             np.add.at(y, rows, w[rows, ks][:, None] * out)
     shared = _shared_weights(params)
     if shared is not None:
-        y = y + swiglu(x2, *shared)
+        y = y + _shared_scale(params, x2) * swiglu(x2, *shared)
     stats = {
         "tokens_per_expert": tokens_per_expert,
         "num_dropped": num_dropped,
@@ -393,12 +403,17 @@ def moe_loss_and_grads(params, x, grad_out, cfg):
         grads[pre + "up_proj.weight"] = d_u
         grads[pre + "down_proj.weight"] = d_d
 
-    # Shared expert: y += shared(x).
+    # Shared expert: y += s(x) * shared(x), s = sigmoid(x . w) with a gate, else 1.
     shared = _shared_weights(params)
     if shared is not None:
-        out, d_v, d_g, d_u, d_d = _swiglu_backward(x2, *shared, g_out)
-        y += out
+        scale = _shared_scale(params, x2)                                  # [T, 1]
+        out, d_v, d_g, d_u, d_d = _swiglu_backward(x2, *shared, scale * g_out)
+        y += scale * out
         grads["x"] += d_v
+        if SHARED_GATE in params:
+            d_pre = (g_out * out).sum(axis=-1, keepdims=True) * scale * (1.0 - scale)  # [T, 1]
+            grads[SHARED_GATE] = d_pre.T @ x2                              # [1, H]
+            grads["x"] += d_pre @ params[SHARED_GATE]
         grads[SHARED_PREFIX + ".gate_proj.weight"] = d_g
         grads[SHARED_PREFIX + ".up_proj.weight"] = d_u
         grads[SHARED_PREFIX + ".down_proj.weight"] = d_d
@@ -475,8 +490,10 @@ def finite_difference_grads(params, x, grad_out, cfg, eps=1e-6, names=None):
 # ----------------------------------------------------------------------------------------------
 
 def make_params(rng, hidden, ffn, num_experts, shared_ffn=None, gate_scale=1.0,
-                with_bias=False) -> Dict[str, np.ndarray]:
-    """Random float32 weights in the HF layout (std ~ 1/sqrt(fan_in); gate scaled by gate_scale)."""
+                with_bias=False, shared_gate=False) -> Dict[str, np.ndarray]:
+    """Random float32 weights in the HF layout (std ~ 1/sqrt(fan_in); gate scaled by gate_scale).
+
+    ``shared_gate`` adds a Qwen2-MoE shared-expert gate (needs ``shared_ffn``)."""
     def w(shape, fan_in, scale=1.0):
         return (rng.standard_normal(shape) * scale / np.sqrt(fan_in)).astype(np.float32)
 
@@ -491,6 +508,8 @@ def make_params(rng, hidden, ffn, num_experts, shared_ffn=None, gate_scale=1.0,
         params["shared_experts.gate_proj.weight"] = w((shared_ffn, hidden), hidden)
         params["shared_experts.up_proj.weight"] = w((shared_ffn, hidden), hidden)
         params["shared_experts.down_proj.weight"] = w((hidden, shared_ffn), shared_ffn)
+        if shared_gate:
+            params[SHARED_GATE] = w((1, hidden), hidden, 2.0)
     return params
 
 
