@@ -197,6 +197,8 @@ def test_expert_id_out_of_range_fails_on_every_rank(ep_run):
         unsynced, unsynced_s = message(report, "bad_expert_id/decode_unsynced")
         if rank == 1:
             assert bad_value in prefill and bad_value in decode, (prefill, decode)
+            # The failure explained is the first one, not a follow-on of the queued combine.
+            assert bad_value in unsynced.splitlines()[0], unsynced
             assert max(prefill_s, decode_s) < SLACK_S
         else:
             # The layout kernel fails before the exchange; a failed kernel abandons the

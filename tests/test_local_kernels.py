@@ -686,6 +686,21 @@ def test_invalid_inputs_are_explained(run, message):
             run().asnumpy()
 
 
+def test_the_first_failure_is_explained_when_later_kernels_fail_too():
+    """PyNative runs kernels queued behind a failed one, and MindSpore reports the failure it
+    meets at the sync (here the second); the explanation leads with the first, the cause."""
+    ids = np.array([[0, 1]] * 4, np.int32)
+    ids[3, 1] = 9
+    with pytest.raises(KernelError) as raised:
+        with explain_kernel_errors():
+            DispatchKernel(8)(Tensor(np.ones((4, HIDDEN), np.float32)), Tensor(ids))
+            _bad_group_sizes().asnumpy()
+    message = str(raised.value)
+    assert message.startswith("MoeEpDispatch: expert_ids[3,1] = 9 is out of range"), message
+    assert ("then 1 more kernel failure(s), probably consequences; the last: MoeEpGroupedMatmul: "
+            "tokens_per_expert sums to 9") in message, message
+
+
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="num_experts"):
         DispatchKernel(0)

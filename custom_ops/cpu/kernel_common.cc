@@ -13,10 +13,14 @@
 namespace moe_ep {
 namespace {
 
-// The last error of any kernel. Kernels run on MindSpore's worker threads while Python reads the
-// message on its own thread, so this is one process-wide buffer guarded by a mutex.
+// Kernel failures since the last MoeEpClearLastError: the first (usually the cause: in PyNative
+// the kernels queued after a failed one still run, on its garbage outputs, and may fail too),
+// the most recent, and how many there were. Kernels run on MindSpore's worker threads while
+// Python reads the messages on its own thread, so this is process-wide, guarded by a mutex.
 std::mutex last_error_mutex;
+std::string first_error;
 std::string last_error;
+int64_t error_count = 0;
 std::atomic<KernelFailureListener> failure_listener{nullptr};
 
 }  // namespace
@@ -26,6 +30,7 @@ void RecordError(const char *kernel_name, const char *message, bool peers_inform
   std::fprintf(stderr, "[mindspore_moe_ep] kernel error in %s\n", full_message.c_str());
   {
     std::lock_guard<std::mutex> lock(last_error_mutex);
+    if (error_count++ == 0) first_error = full_message;
     last_error = full_message;
   }
   if (peers_informed) return;
@@ -223,7 +228,24 @@ MOE_EP_EXPORT const char *MoeEpLastError() {
   return snapshot.c_str();
 }
 
+// Returns the first kernel failure since the last MoeEpClearLastError ("" if none), followed,
+// when more kernels failed after it, by how many and the most recent one. The pointer stays
+// valid until the next call of MoeEpFirstError or MoeEpClearLastError.
+MOE_EP_EXPORT const char *MoeEpFirstError() {
+  static std::string snapshot;
+  std::lock_guard<std::mutex> lock(moe_ep::last_error_mutex);
+  snapshot = moe_ep::first_error;
+  if (moe_ep::error_count > 1) {
+    snapshot += "\n(then " + std::to_string(moe_ep::error_count - 1) +
+                " more kernel failure(s), probably consequences; the last: " +
+                moe_ep::last_error + ")";
+  }
+  return snapshot.c_str();
+}
+
 MOE_EP_EXPORT void MoeEpClearLastError() {
   std::lock_guard<std::mutex> lock(moe_ep::last_error_mutex);
+  moe_ep::first_error.clear();
   moe_ep::last_error.clear();
+  moe_ep::error_count = 0;
 }

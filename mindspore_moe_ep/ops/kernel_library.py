@@ -98,8 +98,8 @@ def custom_op(kernel_name: str, out_shape, out_dtype, *, bprop=None, shape_key=N
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
     library = ctypes.CDLL(library_path())
-    library.MoeEpLastError.restype = ctypes.c_char_p
-    library.MoeEpLastError.argtypes = []
+    library.MoeEpFirstError.restype = ctypes.c_char_p
+    library.MoeEpFirstError.argtypes = []
     library.MoeEpClearLastError.restype = None
     library.MoeEpClearLastError.argtypes = []
     library.MoeEpGemmBackend.restype = ctypes.c_char_p
@@ -109,10 +109,12 @@ def _library() -> ctypes.CDLL:
     return library
 
 
-def take_last_kernel_error() -> str:
-    """The message of the most recent kernel failure ("" if none); clears it."""
+def take_kernel_errors() -> str:
+    """The first kernel failure since the last call ("" if none), plus a count of the failures
+    after it (in PyNative, kernels queued behind a failed one still run and may fail too, so the
+    first is the cause); clears them."""
     library = _library()
-    message = library.MoeEpLastError().decode("utf-8", errors="replace")
+    message = library.MoeEpFirstError().decode("utf-8", errors="replace")
     library.MoeEpClearLastError()
     return message
 
@@ -139,7 +141,7 @@ def explain_kernel_errors():
     except RuntimeError as error:
         if isinstance(error, KernelError) or not is_kernel_failure(error):
             raise
-        message = take_last_kernel_error() or "the kernel gave no message"
+        message = take_kernel_errors() or "the kernel gave no message"
         first_line = str(error).strip().splitlines()[0]
         raise KernelError(f"{message}\n(MindSpore: {first_line})") from error
 

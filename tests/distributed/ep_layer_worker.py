@@ -49,7 +49,7 @@ from mindspore.communication import get_group_size, get_rank, init
 
 import mindspore_moe_ep as mee
 from mindspore_moe_ep.comm.window import world_all_gather
-from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors, take_last_kernel_error
+from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors, take_kernel_errors
 
 REPOSITORY_ROOT = launch.REPOSITORY_ROOT
 TINY = os.path.join(REPOSITORY_ROOT, "yaml_configs", "tiny.yaml")
@@ -82,7 +82,7 @@ def drain_pending_errors():
             break
         except Exception:  # a pending failure of the step that already failed
             continue
-    take_last_kernel_error()
+    take_kernel_errors()
 
 
 def error_message(body):
