@@ -8,8 +8,8 @@ share each loop in chunks. What must hold whatever the timing:
 - a process forked after the pool started (msrun / multiprocessing) computes correct results and
   does not wait for the parent's pool threads, which do not exist in the child.
 
-The kernel is called through its AOT entry point with ctypes, so no MindSpore runtime is involved
-(a forked child must not touch the parent's MindSpore threads either).
+The kernel is called through its AOT entry point (tests/kernel_abi.py), so no MindSpore runtime is
+involved (a forked child must not touch the parent's MindSpore threads either).
 """
 import os
 import subprocess
@@ -18,25 +18,18 @@ import textwrap
 
 from mindspore_moe_ep.ops.kernel_library import library_path
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 CHILD_SCRIPT = textwrap.dedent(r"""
     import ctypes, os, sys, threading, time
     import numpy as np
+    from kernel_abi import call_kernel
 
     library = ctypes.CDLL(sys.argv[1])
-    combine = library.MoeEpCombine
-    combine.restype = ctypes.c_int
 
     def call_combine(rows, positions, weights):
-        # The AOT signature: int f(nparam, params, ndims, shapes, dtypes, stream, extra).
         y = np.empty((positions.shape[0], rows.shape[1]), np.float32)
-        arrays = [rows, positions, weights, y]
-        params = (ctypes.c_void_p * 4)(*[a.ctypes.data for a in arrays])
-        ndims = (ctypes.c_int * 4)(*[a.ndim for a in arrays])
-        shapes_kept = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
-        shapes = (ctypes.POINTER(ctypes.c_int64) * 4)(
-            *[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes_kept])
-        dtypes = (ctypes.c_char_p * 4)(b"float32", b"int32", b"float32", b"float32")
-        assert combine(4, params, ndims, shapes, dtypes, None, None) == 0
+        assert call_kernel(library, "MoeEpCombine", rows, positions, weights, y) == 0
         return y
 
     # Large enough for every thread to get several chunks: y is 16 MiB.
@@ -99,7 +92,8 @@ def test_parallel_kernels_are_exact_concurrent_and_fork_safe(tmp_path):
     script = tmp_path / "parallel_child.py"
     script.write_text(CHILD_SCRIPT)
     # 5 kernel threads on a 2-core machine: 4 pool threads, so chunks are claimed out of order.
-    environment = dict(os.environ, MOE_EP_NUM_THREADS="5")
+    environment = dict(os.environ, MOE_EP_NUM_THREADS="5",
+                       PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, str(script), library_path()], env=environment,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
