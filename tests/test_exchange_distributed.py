@@ -143,13 +143,17 @@ def test_stalled_peer_is_named_after_the_timeout(fault_run):
     assert re.search(r"rank [01] failed in exchange step 2: rank 2 did not reach", late), late
 
 
-def test_killed_peer_is_named_at_once(fault_run):
+@pytest.mark.parametrize("case", ["kill", "dispatch_kill"])
+def test_killed_peer_is_named_at_once(fault_run, case):
     victim_pid = fault_run.results[2]["pid"]
     assert fault_run.exit_codes == {0: 0, 1: 0, 2: -9}, fault_run.describe()
+    for report in fault_run.results.values():
+        assert report[f"{case}_warmup"]["error"] is None, report[f"{case}_warmup"]
     for report in survivors(fault_run):
-        kill = report["kill"]
-        assert f"rank 2 (pid {victim_pid}) exited during exchange step 2" in (kill["error"] or ""), kill
-        assert kill["seconds"] < SLACK_S, kill
+        failed = report[case]
+        assert f"rank 2 (pid {victim_pid}) exited during exchange step 2" in \
+            (failed["error"] or ""), failed
+        assert failed["seconds"] < SLACK_S, failed
 
 
 def test_no_segment_is_left_after_kill_9(fault_run):
@@ -160,7 +164,7 @@ def test_no_segment_is_left_after_kill_9(fault_run):
 # ---- segment validation (this process) --------------------------------------------------------
 
 SEGMENT_MAGIC = 0x4E49575045454F4D  # "MOEEPWIN"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 SLOT_BYTES = 4096
 
 

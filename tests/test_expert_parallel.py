@@ -90,7 +90,8 @@ def test_routing_configurations_cover_the_edge_cases(ep_run):
     pynative = [entry for entry in configurations if entry[0] == "pynative"]
     assert len(pynative) >= MIN_CONFIGURATIONS[world]
     assert len([entry for entry in configurations if entry[0] == "graph"]) >= 2
-    specs = {"e8_k2": 8, "e16_k1": 8, "e16_k8": 8, "e8_k6_c5": 5}  # max_tokens_per_rank
+    specs = {"e8_k2": 8, "e16_k1": 8, "e16_k8": 8, "e8_k6_c5": 5,  # max_tokens_per_rank
+             "e16_k8_h64": 16}
     assert {entry[1] for entry in pynative} == set(specs)
     assert {entry[3] for entry in pynative} == {"random", "one_expert", "one_rank", "skewed"}
     tokens = [(entry[1], entry[4]) for entry in pynative]

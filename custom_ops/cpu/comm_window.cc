@@ -44,7 +44,7 @@ namespace {
 constexpr char kSegmentNamePrefix[] = "/moe-ep-";
 constexpr char kSharedMemoryDirectory[] = "/dev/shm";
 constexpr uint64_t kSegmentMagic = 0x4e49575045454f4dULL;  // the bytes "MOEEPWIN"
-constexpr uint32_t kLayoutVersion = 2;  // 2: doorbells, transport records, single-copy messages
+constexpr uint32_t kLayoutVersion = 3;  // 2: doorbells, transport records, single copy; 3: pulls
 constexpr int kJobTokenBytes = 16;
 constexpr size_t kCacheLine = 64;
 constexpr size_t kFailureMessageBytes = 512;
@@ -96,6 +96,10 @@ struct alignas(kCacheLine) RankRecord {
 enum MessageKind : uint32_t {
   kRowsInSlot = 1,          // chunk_bytes bytes in the slot's payload
   kRowsInSenderMemory = 2,  // all rows at source_address in the sender's memory (single copy)
+  // A pull step: the slot's payload holds all notes, then either the offered rows themselves
+  // or their indices (int32) into the source_rows rows at source_address in the sender's memory.
+  kNotesAndRowsInSlot = 3,
+  kNotesAndRowsInSenderMemory = 4,
 };
 
 // The header of the slot carrying messages from one rank to another. A message is present
@@ -110,7 +114,9 @@ struct alignas(kCacheLine) SlotHeader {
   int64_t chunk_offset;             // byte offset of this chunk within those rows
   int64_t chunk_bytes;
   uint32_t kind;                    // a MessageKind
-  uint64_t source_address;          // kRowsInSenderMemory: the rows in the sender's memory
+  uint64_t source_address;          // k...InSenderMemory: the rows in the sender's memory
+  int64_t source_rows;              // kNotesAndRowsInSenderMemory: how many rows are there
+  int64_t source_row_bytes;         // kNotesAndRows...: the size of an offered row
   alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
 };
 
@@ -532,6 +538,21 @@ struct PeerProgress {
   bool done() const { return send_done() && receive_done(); }
 };
 
+// Where the rows a rank offers in a pull step are, known once its notes have arrived.
+struct PeerOffer {
+  bool known = false;
+  bool in_slot = false;  // true: after the notes in the slot; false: in the rank's memory
+  uint64_t address = 0;  // in the rank's memory
+  int64_t rows = 0;      // rows there
+};
+
+// A contiguous range of bytes to copy from a peer's memory into ours.
+struct PeerRange {
+  uint64_t source_address;
+  uint8_t *destination;
+  int64_t bytes;
+};
+
 // Lets processes of our user read this process's memory with process_vm_readv where Yama's
 // ptrace_scope = 1 would restrict that to our ancestors (the ranks are siblings). This widens
 // what other processes of the same user may do to this one (ptrace attach included), which is
@@ -571,6 +592,8 @@ class SharedMemoryWindow final : public CommWindow {
   void AgreeOnTransport(double deadline);
 
   void ExchangeRows(const RowExchange &exchange) override;
+  bool CanPullRows(int64_t capacity, int64_t note_bytes) const override;
+  void PullRows(const RowPull &pull) override;
   void Abandon(const std::string &reason) override;
 
  private:
@@ -614,16 +637,38 @@ class SharedMemoryWindow final : public CommWindow {
   // Whether process_vm_readv reads `peer`'s probe value.
   bool CanReadMemoryOf(int peer) const;
 
+  // Enters the next step and runs `body(step)` in it; a failure is recorded for the peers.
+  template <typename Body>
+  void RunLockedStep(Body body);
+  // Calls `advance()` (true: something progressed) until every peer's progress is done,
+  // waiting on the doorbell in between and checking on the pending peers while it waits.
+  template <typename Advance>
+  void RunStep(uint64_t step, const std::vector<PeerProgress> &progress, Advance advance);
   void RunExchange(const RowExchange &exchange, uint64_t step);
+  void RunPull(const RowPull &pull, uint64_t step);
+  // Publishes the next message to `peer` (`fill` writes its fields) once the peer has consumed
+  // the previous one; false while it has not.
+  template <typename Fill>
+  bool TryPublish(int peer, uint64_t step, Fill fill);
+  // Single copy: true once `peer` has consumed (acknowledged) the message awaiting it.
+  bool TakeAcknowledgement(int peer, PeerProgress &progress);
   bool TrySend(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
   bool TrySendByAddress(int peer, const RowExchange &exchange, uint64_t step,
                         PeerProgress &progress);
   bool TryReceive(int peer, const RowExchange &exchange, uint64_t step, PeerProgress &progress);
-  // Copies `bytes` at `source_address` in `peer`'s memory to `destination`.
-  void ReadPeerMemory(int peer, uint64_t step, uint64_t source_address, uint8_t *destination,
-                      int64_t bytes) const;
+  // Pull steps: send our notes and the address of our rows; take a peer's notes (without
+  // consuming its message, whose rows are read later); read the planned rows of every rank.
+  bool TryOfferRows(int peer, const RowPull &pull, uint64_t step, PeerProgress &progress);
+  bool TryTakeNotes(int peer, const RowPull &pull, uint64_t step, const PeerProgress &progress,
+                    PeerOffer &offer);
+  void PullPlannedRows(const RowPull &pull, uint64_t step, const std::vector<PeerOffer> &offers,
+                       std::vector<PeerProgress> &progress);
+  // Copies every range from `peer`'s memory (process_vm_readv, as few calls as possible).
+  void ReadPeerMemory(int peer, uint64_t step, const std::vector<PeerRange> &ranges) const;
+  // `pull`: the pull step the message belongs to, or null in an exchange step.
   void CheckMessage(int peer, const SlotHeader &message, const RowExchange &exchange,
-                    uint64_t step, const PeerProgress &progress) const;
+                    uint64_t step, const PeerProgress &progress,
+                    const RowPull *pull = nullptr) const;
   // Fails if a peer we still wait for has failed or exited, or if we waited too long.
   void CheckPendingPeers(const std::vector<PeerProgress> &progress, uint64_t step,
                          double idle_seconds) const;
@@ -756,7 +801,8 @@ void SharedMemoryWindow::Abandon(const std::string &reason) {
   if (failure_.empty()) RecordFailure(step_ + 1, reason);
 }
 
-void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
+template <typename Body>
+void SharedMemoryWindow::RunLockedStep(Body body) {
   std::lock_guard<std::mutex> lock(exchange_mutex_);
   try {
     RequireUsable();  // an earlier failure: the peers were told then
@@ -767,8 +813,7 @@ void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
   const uint64_t step = ++step_;
   record(options_.rank).entered_step.store(step, std::memory_order_release);
   try {
-    RequireValidCounts(exchange);
-    RunExchange(exchange, step);
+    body(step);
   } catch (KernelError &error) {
     RecordFailure(step, error.what());
     error.set_peers_informed();
@@ -776,19 +821,48 @@ void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
   }
 }
 
+template <typename Advance>
+void SharedMemoryWindow::RunStep(uint64_t step, const std::vector<PeerProgress> &progress,
+                                 Advance advance) {
+  const auto every_peer_done = [&] {
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer != options_.rank && !progress[peer].done()) return false;
+    }
+    return true;
+  };
+  DoorbellWaiter waiter(record(options_.rank), spin_seconds_);
+  do {
+    const uint32_t doorbell = waiter.Observe();  // before looking: see DoorbellWaiter
+    if (advance()) {
+      waiter.Reset();
+    } else if (waiter.Wait(doorbell)) {
+      CheckPendingPeers(progress, step, waiter.IdleSeconds());
+    }
+  } while (!every_peer_done());
+  // A peer may have given up on this step after handing us all its rows (e.g. it timed out
+  // waiting for us): then this rank fails too, so that no rank goes on alone.
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    if (peer != options_.rank) RequireHealthy(peer);
+  }
+}
+
+void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
+  RunLockedStep([&](uint64_t step) {
+    RequireValidCounts(exchange);
+    RunExchange(exchange, step);
+  });
+}
+
 void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step) {
   const int own_rank = options_.rank;
   const int64_t block_bytes = exchange.capacity * exchange.row_bytes;  // one peer's rows
 
   std::vector<PeerProgress> progress(options_.world_size);
-  int unfinished_peers = options_.world_size - 1;
   for (int peer = 0; peer < options_.world_size; ++peer) {
     progress[peer].send_bytes = exchange.send_counts[peer] * exchange.row_bytes;
   }
-  DoorbellWaiter waiter(record(own_rank), spin_seconds_);
   bool own_rows_copied = false;
-  while (unfinished_peers > 0) {
-    const uint32_t doorbell = waiter.Observe();  // before looking: see DoorbellWaiter
+  RunStep(step, progress, [&] {
     bool progressed = false;
     for (int peer = 0; peer < options_.world_size; ++peer) {
       PeerProgress &peer_progress = progress[peer];
@@ -799,7 +873,6 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
       if (!peer_progress.receive_done()) {
         progressed |= TryReceive(peer, exchange, step, peer_progress);
       }
-      if (peer_progress.done()) --unfinished_peers;
     }
     if (!own_rows_copied) {
       // Own rows need no messages; copied once the messages to the peers are out, so that
@@ -809,16 +882,8 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
       own_rows_copied = true;
       progressed = true;
     }
-    if (progressed) {
-      waiter.Reset();
-    } else if (waiter.Wait(doorbell)) {
-      CheckPendingPeers(progress, step, waiter.IdleSeconds());
-    }
-  }
-  if (!own_rows_copied) {  // a group of one
-    std::memcpy(exchange.recv + own_rank * block_bytes, exchange.send + own_rank * block_bytes,
-                exchange.send_counts[own_rank] * exchange.row_bytes);
-  }
+    return progressed;
+  });
   exchange.recv_counts[own_rank] = exchange.send_counts[own_rank];
 
   // Zero the unused tail of every peer's block, or leave it unspecified; the test aid
@@ -831,12 +896,30 @@ void SharedMemoryWindow::RunExchange(const RowExchange &exchange, uint64_t step)
                   block_bytes - used_bytes);
     }
   }
+}
 
-  // A peer may have given up on this step after handing us all its rows (e.g. it timed out
-  // waiting for us): then this rank fails too, so that no rank goes on alone.
-  for (int peer = 0; peer < options_.world_size; ++peer) {
-    if (peer != own_rank) RequireHealthy(peer);
+template <typename Fill>
+bool SharedMemoryWindow::TryPublish(int peer, uint64_t step, Fill fill) {
+  SlotHeader &message = slot_header(options_.rank, peer);
+  const uint64_t published = message.published.load(std::memory_order_relaxed);
+  if (message.consumed.load(std::memory_order_acquire) != published) {
+    return false;  // the peer has not read our previous message yet
   }
+  message.step = step;
+  fill(message);
+  message.published.store(published + 1, std::memory_order_release);
+  RingDoorbell(record(peer));
+  return true;
+}
+
+bool SharedMemoryWindow::TakeAcknowledgement(int peer, PeerProgress &progress) {
+  const SlotHeader &message = slot_header(options_.rank, peer);
+  if (message.consumed.load(std::memory_order_acquire) !=
+      message.published.load(std::memory_order_relaxed)) {
+    return false;  // the peer is still reading
+  }
+  progress.awaiting_ack = false;
+  return true;
 }
 
 bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t step,
@@ -848,58 +931,47 @@ bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t
   if (sends_by_address_[peer] && !fits_small_slot_message) {
     return TrySendByAddress(peer, exchange, step, progress);
   }
-  SlotHeader &message = slot_header(options_.rank, peer);
-  const uint64_t published = message.published.load(std::memory_order_relaxed);
-  if (message.consumed.load(std::memory_order_acquire) != published) {
-    return false;  // the peer has not read our previous message yet
-  }
   const int64_t chunk_bytes =
       std::min<int64_t>(progress.send_bytes - progress.sent_bytes, layout_.slot_bytes);
   const uint8_t *rows = exchange.send + peer * exchange.capacity * exchange.row_bytes;
-  std::memcpy(slot_payload(options_.rank, peer), rows + progress.sent_bytes, chunk_bytes);
-  message.step = step;
-  message.total_rows = exchange.send_counts[peer];
-  message.row_bytes = exchange.row_bytes;
-  message.capacity = exchange.capacity;
-  message.chunk_offset = progress.sent_bytes;
-  message.chunk_bytes = chunk_bytes;
-  message.kind = kRowsInSlot;
-  message.source_address = 0;
-  message.published.store(published + 1, std::memory_order_release);
-  RingDoorbell(record(peer));
-  progress.sent_bytes += chunk_bytes;
-  progress.send_started = true;
-  return true;
+  const bool sent = TryPublish(peer, step, [&](SlotHeader &message) {
+    std::memcpy(slot_payload(options_.rank, peer), rows + progress.sent_bytes, chunk_bytes);
+    message.total_rows = exchange.send_counts[peer];
+    message.row_bytes = exchange.row_bytes;
+    message.capacity = exchange.capacity;
+    message.chunk_offset = progress.sent_bytes;
+    message.chunk_bytes = chunk_bytes;
+    message.kind = kRowsInSlot;
+    message.source_address = 0;
+  });
+  if (sent) {
+    progress.sent_bytes += chunk_bytes;
+    progress.send_started = true;
+  }
+  return sent;
 }
 
 // Single copy: one message announces all rows by their address; the peer reads them and
 // acknowledges by consuming the message. Until then our rows must stay put.
 bool SharedMemoryWindow::TrySendByAddress(int peer, const RowExchange &exchange, uint64_t step,
                                           PeerProgress &progress) {
-  SlotHeader &message = slot_header(options_.rank, peer);
-  const uint64_t published = message.published.load(std::memory_order_relaxed);
-  if (message.consumed.load(std::memory_order_acquire) != published) {
-    return false;  // the peer is still reading (or has not read our previous message)
+  if (progress.awaiting_ack) return TakeAcknowledgement(peer, progress);
+  const bool sent = TryPublish(peer, step, [&](SlotHeader &message) {
+    message.total_rows = exchange.send_counts[peer];
+    message.row_bytes = exchange.row_bytes;
+    message.capacity = exchange.capacity;
+    message.chunk_offset = 0;
+    message.chunk_bytes = progress.send_bytes;
+    message.kind = kRowsInSenderMemory;
+    message.source_address =
+        reinterpret_cast<uint64_t>(exchange.send + peer * exchange.capacity * exchange.row_bytes);
+  });
+  if (sent) {
+    progress.sent_bytes = progress.send_bytes;
+    progress.send_started = true;
+    progress.awaiting_ack = true;
   }
-  if (progress.awaiting_ack) {  // the peer has read our rows
-    progress.awaiting_ack = false;
-    return true;
-  }
-  message.step = step;
-  message.total_rows = exchange.send_counts[peer];
-  message.row_bytes = exchange.row_bytes;
-  message.capacity = exchange.capacity;
-  message.chunk_offset = 0;
-  message.chunk_bytes = progress.send_bytes;
-  message.kind = kRowsInSenderMemory;
-  message.source_address =
-      reinterpret_cast<uint64_t>(exchange.send + peer * exchange.capacity * exchange.row_bytes);
-  message.published.store(published + 1, std::memory_order_release);
-  RingDoorbell(record(peer));
-  progress.sent_bytes = progress.send_bytes;
-  progress.send_started = true;
-  progress.awaiting_ack = true;
-  return true;
+  return sent;
 }
 
 bool SharedMemoryWindow::TryReceive(int peer, const RowExchange &exchange, uint64_t step,
@@ -916,7 +988,7 @@ bool SharedMemoryWindow::TryReceive(int peer, const RowExchange &exchange, uint6
   }
   uint8_t *rows = exchange.recv + peer * exchange.capacity * exchange.row_bytes;
   if (message.kind == kRowsInSenderMemory) {
-    ReadPeerMemory(peer, step, message.source_address, rows, message.chunk_bytes);
+    ReadPeerMemory(peer, step, {{message.source_address, rows, message.chunk_bytes}});
   } else {
     std::memcpy(rows + message.chunk_offset, slot_payload(peer, options_.rank),
                 message.chunk_bytes);
@@ -927,16 +999,217 @@ bool SharedMemoryWindow::TryReceive(int peer, const RowExchange &exchange, uint6
   return true;
 }
 
-void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step, uint64_t source_address,
-                                        uint8_t *destination, int64_t bytes) const {
+bool SharedMemoryWindow::CanPullRows(int64_t capacity, int64_t note_bytes) const {
+  if (capacity * (note_bytes + static_cast<int64_t>(sizeof(int32_t))) > layout_.slot_bytes) {
+    return false;
+  }
+  for (int rank = 0; rank < options_.world_size; ++rank) {
+    if (record(rank).transport.load(std::memory_order_acquire) != kSingleCopy) return false;
+  }
+  return true;
+}
+
+void SharedMemoryWindow::PullRows(const RowPull &pull) {
+  RunLockedStep([&](uint64_t step) {
+    const RowExchange &notes = pull.notes;
+    if (!CanPullRows(notes.capacity, notes.row_bytes)) {
+      Fail(kInternalError, "PullRows needs single copy between every pair of ranks and ",
+           notes.capacity, " notes of ", notes.row_bytes, " bytes (and their indices) to fit in "
+           "slot_bytes = ", layout_.slot_bytes, Where());
+    }
+    RequireValidCounts(notes);
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      for (int64_t i = 0; i < notes.send_counts[peer]; ++i) {
+        const int32_t row = pull.offered_rows[peer * notes.capacity + i];
+        if (row < 0 || row >= pull.row_count) {
+          Fail(kOutOfRange, "offered row ", row, " (to rank ", peer, ") is out of range [0, ",
+               pull.row_count, ")", Where());
+        }
+      }
+    }
+    RunPull(pull, step);
+  });
+}
+
+// A pull step: every rank publishes its notes (with its offered rows, or where they are) to
+// every peer; once a rank has every peer's notes it plans its copies, makes them and consumes
+// the peers' messages, which acknowledges them. A rank whose rows a peer reads from its memory
+// leaves the step only once that peer has acknowledged.
+void SharedMemoryWindow::RunPull(const RowPull &pull, uint64_t step) {
+  const int own_rank = options_.rank;
+  const RowExchange &notes = pull.notes;
+  const int64_t notes_block_bytes = notes.capacity * notes.row_bytes;
+  std::memcpy(notes.recv + own_rank * notes_block_bytes, notes.send + own_rank * notes_block_bytes,
+              notes.send_counts[own_rank] * notes.row_bytes);
+  notes.recv_counts[own_rank] = notes.send_counts[own_rank];
+
+  std::vector<PeerProgress> progress(options_.world_size);
+  std::vector<PeerOffer> offers(options_.world_size);
+  offers[own_rank] = {true, false, reinterpret_cast<uint64_t>(pull.rows), pull.row_count};
+  int missing_notes = options_.world_size - 1;
+  bool pulled = false;
+  RunStep(step, progress, [&] {
+    bool progressed = false;
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer == own_rank || progress[peer].done()) continue;
+      if (!progress[peer].send_done()) {
+        progressed |= TryOfferRows(peer, pull, step, progress[peer]);
+      }
+      if (!offers[peer].known && TryTakeNotes(peer, pull, step, progress[peer], offers[peer])) {
+        --missing_notes;
+        progressed = true;
+      }
+    }
+    if (missing_notes == 0 && !pulled) {
+      PullPlannedRows(pull, step, offers, progress);
+      pulled = true;
+      progressed = true;
+    }
+    return progressed;
+  });
+}
+
+// Small offers travel in the slot (no acknowledgement to wait for, as in TrySend); larger ones
+// stay in our memory and the peer reads them.
+bool SharedMemoryWindow::TryOfferRows(int peer, const RowPull &pull, uint64_t step,
+                                      PeerProgress &progress) {
+  if (progress.awaiting_ack) return TakeAcknowledgement(peer, progress);
+  const RowExchange &notes = pull.notes;
+  const int64_t count = notes.send_counts[peer];
+  const int64_t note_bytes = count * notes.row_bytes;
+  const int32_t *offered = pull.offered_rows + peer * notes.capacity;
+  const bool rows_in_slot = note_bytes + count * pull.row_bytes <=
+                            std::min<int64_t>(layout_.slot_bytes, kSmallMessageBytes);
+  const bool sent = TryPublish(peer, step, [&](SlotHeader &message) {
+    uint8_t *payload = slot_payload(options_.rank, peer);
+    std::memcpy(payload, notes.send + peer * notes.capacity * notes.row_bytes, note_bytes);
+    if (rows_in_slot) {
+      for (int64_t i = 0; i < count; ++i) {
+        std::memcpy(payload + note_bytes + i * pull.row_bytes,
+                    pull.rows + offered[i] * pull.row_bytes, pull.row_bytes);
+      }
+    } else {
+      std::memcpy(payload + note_bytes, offered, count * sizeof(int32_t));
+    }
+    message.total_rows = count;
+    message.row_bytes = notes.row_bytes;
+    message.capacity = notes.capacity;
+    message.chunk_offset = 0;
+    message.chunk_bytes =
+        note_bytes + count * (rows_in_slot ? pull.row_bytes : int64_t{sizeof(int32_t)});
+    message.kind = rows_in_slot ? kNotesAndRowsInSlot : kNotesAndRowsInSenderMemory;
+    message.source_address = reinterpret_cast<uint64_t>(pull.rows);
+    message.source_rows = pull.row_count;
+    message.source_row_bytes = pull.row_bytes;
+  });
+  if (sent) {
+    progress.send_started = true;
+    progress.awaiting_ack = !rows_in_slot;
+  }
+  return sent;
+}
+
+bool SharedMemoryWindow::TryTakeNotes(int peer, const RowPull &pull, uint64_t step,
+                                      const PeerProgress &progress, PeerOffer &offer) {
+  const SlotHeader &message = slot_header(peer, options_.rank);
+  if (message.published.load(std::memory_order_acquire) ==
+      message.consumed.load(std::memory_order_relaxed)) {
+    return false;  // nothing new from this peer
+  }
+  CheckMessage(peer, message, pull.notes, step, progress, &pull);
+  const RowExchange &notes = pull.notes;
+  std::memcpy(notes.recv + peer * notes.capacity * notes.row_bytes,
+              slot_payload(peer, options_.rank), message.total_rows * notes.row_bytes);
+  notes.recv_counts[peer] = static_cast<int32_t>(message.total_rows);
+  offer = {true, message.kind == kNotesAndRowsInSlot, message.source_address, message.source_rows};
+  return true;
+}
+
+void SharedMemoryWindow::PullPlannedRows(const RowPull &pull, uint64_t step,
+                                         const std::vector<PeerOffer> &offers,
+                                         std::vector<PeerProgress> &progress) {
+  const RowExchange &notes = pull.notes;
+  std::vector<std::vector<RowCopy>> copies(options_.world_size);
+  pull.plan(copies);
+  const auto require_offered = [&](int source, const RowCopy &copy) {
+    if (copy.offered_row < 0 || copy.offered_row >= notes.recv_counts[source]) {
+      Fail(kInternalError, "the pull plan names offered row ", copy.offered_row, " of rank ",
+           source, ", which offered ", notes.recv_counts[source], " rows in step ", step,
+           Where());
+    }
+  };
+  // The peers first: consuming their messages lets them leave the step.
+  for (int peer = 0; peer < options_.world_size; ++peer) {
+    if (peer == options_.rank) continue;
+    const PeerOffer &offer = offers[peer];
+    // After the notes in the slot: the rows themselves, or their indices.
+    const uint8_t *after_notes =
+        slot_payload(peer, options_.rank) + notes.recv_counts[peer] * notes.row_bytes;
+    std::vector<PeerRange> ranges;
+    for (const RowCopy &copy : copies[peer]) {
+      require_offered(peer, copy);
+      if (offer.in_slot) {
+        std::memcpy(copy.destination, after_notes + copy.offered_row * pull.row_bytes,
+                    pull.row_bytes);
+        continue;
+      }
+      int32_t row;
+      std::memcpy(&row, after_notes + copy.offered_row * sizeof(int32_t), sizeof(row));
+      if (row < 0 || row >= offer.rows) {
+        Fail(kInternalError, "rank ", peer, " offers its row ", row, " of ", offer.rows,
+             " in step ", step, Where());
+      }
+      ranges.push_back({offer.address + row * pull.row_bytes, copy.destination, pull.row_bytes});
+    }
+    ReadPeerMemory(peer, step, ranges);
+    slot_header(peer, options_.rank).consumed.fetch_add(1, std::memory_order_release);
+    RingDoorbell(record(peer));
+    progress[peer].receive_bytes = progress[peer].received_bytes =
+        static_cast<int64_t>(copies[peer].size()) * pull.row_bytes;
+  }
+  const int32_t *own_offered = pull.offered_rows + options_.rank * notes.capacity;
+  for (const RowCopy &copy : copies[options_.rank]) {
+    require_offered(options_.rank, copy);
+    std::memcpy(copy.destination, pull.rows + own_offered[copy.offered_row] * pull.row_bytes,
+                pull.row_bytes);
+  }
+}
+
+void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step,
+                                        const std::vector<PeerRange> &ranges) const {
+  constexpr size_t kMaxRangesPerCall = 1024;  // IOV_MAX
   const pid_t pid = static_cast<pid_t>(record(peer).pid.load());
-  int64_t done = 0;
-  while (done < bytes) {  // a large read may come back partial: go on from where it stopped
-    iovec local{destination + done, static_cast<size_t>(bytes - done)};
-    iovec remote{reinterpret_cast<void *>(source_address + done), static_cast<size_t>(bytes - done)};
-    const ssize_t read = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  int64_t total = 0, done = 0;
+  for (const PeerRange &range : ranges) total += range.bytes;
+  // The first range not read completely, and how much of it is: a call may come back partial.
+  size_t next = 0;
+  int64_t offset = 0;
+  iovec local[kMaxRangesPerCall], remote[kMaxRangesPerCall];
+  while (true) {
+    while (next < ranges.size() && offset == ranges[next].bytes) {
+      ++next;
+      offset = 0;
+    }
+    if (next == ranges.size()) return;
+    size_t count = 0;
+    for (size_t i = next; i < ranges.size() && count < kMaxRangesPerCall; ++i, ++count) {
+      const int64_t skip = i == next ? offset : 0;
+      local[count] = {ranges[i].destination + skip, static_cast<size_t>(ranges[i].bytes - skip)};
+      remote[count] = {reinterpret_cast<void *>(ranges[i].source_address + skip),
+                       static_cast<size_t>(ranges[i].bytes - skip)};
+    }
+    const ssize_t read = process_vm_readv(pid, local, count, remote, count, 0);
     if (read > 0) {
       done += read;
+      for (int64_t left = read; left > 0;) {
+        const int64_t taken = std::min(left, ranges[next].bytes - offset);
+        offset += taken;
+        left -= taken;
+        if (offset == ranges[next].bytes) {
+          ++next;
+          offset = 0;
+        }
+      }
       continue;
     }
     if (read < 0 && errno == EINTR) continue;
@@ -946,7 +1219,7 @@ void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step, uint64_t source
       Fail(kInternalError, "rank ", peer, " (pid ", pid, ") exited during exchange step ", step,
            Where());
     }
-    Fail(kInternalError, "reading ", bytes, " bytes of rows from rank ", peer, " (pid ", pid,
+    Fail(kInternalError, "reading ", total, " bytes of rows from rank ", peer, " (pid ", pid,
          ") with process_vm_readv failed after ", done, " bytes in exchange step ", step, ": ",
          ErrnoText(error), " (MOE_EP_WINDOW_TRANSPORT=slots avoids direct reads)", Where());
   }
@@ -954,29 +1227,46 @@ void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step, uint64_t source
 
 void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
                                       const RowExchange &exchange, uint64_t step,
-                                      const PeerProgress &progress) const {
+                                      const PeerProgress &progress, const RowPull *pull) const {
   if (message.step != step) {
     Fail(kInternalError, "exchange step mismatch: this rank is in exchange step ", step,
          " but rank ", peer, " sent data of step ", message.step,
          "; every rank must make the same sequence of exchanges on a window", Where());
   }
-  if (message.row_bytes != exchange.row_bytes || message.capacity != exchange.capacity) {
+  if (message.row_bytes != exchange.row_bytes || message.capacity != exchange.capacity ||
+      (pull != nullptr && message.source_row_bytes != pull->row_bytes)) {
     Fail(kInvalidArgument, "in exchange step ", step, " rank ", peer, " sends rows of ",
          message.row_bytes, " bytes with capacity_per_peer ", message.capacity,
          " but this rank uses rows of ", exchange.row_bytes, " bytes with capacity_per_peer ",
          exchange.capacity, "; send_rows must have the same shape and dtype on every rank",
          Where());
   }
-  // A rank receiving by single copy also takes small payloads through the slot (TrySend).
-  const bool kind_allowed = message.kind == kRowsInSlot ||
-                            (message.kind == kRowsInSenderMemory &&
-                             receive_transport() == kSingleCopy && progress.receive_bytes < 0);
-  const int64_t expected_offset = progress.receive_bytes < 0 ? 0 : progress.received_bytes;
   const int64_t total_bytes = message.total_rows * exchange.row_bytes;
-  if (!kind_allowed || message.total_rows < 0 ||
-      message.total_rows > exchange.capacity || message.chunk_offset != expected_offset ||
-      message.chunk_bytes < 0 || message.chunk_offset + message.chunk_bytes > total_bytes ||
-      (message.kind == kRowsInSenderMemory && message.chunk_bytes != total_bytes)) {
+  const auto well_formed_exchange = [&] {
+    // A rank receiving by single copy also takes small payloads through the slot (TrySend).
+    const bool kind_allowed =
+        message.kind == kRowsInSlot ||
+        (message.kind == kRowsInSenderMemory && receive_transport() == kSingleCopy &&
+         progress.receive_bytes < 0);
+    const int64_t expected_offset = progress.receive_bytes < 0 ? 0 : progress.received_bytes;
+    return kind_allowed && message.chunk_offset == expected_offset && message.chunk_bytes >= 0 &&
+           message.chunk_offset + message.chunk_bytes <= total_bytes &&
+           (message.kind == kRowsInSlot ? message.chunk_bytes <= layout_.slot_bytes
+                                        : message.chunk_bytes == total_bytes);
+  };
+  const auto well_formed_pull = [&] {
+    // The notes, then the rows (in the slot) or their int32 indices.
+    const bool rows_in_slot = message.kind == kNotesAndRowsInSlot;
+    const bool kind_allowed =
+        rows_in_slot || (message.kind == kNotesAndRowsInSenderMemory &&
+                         receive_transport() == kSingleCopy && message.source_rows >= 0);
+    const int64_t after_notes = message.total_rows * (rows_in_slot ? pull->row_bytes : 4);
+    return kind_allowed && message.chunk_offset == 0 &&
+           message.chunk_bytes == total_bytes + after_notes &&
+           message.chunk_bytes <= layout_.slot_bytes;
+  };
+  if (message.total_rows < 0 || message.total_rows > exchange.capacity ||
+      !(pull != nullptr ? well_formed_pull() : well_formed_exchange())) {
     Fail(kInternalError, "corrupt message from rank ", peer, " in exchange step ", step,
          " (kind ", message.kind, ", rows ", message.total_rows, ", chunk at byte ",
          message.chunk_offset, " of ", message.chunk_bytes, " bytes)", Where());

@@ -15,6 +15,10 @@
 //     sender copies rows into its slot and the receiver copies them out; payloads larger than a
 //     slot travel as several messages (chunks), so an exchange never drops rows and never fails
 //     because of its size.
+// A pull step (PullRows, the fused decode Dispatch) is the single copy turned around: each rank
+// first sends small notes describing the rows it offers, and each receiver, once it has every
+// peer's notes, decides where every offered row goes and reads the rows straight into their
+// final places (or takes them from the slot when notes and rows fit in a small message).
 // Which way is decided once, when the window opens: every rank probes whether it can read
 // its peers' memory (process_vm_readv may be forbidden by Yama, seccomp or a missing
 // capability) and records the answer in the window; rows to a rank travel by single copy if
@@ -47,8 +51,10 @@
 #define MOE_EP_COMM_WINDOW_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace moe_ep {
 
@@ -68,6 +74,32 @@ struct RowExchange {
   bool zero_tail = true;
 };
 
+// A copy that a pull asks for: the `offered_row`-th row a source offered this rank (the row its
+// offered_row-th note describes) into `destination`.
+struct RowCopy {
+  int64_t offered_row = 0;
+  uint8_t *destination = nullptr;
+};
+
+// One rank's side of a pull step. Every rank offers each peer d some of its `rows` (the
+// notes.send_counts[d] rows offered_rows[d * capacity + i]) and describes them with as many
+// small notes (laid out like the rows of a RowExchange: notes.send / notes.send_counts in,
+// notes.recv / notes.recv_counts out). Once the notes of every rank are in, `plan` lists, per
+// source rank, which offered rows to copy where. The rows travel with the notes through the
+// slot where all fit in a small message; otherwise (single copy only, see CanPullRows) the
+// receiver reads them straight from the source's memory, one process_vm_readv list per peer,
+// and the source stays in the step until then: `rows` must stay valid and unchanged during
+// PullRows.
+struct RowPull {
+  RowExchange notes;                      // zero_tail is ignored: note tails stay unspecified
+  const int32_t *offered_rows = nullptr;  // [world_size * notes.capacity], indices into rows
+  const uint8_t *rows = nullptr;          // [row_count, row_bytes]
+  int64_t row_count = 0;
+  int64_t row_bytes = 0;
+  // Called once, when the notes of every rank have arrived; fills copies[source].
+  std::function<void(std::vector<std::vector<RowCopy>> &copies)> plan;
+};
+
 // An open communication window of one group of ranks on this host.
 class CommWindow {
  public:
@@ -80,6 +112,15 @@ class CommWindow {
   // Throws KernelError (naming the peer and the step) on any failure; after a failure the
   // window is unusable and the peers are told why.
   virtual void ExchangeRows(const RowExchange &exchange) = 0;
+
+  // Whether PullRows works on this window with up to `capacity` notes of `note_bytes` per peer:
+  // every rank reads its peers' memory and the notes (with their row indices) fit in a slot.
+  // The answer is the same on every rank of the group.
+  virtual bool CanPullRows(int64_t capacity, int64_t note_bytes) const = 0;
+
+  // Runs one pull step with every rank of the group (all ranks must call it); fails like
+  // ExchangeRows, and also if `plan` throws or names a row a peer does not expose.
+  virtual void PullRows(const RowPull &pull) = 0;
 
   // Marks the next step as failed for `reason` without exchanging anything: the peers waiting
   // for this rank get the reason instead of a timeout. The window is unusable afterwards.

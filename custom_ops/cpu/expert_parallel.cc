@@ -20,9 +20,13 @@
 //          recv_weights [R*C, K] float32    its routing weight (0 where the position is -1)
 //          recv_counts [R] int32            tokens received from each rank (block s of j)
 //          token_slot [T, R] int32          slot d*C+i of token t at rank d, -1 if not sent
-//     One kernel: layout, pack, delivery through the communication window (counts and routing
-//     weights travel with the rows: no separate collective), and grouping by local expert on
-//     arrival, in the local dispatch's order. N = R * C * min(K, L) rows is the worst case.
+//     One kernel: layout, delivery through the communication window (counts and routing
+//     weights travel with the rows: no separate collective) and grouping by local expert, in
+//     the local dispatch's order. N = R * C * min(K, L) rows is the worst case. Where every
+//     rank reads its peers' memory, the ranks exchange small notes (local expert ids, weights)
+//     and each receiver then copies every x row it needs straight into its expand_x rows
+//     (CommWindow::PullRows); otherwise the rows are packed, exchanged and grouped on arrival.
+//     MOE_EP_DISPATCH_PULL=0 on every rank forces the second way (for comparisons).
 //
 //   MoeEpFusedCombine   expert_out [N, H], positions, recv_weights, recv_counts, token_slot
 //                       (the dispatch's handle), window_id [1] int32 -> y [T, H]
@@ -30,6 +34,9 @@
 //     (in k order) and returns it; the source adds the partial sums of its token in rank
 //     order. One row per (token, rank) travels back instead of one per (token, expert), and the
 //     arithmetic is exactly the sparse prefill path's.
+#include <cstdlib>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "comm_window.h"
@@ -176,6 +183,79 @@ struct MessageLayout {
   int64_t row_bytes() const { return payload_bytes + ints * static_cast<int64_t>(sizeof(int32_t)); }
 };
 
+// The message rows one rank received in a fused Dispatch: block s (from row s * capacity on)
+// holds counts[s] rows from rank s.
+struct ReceivedMessages {
+  const uint8_t *rows;
+  MessageLayout layout;  // ints: K local expert ids (-1: elsewhere), K routing weights (bits)
+  const int32_t *counts;  // [world_size]
+  int64_t world_size, capacity, top_k;
+
+  // Calls visit(source, j, row, k, local expert, weight bits) for every received pair (row j,
+  // choice k) whose expert is on this rank, in (j, k) order.
+  template <typename Visit>
+  void ForEachPair(Visit &&visit) const {
+    std::vector<int32_t> ints(layout.ints);
+    for (int64_t source = 0; source < world_size; ++source) {
+      for (int64_t i = 0; i < counts[source]; ++i) {
+        const int64_t j = source * capacity + i;
+        const uint8_t *row = rows + j * layout.row_bytes();
+        std::memcpy(ints.data(), row + layout.payload_bytes, ints.size() * sizeof(int32_t));
+        for (int64_t k = 0; k < top_k; ++k) {
+          if (ints[k] != kNone) visit(source, j, row, k, ints[k], ints[top_k + k]);
+        }
+      }
+    }
+  }
+};
+
+// Groups the received pairs by local expert, in (received row j, k) order: a stable counting
+// sort, the order of the local dispatch. Fills positions[j, k] (the expand_x row of the pair, -1
+// for pairs elsewhere), its routing weight and the rows per expert, and calls
+// deliver(source, j, row, expand_row) to fill each expand_x row. Returns the rows filled.
+template <typename Deliver>
+int64_t GroupByLocalExpert(const ReceivedMessages &messages, int64_t experts_per_rank,
+                           int64_t capacity_rows, int32_t *positions, float *pair_weights,
+                           int32_t *tokens_per_local_expert, Deliver &&deliver) {
+  const int64_t pairs = messages.world_size * messages.capacity * messages.top_k;
+  std::fill(positions, positions + pairs, kNone);
+  std::fill(pair_weights, pair_weights + pairs, 0.0f);
+  std::vector<int64_t> rows_of_expert(experts_per_rank, 0);
+  messages.ForEachPair([&](int64_t, int64_t, const uint8_t *, int64_t, int32_t expert, int32_t) {
+    if (expert < 0 || expert >= experts_per_rank) {
+      Fail(kInternalError, "a received row names local expert ", expert, " of ",
+           experts_per_rank);
+    }
+    ++rows_of_expert[expert];
+  });
+  std::vector<int64_t> next_row(experts_per_rank);
+  int64_t total = 0;
+  for (int64_t expert = 0; expert < experts_per_rank; ++expert) {
+    next_row[expert] = total;
+    total += rows_of_expert[expert];
+    tokens_per_local_expert[expert] = static_cast<int32_t>(rows_of_expert[expert]);
+  }
+  if (total > capacity_rows) {
+    Fail(kInternalError, total, " received (token, expert) pairs exceed the ", capacity_rows,
+         " rows of expand_x");
+  }
+  messages.ForEachPair([&](int64_t source, int64_t j, const uint8_t *row, int64_t k,
+                           int32_t expert, int32_t weight_bits) {
+    const int64_t expand_row = next_row[expert]++;
+    deliver(source, j, row, expand_row);
+    positions[j * messages.top_k + k] = static_cast<int32_t>(expand_row);
+    std::memcpy(&pair_weights[j * messages.top_k + k], &weight_bits, sizeof(float));
+  });
+  return total;
+}
+
+// MOE_EP_DISPATCH_PULL=0 (set on every rank) makes the fused Dispatch pack its rows even where
+// it could pull them: for comparing the two ways in benchmarks.
+bool PullDisabled() {
+  const char *value = std::getenv("MOE_EP_DISPATCH_PULL");
+  return value != nullptr && std::string_view(value) == "0";
+}
+
 void FusedDispatch(const std::vector<TensorArg> &args) {
   const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
   const TensorArg &expand_x = args[5], &tokens_per_local_expert = args[6];
@@ -200,6 +280,7 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   });
   const int64_t tokens = x.dim(0), hidden = x.dim(1), top_k = expert_ids.dim(1);
   const int64_t element_bytes = x.dtype == "float32" ? 4 : 2;
+  const int64_t token_bytes = hidden * element_bytes;
   const int64_t capacity_rows = expand_x.dim(0);
   const int64_t capacity = positions.dim(0) / world_size;  // C: tokens per rank and peer
   const int32_t *ids = expert_ids.data_as<const int32_t>();
@@ -208,17 +289,24 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     return SendPlan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
   });
 
-  // Pack: row = x[t] | K local expert ids at the destination | K routing weights (float bits).
-  // The source remembers where each token went (token_slot), so rows carry no token id.
-  const MessageLayout layout{hidden * element_bytes, 2 * top_k};
+  // A message row describes token t at its destination: K local expert ids | K routing weights
+  // (float bits). Two ways, the same on every rank. Pull (where every rank reads its peers'
+  // memory): the rows are notes offering x[t], and each receiver copies every x row it needs
+  // straight into its expand_x rows (PullRows: from the sender's memory, or from the slot for
+  // small messages). Pack (otherwise): x[t] leads the message row; the rows are exchanged,
+  // then grouped. The source remembers where each token went (token_slot).
+  const MessageLayout notes_layout{0, 2 * top_k};
+  const bool pull = !PullDisabled() && window->CanPullRows(capacity, notes_layout.row_bytes());
+  const MessageLayout layout = pull ? notes_layout : MessageLayout{token_bytes, 2 * top_k};
   const int64_t row_bytes = layout.row_bytes();
   StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
   std::vector<int32_t> send_counts(world_size), received(world_size);
+  std::vector<int32_t> offered_token(world_size * capacity);  // pull: the token of a note
   const uint8_t *x_bytes = x.data_as<const uint8_t>();
   int32_t *slot_of = token_slot.data_as<int32_t>();
   std::fill(slot_of, slot_of + tokens * world_size, kNone);
-  std::vector<int32_t> ints(2 * top_k);
+  std::vector<int32_t> ints(layout.ints);
   for (int64_t rank = 0; rank < world_size; ++rank) {
     const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
     send_counts[rank] = static_cast<int32_t>(sent.size());
@@ -226,6 +314,7 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
       uint8_t *row = send.data() + (rank * capacity + i) * row_bytes;
       const int64_t t = sent[i];
       slot_of[t * world_size + rank] = static_cast<int32_t>(rank * capacity + i);
+      offered_token[rank * capacity + i] = static_cast<int32_t>(t);
       std::memcpy(row, x_bytes + t * layout.payload_bytes, layout.payload_bytes);
       for (int64_t k = 0; k < top_k; ++k) {
         ints[k] = LocalExpertAt(ids, t * top_k + k, rank, experts_per_rank);
@@ -235,56 +324,49 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     }
   }
 
-  // Only the counted rows are read: the receive tails need no zeroing.
-  window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(), received.data(),
-                                   capacity, row_bytes, /*zero_tail=*/false});
-
-  // Group by local expert, in (received row j, k) order: a stable counting sort, the order of
-  // the local dispatch. positions[j, k] is the expand_x row of received row j's k-th choice.
-  int32_t *position = positions.data_as<int32_t>();
-  float *pair_weight = recv_weights.data_as<float>();
-  std::fill(position, position + world_size * capacity * top_k, kNone);
-  std::fill(pair_weight, pair_weight + world_size * capacity * top_k, 0.0f);
-  std::vector<int64_t> rows_of_expert(experts_per_rank, 0);
-  auto for_each_received_pair = [&](auto &&visit) {
-    for (int64_t source = 0; source < world_size; ++source) {
-      for (int64_t i = 0; i < received[source]; ++i) {
-        const int64_t j = source * capacity + i;
-        const uint8_t *row = recv.data() + j * row_bytes;
-        std::memcpy(ints.data(), row + layout.payload_bytes, ints.size() * sizeof(int32_t));
-        for (int64_t k = 0; k < top_k; ++k) {
-          if (ints[k] != kNone) visit(j, row, k, ints[k], ints[top_k + k]);
-        }
-      }
-    }
-  };
-  for_each_received_pair([&](int64_t, const uint8_t *, int64_t, int32_t expert, int32_t) {
-    if (expert < 0 || expert >= experts_per_rank) {
-      Fail(kInternalError, "a received row names local expert ", expert, " of ",
-           experts_per_rank);
-    }
-    ++rows_of_expert[expert];
-  });
-  std::vector<int64_t> next_row(experts_per_rank);
-  int64_t total = 0;
-  for (int64_t expert = 0; expert < experts_per_rank; ++expert) {
-    next_row[expert] = total;
-    total += rows_of_expert[expert];
-    tokens_per_local_expert.data_as<int32_t>()[expert] =
-        static_cast<int32_t>(rows_of_expert[expert]);
-  }
-  if (total > capacity_rows) {
-    Fail(kInternalError, total, " received (token, expert) pairs exceed the ", capacity_rows,
-         " rows of expand_x");
-  }
+  int32_t *positions_data = positions.data_as<int32_t>();
+  float *pair_weights = recv_weights.data_as<float>();
+  int32_t *expert_counts = tokens_per_local_expert.data_as<int32_t>();
   uint8_t *out = expand_x.data_as<uint8_t>();
-  for_each_received_pair([&](int64_t j, const uint8_t *row, int64_t k, int32_t expert,
-                             int32_t weight_bits) {
-    const int64_t expand_row = next_row[expert]++;
-    std::memcpy(out + expand_row * layout.payload_bytes, row, layout.payload_bytes);
-    position[j * top_k + k] = static_cast<int32_t>(expand_row);
-    std::memcpy(&pair_weight[j * top_k + k], &weight_bits, sizeof(float));
-  });
+  const ReceivedMessages messages{recv.data(), layout, received.data(), world_size, capacity,
+                                  top_k};
+  int64_t total = 0;  // rows of expand_x filled
+  // Only the counted message rows are read: the receive tails need no zeroing.
+  if (pull) {
+    // The plan runs inside the pull step, so that a failure in it reaches the peers at once.
+    // Each received row is read from its source once, into its first expand_x row; its other
+    // pairs are copied locally afterwards (cheaper than reading the peer again). x stays
+    // unchanged until every peer has read it (PullRows returns only then).
+    std::vector<int64_t> first_expand_row(world_size * capacity, kNone);
+    std::vector<std::pair<int64_t, int64_t>> local_copies;  // (from, to) rows of expand_x
+    auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
+      auto deliver = [&](int64_t source, int64_t j, const uint8_t *, int64_t expand_row) {
+        if (first_expand_row[j] != kNone) {
+          local_copies.emplace_back(first_expand_row[j], expand_row);
+          return;
+        }
+        first_expand_row[j] = expand_row;
+        copies[source].push_back({j - source * capacity, out + expand_row * token_bytes});
+      };
+      total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
+                                 pair_weights, expert_counts, deliver);
+    };
+    window->PullRows(RowPull{RowExchange{send.data(), send_counts.data(), recv.data(),
+                                         received.data(), capacity, row_bytes,
+                                         /*zero_tail=*/false},
+                             offered_token.data(), x_bytes, tokens, token_bytes, plan_copies});
+    for (const auto &[from, to] : local_copies) {
+      std::memcpy(out + to * token_bytes, out + from * token_bytes, token_bytes);
+    }
+  } else {
+    window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(),
+                                     received.data(), capacity, row_bytes, /*zero_tail=*/false});
+    auto deliver = [&](int64_t, int64_t, const uint8_t *row, int64_t expand_row) {
+      std::memcpy(out + expand_row * token_bytes, row, token_bytes);
+    };
+    total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
+                               pair_weights, expert_counts, deliver);
+  }
   // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail).
   if (PoisonUnusedRows()) {
     VisitFloatType(x, [&](auto element) {

@@ -115,12 +115,16 @@ def numpy_of(tensor):
 
 # name, num_experts, top_k, hidden, max_tokens_per_rank, number of PYNATIVE configurations
 # with 2 and with 4 ranks (4 ranks on 2 cores run about 3 times slower), configurations also
-# run in GRAPH_MODE (one graph compile each: ~1 s), and whether they do with 4 ranks too
+# run in GRAPH_MODE (one graph compile each: ~1 s), whether they do with 4 ranks too, and the
+# window's slot bytes (None: the layer's default).
+# "e16_k8_h64" has small slots: the fused Dispatch's messages of up to 6 rows travel through
+# the slot, larger ones are read from the sender's memory (with single copy), in one step.
 ROUTING_SPECS = (
-    ("e8_k2", 8, 2, 8, 8, (18, 12), (1,), False),
-    ("e16_k1", 16, 1, 8, 8, (16, 10), (0,), False),
-    ("e16_k8", 16, 8, 8, 8, (16, 10), (2,), True),
-    ("e8_k6_c5", 8, 6, 8, 5, (14, 10), (3,), True),
+    ("e8_k2", 8, 2, 8, 8, (18, 12), (1,), False, None),
+    ("e16_k1", 16, 1, 8, 8, (16, 10), (0,), False, None),
+    ("e16_k8", 16, 8, 8, 8, (16, 10), (2,), True, None),
+    ("e8_k6_c5", 8, 6, 8, 5, (14, 10), (3,), True, None),
+    ("e16_k8_h64", 16, 8, 64, 16, (8, 6), (0,), True, 2048),
 )
 PATTERNS = ("random", "one_expert", "one_rank", "skewed")
 
@@ -266,14 +270,16 @@ def routing_part(report, rank, world):
     layers = []
     for spec in ROUTING_SPECS:
         _, experts, top_k, hidden, capacity = spec[:5]
+        slot_bytes = {"window_slot_bytes": spec[8]} if spec[8] is not None else {}
         config = load(expert_parallel=world, num_experts=experts, top_k=top_k,
-                      hidden_size=hidden, max_tokens_per_rank=capacity, num_shared_experts=0)
+                      hidden_size=hidden, max_tokens_per_rank=capacity, num_shared_experts=0,
+                      **slot_bytes)
         layers.append(mee.MoELayer(config))
     configurations = []
     for mode in ("pynative", "graph"):
         set_mode(report, mode)
         for spec_index, (spec, layer) in enumerate(zip(ROUTING_SPECS, layers)):
-            name, experts, top_k, _, capacity, pynative_cases, graph_cases, graph_at_4 = spec
+            name, experts, top_k, _, capacity, pynative_cases, graph_cases, graph_at_4 = spec[:8]
             if mode not in graph_modes(world, graph_at_4):
                 continue
             local = experts // world

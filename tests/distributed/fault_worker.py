@@ -11,6 +11,9 @@ survivors observe; plain processes let the survivors report. The last rank is th
 2. window "kill": after one good exchange the victim SIGKILLs itself while the survivors wait in
    the next exchange; they must fail with "rank <victim> (pid <pid>) exited during exchange
    step 2" at once.
+3. window "dispatch_kill": the same with the fused decode Dispatch (one good Dispatch before
+   the victim dies, then the survivors' next one), whose rows (96 kB per peer) the peers pull
+   straight from the sender's memory where single copy is possible.
 
 Every rank reports messages and timings with launch.write_result (the victim before dying).
 Usage: fault_worker.py <timeout_s>
@@ -29,6 +32,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindspore_moe_ep.comm import CommWindow, ExchangeRows
+from mindspore_moe_ep.ops.ep_kernels import FusedDispatch
 from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
 
 CAPACITY = 4
@@ -57,6 +61,21 @@ def timed_exchange(exchange: ExchangeRows, world: int, width: int = WIDTH) -> di
     return {"error": message, "seconds": time.monotonic() - started}
 
 
+def timed_dispatch(dispatch: FusedDispatch, world: int) -> dict:
+    """Runs one fused Dispatch sending every token to every rank; like timed_exchange."""
+    x = Tensor(np.ones((CAPACITY, WIDTH), np.float32))
+    expert_ids = Tensor(np.tile(np.arange(0, 2 * world, 2, dtype=np.int32), (CAPACITY, 1)))
+    weights = Tensor(np.full((CAPACITY, world), 1.0 / world, np.float32))
+    started = time.monotonic()
+    try:
+        with explain_kernel_errors():
+            dispatch(x, expert_ids, weights)[0].asnumpy()
+        message = None
+    except Exception as error:  # the message is what the test checks
+        message = str(error)
+    return {"error": message, "seconds": time.monotonic() - started}
+
+
 def main() -> None:
     timeout_s = float(sys.argv[1])
     rank, world = launch.worker_rank(), int(os.environ["RANK_SIZE"])
@@ -66,7 +85,7 @@ def main() -> None:
     ranks = list(range(world))
     windows = {name: CommWindow.open(ranks, rank, timeout_s=timeout_s, attach_timeout_s=60.0,
                                      job_token=window_token(name))
-               for name in ("mismatch", "stall", "kill")}
+               for name in ("mismatch", "stall", "kill", "dispatch_kill")}
     report = {"rank": rank, "pid": os.getpid(), "victim": victim,
               "segment_names": [window.segment_name for window in windows.values()]}
 
@@ -80,12 +99,15 @@ def main() -> None:
     report["stall"] = timed_exchange(stall, world)
 
     kill = ExchangeRows(windows["kill"], CAPACITY)
+    dispatch = FusedDispatch(world, CAPACITY, 2, world, windows["dispatch_kill"])
     report["kill_warmup"] = timed_exchange(kill, world)
+    report["dispatch_kill_warmup"] = timed_dispatch(dispatch, world)
     if rank == victim:
         launch.write_result(report)
         time.sleep(VICTIM_DELAY_S)
         os.kill(os.getpid(), signal.SIGKILL)
     report["kill"] = timed_exchange(kill, world)
+    report["dispatch_kill"] = timed_dispatch(dispatch, world)
     launch.write_result(report)
 
 
