@@ -21,8 +21,8 @@ def _window_slot_bytes(config):
     from .comm.window import DEFAULT_SLOT_BYTES
     element_bytes = 4 if config.runtime.dtype == "float32" else 2
     top_k = config.router.top_k
-    # token row + top_k local ids (int32) + top_k routing weights (float32): the fused dispatch
-    # message
+    # token row + top_k local ids (int32) + top_k routing weights (float32): the fused dispatch's
+    # packed message (where it pulls, only the ids and weights travel as notes: smaller)
     largest_row = config.model.hidden_size * element_bytes + 2 * top_k * 4
     whole_step = config.dispatch.max_tokens_per_rank * max(largest_row, 8 * top_k)
     return min(whole_step, DEFAULT_SLOT_BYTES)
