@@ -17,7 +17,11 @@ sum(tokens_per_expert) are unspecified, so only the used rows are compared; the 
 fill that tail with NaN (MOE_EP_POISON_UNUSED_ROWS=1) to show that nothing reads it.
 """
 import ctypes
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import mindspore as ms
 import numpy as np
@@ -380,13 +384,13 @@ def test_integer_inputs_get_zero_gradients(mode):
 
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
 def test_grouped_matmul_many_rows_per_block_and_reference_backend(dtype_name):
-    """Groups and weight-gradient rows larger than one 128-row block; oneDNN and the C++ loop."""
+    """A group of several GEMM blocks (>= 1024 rows: two blocks); oneDNN and the C++ loop."""
     rng = np.random.default_rng(11)
     k_in, n_out = 160, 24
-    counts = np.array([0, 290, 10], np.int32)
-    rows = representable(rng.standard_normal((310, k_in)), dtype_name)
+    counts = np.array([0, 1090, 10], np.int32)
+    rows = representable(rng.standard_normal((1110, k_in)), dtype_name)
     weights = representable(rng.standard_normal((3, k_in, n_out)), dtype_name)
-    d_out = representable(rng.standard_normal((310, n_out)), dtype_name)
+    d_out = representable(rng.standard_normal((1110, n_out)), dtype_name)
     matmul = GroupedMatmul()
 
     def loss(rows_in, weights_in):
@@ -407,10 +411,90 @@ def test_grouped_matmul_many_rows_per_block_and_reference_backend(dtype_name):
             results[backend] = (to_numpy(out), to_numpy(d_weights))
         finally:
             set_gemm_backend("onednn")
-        used = int(counts.sum())  # 300 of 310 rows; the others are unspecified
+        used = int(counts.sum())  # 1100 of 1110 rows; the others are unspecified
         assert_close(results[backend][0][:used], expected_out[:used], rtol(dtype_name, 1e-5))
         assert_close(results[backend][1], expected_d_weights, rtol(dtype_name, 1e-5))
     assert not results["onednn"][1][0].any()  # expert 0 has no rows: zero gradient
+
+
+def grouped_matmul_and_gradients(rows, weights, counts, d_out, transpose_b, dtype_name):
+    """(out, d rows, d weights) of GroupedMatmul(transpose_b) with upstream gradient d_out."""
+    matmul = GroupedMatmul(transpose_b)
+
+    def loss(rows_in, weights_in):
+        return (matmul(rows_in, weights_in, Tensor(counts)).astype(ms.float32)
+                * Tensor(d_out.astype(np.float32))).sum()
+
+    rows_t, weights_t = to_tensor(rows, dtype_name), to_tensor(weights, dtype_name)
+    out = matmul(rows_t, weights_t, Tensor(counts))
+    d_rows, d_weights = ms.grad(loss, grad_position=(0, 1))(rows_t, weights_t)
+    return to_numpy(out), to_numpy(d_rows), to_numpy(d_weights)
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_grouped_matmul_every_transposition_with_blocks_and_panels(dtype_name, transpose_b):
+    """The three GEMMs of a grouped matmul (out, d rows with the other transposition of the
+    weights, d weights with the rows transposed) against float64 numpy, with empty groups, a
+    group of two row blocks, and k = 1024 so that the 16-bit types' converted path computes the
+    150 output columns in three panels (64 + 64 + 22)."""
+    rng = np.random.default_rng(12)
+    k_in, n_out = 1024, 150
+    counts = np.array([0, 1100, 0, 37, 530], np.int32)
+    used = int(counts.sum())
+    num_rows = used + 3  # the rows past the used ones are unspecified
+    rows = representable(rng.standard_normal((num_rows, k_in)), dtype_name)
+    weight_shape = (len(counts), n_out, k_in) if transpose_b else (len(counts), k_in, n_out)
+    weights = representable(rng.standard_normal(weight_shape), dtype_name)
+    d_out = representable(rng.standard_normal((num_rows, n_out)), dtype_name)
+    out, d_rows, d_weights = grouped_matmul_and_gradients(rows, weights, counts, d_out,
+                                                           transpose_b, dtype_name)
+
+    tolerance = rtol(dtype_name, 1e-5)
+    assert_close(out[:used], reference_grouped_matmul(rows, weights, counts, transpose_b)[:used],
+                 tolerance)
+    assert_close(d_rows[:used],
+                 reference_grouped_matmul(d_out, weights, counts, not transpose_b)[:used],
+                 tolerance)
+    expected_d_weights = (reference_weight_grad(d_out, rows, counts) if transpose_b
+                          else reference_weight_grad(rows, d_out, counts))
+    assert_close(d_weights, expected_d_weights, tolerance)
+    assert not d_weights[0].any() and not d_weights[2].any()  # empty groups: zero gradients
+
+
+def test_grouped_matmul_results_do_not_depend_on_the_thread_count(tmp_path):
+    """The kernels cut the work into GEMM blocks that depend only on the group sizes, so 1 and 2
+    threads (MOE_EP_NUM_THREADS, read once per process) give the same bits."""
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import mindspore as ms
+        from mindspore import Tensor
+        from mindspore_moe_ep.ops import GroupedMatmul
+        rng = np.random.default_rng(13)
+        counts = Tensor(np.array([1100, 0, 530, 37], np.int32))
+        results = {}
+        for dtype in (ms.float32, ms.bfloat16):
+            rows = Tensor(rng.standard_normal((1670, 192), dtype=np.float32)).astype(dtype)
+            weights = Tensor(rng.standard_normal((4, 192, 96), dtype=np.float32)).astype(dtype)
+            grads = ms.grad(lambda r, w: GroupedMatmul()(r, w, counts).astype(ms.float32).sum(),
+                            grad_position=(0, 1))(rows, weights)
+            out = GroupedMatmul()(rows, weights, counts)
+            used = 1667  # rows of out and d_rows past the used ones are unspecified
+            for name, value in zip(("out", "d_rows", "d_weights"), (out, *grads)):
+                value = value.astype(ms.float32).asnumpy()
+                results[f"{dtype}_{name}"] = value if name == "d_weights" else value[:used]
+        np.savez(sys.argv[1], **results)
+        """)
+    outputs = []
+    for threads in (1, 2):
+        path = tmp_path / f"threads_{threads}.npz"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True,
+                       env=dict(os.environ, MOE_EP_NUM_THREADS=str(threads), GLOG_v="3"))
+        outputs.append(np.load(path))
+    assert set(outputs[0]) == set(outputs[1])
+    for name in outputs[0]:
+        np.testing.assert_array_equal(outputs[0][name], outputs[1][name], err_msg=name)
 
 
 def test_results_are_deterministic():

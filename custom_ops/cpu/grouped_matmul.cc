@@ -15,9 +15,9 @@
 // do: it changes the result of every element by up to 1 ulp when any element of the tensor is
 // NaN, so it must never see such a tail.)
 //
-// The work is cut into fixed-size blocks (independent of the thread count, so results do not
-// depend on it) that run on KernelThreadCount() threads; every block writes its own part of the
-// output.
+// The work is cut into blocks of output rows that run on KernelThreadCount() threads; every block
+// writes its own part of the output. The blocks depend only on the group sizes (not on the thread
+// count), so results do not depend on the thread count.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -28,8 +28,12 @@
 namespace moe_ep {
 namespace {
 
-// Rows of the output computed by one GEMM call; big enough to keep oneDNN efficient.
-constexpr int64_t kRowsPerBlock = 128;
+// The fewest output rows per GEMM call, except for smaller groups. Single-thread oneDNN sgemm
+// (AVX2) at the end-to-end benchmark's shapes (k, n = 1024-2048) runs at ~36 GFLOP/s from ~512
+// rows per call up, but at 22-34 GFLOP/s with 128-384 rows (weight gradients: ~25), as every
+// call packs its operands again. Blocks of 512-1023 rows still leave a thread a share of a
+// large group.
+constexpr int64_t kMinRowsPerBlock = 512;
 
 // Where each expert's rows are: group e is rows [offsets[e], offsets[e + 1]).
 struct Groups {
@@ -69,14 +73,18 @@ struct Block {
   int64_t count;
 };
 
-// Splits each expert's `output_rows(expert)` output rows into blocks of kRowsPerBlock.
+// Splits each expert's `output_rows(expert)` output rows into equal blocks (+-1 row) of
+// kMinRowsPerBlock to 2 * kMinRowsPerBlock - 1 rows (fewer for a smaller group).
 template <typename OutputRows>
 std::vector<Block> MakeBlocks(const Groups &groups, OutputRows &&output_rows) {
   std::vector<Block> blocks;
   for (int64_t expert = 0; expert < groups.num_experts(); ++expert) {
     const int64_t rows_of_expert = output_rows(expert);
-    for (int64_t first = 0; first < rows_of_expert; first += kRowsPerBlock) {
-      blocks.push_back(Block{expert, first, std::min(kRowsPerBlock, rows_of_expert - first)});
+    const int64_t count = std::max<int64_t>(1, rows_of_expert / kMinRowsPerBlock);
+    for (int64_t index = 0; index < count && rows_of_expert > 0; ++index) {
+      const int64_t first = rows_of_expert * index / count;
+      const int64_t end = rows_of_expert * (index + 1) / count;
+      blocks.push_back(Block{expert, first, end - first});
     }
   }
   return blocks;
@@ -91,10 +99,9 @@ void RunBlocks(const std::vector<Block> &blocks, GemmOfBlock &&gemm_of) {
 }
 
 // out [used rows, N_out] = rows of group e @ W_e, where W_e is weights[e] (or its transpose).
-// T is an element type Gemm() accepts (float or BFloat16); out is float32.
 template <typename T>
 void GroupedMatmul(const T *rows, int64_t k_in, const T *weights, int64_t n_out,
-                   bool transpose_b, const Groups &groups, float *out) {
+                   bool transpose_b, const Groups &groups, T *out) {
   const std::vector<Block> blocks =
       MakeBlocks(groups, [&](int64_t expert) { return groups.size(expert); });
   RunBlocks(blocks, [&](const Block &block) {
@@ -113,10 +120,9 @@ void GroupedMatmul(const T *rows, int64_t k_in, const T *weights, int64_t n_out,
 }
 
 // out[e] [P, Q] = a_e^T @ b_e; experts without rows get zeros. Blocks split the P rows of out[e].
-// T is an element type Gemm() accepts (float or BFloat16); out is float32.
 template <typename T>
 void GroupedWeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size,
-                       const Groups &groups, float *out) {
+                       const Groups &groups, T *out) {
   const std::vector<Block> blocks =
       MakeBlocks(groups, [&](int64_t /*expert*/) { return p_size; });
   RunBlocks(blocks, [&](const Block &block) {
@@ -155,13 +161,9 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
 
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    // Only the used rows are converted (16-bit types) and computed; the tail is not written.
-    ComputeWithGemmTypes(
-        rows.data_as<const T>(), used_rows * k_in, weights.data_as<const T>(), weights.numel(),
-        out.data_as<T>(), used_rows * n_out,
-        [&](const auto *rows_data, const auto *weight_data, float *out_data) {
-          GroupedMatmul(rows_data, k_in, weight_data, n_out, transpose_b, groups, out_data);
-        });
+    // Only the used rows are computed; the tail is not written.
+    GroupedMatmul(rows.data_as<const T>(), k_in, weights.data_as<const T>(), n_out, transpose_b,
+                  groups, out.data_as<T>());
     if (PoisonUnusedRows()) {
       FillWithNaN(out.data_as<T>() + used_rows * n_out, (num_rows - used_rows) * n_out);
     }
@@ -182,18 +184,12 @@ void RunGroupedWeightGrad(const std::vector<TensorArg> &args) {
   out.RequireDim(1, a.dim(1), "a.shape[1]");
   out.RequireDim(2, b.dim(1), "b.shape[1]");
   const Groups groups = GroupsOf(tokens_per_expert, a.dim(0));
-  const int64_t used_rows = groups.total_rows();
 
   VisitFloatType(a, [&](auto element) {
     using T = decltype(element);
     // Sums over the used rows only: the rows past them may hold anything, even NaN.
-    ComputeWithGemmTypes(a.data_as<const T>(), used_rows * a.dim(1), b.data_as<const T>(),
-                         used_rows * b.dim(1),
-                         out.data_as<T>(), out.numel(),
-                         [&](const auto *a_data, const auto *b_data, float *out_data) {
-                           GroupedWeightGrad(a_data, a.dim(1), b_data, b.dim(1), groups,
-                                             out_data);
-                         });
+    GroupedWeightGrad(a.data_as<const T>(), a.dim(1), b.data_as<const T>(), b.dim(1), groups,
+                      out.data_as<T>());
   });
 }
 
