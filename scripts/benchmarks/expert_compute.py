@@ -12,7 +12,8 @@ hidden H and expert width F: 6 * L * n * H * F FLOPs per call.
 - the same with MindSpore ``ops.BatchMatMul`` in float32 on [L, n, H] tensors (bfloat16 is
   unsupported by CPU BatchMatMul);
 - peak: the best of one large float32 GEMM through numpy, MindSpore ``MatMul`` (GRAPH_MODE),
-  oneDNN's ``dnnl_sgemm`` called directly (the GEMM our kernels use) and PyTorch's matmul (if
+  oneDNN's ``dnnl_sgemm`` called directly (the GEMM our kernels use; single-threaded per call,
+  so one call per thread on a share of the rows, as our kernels run it) and PyTorch's matmul (if
   installed), same thread count.
 - bfloat16 evidence: the CPU's bf16 flags, oneDNN's ``dnnl_gemm_bf16bf16f32`` called directly,
   and PyTorch's bfloat16 matmul (if installed), each against float32 at the same size.
@@ -23,6 +24,7 @@ All MindSpore work runs in GRAPH_MODE with several calls per launch (chained wit
 import ctypes
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -50,8 +52,12 @@ def onednn():
     return library
 
 
-def gemm_direct(library, size, bf16, repeats):
-    """Seconds of one size^3 GEMM through oneDNN's C API (float32 or bf16 inputs)."""
+def gemm_direct(library, size, bf16, repeats, threads=1):
+    """Seconds of one size^3 GEMM through oneDNN's C API (float32 or bf16 inputs).
+
+    MindSpore's oneDNN uses the threadpool runtime and we give it no pool, so each call runs on
+    the calling thread; with ``threads`` > 1 the rows are split into that many calls on as many
+    threads (ctypes releases the GIL), as the grouped-matmul kernel splits its blocks."""
     rng = np.random.default_rng(0)
     a32 = rng.standard_normal((size, size), dtype=np.float32)
     b32 = rng.standard_normal((size, size), dtype=np.float32)
@@ -63,10 +69,22 @@ def gemm_direct(library, size, bf16, repeats):
     else:
         a, b, function = a32, b32, library.dnnl_sgemm
 
-    def call():
-        status = function(b"N", b"N", size, size, size, 1.0, a.ctypes.data, size, b.ctypes.data,
-                          size, 0.0, c.ctypes.data, size)
+    bounds = [size * share // threads for share in range(threads + 1)]
+
+    def share(index):
+        first, rows = bounds[index], bounds[index + 1] - bounds[index]
+        status = function(b"N", b"N", rows, size, size, 1.0, a.ctypes.data + first * a.strides[0],
+                          size, b.ctypes.data, size, 0.0, c.ctypes.data + first * c.strides[0],
+                          size)
         assert status == 0, status
+
+    def call():
+        helpers = [threading.Thread(target=share, args=(index,)) for index in range(1, threads)]
+        for helper in helpers:
+            helper.start()
+        share(0)
+        for helper in helpers:
+            helper.join()
     return bc.time_calls(call, repeats=repeats, warmup=1)["min_s"]
 
 
@@ -154,7 +172,7 @@ def main(argv=None):
     peaks["MindSpore MatMul"] = bc.time_calls(lambda: mm(ta, ta).asnumpy(), repeats=repeats,
                                               warmup=1)["min_s"]
     library = onednn()
-    peaks["oneDNN dnnl_sgemm"] = gemm_direct(library, size, False, repeats)
+    peaks["oneDNN dnnl_sgemm"] = gemm_direct(library, size, False, repeats, threads)
     try:
         import torch
         torch.set_num_threads(threads)
@@ -171,9 +189,9 @@ def main(argv=None):
     bf16_size = 256
     bf16_flops = 2.0 * bf16_size ** 3
     bf16 = {"oneDNN float32 GFLOP/s": bf16_flops / gemm_direct(library, bf16_size, False,
-                                                              repeats) / 1e9,
+                                                              repeats, threads) / 1e9,
             "oneDNN bf16 GFLOP/s": bf16_flops / gemm_direct(library, bf16_size, True,
-                                                           repeats) / 1e9}
+                                                           repeats, threads) / 1e9}
     try:
         import torch
         torch.set_num_threads(threads)
