@@ -32,7 +32,9 @@ namespace {
 // (AVX2) at the end-to-end benchmark's shapes (k, n = 1024-2048) runs at ~36 GFLOP/s from ~512
 // rows per call up, but at 22-34 GFLOP/s with 128-384 rows (weight gradients: ~25), as every
 // call packs its operands again. Blocks of 512-1023 rows still leave a thread a share of a
-// large group.
+// large group, but fewer blocks than before: with many threads per process, a layer whose groups
+// give fewer blocks than threads leaves threads idle (splitting the output columns as well would
+// be the fix).
 constexpr int64_t kMinRowsPerBlock = 512;
 
 // Where each expert's rows are: group e is rows [offsets[e], offsets[e + 1]).
