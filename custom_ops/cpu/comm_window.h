@@ -56,6 +56,8 @@
 #include <string>
 #include <vector>
 
+#include "kernel_common.h"
+
 namespace moe_ep {
 
 // One rank's side of an all-to-all-v of rows. Rows for destination d are the
@@ -126,6 +128,20 @@ class CommWindow {
   // for this rank get the reason instead of a timeout. The window is unusable afterwards.
   virtual void Abandon(const std::string &reason) = 0;
 };
+
+// Runs `checks` (validation before an exchange); if they fail, the window is abandoned so that
+// the peers waiting in this exchange step fail at once with the reason, then the error goes on
+// (marked as told to the peers).
+template <typename Checks>
+auto AbandonOnFailure(CommWindow &window, Checks &&checks) -> decltype(checks()) {
+  try {
+    return checks();
+  } catch (KernelError &error) {
+    window.Abandon(error.what());
+    error.set_peers_informed();
+    throw;
+  }
+}
 
 // The open window with this id; throws KernelError if there is none.
 std::shared_ptr<CommWindow> FindCommWindow(int64_t window_id);

@@ -73,14 +73,8 @@ int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void 
     window_id.RequireRank(1);
     window_id.RequireDim(0, 1, "1");
     const std::shared_ptr<CommWindow> window = FindCommWindow(window_id.data_as<const int32_t>()[0]);
-    RowExchange exchange;
-    try {
-      exchange = DescribeExchange(args, window->world_size());
-    } catch (KernelError &error) {
-      window->Abandon(error.what());  // tell the peers instead of letting them time out
-      error.set_peers_informed();
-      throw;
-    }
+    RowExchange exchange =
+        AbandonOnFailure(*window, [&] { return DescribeExchange(args, window->world_size()); });
     exchange.zero_tail = zero_tail;
     window->ExchangeRows(exchange);
   });

@@ -76,19 +76,6 @@ int64_t CheckRouting(const TensorArg &expert_ids, const TensorArg &experts_per_r
   return experts_per_rank;
 }
 
-// Runs `checks` (validation before an exchange); if they fail, the window is abandoned so that
-// the peers waiting in this exchange step fail at once with the reason, then the error goes on.
-template <typename Checks>
-auto AbandonOnFailure(CommWindow &window, Checks &&checks) -> decltype(checks()) {
-  try {
-    return checks();
-  } catch (KernelError &error) {
-    window.Abandon(error.what());
-    error.set_peers_informed();
-    throw;
-  }
-}
-
 // The tokens each rank receives from this one, in token order.
 struct SendPlan {
   std::vector<std::vector<int32_t>> tokens_for_rank;  // [R][tokens sent to that rank]

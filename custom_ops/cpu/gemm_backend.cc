@@ -72,8 +72,9 @@ void ReferenceGemm(const GemmProblem &p, const float *a, const float *b, float *
 }
 
 // Sets C [m, n] to zero (the product when the inner dimension k is 0).
-void ZeroMatrix(float *c, int64_t rows, int64_t cols, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r) std::fill(c + r * stride, c + r * stride + cols, 0.0f);
+template <typename T>
+void ZeroMatrix(T *c, int64_t rows, int64_t cols, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(c + r * stride, c + r * stride + cols, T{0});
 }
 
 void RequireSuccess(int status, const char *function, const GemmProblem &p) {
@@ -132,10 +133,7 @@ void DirectBFloat16Gemm(const GemmProblem &p, const BFloat16 *a, const BFloat16 
 template <typename T>
 void Gemm16(const GemmProblem &p, const T *a, const T *b, T *c) {
   if (p.m == 0 || p.n == 0) return;
-  if (p.k == 0) {
-    for (int64_t i = 0; i < p.m; ++i) std::fill(c + i * p.ldc, c + i * p.ldc + p.n, T{0});
-    return;
-  }
+  if (p.k == 0) return ZeroMatrix(c, p.m, p.n, p.ldc);
   bool direct = false;
   if constexpr (std::is_same_v<T, BFloat16>) direct = HasFastBFloat16Gemm();
   const int64_t panel_columns = std::min(p.n, PanelColumns(p.k));

@@ -277,14 +277,6 @@ void FillWithNaN(T *begin, int64_t count) {
   std::fill(begin, begin + count, nan);
 }
 
-// Converts `count` elements between element types, in parallel for large arrays.
-template <typename To, typename From>
-void ConvertArray(const From *source, int64_t count, To *destination) {
-  ParallelFor(count, MinItemsPerThread(sizeof(To)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) destination[i] = FromFloat<To>(ToFloat(source[i]));
-  });
-}
-
 }  // namespace moe_ep
 
 #endif  // MOE_EP_KERNEL_COMMON_H_
