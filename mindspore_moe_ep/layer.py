@@ -13,18 +13,26 @@ from .token_dispatcher import LocalTokenDispatcher
 
 
 def _window_slot_bytes(config):
-    """Shared memory per ordered rank pair, by default one full step of the largest message but
-    at most DEFAULT_SLOT_BYTES: large payloads travel by single copy (or, where the kernel
-    forbids it, in slot-sized chunks), so a larger slot would only cost /dev/shm."""
+    """Shared memory per ordered rank pair: by default one full step of the largest message.
+
+    Without fused decode operators the slot holds at most DEFAULT_SLOT_BYTES: large payloads
+    travel by single copy (or, where the kernel forbids it, in slot-sized chunks), so a larger
+    slot would only cost /dev/shm. With them (a dropless layer), the slot holds a whole step of
+    the fused Combine's partial sums up to SHARED_ROWS_MAX_SLOT_BYTES: the Combine then sums
+    its peers' rows where they lie in the window instead of copying them (ShareRows).
+    """
     if config.dispatch.window_slot_bytes is not None:
         return config.dispatch.window_slot_bytes
-    from .comm.window import DEFAULT_SLOT_BYTES
+    from .comm.window import DEFAULT_SLOT_BYTES, SHARED_ROWS_MAX_SLOT_BYTES
     element_bytes = 4 if config.runtime.dtype == "float32" else 2
-    top_k = config.router.top_k
+    top_k, capacity = config.router.top_k, config.dispatch.max_tokens_per_rank
     # token row + top_k local ids (int32) + top_k routing weights (float32): the fused dispatch's
     # packed message (where it pulls, only the ids and weights travel as notes: smaller)
     largest_row = config.model.hidden_size * element_bytes + 2 * top_k * 4
-    whole_step = config.dispatch.max_tokens_per_rank * max(largest_row, 8 * top_k)
+    whole_step = capacity * max(largest_row, 8 * top_k)
+    combine_step = capacity * config.model.hidden_size * element_bytes
+    if config.router.capacity_factor is None and combine_step <= SHARED_ROWS_MAX_SLOT_BYTES:
+        return max(combine_step, min(whole_step, DEFAULT_SLOT_BYTES))
     return min(whole_step, DEFAULT_SLOT_BYTES)
 
 

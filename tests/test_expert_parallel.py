@@ -82,6 +82,14 @@ def test_dispatchers_route_every_row_exactly(ep_run):
     assert max_error(ep_run, "routing_combine") <= COMBINE_REL_TOL
 
 
+def test_fused_combine_sums_in_the_window_as_it_does_staged(ep_run):
+    # The same routing cases through a layer whose slots hold a peer's partial rows (summed
+    # where they lie in the window) and one whose slots do not (staged and exchanged): the
+    # outputs must be bit-identical, and each layer must have the slots of its path.
+    found = assert_all_pass(ep_run, "combine_paths/", minimum=7)
+    assert any(name.endswith("combine_paths/slots") for _, name, _, _ in found)
+
+
 def test_routing_configurations_cover_the_edge_cases(ep_run):
     world = world_of(ep_run)
     configurations = ep_run.results[0]["routing_configurations"]

@@ -102,6 +102,24 @@ struct RowPull {
   std::function<void(std::vector<std::vector<RowCopy>> &copies)> plan;
 };
 
+// One rank's side of a step in which the ranks read each other's rows where they lie in the
+// window, without copying them out: every rank writes the rows for peer d (send_counts[d] rows
+// of row_bytes) straight into its slot to d, and once the rows of every peer are in, `use`
+// reads them in place. The fused Combine sums the returned partial rows this way: no staging
+// buffer and no copy between the expert rank's sum and the source's (see CanShareRows).
+struct SharedRows {
+  const int32_t *send_counts = nullptr;  // [world_size], each in [0, capacity]
+  int64_t capacity = 0;                  // rows per peer
+  int64_t row_bytes = 0;
+  uint8_t *own_rows = nullptr;  // [capacity, row_bytes]: where the rows for this rank go
+  // Writes the send_counts[rank] rows for `rank` at `destination` (a slot, or own_rows).
+  std::function<void(int rank, uint8_t *destination)> write;
+  // Called once every rank's rows are in: rows[s] holds counts[s] rows from rank s. The peers'
+  // rows stay valid (and unchanged) only during the call.
+  std::function<void(const std::vector<const uint8_t *> &rows, const std::vector<int32_t> &counts)>
+      use;
+};
+
 // An open communication window of one group of ranks on this host.
 class CommWindow {
  public:
@@ -123,6 +141,14 @@ class CommWindow {
   // Runs one pull step with every rank of the group (all ranks must call it); fails like
   // ExchangeRows, and also if `plan` throws or names a row a peer does not expose.
   virtual void PullRows(const RowPull &pull) = 0;
+
+  // Whether ShareRows works on this window with up to `capacity` rows of `row_bytes` per peer:
+  // they fit in one slot. The answer is the same on every rank of the group.
+  virtual bool CanShareRows(int64_t capacity, int64_t row_bytes) const = 0;
+
+  // Runs one shared-rows step with every rank of the group (all ranks must call it); fails
+  // like ExchangeRows, and also if `write` or `use` throws.
+  virtual void ShareRows(const SharedRows &shared) = 0;
 
   // Marks the next step as failed for `reason` without exchanging anything: the peers waiting
   // for this rank get the reason instead of a timeout. The window is unusable afterwards.

@@ -277,10 +277,10 @@ MOE_EP_AVX2 void SumTokenRowsAvx2(const TokenRows<T> &token, int64_t hidden, boo
   SumTokenRowsScalar(token, h, hidden, out);
 }
 
-// y[t] = sum over k (in order, skipping -1) of weights[t, k] * rows[positions[t, k]],
+// y[t] = sum over k (in order, skipping -1) of weights[t, k] * row_at(positions[t, k]),
 // accumulated in float32. A null `weights` means all weights are 1.
-template <typename T>
-void WeightedGatherSum(const T *rows, int64_t hidden, const int32_t *positions,
+template <typename T, typename RowAt>
+void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
                        const float *weights, int64_t num_tokens, int64_t top_k, T *y) {
   const bool use_avx2 = CpuHasAvx2F16c();
   const bool streaming =
@@ -297,7 +297,7 @@ void WeightedGatherSum(const T *rows, int64_t hidden, const int32_t *positions,
       for (int64_t k = 0; k < top_k; ++k) {
         const int64_t slot = t * top_k + k;
         if (positions[slot] < 0) continue;
-        token.rows.push_back(rows + positions[slot] * hidden);
+        token.rows.push_back(row_at(positions[slot]));
         token.weights.push_back(weights ? weights[slot] : 1.0f);
       }
       if (use_avx2) {
@@ -332,8 +332,25 @@ void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorAr
   }
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    WeightedGatherSum(rows.data_as<const T>(), hidden, positions.data_as<const int32_t>(),
-                      weight_data, num_tokens, top_k, y.data_as<T>());
+    const T *row_data = rows.data_as<const T>();
+    WeightedGatherSum([&](int32_t row) { return row_data + row * hidden; }, hidden,
+                      positions.data_as<const int32_t>(), weight_data, num_tokens, top_k,
+                      y.data_as<T>());
+  });
+}
+
+void GatherSumFromBlocks(const std::vector<const uint8_t *> &blocks, int64_t block_rows,
+                         const TensorArg &positions, const TensorArg &y) {
+  y.RequireRank(2);
+  const int64_t num_tokens = y.dim(0), hidden = y.dim(1);
+  CheckPositions(positions, num_tokens, static_cast<int64_t>(blocks.size()) * block_rows);
+  VisitFloatType(y, [&](auto element) {
+    using T = decltype(element);
+    const auto row_at = [&](int32_t row) {
+      return reinterpret_cast<const T *>(blocks[row / block_rows]) + row % block_rows * hidden;
+    };
+    WeightedGatherSum(row_at, hidden, positions.data_as<const int32_t>(), nullptr, num_tokens,
+                      positions.dim(1), y.data_as<T>());
   });
 }
 

@@ -33,7 +33,9 @@
 //     Each expert rank forms one weighted partial sum per received token over its own experts
 //     (in k order) and returns it; the source adds the partial sums of its token in rank
 //     order. One row per (token, rank) travels back instead of one per (token, expert), and the
-//     arithmetic is exactly the sparse prefill path's.
+//     arithmetic is exactly the sparse prefill path's. Where a peer block of partial sums fits
+//     in a window slot, the expert rank writes them straight into the slot and the source sums
+//     them there (CommWindow::ShareRows): the partial sums are written once and read once.
 #include <cstdlib>
 #include <string_view>
 #include <utility>
@@ -407,22 +409,55 @@ void FusedCombine(const std::vector<TensorArg> &args) {
   });
 
   // At the expert rank: one weighted partial sum per received token, over this rank's experts
-  // in k order (the local combine's arithmetic), written straight into the send blocks. Before
-  // the exchange, so a bad position (GatherSum checks them) abandons the window.
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  // in k order (the local combine's arithmetic). GatherSum checks the positions.
   const int32_t *counts = recv_counts.data_as<const int32_t>();
+  const auto write_partial_sums = [&](int64_t source, uint8_t *destination) {
+    const int64_t block = source * capacity;
+    const int64_t block_positions_shape[2] = {counts[source], top_k};
+    const int64_t partial_shape[2] = {counts[source], hidden};
+    const TensorArg block_positions{"positions", positions.data_as<int32_t>() + block * top_k, 2,
+                                    block_positions_shape, "int32"};
+    const TensorArg block_weights{"recv_weights", recv_weights.data_as<float>() + block * top_k,
+                                  2, block_positions_shape, "float32"};
+    const TensorArg partial{"partial", destination, 2, partial_shape, expert_out.dtype};
+    GatherSum(expert_out, block_positions, &block_weights, partial);
+  };
+  // At the source: every slot in token_slot must name a row its rank returned.
+  const int32_t *slot_of = token_slot.data_as<const int32_t>();
+  const auto check_token_slots = [&](const int32_t *returned_counts) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t rank = 0; rank < world_size; ++rank) {
+        const int32_t slot = slot_of[t * world_size + rank];
+        if (slot != kNone &&
+            (slot / capacity != rank || slot % capacity >= returned_counts[rank])) {
+          Fail(kInternalError, "token_slot[", t, ",", rank, "] = ", slot, " names no row that "
+               "rank ", rank, " returned (", returned_counts[rank], " rows)");
+        }
+      }
+    }
+  };
+
+  // y[t] = the sum, in rank order, of the partial rows of t (the prefill path's arithmetic).
+  // Where a peer block fits in a slot, the partial sums are written straight into the window
+  // and summed where they lie (ShareRows: no staging, no copy); otherwise they are staged and
+  // exchanged (ExchangeRows), then summed from the received blocks.
+  if (window->CanShareRows(capacity, row_bytes)) {
+    StagingBuffers &staging = StagingBuffers::ForThisThread(capacity * row_bytes);
+    const auto sum_in_place = [&](const std::vector<const uint8_t *> &rows,
+                                  const std::vector<int32_t> &returned_counts) {
+      check_token_slots(returned_counts.data());
+      GatherSumFromBlocks(rows, capacity, token_slot, y);
+    };
+    window->ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(),
+                                 [&](int rank, uint8_t *to) { write_partial_sums(rank, to); },
+                                 sum_in_place});
+    return;
+  }
+  // Before the exchange, so that a bad position abandons the window.
+  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   AbandonOnFailure(*window, [&] {
     for (int64_t source = 0; source < world_size; ++source) {
-      const int64_t block = source * capacity;
-      const int64_t block_positions_shape[2] = {counts[source], top_k};
-      const int64_t partial_shape[2] = {counts[source], hidden};
-      const TensorArg block_positions{"positions", positions.data_as<int32_t>() + block * top_k,
-                                      2, block_positions_shape, "int32"};
-      const TensorArg block_weights{"recv_weights", recv_weights.data_as<float>() + block * top_k,
-                                    2, block_positions_shape, "float32"};
-      const TensorArg partial{"partial", staging.send.data() + block * row_bytes, 2, partial_shape,
-                              expert_out.dtype};
-      GatherSum(expert_out, block_positions, &block_weights, partial);
+      write_partial_sums(source, staging.send.data() + source * capacity * row_bytes);
     }
     return 0;
   });
@@ -430,19 +465,7 @@ void FusedCombine(const std::vector<TensorArg> &args) {
   window->ExchangeRows(RowExchange{staging.send.data(), counts, staging.recv.data(),
                                    returned_counts.data(), capacity, row_bytes,
                                    /*zero_tail=*/false});
-
-  // At the source: y[t] = the sum, in rank order, of the partial rows of t (the prefill path's
-  // arithmetic), read in place from the received blocks.
-  const int32_t *slot_of = token_slot.data_as<const int32_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t rank = 0; rank < world_size; ++rank) {
-      const int32_t slot = slot_of[t * world_size + rank];
-      if (slot != kNone && (slot / capacity != rank || slot % capacity >= returned_counts[rank])) {
-        Fail(kInternalError, "token_slot[", t, ",", rank, "] = ", slot, " names no row that rank ",
-             rank, " returned (", returned_counts[rank], " rows)");
-      }
-    }
-  }
+  check_token_slots(returned_counts.data());
   const int64_t returned_shape[2] = {world_size * capacity, hidden};
   const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape,
                                 expert_out.dtype};

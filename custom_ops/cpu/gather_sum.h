@@ -2,6 +2,9 @@
 #ifndef MOE_EP_GATHER_SUM_H_
 #define MOE_EP_GATHER_SUM_H_
 
+#include <cstdint>
+#include <vector>
+
 #include "kernel_common.h"
 
 namespace moe_ep {
@@ -11,6 +14,12 @@ namespace moe_ep {
 // rows [N, H], positions [T, K] int32, weights [T, K] float32, y [T, H] (dtype of rows).
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
                const TensorArg &y);
+
+// The same without weights, with the rows in blocks of `block_rows` rows that lie apart:
+// position p names row p % block_rows of blocks[p / block_rows] (dtype and hidden size of y).
+// The fused Combine sums its peers' partial rows where they lie in the window this way.
+void GatherSumFromBlocks(const std::vector<const uint8_t *> &blocks, int64_t block_rows,
+                         const TensorArg &positions, const TensorArg &y);
 
 }  // namespace moe_ep
 

@@ -34,6 +34,9 @@ from mindspore.communication import GlobalComm, get_group_size
 from ..ops.kernel_library import library_path
 
 DEFAULT_SLOT_BYTES = 1 << 20
+# The largest slot MoELayer sizes by default so that the fused Combine's partial sums of a whole
+# step fit (they are then summed where they lie: CommWindow::ShareRows). R * (R - 1) slots.
+SHARED_ROWS_MAX_SLOT_BYTES = 8 << 20
 WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 # "auto": single copy where every rank can read its peers' memory, else slots (decided per
 # receiving rank when the window opens); "slots": always through the slots.

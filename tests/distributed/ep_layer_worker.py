@@ -275,6 +275,19 @@ def routing_part(report, rank, world):
                       hidden_size=hidden, max_tokens_per_rank=capacity, num_shared_experts=0,
                       **slot_bytes)
         layers.append(mee.MoELayer(config))
+    # "e16_k8_h64" again with the default slot: its fused Combine writes the partial rows into
+    # the window and sums them there (ShareRows), where the 2048-byte slots above make it stage
+    # and exchange them. The outputs must be bit-identical.
+    staged_name, _, _, hidden, capacity = ROUTING_SPECS[-1][:5]
+    staged = layers[-1]
+    shared = mee.MoELayer(load(expert_parallel=world, num_experts=16, top_k=8, hidden_size=hidden,
+                               max_tokens_per_rank=capacity, num_shared_experts=0))
+    block_bytes = capacity * hidden * 4  # one peer's partial rows, float32
+    slot_of = {layer: layer.prefill_dispatcher.exchange.window.slot_bytes
+               for layer in (staged, shared)}
+    report.check("combine_paths/slots", slot_of[staged] < block_bytes <= slot_of[shared],
+                 f"slots {slot_of[staged]} (staged) and {slot_of[shared]} (shared) for "
+                 f"{block_bytes}-byte blocks")
     configurations = []
     for mode in ("pynative", "graph"):
         set_mode(report, mode)
@@ -308,6 +321,11 @@ def routing_part(report, rank, world):
                             result = rows, counts, int(dropped.sum()), y
                         check_round_trip(report, case, result, sources, rank, world, local,
                                          row_capacity[phase])
+                        if name == staged_name and phase == "decode" and mode == "pynative":
+                            in_place = round_trip_eager(shared.decode_dispatcher, x, ids,
+                                                        weights, first_expert)
+                            report.equal(f"combine_paths/{name}/{index}", in_place[3],
+                                         result[3])
 
                     report.run(case, body)
     report.values["routing_configurations"] = configurations
