@@ -606,6 +606,9 @@ class SharedMemoryWindow final : public CommWindow {
   static constexpr double kSpinSecondsWhenOversubscribed = 2e-6;
   // Payloads up to this size travel through the slot in any case (see TrySend).
   static constexpr int64_t kSmallMessageBytes = 64 << 10;
+  // A pull step hands its copies to RowPull::delivered in batches of about this size: small
+  // enough to stay in a core's L2 cache.
+  static constexpr int64_t kDeliveryBatchBytes = 256 << 10;
 
   RankRecord &record(int rank) const {
     return *reinterpret_cast<RankRecord *>(segment_.bytes() + layout_.ranks_offset +
@@ -1227,6 +1230,16 @@ void SharedMemoryWindow::PullPlannedRows(const RowPull &pull, uint64_t step,
            Where());
     }
   };
+  // The copies of one source in batches of about kDeliveryBatchBytes, each handed to
+  // `delivered` once it has landed.
+  const auto deliver_in_batches = [&](const std::vector<RowCopy> &planned, auto copy_batch) {
+    const int64_t rows_per_batch = std::max<int64_t>(1, kDeliveryBatchBytes / pull.row_bytes);
+    for (size_t begin = 0; begin < planned.size(); begin += rows_per_batch) {
+      const size_t end = std::min(planned.size(), begin + static_cast<size_t>(rows_per_batch));
+      copy_batch(begin, end);
+      if (pull.delivered) pull.delivered(planned.data() + begin, planned.data() + end);
+    }
+  };
   // The peers first: consuming their messages lets them leave the step.
   for (int peer = 0; peer < options_.world_size; ++peer) {
     if (peer == options_.rank) continue;
@@ -1234,34 +1247,42 @@ void SharedMemoryWindow::PullPlannedRows(const RowPull &pull, uint64_t step,
     // After the notes in the slot: the rows themselves, or their indices.
     const uint8_t *after_notes =
         slot_payload(peer, options_.rank) + notes.recv_counts[peer] * notes.row_bytes;
-    std::vector<PeerRange> ranges;
-    for (const RowCopy &copy : copies[peer]) {
-      require_offered(peer, copy);
-      if (offer.in_slot) {
-        std::memcpy(copy.destination, after_notes + copy.offered_row * pull.row_bytes,
-                    pull.row_bytes);
-        continue;
+    for (const RowCopy &copy : copies[peer]) require_offered(peer, copy);
+    deliver_in_batches(copies[peer], [&](size_t begin, size_t end) {
+      std::vector<PeerRange> ranges;
+      for (size_t i = begin; i < end; ++i) {
+        const RowCopy &copy = copies[peer][i];
+        if (offer.in_slot) {
+          std::memcpy(copy.destination, after_notes + copy.offered_row * pull.row_bytes,
+                      pull.row_bytes);
+          continue;
+        }
+        int32_t row;
+        std::memcpy(&row, after_notes + copy.offered_row * sizeof(int32_t), sizeof(row));
+        if (row < 0 || row >= offer.rows) {
+          Fail(kInternalError, "rank ", peer, " offers its row ", row, " of ", offer.rows,
+               " in step ", step, Where());
+        }
+        ranges.push_back({offer.address + row * pull.row_bytes, copy.destination,
+                          pull.row_bytes});
       }
-      int32_t row;
-      std::memcpy(&row, after_notes + copy.offered_row * sizeof(int32_t), sizeof(row));
-      if (row < 0 || row >= offer.rows) {
-        Fail(kInternalError, "rank ", peer, " offers its row ", row, " of ", offer.rows,
-             " in step ", step, Where());
-      }
-      ranges.push_back({offer.address + row * pull.row_bytes, copy.destination, pull.row_bytes});
-    }
-    ReadPeerMemory(peer, step, ranges);
+      ReadPeerMemory(peer, step, ranges);
+    });
     slot_header(peer, options_.rank).consumed.fetch_add(1, std::memory_order_release);
     RingDoorbell(record(peer));
     progress[peer].receive_bytes = progress[peer].received_bytes =
         static_cast<int64_t>(copies[peer].size()) * pull.row_bytes;
   }
+  const std::vector<RowCopy> &own_copies = copies[options_.rank];
   const int32_t *own_offered = pull.offered_rows + options_.rank * notes.capacity;
-  for (const RowCopy &copy : copies[options_.rank]) {
-    require_offered(options_.rank, copy);
-    std::memcpy(copy.destination, pull.rows + own_offered[copy.offered_row] * pull.row_bytes,
-                pull.row_bytes);
-  }
+  for (const RowCopy &copy : own_copies) require_offered(options_.rank, copy);
+  deliver_in_batches(own_copies, [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      std::memcpy(own_copies[i].destination,
+                  pull.rows + own_offered[own_copies[i].offered_row] * pull.row_bytes,
+                  pull.row_bytes);
+    }
+  });
 }
 
 void SharedMemoryWindow::ReadPeerMemory(int peer, uint64_t step,

@@ -81,6 +81,7 @@ struct RowExchange {
 struct RowCopy {
   int64_t offered_row = 0;
   uint8_t *destination = nullptr;
+  int64_t tag = 0;  // the caller's, handed back to `delivered`
 };
 
 // One rank's side of a pull step. Every rank offers each peer d some of its `rows` (the
@@ -100,6 +101,9 @@ struct RowPull {
   int64_t row_bytes = 0;
   // Called once, when the notes of every rank have arrived; fills copies[source].
   std::function<void(std::vector<std::vector<RowCopy>> &copies)> plan;
+  // Optional: called after each batch of planned copies has landed (a few hundred kilobytes,
+  // so the rows are still in cache), with the batch, e.g. to copy them on to more places.
+  std::function<void(const RowCopy *begin, const RowCopy *end)> delivered;
 };
 
 // One rank's side of a step in which the ranks read each other's rows where they lie in the

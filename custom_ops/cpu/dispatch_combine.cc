@@ -281,10 +281,11 @@ MOE_EP_AVX2 void SumTokenRowsAvx2(const TokenRows<T> &token, int64_t hidden, boo
 // accumulated in float32. A null `weights` means all weights are 1.
 template <typename T, typename RowAt>
 void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
-                       const float *weights, int64_t num_tokens, int64_t top_k, T *y) {
+                       const float *weights, int64_t num_tokens, int64_t top_k, T *y,
+                       bool streaming_stores) {
   const bool use_avx2 = CpuHasAvx2F16c();
-  const bool streaming =
-      use_avx2 && PreferStreamingStores(num_tokens * hidden * static_cast<int64_t>(sizeof(T)));
+  const bool streaming = use_avx2 && (streaming_stores || PreferStreamingStores(
+                                          num_tokens * hidden * static_cast<int64_t>(sizeof(T))));
   const int64_t min_tokens = MinItemsPerThread(top_k * hidden * sizeof(T));
   ParallelFor(num_tokens, min_tokens, [&](int64_t token_begin, int64_t token_end) {
     TokenRows<T> token;
@@ -314,7 +315,7 @@ void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
 
 // Shared by Combine (with weights) and GatherSum (weights == nullptr); see gather_sum.h.
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
-               const TensorArg &y) {
+               const TensorArg &y, bool streaming_stores) {
   rows.RequireRank(2);
   y.RequireRank(2);
   y.RequireSameDtype(rows);
@@ -335,7 +336,7 @@ void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorAr
     const T *row_data = rows.data_as<const T>();
     WeightedGatherSum([&](int32_t row) { return row_data + row * hidden; }, hidden,
                       positions.data_as<const int32_t>(), weight_data, num_tokens, top_k,
-                      y.data_as<T>());
+                      y.data_as<T>(), streaming_stores);
   });
 }
 
@@ -350,7 +351,7 @@ void GatherSumFromBlocks(const std::vector<const uint8_t *> &blocks, int64_t blo
       return reinterpret_cast<const T *>(blocks[row / block_rows]) + row % block_rows * hidden;
     };
     WeightedGatherSum(row_at, hidden, positions.data_as<const int32_t>(), nullptr, num_tokens,
-                      positions.dim(1), y.data_as<T>());
+                      positions.dim(1), y.data_as<T>(), /*streaming_stores=*/false);
   });
 }
 

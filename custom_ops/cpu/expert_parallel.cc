@@ -324,29 +324,46 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   if (pull) {
     // The plan runs inside the pull step, so that a failure in it reaches the peers at once.
     // Each received row is read from its source once, into its first expand_x row; its other
-    // pairs are copied locally afterwards (cheaper than reading the peer again). x stays
-    // unchanged until every peer has read it (PullRows returns only then).
+    // rows are copied from there as soon as a batch has landed (while it is in cache), which
+    // is cheaper than reading the peer again. x stays unchanged until every peer has read it
+    // (PullRows returns only then).
     std::vector<int64_t> first_expand_row(world_size * capacity, kNone);
-    std::vector<std::pair<int64_t, int64_t>> local_copies;  // (from, to) rows of expand_x
+    // The other expand_x rows of received row j: more_rows[more_begin[j], more_begin[j + 1]).
+    // A row's pairs are visited one after another, so its rows are contiguous here.
+    std::vector<int64_t> more_rows, more_begin(world_size * capacity + 1, 0);
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
+      int64_t last_row = kNone;
       auto deliver = [&](int64_t source, int64_t j, const uint8_t *, int64_t expand_row) {
+        for (int64_t next = last_row + 1; next <= j; ++next) more_begin[next] = more_rows.size();
+        last_row = std::max(last_row, j);
         if (first_expand_row[j] != kNone) {
-          local_copies.emplace_back(first_expand_row[j], expand_row);
+          more_rows.push_back(expand_row);
           return;
         }
         first_expand_row[j] = expand_row;
-        copies[source].push_back({j - source * capacity, out + expand_row * token_bytes});
+        copies[source].push_back({j - source * capacity, out + expand_row * token_bytes, j});
       };
       total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
                                  pair_weights, expert_counts, deliver);
+      for (int64_t next = last_row + 1; next <= world_size * capacity; ++next) {
+        more_begin[next] = more_rows.size();
+      }
+    };
+    auto copy_on = [&](const RowCopy *begin, const RowCopy *end) {
+      for (const RowCopy *copy = begin; copy != end; ++copy) {
+        for (int64_t i = more_begin[copy->tag]; i < more_begin[copy->tag + 1]; ++i) {
+          // Non-temporal stores: expand_x is far larger than the caches, and ordinary stores
+          // would first read every destination line from memory.
+          CopyStreaming(out + more_rows[i] * token_bytes, copy->destination, token_bytes);
+        }
+      }
     };
     window->PullRows(RowPull{RowExchange{send.data(), send_counts.data(), recv.data(),
                                          received.data(), capacity, row_bytes,
                                          /*zero_tail=*/false},
-                             offered_token.data(), x_bytes, tokens, token_bytes, plan_copies});
-    for (const auto &[from, to] : local_copies) {
-      std::memcpy(out + to * token_bytes, out + from * token_bytes, token_bytes);
-    }
+                             offered_token.data(), x_bytes, tokens, token_bytes, plan_copies,
+                             copy_on});
+    StreamingStoreFence();
   } else {
     window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(),
                                      received.data(), capacity, row_bytes, /*zero_tail=*/false});
@@ -420,7 +437,8 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     const TensorArg block_weights{"recv_weights", recv_weights.data_as<float>() + block * top_k,
                                   2, block_positions_shape, "float32"};
     const TensorArg partial{"partial", destination, 2, partial_shape, expert_out.dtype};
-    GatherSum(expert_out, block_positions, &block_weights, partial);
+    // Streaming stores: the sums are read by another rank (or after all blocks are written).
+    GatherSum(expert_out, block_positions, &block_weights, partial, /*streaming_stores=*/true);
   };
   // At the source: every slot in token_slot must name a row its rank returned.
   const int32_t *slot_of = token_slot.data_as<const int32_t>();

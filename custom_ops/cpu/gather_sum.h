@@ -12,8 +12,10 @@ namespace moe_ep {
 // y[t] = sum over k (in order, skipping -1) of weights[t, k] * rows[positions[t, k]],
 // accumulated in float32; a null `weights` means all weights are 1.
 // rows [N, H], positions [T, K] int32, weights [T, K] float32, y [T, H] (dtype of rows).
+// y is written with non-temporal stores where it is larger than half the last-level cache, or
+// whatever its size with `streaming_stores` (for a y the calling core will not read soon).
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
-               const TensorArg &y);
+               const TensorArg &y, bool streaming_stores = false);
 
 // The same without weights, with the rows in blocks of `block_rows` rows that lie apart:
 // position p names row p % block_rows of blocks[p / block_rows] (dtype and hidden size of y).
