@@ -54,7 +54,7 @@ from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors, take_kern
 REPOSITORY_ROOT = launch.REPOSITORY_ROOT
 TINY = os.path.join(REPOSITORY_ROOT, "yaml_configs", "tiny.yaml")
 DEEPSEEK = os.path.join(REPOSITORY_ROOT, "yaml_configs", "deepseek_v3_small_4cpu.yaml")
-PARTS = ("routing", "layer", "grad", "capacity", "dp_ep", "bad")  # "bad" last: it breaks windows
+PARTS = ("routing", "combine_paths", "layer", "grad", "capacity", "dp_ep", "bad")  # "bad" last: it breaks windows
 MASTER_SEED = 20240611
 
 # Tolerances (max |actual - expected| / max |expected|), float32 throughout.
@@ -275,19 +275,6 @@ def routing_part(report, rank, world):
                       hidden_size=hidden, max_tokens_per_rank=capacity, num_shared_experts=0,
                       **slot_bytes)
         layers.append(mee.MoELayer(config))
-    # "e16_k8_h64" again with the default slot: its fused Combine writes the partial rows into
-    # the window and sums them there (ShareRows), where the 2048-byte slots above make it stage
-    # and exchange them. The outputs must be bit-identical.
-    staged_name, _, _, hidden, capacity = ROUTING_SPECS[-1][:5]
-    staged = layers[-1]
-    shared = mee.MoELayer(load(expert_parallel=world, num_experts=16, top_k=8, hidden_size=hidden,
-                               max_tokens_per_rank=capacity, num_shared_experts=0))
-    block_bytes = capacity * hidden * 4  # one peer's partial rows, float32
-    slot_of = {layer: layer.prefill_dispatcher.exchange.window.slot_bytes
-               for layer in (staged, shared)}
-    report.check("combine_paths/slots", slot_of[staged] < block_bytes <= slot_of[shared],
-                 f"slots {slot_of[staged]} (staged) and {slot_of[shared]} (shared) for "
-                 f"{block_bytes}-byte blocks")
     configurations = []
     for mode in ("pynative", "graph"):
         set_mode(report, mode)
@@ -321,15 +308,62 @@ def routing_part(report, rank, world):
                             result = rows, counts, int(dropped.sum()), y
                         check_round_trip(report, case, result, sources, rank, world, local,
                                          row_capacity[phase])
-                        if name == staged_name and phase == "decode" and mode == "pynative":
-                            in_place = round_trip_eager(shared.decode_dispatcher, x, ids,
-                                                        weights, first_expert)
-                            report.equal(f"combine_paths/{name}/{index}", in_place[3],
-                                         result[3])
 
                     report.run(case, body)
     report.values["routing_configurations"] = configurations
     set_mode(report, "pynative")
+
+
+# ---- part "combine_paths": the fused Combine in the window and staged ----------------------------
+
+def fused_round_trip(layer, x, ids, weights, first_expert, dtype):
+    """dispatch -> rows * (global expert id + 1) -> combine through the fused decode path, in
+    `dtype`; returns y as float32."""
+    dispatcher = layer.decode_dispatcher
+    rows, counts, _, handle = dispatcher.dispatch(Tensor(x, dtype), Tensor(ids), Tensor(weights))
+    scale = fake_expert_scale(counts.asnumpy(), first_expert, rows.shape[0])
+    expert_out = rows * Tensor(scale[:, None], dtype)  # unspecified tail rows: never read
+    return dispatcher.combine(expert_out, handle).astype(ms.float32).asnumpy()
+
+
+def combine_paths_part(report, rank, world):
+    """The routing cases of "e16_k8_h64" through two layers: one whose window slots hold a
+    peer's partial rows, so the fused Combine writes them into the window and sums them where
+    they lie (ShareRows), and one whose slots are too small, so it stages and exchanges them.
+    The outputs must be bit-identical and match the float64 expectation, in float32 and
+    bfloat16 (x holds small integers, exact in bfloat16)."""
+    spec_index = len(ROUTING_SPECS) - 1
+    spec = ROUTING_SPECS[spec_index]
+    _, experts, top_k, hidden, capacity = spec[:5]
+    local = experts // world
+    first_expert = rank * local
+    for dtype_name, dtype, element, tolerance in (("float32", ms.float32, 4, COMBINE_REL_TOL),
+                                                  ("bfloat16", ms.bfloat16, 2, 2e-2)):
+        block_bytes = capacity * hidden * element  # one peer's partial rows
+        layers = {}
+        for path, slot in (("shared", {}), ("staged", {"window_slot_bytes": block_bytes // 2})):
+            layers[path] = mee.MoELayer(load(
+                expert_parallel=world, num_experts=experts, top_k=top_k, hidden_size=hidden,
+                max_tokens_per_rank=capacity, num_shared_experts=0, dtype=dtype_name, **slot))
+        slot_of = {path: layer.prefill_dispatcher.exchange.window.slot_bytes
+                   for path, layer in layers.items()}
+        report.check(f"combine_paths/{dtype_name}/slots",
+                     slot_of["staged"] < block_bytes <= slot_of["shared"],
+                     f"slots {slot_of} for {block_bytes}-byte blocks")
+        for index in range(spec[5][0 if world <= 2 else 1]):
+            _, _, sources = routing_case(spec_index, spec, index, world)
+            x, ids, weights = sources[rank]
+            x = (x % 128).astype(np.float32)
+            y = {path: fused_round_trip(layer, x, ids, weights, first_expert, dtype)
+                 for path, layer in layers.items()}
+            case = f"combine_paths/{dtype_name}/{index}"
+            report.equal(f"{case}/in_window_equals_staged", y["shared"], y["staged"])
+            factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)      # [T, K]
+            expected = factors.sum(axis=1, keepdims=True) * x.astype(np.float64)
+            bound = np.abs(factors).sum(axis=1, keepdims=True) * np.abs(x) + 1e-30
+            relative = float((np.abs(y["shared"] - expected) / bound).max(initial=0.0))
+            report.check(f"{case}/vs_expected", relative <= tolerance,
+                         f"relative error {relative:.3g} > {tolerance:g}")
 
 
 # ---- helpers for whole-layer parts ---------------------------------------------------------------
@@ -759,7 +793,8 @@ def dp_ep_part(report, rank, world):
 
 # ---- main --------------------------------------------------------------------------------------
 
-PART_FUNCTIONS = {"routing": routing_part, "layer": layer_part, "grad": grad_part,
+PART_FUNCTIONS = {"routing": routing_part, "combine_paths": combine_paths_part,
+                  "layer": layer_part, "grad": grad_part,
                   "capacity": capacity_part,
                   "bad": bad_input_part, "dp_ep": dp_ep_part}
 
