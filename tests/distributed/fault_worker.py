@@ -14,6 +14,9 @@ survivors observe; plain processes let the survivors report. The last rank is th
 3. window "dispatch_kill": the same with the fused decode Dispatch (one good Dispatch before
    the victim dies, then the survivors' next one), whose rows (96 kB per peer) the peers pull
    straight from the sender's memory where single copy is possible.
+4. window "combine_kill": the same with the fused decode Combine, whose partial rows the ranks
+   write into the window and read where they lie (ShareRows): one good Dispatch + Combine and a
+   Dispatch with the victim, then the victim dies and the survivors wait in the Combine (step 4).
 
 Every rank reports messages and timings with launch.write_result (the victim before dying).
 Usage: fault_worker.py <timeout_s>
@@ -32,7 +35,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindspore_moe_ep.comm import CommWindow, ExchangeRows
-from mindspore_moe_ep.ops.ep_kernels import FusedDispatch
+from mindspore_moe_ep.ops.ep_kernels import FusedCombine, FusedDispatch
 from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
 
 CAPACITY = 4
@@ -47,33 +50,41 @@ def window_token(name: str) -> str:
     return hashlib.sha256(f"{shared}/{name}".encode()).hexdigest()[:32]
 
 
+def dispatch_inputs(world: int) -> tuple:
+    """(x, expert_ids, weights) of a fused Dispatch sending every token to every rank."""
+    return (Tensor(np.ones((CAPACITY, WIDTH), np.float32)),
+            Tensor(np.tile(np.arange(0, 2 * world, 2, dtype=np.int32), (CAPACITY, 1))),
+            Tensor(np.full((CAPACITY, world), 1.0 / world, np.float32)))
+
+
+def timed(call) -> dict:
+    """Runs call(); returns the error message (or None) and the seconds it took."""
+    started = time.monotonic()
+    try:
+        with explain_kernel_errors():
+            call()
+        message = None
+    except Exception as error:  # the message is what the test checks
+        message = str(error)
+    return {"error": message, "seconds": time.monotonic() - started}
+
+
 def timed_exchange(exchange: ExchangeRows, world: int, width: int = WIDTH) -> dict:
     """Runs one exchange; returns the error message (or None) and the seconds it took."""
     rows = Tensor(np.ones((world * CAPACITY, width), np.float32))
     counts = Tensor(np.full(world, CAPACITY, np.int32))
-    started = time.monotonic()
-    try:
-        with explain_kernel_errors():
-            exchange(rows, counts)[0].asnumpy()
-        message = None
-    except Exception as error:  # the message is what the test checks
-        message = str(error)
-    return {"error": message, "seconds": time.monotonic() - started}
+    return timed(lambda: exchange(rows, counts)[0].asnumpy())
 
 
 def timed_dispatch(dispatch: FusedDispatch, world: int) -> dict:
     """Runs one fused Dispatch sending every token to every rank; like timed_exchange."""
-    x = Tensor(np.ones((CAPACITY, WIDTH), np.float32))
-    expert_ids = Tensor(np.tile(np.arange(0, 2 * world, 2, dtype=np.int32), (CAPACITY, 1)))
-    weights = Tensor(np.full((CAPACITY, world), 1.0 / world, np.float32))
-    started = time.monotonic()
-    try:
-        with explain_kernel_errors():
-            dispatch(x, expert_ids, weights)[0].asnumpy()
-        message = None
-    except Exception as error:  # the message is what the test checks
-        message = str(error)
-    return {"error": message, "seconds": time.monotonic() - started}
+    return timed(lambda: dispatch(*dispatch_inputs(world))[0].asnumpy())
+
+
+def timed_combine(combine: FusedCombine, dispatched: tuple) -> dict:
+    """Runs the fused Combine of a Dispatch's outputs (identity experts); like timed_exchange."""
+    expand_x, _, *handle = dispatched
+    return timed(lambda: combine(expand_x, *handle).asnumpy())
 
 
 def main() -> None:
@@ -85,7 +96,7 @@ def main() -> None:
     ranks = list(range(world))
     windows = {name: CommWindow.open(ranks, rank, timeout_s=timeout_s, attach_timeout_s=60.0,
                                      job_token=window_token(name))
-               for name in ("mismatch", "stall", "kill", "dispatch_kill")}
+               for name in ("mismatch", "stall", "kill", "dispatch_kill", "combine_kill")}
     report = {"rank": rank, "pid": os.getpid(), "victim": victim,
               "segment_names": [window.segment_name for window in windows.values()]}
 
@@ -100,14 +111,21 @@ def main() -> None:
 
     kill = ExchangeRows(windows["kill"], CAPACITY)
     dispatch = FusedDispatch(world, CAPACITY, 2, world, windows["dispatch_kill"])
+    combine_dispatch = FusedDispatch(world, CAPACITY, 2, world, windows["combine_kill"])
+    combine = FusedCombine(windows["combine_kill"])
     report["kill_warmup"] = timed_exchange(kill, world)
     report["dispatch_kill_warmup"] = timed_dispatch(dispatch, world)
+    report["combine_kill_warmup"] = timed_combine(combine,
+                                                  combine_dispatch(*dispatch_inputs(world)))
+    dispatched = combine_dispatch(*dispatch_inputs(world))  # step 3, with the victim
+    report["combine_kill_dispatch"] = timed(lambda: dispatched[0].asnumpy())
     if rank == victim:
         launch.write_result(report)
         time.sleep(VICTIM_DELAY_S)
         os.kill(os.getpid(), signal.SIGKILL)
     report["kill"] = timed_exchange(kill, world)
     report["dispatch_kill"] = timed_dispatch(dispatch, world)
+    report["combine_kill"] = timed_combine(combine, dispatched)
     launch.write_result(report)
 
 
