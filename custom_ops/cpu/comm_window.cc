@@ -120,6 +120,21 @@ struct alignas(kCacheLine) SlotHeader {
   alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
 };
 
+// Writes what a message of `kind` carries: total_rows rows of row_bytes (capacity per peer),
+// the chunk [chunk_offset, chunk_offset + chunk_bytes) of their bytes, at source_address in the
+// sender's memory for the kinds that leave rows there.
+void DescribeRows(SlotHeader &message, MessageKind kind, int64_t total_rows, int64_t row_bytes,
+                  int64_t capacity, int64_t chunk_offset, int64_t chunk_bytes,
+                  uint64_t source_address = 0) {
+  message.total_rows = total_rows;
+  message.row_bytes = row_bytes;
+  message.capacity = capacity;
+  message.chunk_offset = chunk_offset;
+  message.chunk_bytes = chunk_bytes;
+  message.kind = kind;
+  message.source_address = source_address;
+}
+
 size_t RoundUp(size_t value, size_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
@@ -942,13 +957,8 @@ bool SharedMemoryWindow::TrySend(int peer, const RowExchange &exchange, uint64_t
   const uint8_t *rows = exchange.send + peer * exchange.capacity * exchange.row_bytes;
   const bool sent = TryPublish(peer, step, [&](SlotHeader &message) {
     std::memcpy(slot_payload(options_.rank, peer), rows + progress.sent_bytes, chunk_bytes);
-    message.total_rows = exchange.send_counts[peer];
-    message.row_bytes = exchange.row_bytes;
-    message.capacity = exchange.capacity;
-    message.chunk_offset = progress.sent_bytes;
-    message.chunk_bytes = chunk_bytes;
-    message.kind = kRowsInSlot;
-    message.source_address = 0;
+    DescribeRows(message, kRowsInSlot, exchange.send_counts[peer], exchange.row_bytes,
+                 exchange.capacity, progress.sent_bytes, chunk_bytes);
   });
   if (sent) {
     progress.sent_bytes += chunk_bytes;
@@ -963,14 +973,10 @@ bool SharedMemoryWindow::TrySendByAddress(int peer, const RowExchange &exchange,
                                           PeerProgress &progress) {
   if (progress.awaiting_ack) return TakeAcknowledgement(peer, progress);
   const bool sent = TryPublish(peer, step, [&](SlotHeader &message) {
-    message.total_rows = exchange.send_counts[peer];
-    message.row_bytes = exchange.row_bytes;
-    message.capacity = exchange.capacity;
-    message.chunk_offset = 0;
-    message.chunk_bytes = progress.send_bytes;
-    message.kind = kRowsInSenderMemory;
-    message.source_address =
-        reinterpret_cast<uint64_t>(exchange.send + peer * exchange.capacity * exchange.row_bytes);
+    DescribeRows(message, kRowsInSenderMemory, exchange.send_counts[peer], exchange.row_bytes,
+                 exchange.capacity, 0, progress.send_bytes,
+                 reinterpret_cast<uint64_t>(exchange.send +
+                                            peer * exchange.capacity * exchange.row_bytes));
   });
   if (sent) {
     progress.sent_bytes = progress.send_bytes;
@@ -1115,13 +1121,8 @@ void SharedMemoryWindow::RunShare(const SharedRows &shared, uint64_t step) {
       if (!peer_progress.send_started &&
           TryPublish(peer, step, [&](SlotHeader &message) {
             shared.write(peer, slot_payload(own_rank, peer));
-            message.total_rows = shared.send_counts[peer];
-            message.row_bytes = shared.row_bytes;
-            message.capacity = shared.capacity;
-            message.chunk_offset = 0;
-            message.chunk_bytes = peer_progress.send_bytes;
-            message.kind = kRowsInSlot;
-            message.source_address = 0;
+            DescribeRows(message, kRowsInSlot, shared.send_counts[peer], shared.row_bytes,
+                         shared.capacity, 0, peer_progress.send_bytes);
           })) {
         peer_progress.sent_bytes = peer_progress.send_bytes;
         peer_progress.send_started = progressed = true;
@@ -1183,14 +1184,10 @@ bool SharedMemoryWindow::TryOfferRows(int peer, const RowPull &pull, uint64_t st
     } else {
       std::memcpy(payload + note_bytes, offered, count * sizeof(int32_t));
     }
-    message.total_rows = count;
-    message.row_bytes = notes.row_bytes;
-    message.capacity = notes.capacity;
-    message.chunk_offset = 0;
-    message.chunk_bytes =
-        note_bytes + count * (rows_in_slot ? pull.row_bytes : int64_t{sizeof(int32_t)});
-    message.kind = rows_in_slot ? kNotesAndRowsInSlot : kNotesAndRowsInSenderMemory;
-    message.source_address = reinterpret_cast<uint64_t>(pull.rows);
+    DescribeRows(message, rows_in_slot ? kNotesAndRowsInSlot : kNotesAndRowsInSenderMemory,
+                 count, notes.row_bytes, notes.capacity, 0,
+                 note_bytes + count * (rows_in_slot ? pull.row_bytes : int64_t{sizeof(int32_t)}),
+                 reinterpret_cast<uint64_t>(pull.rows));
     message.source_rows = pull.row_count;
     message.source_row_bytes = pull.row_bytes;
   });
