@@ -85,11 +85,15 @@ def test_dispatchers_route_every_row_exactly(ep_run):
 def test_fused_combine_sums_in_the_window_as_it_does_staged(ep_run):
     # The same routing cases through a layer whose slots hold a peer's partial rows (summed
     # where they lie in the window) and one whose slots do not (staged and exchanged), in
-    # float32 and bfloat16: bit-identical outputs that match the float64 expectation, and each
-    # layer has the slots of its path.
-    found = assert_all_pass(ep_run, "combine_paths/", minimum=2 * (1 + 2 * 6))
-    for dtype in ("float32", "bfloat16"):
-        assert any(name.endswith(f"combine_paths/{dtype}/slots") for _, name, _, _ in found)
+    # float32 and bfloat16, with narrow rows and with rows wide enough that a pulled Dispatch
+    # lands them in several batches: bit-identical outputs that match the float64 expectation,
+    # and each layer has the slots of its path.
+    # (cases at 4 ranks: 6 of e16_k8_h64, 2 of the wide spec; 2 checks each, plus the slots)
+    found = assert_all_pass(ep_run, "combine_paths/", minimum=2 * (2 + 2 * (6 + 2)))
+    for spec in ("e16_k8_h64", "e16_k8_h8192"):
+        for dtype in ("float32", "bfloat16"):
+            assert any(name.endswith(f"combine_paths/{spec}/{dtype}/slots")
+                       for _, name, _, _ in found), (spec, dtype)
 
 
 def test_routing_configurations_cover_the_edge_cases(ep_run):

@@ -326,44 +326,52 @@ def fused_round_trip(layer, x, ids, weights, first_expert, dtype):
     return dispatcher.combine(expert_out, handle).astype(ms.float32).asnumpy()
 
 
+# Wide rows for the combine_paths part: 32 KiB float32 rows, so that a pulled Dispatch lands its
+# rows in several batches (RowPull::delivered, ~256 KiB each) and copies each batch on.
+WIDE_SPEC = ("e16_k8_h8192", 16, 8, 8192, 16, (3, 2))
+
+
 def combine_paths_part(report, rank, world):
-    """The routing cases of "e16_k8_h64" through two layers: one whose window slots hold a
-    peer's partial rows, so the fused Combine writes them into the window and sums them where
-    they lie (ShareRows), and one whose slots are too small, so it stages and exchanges them.
-    The outputs must be bit-identical and match the float64 expectation, in float32 and
+    """Routing cases of "e16_k8_h64" and of WIDE_SPEC through two layers: one whose window slots
+    hold a peer's partial rows, so the fused Combine writes them into the window and sums them
+    where they lie (ShareRows), and one whose slots are too small, so it stages and exchanges
+    them. The outputs must be bit-identical and match the float64 expectation, in float32 and
     bfloat16 (x holds small integers, exact in bfloat16)."""
-    spec_index = len(ROUTING_SPECS) - 1
-    spec = ROUTING_SPECS[spec_index]
-    _, experts, top_k, hidden, capacity = spec[:5]
-    local = experts // world
-    first_expert = rank * local
-    for dtype_name, dtype, element, tolerance in (("float32", ms.float32, 4, COMBINE_REL_TOL),
-                                                  ("bfloat16", ms.bfloat16, 2, 2e-2)):
-        block_bytes = capacity * hidden * element  # one peer's partial rows
-        layers = {}
-        for path, slot in (("shared", {}), ("staged", {"window_slot_bytes": block_bytes // 2})):
-            layers[path] = mee.MoELayer(load(
-                expert_parallel=world, num_experts=experts, top_k=top_k, hidden_size=hidden,
-                max_tokens_per_rank=capacity, num_shared_experts=0, dtype=dtype_name, **slot))
-        slot_of = {path: layer.prefill_dispatcher.exchange.window.slot_bytes
-                   for path, layer in layers.items()}
-        report.check(f"combine_paths/{dtype_name}/slots",
-                     slot_of["staged"] < block_bytes <= slot_of["shared"],
-                     f"slots {slot_of} for {block_bytes}-byte blocks")
-        for index in range(spec[5][0 if world <= 2 else 1]):
-            _, _, sources = routing_case(spec_index, spec, index, world)
-            x, ids, weights = sources[rank]
-            x = (x % 128).astype(np.float32)
-            y = {path: fused_round_trip(layer, x, ids, weights, first_expert, dtype)
-                 for path, layer in layers.items()}
-            case = f"combine_paths/{dtype_name}/{index}"
-            report.equal(f"{case}/in_window_equals_staged", y["shared"], y["staged"])
-            factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)      # [T, K]
-            expected = factors.sum(axis=1, keepdims=True) * x.astype(np.float64)
-            bound = np.abs(factors).sum(axis=1, keepdims=True) * np.abs(x) + 1e-30
-            relative = float((np.abs(y["shared"] - expected) / bound).max(initial=0.0))
-            report.check(f"{case}/vs_expected", relative <= tolerance,
-                         f"relative error {relative:.3g} > {tolerance:g}")
+    for spec_index, spec in ((len(ROUTING_SPECS) - 1, ROUTING_SPECS[-1]),
+                             (len(ROUTING_SPECS), WIDE_SPEC)):
+        name, experts, top_k, hidden, capacity = spec[:5]
+        local = experts // world
+        first_expert = rank * local
+        for dtype_name, dtype, element, tolerance in (
+                ("float32", ms.float32, 4, COMBINE_REL_TOL), ("bfloat16", ms.bfloat16, 2, 2e-2)):
+            block_bytes = capacity * hidden * element  # one peer's partial rows
+            layers = {}
+            for path, slot in (("shared", {}),
+                               ("staged", {"window_slot_bytes": block_bytes // 2})):
+                layers[path] = mee.MoELayer(load(
+                    expert_parallel=world, num_experts=experts, top_k=top_k,
+                    hidden_size=hidden, max_tokens_per_rank=capacity, num_shared_experts=0,
+                    dtype=dtype_name, **slot))
+            slot_of = {path: layer.prefill_dispatcher.exchange.window.slot_bytes
+                       for path, layer in layers.items()}
+            prefix = f"combine_paths/{name}/{dtype_name}"
+            report.check(f"{prefix}/slots", slot_of["staged"] < block_bytes <= slot_of["shared"],
+                         f"slots {slot_of} for {block_bytes}-byte blocks")
+            for index in range(spec[5][0 if world <= 2 else 1]):
+                _, _, sources = routing_case(spec_index, spec, index, world)
+                x, ids, weights = sources[rank]
+                x = (x % 128).astype(np.float32)
+                y = {path: fused_round_trip(layer, x, ids, weights, first_expert, dtype)
+                     for path, layer in layers.items()}
+                report.equal(f"{prefix}/{index}/in_window_equals_staged", y["shared"],
+                             y["staged"])
+                factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)  # [T, K]
+                expected = factors.sum(axis=1, keepdims=True) * x.astype(np.float64)
+                bound = np.abs(factors).sum(axis=1, keepdims=True) * np.abs(x) + 1e-30
+                relative = float((np.abs(y["shared"] - expected) / bound).max(initial=0.0))
+                report.check(f"{prefix}/{index}/vs_expected", relative <= tolerance,
+                             f"relative error {relative:.3g} > {tolerance:g}")
+            del layers
 
 
 # ---- helpers for whole-layer parts ---------------------------------------------------------------
