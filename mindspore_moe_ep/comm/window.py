@@ -35,8 +35,9 @@ from ..ops.kernel_library import library_path
 
 DEFAULT_SLOT_BYTES = 1 << 20
 # The largest slot MoELayer sizes by default so that the fused Combine's partial sums of a whole
-# step fit (they are then summed where they lie: CommWindow::ShareRows). R * (R - 1) slots.
-SHARED_ROWS_MAX_SLOT_BYTES = 8 << 20
+# step fit (they are then summed where they lie: CommWindow::ShareRows). A window has R * (R - 1)
+# slots, one window per layer: at most 48 MiB of /dev/shm per layer at EP 4.
+SHARED_ROWS_MAX_SLOT_BYTES = 4 << 20
 WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 # "auto": single copy where every rank can read its peers' memory, else slots (decided per
 # receiving rank when the window opens); "slots": always through the slots.

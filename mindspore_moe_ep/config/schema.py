@@ -303,7 +303,7 @@ class DispatchConfig(_Section):
     window_slot_bytes: Optional[int] = option(
         "Bytes of shared memory per ordered pair of ranks (the pre-allocated communication "
         "window); null sizes it for a whole step (max_tokens_per_rank rows) up to 1 MiB, or, "
-        "for a dropless layer, up to 8 MiB so that the fused Combine's partial sums of a whole "
+        "for a dropless layer, up to 4 MiB so that the fused Combine's partial sums of a whole "
         "step fit and are summed in place. Larger payloads travel by single copy "
         "(process_vm_readv) or, where that is not allowed, in slot-sized chunks.",
         default=None, gt=0)

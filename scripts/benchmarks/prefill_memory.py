@@ -15,8 +15,9 @@ Analytic footprint of one forward (every buffer a training step keeps for backwa
   ``dispatch.max_tokens_per_rank`` = T): send rows [R*C, H], metadata [R*C, 2K], received rows
   and metadata (same), grouped rows [R*C*K, H], expert gate/up [R*C*K, 2F] and hidden
   [R*C*K, F], expert output [R*C*K, H], per-rank partial sums [R*C, H], returned rows [R*C, H],
-  output [T, H], plus the shared-memory window: R*(R-1) slots of C rows up to 1 MiB each
-  (MoELayer's sizing; larger payloads travel by single copy or in chunks);
+  output [T, H], plus the shared-memory window: R*(R-1) slots as MoELayer sizes them (a whole
+  Combine step of C rows up to 8 MiB, else up to 1 MiB; larger payloads travel by single copy
+  or in chunks);
 - sparse with buffers sized by the actual counts (what dynamic shapes would allow): the same
   list with R*C replaced by the rows actually exchanged and R*C*K by the (token, expert) pairs
   actually received;
@@ -65,10 +66,28 @@ def routing_statistics(tokens):
             "mean_pairs_per_expert_per_rank": tokens * TOP_K / EXPERTS}
 
 
+def layer_config(tokens, hidden, ffn):
+    """The MoELayer config of the measured sparse path (float32, dropless, EP 4)."""
+    import mindspore_moe_ep as mee
+    return mee.MoEConfig.from_dict({
+        "model": {"hidden_size": hidden, "num_experts": EXPERTS, "expert_ffn_size": ffn},
+        "router": {"top_k": TOP_K},
+        "parallel": {"expert_parallel": WORLD},
+        "dispatch": {"max_tokens_per_rank": tokens, "decode_token_threshold": 0,
+                     "transport": "shm"},
+        "runtime": {"mode": "pynative", "dtype": "float32"}})
+
+
+def layer_slot_bytes(tokens, hidden):
+    """The window slot MoELayer sizes for this layer (its default rule)."""
+    from mindspore_moe_ep.layer import _window_slot_bytes
+    return _window_slot_bytes(layer_config(tokens, hidden, ffn=1))
+
+
 def analytic(tokens, hidden, ffn, stats):
     row, e = hidden * ELEMENT, ELEMENT
     capacity_rows = WORLD * tokens                      # R*C with C = T
-    window = WORLD * (WORLD - 1) * min(tokens * (row + (TOP_K + 1) * 4), 1 << 20)
+    window = WORLD * (WORLD - 1) * layer_slot_bytes(tokens, hidden)
 
     def sparse(exchanged_rows, pairs):
         return {"send+recv rows": 2 * exchanged_rows * row,
@@ -101,14 +120,7 @@ def ms_worker(tokens, hidden, ffn):
     import mindspore_moe_ep as mee
     rank = bc.start_mindspore("pynative", distributed=True)
     def build(max_tokens):
-        config = mee.MoEConfig.from_dict({
-            "model": {"hidden_size": hidden, "num_experts": EXPERTS, "expert_ffn_size": ffn},
-            "router": {"top_k": TOP_K},
-            "parallel": {"expert_parallel": WORLD},
-            "dispatch": {"max_tokens_per_rank": max_tokens, "decode_token_threshold": 0,
-                         "transport": "shm"},
-            "runtime": {"mode": "pynative", "dtype": "float32"}})
-        layer = mee.MoELayer(config)
+        layer = mee.MoELayer(layer_config(max_tokens, hidden, ffn))
         layer.set_train(False)
         return layer
 
