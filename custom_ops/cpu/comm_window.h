@@ -19,6 +19,9 @@
 // first sends small notes describing the rows it offers, and each receiver, once it has every
 // peer's notes, decides where every offered row goes and reads the rows straight into their
 // final places (or takes them from the slot when notes and rows fit in a small message).
+// A shared-rows step (ShareRows, the fused decode Combine) keeps the rows in the slots: each
+// rank writes its rows for a peer straight into its slot to that peer, and the receiver reads
+// them there before consuming the message (no copy out; the slot must hold a whole block).
 // Which way is decided once, when the window opens: every rank probes whether it can read
 // its peers' memory (process_vm_readv may be forbidden by Yama, seccomp or a missing
 // capability) and records the answer in the window; rows to a rank travel by single copy if
