@@ -22,7 +22,9 @@ deployment would size it).
 
 The round trips run N times per GRAPH_MODE launch (chained with ``ops.depend``) so the ~150 us
 launch is amortised; ``per launch`` columns give one round trip per launch. Latency = the
-slowest rank's best repetition (each repetition starts after a barrier).
+slowest rank's best repetition (each repetition starts after a barrier). Also recorded: CPU
+time per round trip (the process's, every thread, mean over ranks and repetitions), whose
+ratios other jobs on the machine disturb less than the wall times'.
 Targets: fused <= 0.6x the prefill path; fused <= 0.2x gloo.
 """
 import os
@@ -72,14 +74,17 @@ def ms_worker(quick):
             return y
 
     def timed(cell, inputs, inner):
+        """(best, median) wall seconds per round trip, and this process's CPU seconds per
+        round trip over all repetitions (every thread; less disturbed by other jobs)."""
         cell(*inputs).asnumpy()  # compile
-        samples = []
+        samples, cpu = [], 0.0
         for _ in range(repeats):
             barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             cell(*inputs).asnumpy()
             samples.append((time.perf_counter() - start) / inner)
-        return min(samples), float(np.median(samples))
+            cpu += time.process_time() - cpu_start
+        return min(samples), float(np.median(samples)), cpu / (repeats * inner)
 
     results = []
     for hidden in hiddens:
@@ -105,16 +110,16 @@ def ms_worker(quick):
             for path, dispatcher in paths.items():
                 amortised = timed(RoundTrip(dispatcher, calls), inputs, calls)
                 single = (timed(RoundTrip(dispatcher, 1), inputs, 1) if not quick
-                          else (None, None))
+                          else (None, None, None))
                 results.append({"what": "round trip", "path": path, "hidden": hidden,
                                 "tokens": tokens, "min_s": amortised[0],
-                                "median_s": amortised[1], "per_launch_min_s": single[0],
-                                "calls_per_launch": calls})
+                                "median_s": amortised[1], "cpu_s": amortised[2],
+                                "per_launch_min_s": single[0], "calls_per_launch": calls})
             for phase in ("decode", "prefill"):
-                best, median = timed(layer, (x, phase), 1)  # the phase is a graph constant
+                best, median, cpu = timed(layer, (x, phase), 1)  # the phase: a graph constant
                 results.append({"what": "layer", "path": phase, "hidden": hidden,
                                 "tokens": tokens, "min_s": best, "median_s": median,
-                                "per_launch_min_s": best, "calls_per_launch": 1})
+                                "cpu_s": cpu, "per_launch_min_s": best, "calls_per_launch": 1})
         del layer
     bc.write_worker_result({"rank": rank, "results": results})
 
@@ -161,16 +166,18 @@ def torch_worker(quick):
                 return y
 
             round_trip(x)
-            samples = []
+            samples, cpu = [], 0.0
             for _ in range(repeats):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(calls):
                     round_trip(x)
                 samples.append((time.perf_counter() - start) / calls)
+                cpu += time.process_time() - cpu_start
             results.append({"what": "round trip", "path": "gloo", "hidden": hidden,
                             "tokens": tokens, "min_s": min(samples),
-                            "median_s": float(np.median(samples)), "per_launch_min_s": None,
+                            "median_s": float(np.median(samples)),
+                            "cpu_s": cpu / (repeats * calls), "per_launch_min_s": None,
                             "calls_per_launch": calls})
     dist.destroy_process_group()
     bc.write_worker_result({"rank": rank, "results": results})
@@ -183,10 +190,12 @@ def merge(reports):
     for report in reports:
         for entry in report["results"]:
             key = (entry["what"], entry["path"], entry["hidden"], entry["tokens"])
-            current = merged.setdefault(key, dict(entry))
+            current = merged.setdefault(key, dict(entry, cpu_s_total=0.0, ranks=0))
             for field in ("min_s", "median_s", "per_launch_min_s"):
                 if entry[field] is not None:
                     current[field] = max(current[field], entry[field])
+            current["cpu_s_total"] += entry["cpu_s"]  # CPU time: the mean over ranks
+            current["ranks"] += 1
     return merged
 
 
@@ -224,13 +233,22 @@ def main(argv=None):
         entry = merged.get((what, path, hidden, tokens))
         return entry[field] if entry and entry[field] is not None else float("nan")
 
+    def cpu_per_rank(path, hidden, tokens):
+        entry = merged.get(("round trip", path, hidden, tokens))
+        return entry["cpu_s_total"] / entry["ranks"] if entry else float("nan")
+
     entries, rows = [], []
     for hidden in hiddens:
         for tokens in token_counts:
             fused = get("round trip", "fused", hidden, tokens)
             unfused = get("round trip", "prefill path", hidden, tokens)
             gloo = get("round trip", "gloo", hidden, tokens)
+            cpu = {path: cpu_per_rank(path, hidden, tokens)
+                   for path in ("fused", "prefill path", "gloo")}
             entry = {"hidden": hidden, "tokens_per_rank": tokens,
+                     "cpu_us_per_rank": {path: value * 1e6 for path, value in cpu.items()},
+                     "cpu_fused_over_prefill_path": cpu["fused"] / cpu["prefill path"],
+                     "cpu_fused_over_gloo": cpu["fused"] / cpu["gloo"],
                      "fused_us": fused * 1e6, "prefill_path_us": unfused * 1e6,
                      "gloo_us": gloo * 1e6,
                      "fused_per_launch_us": get("round trip", "fused", hidden, tokens,
@@ -243,11 +261,12 @@ def main(argv=None):
             entries.append(entry)
             rows.append([hidden, tokens, entry["fused_us"], entry["prefill_path_us"],
                          entry["gloo_us"], entry["fused_over_prefill_path"],
-                         entry["fused_over_gloo"], entry["fused_per_launch_us"],
+                         entry["fused_over_gloo"], entry["cpu_fused_over_prefill_path"],
+                         entry["cpu_fused_over_gloo"], entry["fused_per_launch_us"],
                          entry["layer_decode_us"], entry["layer_prefill_us"]])
     print(bc.table(["hidden", "tokens/rank", "fused us", "prefill path us", "gloo us",
-                    "fused/prefill", "fused/gloo", "fused 1/launch us", "layer decode us",
-                    "layer prefill us"], rows))
+                    "fused/prefill", "fused/gloo", "CPU fused/prefill", "CPU fused/gloo",
+                    "fused 1/launch us", "layer decode us", "layer prefill us"], rows))
     worst_unfused = max(e["fused_over_prefill_path"] for e in entries)
     worst_gloo = max(e["fused_over_gloo"] for e in entries)
     summary = {"target_vs_prefill_path": "<= 0.6x", "max_ratio_vs_prefill_path": worst_unfused,

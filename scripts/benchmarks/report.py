@@ -140,16 +140,19 @@ def details(results):
         rows = [[x["hidden"], x["tokens_per_rank"], fmt(x["fused_us"], 0),
                  fmt(x["prefill_path_us"], 0), fmt(x["gloo_us"], 0),
                  fmt(x["fused_over_prefill_path"]), fmt(x["fused_over_gloo"]),
+                 fmt(x.get("cpu_fused_over_prefill_path")), fmt(x.get("cpu_fused_over_gloo")),
                  fmt(x["layer_decode_us"], 0), fmt(x["layer_prefill_us"], 0)]
                 for x in r["rows"]]
         parts.append("### decode_latency\n\nRound trip (dispatch + identity experts + combine) "
                      f"in microseconds, EP {r['config']['ranks']}, top-{r['config']['top_k']} of "
                      f"{r['config']['experts']}, max_tokens_per_rank "
                      f"{r['config']['max_tokens_per_rank']}; whole layer (expert width "
-                     f"{r['config']['expert_ffn_size_for_layer']}) in the last two columns.\n\n"
+                     f"{r['config']['expert_ffn_size_for_layer']}) in the last two columns. "
+                     "`CPU` ratios: CPU time per round trip and rank (less disturbed by other "
+                     "jobs than wall time).\n\n"
                      + bc.table(["hidden", "tokens/rank", "fused", "prefill path", "gloo",
-                                 "fused/prefill", "fused/gloo", "layer decode",
-                                 "layer prefill"], rows))
+                                 "fused/prefill", "fused/gloo", "CPU fused/prefill",
+                                 "CPU fused/gloo", "layer decode", "layer prefill"], rows))
     if "prefill_memory" in results:
         r = results["prefill_memory"]
         rows = [[a["tokens_per_rank"], a["hidden"], a["ffn"], a["routing"]["dense_capacity"]]
