@@ -327,20 +327,19 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
     // rows are copied from there as soon as a batch has landed (while it is in cache), which
     // is cheaper than reading the peer again. x stays unchanged until every peer has read it
     // (PullRows returns only then).
-    std::vector<int64_t> first_expand_row(world_size * capacity, kNone);
     // The other expand_x rows of received row j: more_rows[more_begin[j], more_begin[j + 1]).
-    // A row's pairs are visited one after another, so its rows are contiguous here.
+    // Rows are visited in increasing j and a row's pairs one after another, so a row's first
+    // pair is the one whose j differs from the last, and its other rows are contiguous here.
     std::vector<int64_t> more_rows, more_begin(world_size * capacity + 1, 0);
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
       int64_t last_row = kNone;
       auto deliver = [&](int64_t source, int64_t j, const uint8_t *, int64_t expand_row) {
-        for (int64_t next = last_row + 1; next <= j; ++next) more_begin[next] = more_rows.size();
-        last_row = std::max(last_row, j);
-        if (first_expand_row[j] != kNone) {
+        if (j == last_row) {
           more_rows.push_back(expand_row);
           return;
         }
-        first_expand_row[j] = expand_row;
+        for (int64_t next = last_row + 1; next <= j; ++next) more_begin[next] = more_rows.size();
+        last_row = j;
         copies[source].push_back({j - source * capacity, out + expand_row * token_bytes, j});
       };
       total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
@@ -467,8 +466,7 @@ void FusedCombine(const std::vector<TensorArg> &args) {
       GatherSumFromBlocks(rows, capacity, token_slot, y);
     };
     window->ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(),
-                                 [&](int rank, uint8_t *to) { write_partial_sums(rank, to); },
-                                 sum_in_place});
+                                 write_partial_sums, sum_in_place});
     return;
   }
   // Before the exchange, so that a bad position abandons the window.
