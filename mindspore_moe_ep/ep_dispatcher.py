@@ -74,8 +74,14 @@ class SparseAllToAllDispatcher(nn.Cell):
         group_tokens = received.reshape(self.world_size, self.max_tokens)[:, 0].sum()
         return ops.gather(self._capacity_table, group_tokens.astype(ms.int32).reshape(1), 0)
 
-    def dispatch(self, x, expert_ids, routing_weights):
-        """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""
+    def deliver(self, x, expert_ids, routing_weights):
+        """Steps 1-2: each token row goes once to every rank holding one of its experts.
+
+        x: [T, H] -> ``(rows [R*C, H], local_ids [R*C, K] int32, weights [R*C, K] float32,
+        row_counts [R] int32, route)``: the rows this rank received, in R blocks of C (block r
+        from rank r, its first row_counts[r] rows used), each with its local expert ids (-1:
+        none here) and routing weights; ``route`` is what :meth:`return_rows` needs.
+        """
         tokens = x.shape[0]
         check_tokens_fit(tokens, self.max_tokens)
         slots = self.world_size * self.max_tokens
@@ -92,27 +98,38 @@ class SparseAllToAllDispatcher(nn.Cell):
         metadata = ops.concat([(local_ids + 1).astype(ms.float32), slot_weights], axis=1)
 
         # Rows past the counts stay unspecified; their local ids (from the zeroed metadata) are
-        # -1, so the local dispatch never reads them.
+        # -1, so nothing downstream reads them.
         recv_rows, recv_counts = self.exchange_rows(send_rows, send_counts)      # [R*C, H]
         recv_metadata, _ = self.exchange(metadata, send_counts)                  # [R*C, 2K]
         recv_local_ids = recv_metadata[:, :self.top_k].astype(ms.int32) - 1      # [R*C, K]
         recv_weights = recv_metadata[:, self.top_k:]                             # [R*C, K]
+        return recv_rows, recv_local_ids, recv_weights, recv_counts, (token_slot, slot_token)
 
+    def return_rows(self, partial, row_counts, route):
+        """Step 4's return: partial [R*C, H], one row per received token (this rank's weighted
+        sum over its experts) -> y [T, H], each token's returned rows summed at its source."""
+        token_slot, slot_token = route
+        returned, _ = self.exchange_rows(partial, row_counts)                    # [R*C, H]
+        return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
+
+    def dispatch(self, x, expert_ids, routing_weights):
+        """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""
+        recv_rows, recv_local_ids, recv_weights, recv_counts, route = self.deliver(
+            x, expert_ids, routing_weights)
         # Received slots are in (source rank, source token) order: the group's global token
         # order, so capacity drops match a single process over the concatenated batch.
         capacity = (ops.zeros((1,), ms.int32) if self.capacity_factor is None
-                    else self._group_capacity(tokens))
+                    else self._group_capacity(x.shape[0]))
         rows, positions, tokens_per_expert, num_dropped = self.local_dispatch(
             recv_rows, recv_local_ids, capacity)
-        handle = (positions, recv_weights, recv_counts, token_slot, slot_token)
+        handle = (positions, recv_weights, recv_counts, route)
         return rows, tokens_per_expert, num_dropped, handle
 
     def combine(self, expert_out, handle):
         """expert_out: [R*C*K, H] -> y [T, H]."""
-        positions, recv_weights, recv_counts, token_slot, slot_token = handle
+        positions, recv_weights, recv_counts, route = handle
         partial = self.local_combine(expert_out, positions, recv_weights)        # [R*C, H]
-        returned, _ = self.exchange_rows(partial, recv_counts)                   # [R*C, H]
-        return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
+        return self.return_rows(partial, recv_counts, route)
 
 
 class FusedDecodeDispatcher(nn.Cell):

@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from .initializers import TensorId, normal_array, stacked_expert_normal
-from .ops import GroupedMatmul, GroupedSwiGLU
+from .ops import ExpertsWeightedSum, GroupedMatmul, GroupedSwiGLU
 from .runtime import ascend_backend_active
 
 
@@ -65,6 +65,20 @@ class GroupedSwiGLUExperts(nn.Cell):
                                      name="down_weight")        # [E_local, F, H]
         self.grouped_matmul = grouped_matmul_for_device()
         self.swiglu = swiglu_for_device()
+        # Without per-pair buffers: the CPU kernel (on Ascend, the grouped path).
+        self.weighted_sum_kernel = (None if ascend_backend_active()
+                                    else ExpertsWeightedSum())
+
+    def weighted_sum(self, rows, local_ids, weights, row_counts):
+        """Each row's weighted sum of its local experts' outputs, in one kernel.
+
+        rows: [N, H] in blocks (``row_counts[b]`` used rows each); local_ids, weights: [N, K]
+        (-1: no local expert) -> ``(out [N, H], tokens_per_expert [E_local] int32)``. No buffer
+        holds a row per (token, expert) pair; the gradient recomputes the experts (see
+        ExpertsWeightedSum).
+        """
+        return self.weighted_sum_kernel(rows, local_ids, weights, row_counts,
+                                        self.gate_up_weight, self.down_weight)
 
     def construct(self, rows, tokens_per_expert):
         """rows: [N, H] grouped by expert; tokens_per_expert: [E_local] int32 -> [N, H].

@@ -113,6 +113,17 @@ class MoELayer(nn.Cell):
                                            gated=model.shared_expert_gate)
                               if model.num_shared_experts > 0 else None)
         self.aux_loss_scaler = AuxLossScaler()
+        # Row-wise steps through the prefill dispatcher (or EP = 1), without per-pair buffers:
+        # the dispatcher delivers rows, one kernel runs the experts and sums. Always in inference,
+        # in training with runtime.recompute_experts; dropless only (capacity drops belong to
+        # the grouping step).
+        self.rowwise_supported = (router.capacity_factor is None
+                                  and self.experts.weighted_sum_kernel is not None
+                                  and hasattr(self.prefill_dispatcher, "deliver"))
+        self.recompute_experts = config.runtime.recompute_experts
+        if self.recompute_experts and not self.rowwise_supported:
+            raise ValueError("runtime.recompute_experts = true needs the CPU kernels' fused "
+                             "experts (ExpertsWeightedSum); this device has none: set it to false")
 
         def statistic(name, value):
             return Parameter(Tensor(value), name=name, requires_grad=False)
@@ -127,8 +138,10 @@ class MoELayer(nn.Cell):
     def construct(self, x, phase=None):
         """x: [B, S, H] or [T, H] -> same shape.
 
-        ``phase``: "prefill" (sparse all-to-all-v, differentiable), "decode" (fused
-        Dispatch/Combine, inference only) or None: decode when the Cell is not training and
+        ``phase``: "prefill" (sparse all-to-all-v, differentiable; the experts run on rows
+        grouped by expert when training, and row by row without per-pair buffers in inference
+        or with ``runtime.recompute_experts``), "decode" (fused Dispatch/Combine, inference
+        only) or None: decode when the Cell is not training and
         this rank has at most ``dispatch.decode_token_threshold`` tokens. Under expert
         parallelism all ranks of a group must take the same path in a step: with uneven token
         counts around the threshold, pass ``phase`` explicitly.
@@ -140,11 +153,20 @@ class MoELayer(nn.Cell):
 
         expert_ids, routing_weights, aux_loss, z_loss, selections = self.router(
             tokens, num_sequences)                                                 # [T, K]
-        dispatcher = self._dispatcher_for(tokens.shape[0], phase)
-        rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
-            tokens.astype(self.compute_dtype), expert_ids, routing_weights)       # [N, H]
-        expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
-        output = dispatcher.combine(expert_out, handle).astype(ms.float32)         # [T, H]
+        dispatcher, rowwise = self._dispatcher_for(tokens.shape[0], phase)
+        if rowwise:
+            rows, local_ids, weights, row_counts, route = dispatcher.deliver(
+                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
+            partial, tokens_per_expert = self.experts.weighted_sum(
+                rows, local_ids, weights, row_counts)                              # [N, H]
+            output = dispatcher.return_rows(partial, row_counts, route)            # [T, H]
+            num_dropped = ops.zeros((1,), ms.int32)
+        else:
+            rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
+                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
+            expert_out = self.experts(rows, tokens_per_expert)                     # [N, H]
+            output = dispatcher.combine(expert_out, handle)                        # [T, H]
+        output = output.astype(ms.float32)
         if self.shared_expert is not None:
             output = output + self.shared_expert(tokens)
         output = self.aux_loss_scaler(output, aux_loss + z_loss)
@@ -157,15 +179,18 @@ class MoELayer(nn.Cell):
         return output.reshape(input_shape).astype(x.dtype)
 
     def _dispatcher_for(self, num_tokens, phase):
-        """The dispatcher of this step (decided at compile time: shapes are static)."""
+        """(dispatcher, row-wise?) of this step (decided at compile time: shapes are static).
+
+        Row-wise: inference through the prefill dispatcher with ``experts.weighted_sum``."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
         if phase == "decode" and self.decode_dispatcher is not None:
-            return self.decode_dispatcher
-        return self.prefill_dispatcher
+            return self.decode_dispatcher, False
+        rowwise = self.rowwise_supported and (not self.training or self.recompute_experts)
+        return self.prefill_dispatcher, rowwise
 
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""

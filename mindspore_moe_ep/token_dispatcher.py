@@ -10,6 +10,17 @@ Every dispatcher has the same two-step interface (as in Megatron-Core and DeepEP
 ``combine(expert_out, handle) -> y``
     returns each token's weighted sum of its experts' outputs, [T, H].
 
+For inference, where no backward pass needs one buffer row per (token, expert) pair, a dispatcher
+may also offer the row-wise pair of steps that ``MoELayer`` then uses with
+``GroupedSwiGLUExperts.weighted_sum``:
+
+``deliver(x, expert_ids, routing_weights) -> (rows, local_ids, weights, row_counts, route)``
+    the token rows this rank's experts must see, each once, with its local expert ids (-1: none
+    here) and weights [N, K]; the rows come in blocks (one per source rank), of which the first
+    ``row_counts[b]`` rows are used;
+``return_rows(partial, row_counts, route) -> y``
+    takes one weighted sum per delivered row back to its token, [T, H].
+
 ``LocalTokenDispatcher`` is the EP = 1 case: grouping and un-grouping happen in two fused C++
 kernels (a counting sort that packs rows, and a gather with a weighted sum).
 """
@@ -46,6 +57,14 @@ class LocalTokenDispatcher(nn.Cell):
         rows, positions, tokens_per_expert, num_dropped = self.dispatch_kernel(
             x, expert_ids, ops.full((1,), capacity, dtype=ms.int32))
         return rows, tokens_per_expert, num_dropped, (positions, routing_weights)
+
+    def deliver(self, x, expert_ids, routing_weights):
+        """Every token is local: its row, expert ids and weights as they are (one block)."""
+        row_counts = ops.full((1,), x.shape[0], dtype=ms.int32)                   # [1]
+        return x, expert_ids, routing_weights, row_counts, None
+
+    def return_rows(self, partial, row_counts, route):
+        return partial
 
     def combine(self, expert_out, handle):
         """expert_out: [T*K, H] in dispatch order -> [T, H]."""

@@ -40,14 +40,23 @@ def pynative_mode():
 # Harness
 # ----------------------------------------------------------------------------------------------
 
-def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynative", prefix=""):
+# How the layer runs its routed experts (dropless layers; with a capacity every path groups):
+# "rowwise": inference (the Cell's default, not training): ExpertsWeightedSum, no per-pair
+# buffers, gradients by recomputation; "grouped": training, grouped GEMMs; "recompute":
+# training with runtime.recompute_experts, the row-wise kernel again.
+EXPERT_PATHS = ["rowwise", "grouped", "recompute"]
+
+
+def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynative", prefix="",
+                experts_path="rowwise"):
     """An MoELayer with the same routing settings as ``ref_cfg``, loaded with ``params``.
 
     ``shared``: False, True (DeepSeek: added as is) or "gated" (Qwen2-MoE: scaled by a sigmoid
-    gate; its weights are then loaded under Qwen's ``shared_expert.`` names)."""
+    gate; its weights are then loaded under Qwen's ``shared_expert.`` names).
+    ``experts_path``: one of EXPERT_PATHS; the layer is checked to take it."""
     overrides = {k: v for k, v in dataclasses.asdict(ref_cfg).items() if v is not None}
     overrides.update(hidden_size=H, expert_ffn_size=F, num_shared_experts=1 if shared else 0,
-                     dtype=dtype, mode=mode)
+                     dtype=dtype, mode=mode, recompute_experts=experts_path == "recompute")
     if shared:
         overrides["shared_expert_ffn_size"] = FS
     if shared == "gated":
@@ -55,6 +64,9 @@ def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynativ
         params = {k.replace("shared_experts.", "shared_expert."): v for k, v in params.items()}
     layer = mee.MoELayer(mee.load_config(TINY, **overrides))
     layer.load_hf_state_dict({prefix + k: v for k, v in params.items()}, prefix=prefix)
+    layer.set_train(experts_path != "rowwise")
+    rowwise = ref_cfg.capacity_factor is None and experts_path != "grouped"
+    assert layer._dispatcher_for(16, "prefill")[1] == rowwise, experts_path
     return layer
 
 
@@ -168,12 +180,13 @@ def layer_grads(layer, x, grad_out):
 # Forward, float32
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("experts_path", EXPERT_PATHS)
 @pytest.mark.parametrize("shared", [False, True, "gated"], ids=["routed", "shared", "gated"])
 @pytest.mark.parametrize("shape", [(24, H), (2, 8, H)], ids=["2d", "3d"])
-def test_forward_float32(shape, shared):
+def test_forward_float32(shape, shared, experts_path):
     cfg = RefConfig(num_experts=E, top_k=2)
     params, x = make_case(cfg, shape, seed=100, shared=shared)
-    layer = build_layer(cfg, params, shared=shared)
+    layer = build_layer(cfg, params, shared=shared, experts_path=experts_path)
     check_forward(layer, cfg, params, x)
 
 
@@ -190,11 +203,12 @@ def test_forward_float32_deepseek_routing():
 # Forward, low precision
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("experts_path", EXPERT_PATHS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_forward_low_precision(dtype):
+def test_forward_low_precision(dtype, experts_path):
     cfg = RefConfig(num_experts=E, top_k=2)
     params, x = make_case(cfg, (2, 8, H), seed=300, shared=True, dtype=dtype)
-    layer = build_layer(cfg, params, shared=True, dtype=dtype)
+    layer = build_layer(cfg, params, shared=True, dtype=dtype, experts_path=experts_path)
     check_forward(layer, cfg, params, x, dtype=dtype)
 
 
@@ -219,8 +233,9 @@ def _one_expert_params(cfg, hot=3):
     return params
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_all_tokens_to_one_expert(capacity_factor):
+@pytest.mark.parametrize("capacity_factor, experts_path",
+                         [(None, path) for path in EXPERT_PATHS] + [(1.0, "grouped")])
+def test_all_tokens_to_one_expert(capacity_factor, experts_path):
     # sigmoid keeps the other experts' scores O(1), so the second choice has a clear margin
     cfg = RefConfig(num_experts=E, top_k=2, score_func="sigmoid", capacity_factor=capacity_factor)
     rng = np.random.default_rng(501)
@@ -230,7 +245,7 @@ def test_all_tokens_to_one_expert(capacity_factor):
     _, st_ref = ref.moe_forward(params, x, cfg)
     assert (st_ref["expert_ids"][:, 0] == 3).all()
     assert ref.routing_margin(x, params, cfg) > MIN_MARGIN["float32"]
-    layer = build_layer(cfg, params)
+    layer = build_layer(cfg, params, experts_path=experts_path)
     st, _ = check_forward(layer, cfg, params, x)
     if capacity_factor is None:
         assert int(np.asarray(st["tokens_per_expert"])[3]) == 16
@@ -283,8 +298,10 @@ def _grad_case(name, seed):
     return cfg, params, x, grad_out, shared
 
 
-@pytest.mark.parametrize("name", sorted(GRAD_CASES))
-def test_gradients_vs_reference(name):
+@pytest.mark.parametrize("name, experts_path",
+                         [(name, path) for name in sorted(GRAD_CASES) for path in EXPERT_PATHS
+                          if "capacity" not in name or path == "grouped"])
+def test_gradients_vs_reference(name, experts_path):
     cfg, params, x, grad_out, shared = _grad_case(name, seed=800)
     _, expected = ref.moe_loss_and_grads(params, x, grad_out, cfg)
     # the aux + z losses visibly change the gate / input gradients, so their omission would fail
@@ -297,7 +314,8 @@ def test_gradients_vs_reference(name):
     if cfg.capacity_factor is not None:
         assert ref.moe_forward(params, x, cfg)[1]["num_dropped"] > 0
 
-    got = layer_grads(build_layer(cfg, params, shared=shared), x, grad_out)
+    got = layer_grads(build_layer(cfg, params, shared=shared, experts_path=experts_path), x,
+                      grad_out)
     assert set(got) == set(expected)
     for key in sorted(expected):
         assert_scaled_close(got[key], expected[key], 5e-5, f"d {key}")

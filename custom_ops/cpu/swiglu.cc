@@ -19,6 +19,8 @@
 // The AVX2 + F16C path is chosen at run time; the build itself targets x86-64-v2.
 #include <cmath>
 
+#include "swiglu.h"
+
 #include "kernel_common.h"
 #include "simd_convert.h"
 
@@ -199,8 +201,7 @@ void SwiGLU(const std::vector<TensorArg> &args) {
     const T *in = gate_up.data_as<const T>();
     T *out = hidden.data_as<T>();
     ParallelFor(used, MinItemsPerThread(3 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
-      if (CpuHasAvx2F16c()) return SwiGLURowsAvx2(in, ffn, first, last, out);
-      SwiGLURowsScalar(in, ffn, first, last, out);
+      SwiGLURows(in, ffn, first, last, out);
     });
     if (PoisonUnusedRows()) FillWithNaN(out + used * ffn, (gate_up.dim(0) - used) * ffn);
   });
@@ -221,14 +222,35 @@ void SwiGLUGrad(const std::vector<TensorArg> &args) {
     const T *d_out = d_hidden.data_as<const T>(), *in = gate_up.data_as<const T>();
     T *d_in = d_gate_up.data_as<T>();
     ParallelFor(used, MinItemsPerThread(5 * ffn * sizeof(T)), [&](int64_t first, int64_t last) {
-      if (CpuHasAvx2F16c()) return SwiGLUGradRowsAvx2(d_out, in, ffn, first, last, d_in);
-      SwiGLUGradRowsScalar(d_out, in, ffn, first, last, d_in);
+      SwiGLUGradRows(d_out, in, ffn, first, last, d_in);
     });
     if (PoisonUnusedRows()) FillWithNaN(d_in + used * 2 * ffn, (gate_up.dim(0) - used) * 2 * ffn);
   });
 }
 
 }  // namespace
+
+template <typename T>
+void SwiGLURows(const T *gate_up, int64_t ffn, int64_t first, int64_t last, T *hidden) {
+  if (CpuHasAvx2F16c()) return SwiGLURowsAvx2(gate_up, ffn, first, last, hidden);
+  SwiGLURowsScalar(gate_up, ffn, first, last, hidden);
+}
+
+template <typename T>
+void SwiGLUGradRows(const T *d_hidden, const T *gate_up, int64_t ffn, int64_t first,
+                    int64_t last, T *d_gate_up) {
+  if (CpuHasAvx2F16c()) return SwiGLUGradRowsAvx2(d_hidden, gate_up, ffn, first, last, d_gate_up);
+  SwiGLUGradRowsScalar(d_hidden, gate_up, ffn, first, last, d_gate_up);
+}
+
+#define MOE_EP_INSTANTIATE_SWIGLU_ROWS(T)                                                   \
+  template void SwiGLURows(const T *, int64_t, int64_t, int64_t, T *);                      \
+  template void SwiGLUGradRows(const T *, const T *, int64_t, int64_t, int64_t, T *);
+MOE_EP_INSTANTIATE_SWIGLU_ROWS(float)
+MOE_EP_INSTANTIATE_SWIGLU_ROWS(BFloat16)
+MOE_EP_INSTANTIATE_SWIGLU_ROWS(Float16)
+#undef MOE_EP_INSTANTIATE_SWIGLU_ROWS
+
 }  // namespace moe_ep
 
 MOE_EP_EXPORT int MoeEpSwiGLU(int nparam, void **params, int *ndims, int64_t **shapes,

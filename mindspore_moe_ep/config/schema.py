@@ -327,6 +327,13 @@ class RuntimeConfig(_Section):
         "host the busy wait takes the cores of the ranks that compute (measured: 2.5x faster "
         "training steps at EP 4 on 2 cores). Applied by setup_runtime before anything runs; "
         "an MS_DEV_HOST_BLOCKING_RUN already in the environment wins.", default=True)
+    recompute_experts: bool = option(
+        "Training: run the routed experts in one kernel without buffers of one row per (token, "
+        "expert) pair, as inference always does, and recompute them in the backward pass. The "
+        "forward pass then keeps only the delivered token rows for backward, instead of four "
+        "per-pair buffers sized for the worst case (R * max_tokens_per_rank * min(top_k, "
+        "local experts) rows); the experts' forward runs twice. Needs a dropless layer "
+        "(router.capacity_factor null) and the CPU kernels.", default=False)
 
 
 @dataclass(frozen=True)
@@ -385,6 +392,10 @@ class MoEConfig:
                  f"router.topk_groups = {router.effective_topk_groups} groups a token may use "
                  f"({experts // groups} experts per group: model.num_experts = {experts} / "
                  f"router.num_groups = {groups})")
+        _require(not (self.runtime.recompute_experts and router.capacity_factor is not None),
+                 f"runtime.recompute_experts = true needs a dropless layer, but "
+                 f"router.capacity_factor = {router.capacity_factor}; set one of them to "
+                 f"false / null")
         ranks = self.parallel.expert_parallel
         _require(experts % ranks == 0,
                  f"model.num_experts = {experts} is not divisible by parallel.expert_parallel = "

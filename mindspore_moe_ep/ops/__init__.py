@@ -1,13 +1,14 @@
 """Kernels behind small Python interfaces: the local dispatch, combine, grouped matmul and
-SwiGLU Cells."""
+SwiGLU Cells, and the fused experts-and-weighted-sum Cell of inference."""
 from .kernel_library import (KernelError, KernelLibraryNotFoundError, explain_kernel_errors,
                              gemm_backend, kernel_func, set_gemm_backend)
 from .activations import GroupedSwiGLU
-from .local_kernels import CombineKernel, DispatchKernel, GroupedMatmul
+from .local_kernels import CombineKernel, DispatchKernel, ExpertsWeightedSum, GroupedMatmul
 
 __all__ = [
     "CombineKernel",
     "DispatchKernel",
+    "ExpertsWeightedSum",
     "GroupedMatmul",
     "GroupedSwiGLU",
     "KernelError",

@@ -223,3 +223,47 @@ class GroupedMatmul(_KernelCell):
 
     def extend_repr(self):
         return f"transpose_b={self.transpose_b}"
+
+
+class ExpertsWeightedSum(_KernelCell):
+    """Routed SwiGLU experts and the weighted sum of their outputs per row, without per-pair
+    buffers (for inference, and for training with the experts recomputed in backward).
+
+    ``(rows [N, H], local_ids [N, K] int32, weights [N, K] float32, row_counts [B] int32,
+    gate_up_weight [L, H, 2F], down_weight [L, F, H])`` -> ``(out [N, H],
+    tokens_per_expert [L] int32)`` with ``out[i] = sum_k weights[i, k] * FFN_e(rows[i])`` over
+    the k whose local expert ``e = local_ids[i, k]`` is not -1. The rows come in B blocks of
+    N / B rows, of which the first ``row_counts[b]`` are used; out's other rows are unspecified.
+
+    The arithmetic of dispatch -> grouped GEMM -> SwiGLU -> grouped GEMM -> combine, but no
+    buffer holds one row per (token, expert) pair: each expert's pairs run in chunks through a
+    small scratch (custom_ops/cpu/expert_ffn.cc). The gradient (MoeEpExpertsWeightedSumGrad)
+    recomputes the experts' forward expert by expert, so only one expert's per-pair buffers
+    live at a time; the forward keeps nothing per pair for backward, at the cost of running the
+    experts' forward twice.
+    """
+
+    def __init__(self):
+        super().__init__()
+        grad = _custom(
+            "MoeEpExpertsWeightedSumGrad",
+            out_shape=lambda d_out, rows, ids, weights, counts, gate_up, down: (
+                rows, weights, gate_up, down),
+            out_dtype=lambda d_out, rows, ids, weights, counts, gate_up, down: (
+                rows, mstype.float32, gate_up, down))
+
+        def bprop(rows, local_ids, weights, row_counts, gate_up_weight, down_weight, out, dout):
+            d_rows, d_weights, d_gate_up_weight, d_down_weight = grad(
+                dout[0], rows, local_ids, weights, row_counts, gate_up_weight, down_weight)
+            return (d_rows, ops.zeros_like(local_ids), d_weights, ops.zeros_like(row_counts),
+                    d_gate_up_weight, d_down_weight)
+
+        self._weighted_sum = _custom(
+            "MoeEpExpertsWeightedSum",
+            out_shape=lambda rows, ids, weights, counts, gate_up, down: (rows, [gate_up[0]]),
+            out_dtype=lambda rows, ids, weights, counts, gate_up, down: (rows, mstype.int32),
+            bprop=bprop)
+
+    def construct(self, rows, local_ids, weights, row_counts, gate_up_weight, down_weight):
+        return self._weighted_sum(rows, local_ids, weights, row_counts, gate_up_weight,
+                                  down_weight)

@@ -649,21 +649,32 @@ def check_gradients(report, case, layer, ref_layer, inputs, rank, reference):
 
 
 def grad_part(report, rank, world):
+    # Each case takes one of the experts' paths (see layer.py): "grouped" (training), "rowwise"
+    # (not training: ExpertsWeightedSum, its gradient recomputes the experts) or "recompute"
+    # (training with runtime.recompute_experts); the reference layer takes the same path.
     cases = [  # name, config, token shapes per source, hidden, seed, expert bias, modes,
-               # concatenated reference
+               # concatenated reference, experts' path
         ("tiny_switch_aux_z",
          tiny_layer_config(world, aux_loss_type="switch", aux_loss_coeff=0.01, z_loss_coeff=0.001),
-         [(12,), (7,), (3,), (10,)], 16, 1001, False, graph_modes(world), False),
+         [(12,), (7,), (3,), (10,)], 16, 1001, False, graph_modes(world), False, "grouped"),
+        ("tiny_switch_aux_z_recompute",
+         tiny_layer_config(world, aux_loss_type="switch", aux_loss_coeff=0.01, z_loss_coeff=0.001,
+                           recompute_experts=True),
+         [(12,), (7,), (3,), (10,)], 16, 1001, False, graph_modes(world), False, "recompute"),
         ("deepseek_seq_aux", deepseek_layer_config(world), [(2, 4), (1, 4), (3, 4), (1, 4)],
-         64, 1002, True, ("pynative",), False),
-        ("tiny_zero_tokens_no_aux", tiny_layer_config(world), [(9,), (0,), (5,), (1,)],
-         16, 1003, False, ("pynative",), False),
+         64, 1002, True, ("pynative",), False, "rowwise"),
+        ("tiny_zero_tokens_no_aux", tiny_layer_config(world, recompute_experts=True),
+         [(9,), (0,), (5,), (1,)], 16, 1003, False, ("pynative",), False, "recompute"),
         ("tiny_capacity", tiny_layer_config(world, capacity_factor=1.0),
-         [(12,), (5,), (9,), (2,)], 16, 1004, False, ("pynative",), True),
+         [(12,), (5,), (9,), (2,)], 16, 1004, False, ("pynative",), True, "grouped"),
     ]
-    for name, config, shapes, hidden, seed, bias, modes, concatenate in cases:
+    for name, config, shapes, hidden, seed, bias, modes, concatenate, path in cases:
         layer = mee.MoELayer(config)
         ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+        for each in (layer, ref_layer):
+            each.set_train(path != "rowwise")
+            report.equal(f"grad/{name}/path", each._dispatcher_for(4, "prefill")[1],
+                         path != "grouped")
         if bias:
             set_expert_bias([layer, ref_layer], 11, config.model.num_experts)
         inputs = layer_inputs(seed, shapes[:world], hidden)

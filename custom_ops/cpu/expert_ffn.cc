@@ -1,0 +1,489 @@
+// The routed SwiGLU experts of one rank and the weighted sum of their outputs, in one kernel
+// without a buffer of one row per (token, expert) pair (inference, and training with the
+// experts recomputed in backward).
+//
+//   MoeEpExpertsWeightedSum
+//     rows [N, H], local_ids [N, K] int32, weights [N, K] float32, row_counts [B] int32,
+//     gate_up_weight [L, H, 2F], down_weight [L, F, H]
+//     -> out [N, H], tokens_per_expert [L] int32
+//
+//   out[i] = sum over k with local_ids[i, k] >= 0 of
+//            weights[i, k] * down_e(silu(gate_e(rows[i])) * up_e(rows[i])),  e = local_ids[i, k]
+//
+// The rows come in B blocks of N / B rows (one per source rank under expert parallelism, B = 1
+// locally); block b's first row_counts[b] rows are used, the rest are neither read nor written
+// (out's rows there are unspecified). tokens_per_expert[e] counts the pairs expert e computed.
+//
+//   MoeEpExpertsWeightedSumGrad
+//     d_out [N, H], then the six inputs above
+//     -> d_rows [N, H], d_weights [N, K] float32, d_gate_up_weight [L, H, 2F],
+//        d_down_weight [L, F, H]
+//   The gradient of sum(out * d_out), recomputing the experts' forward. d_rows and d_weights are
+//   zero where no pair is (unused rows included).
+//
+// Why: the grouped path (dispatch -> grouped GEMM -> SwiGLU -> grouped GEMM -> combine) keeps four
+// buffers with one row per pair, sized for the worst case (R * C * min(K, L) rows under expert
+// parallelism, ~4x the pairs a balanced step has): grouped rows [P, H], gate_up [P, 2F], hidden
+// [P, F] and the expert output [P, H]. Training needs them for the backward pass; inference does
+// not. Here each expert's pairs run in chunks of at most kMaxChunkRows rows through a scratch
+// per chunk in flight (gathered rows, gate_up, hidden; the expert output reuses the gathered
+// rows), and each chunk adds its weighted outputs to its rows' sums at once. Peak memory beyond
+// the inputs and the output is the scratch: threads x chunk rows x (H + 3F) elements, plus a
+// float32 sum of the used rows for 16-bit types.
+//
+// Arithmetic: the grouped path's. The GEMMs are the same gemm_backend calls (float32 accumulation,
+// one rounding to T per output element), SwiGLU the same row function, and each row's sum is
+// accumulated in float32 (weight x output, then add) and rounded once to T. The pairs of a row
+// are added in local expert order (the grouped combine adds them in k order, so the two paths
+// may differ by float32 rounding). Experts run one after the other and an expert's chunks in
+// parallel: an expert has at most one pair per row, so no two threads add to the same row, and
+// the order of additions depends on nothing but the routing. The chunks depend only on the
+// pair counts and the shapes, never on the thread count.
+//
+// The gradient works expert by expert as well: the expert's pairs run through the forward and
+// backward of the FFN in chunks (in parallel; each chunk adds d_rows of its own rows and writes
+// the d_weights of its pairs), keeping the expert's gathered rows, gate_up, hidden and weighted
+// output gradient, and then the expert's two weight gradients are GEMMs over all its pairs,
+// split into blocks of output rows. So the per-pair buffers of one expert live at a time, not
+// the worst-case buffers of all of them.
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gemm_backend.h"
+#include "kernel_common.h"
+#include "simd_convert.h"
+#include "swiglu.h"
+
+namespace moe_ep {
+namespace {
+
+// Scratch per chunk: chunk rows x (H + 3F) elements, at most ~8 MiB, between 32 and 512 rows.
+// oneDNN's single-thread sgemm runs at ~36 GFLOP/s here from ~512 rows per call and at 22-34
+// GFLOP/s with 128-384 rows (it packs the weights again on every call; grouped_matmul.cc), so
+// wide layers (H = 7168: ~150 rows) trade some GEMM speed for the bounded scratch.
+constexpr int64_t kScratchBytesPerThread = int64_t{8} << 20;
+constexpr int64_t kMaxChunkRows = 512, kMinChunkRows = 32;
+
+int64_t ChunkRows(int64_t hidden, int64_t ffn, int64_t element_bytes) {
+  const int64_t row_bytes = (hidden + 3 * ffn) * element_bytes;
+  return std::clamp<int64_t>(kScratchBytesPerThread / std::max<int64_t>(row_bytes, 1),
+                             kMinChunkRows, kMaxChunkRows);
+}
+
+// One (row, k) pair of an expert.
+struct Pair {
+  int64_t row;
+  int32_t k;
+};
+
+// The pairs of every local expert, each list in row order.
+std::vector<std::vector<Pair>> PairsByExpert(const TensorArg &local_ids, const int32_t *counts,
+                                             int64_t num_blocks, int64_t block_rows,
+                                             int64_t num_experts) {
+  const int64_t top_k = local_ids.dim(1);
+  const int32_t *ids = local_ids.data_as<const int32_t>();
+  std::vector<std::vector<Pair>> pairs(num_experts);
+  for (int64_t block = 0; block < num_blocks; ++block) {
+    for (int64_t row = block * block_rows; row < block * block_rows + counts[block]; ++row) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int32_t expert = ids[row * top_k + k];
+        if (expert < -1 || expert >= num_experts) {
+          Fail(kOutOfRange, "local_ids", local_ids.IndexString(row * top_k + k), " = ", expert,
+               "; expected -1 (no expert on this rank) or a local expert in [0, ", num_experts,
+               ")");
+        }
+        if (expert >= 0) pairs[expert].push_back(Pair{row, static_cast<int32_t>(k)});
+      }
+    }
+  }
+  return pairs;
+}
+
+// Sums of the used rows in float32. For float32 outputs the sums are the output rows themselves;
+// for 16-bit types a float32 buffer (only the used rows are touched), rounded into out at the end.
+// On AVX2 CPUs each run of 16 elements is kept in Load16's lane order (for bfloat16, evens then
+// odds), which Store16 undoes; the last hidden % 16 elements, and every element without AVX2,
+// are in plain order.
+template <typename T>
+MOE_EP_AVX2 void AddWeightedRowAvx2(const T *row, float weight, int64_t hidden, float *sum) {
+  const __m256 w = _mm256_set1_ps(weight);
+  int64_t h = 0;
+  for (; h + 16 <= hidden; h += 16) {
+    __m256 first, second;
+    Load16(row + h, first, second);
+    _mm256_storeu_ps(sum + h, _mm256_add_ps(_mm256_loadu_ps(sum + h), _mm256_mul_ps(w, first)));
+    _mm256_storeu_ps(sum + h + 8,
+                     _mm256_add_ps(_mm256_loadu_ps(sum + h + 8), _mm256_mul_ps(w, second)));
+  }
+  for (; h < hidden; ++h) sum[h] += weight * ToFloat(row[h]);
+}
+
+template <typename T>
+MOE_EP_AVX2 void RoundRowAvx2(const float *sum, int64_t hidden, T *out) {
+  int64_t h = 0;
+  for (; h + 16 <= hidden; h += 16) {
+    Store16(out + h, _mm256_loadu_ps(sum + h), _mm256_loadu_ps(sum + h + 8), /*streaming=*/false);
+  }
+  for (; h < hidden; ++h) out[h] = FromFloat<T>(sum[h]);
+}
+
+// sum += weight * row (multiply, then add, in float32).
+template <typename T>
+void AddWeightedRow(const T *row, float weight, int64_t hidden, float *sum) {
+  if (CpuHasAvx2F16c()) return AddWeightedRowAvx2(row, weight, hidden, sum);
+  for (int64_t h = 0; h < hidden; ++h) sum[h] += weight * ToFloat(row[h]);
+}
+
+template <typename T>
+void RoundRow(const float *sum, int64_t hidden, T *out) {
+  if (CpuHasAvx2F16c()) return RoundRowAvx2(sum, hidden, out);
+  for (int64_t h = 0; h < hidden; ++h) out[h] = FromFloat<T>(sum[h]);
+}
+
+// <a, b> in float32 (the weight gradient of a pair).
+template <typename T>
+float Dot(const T *a, const T *b, int64_t size) {
+  float sum = 0.0f;
+  for (int64_t h = 0; h < size; ++h) sum += ToFloat(a[h]) * ToFloat(b[h]);
+  return sum;
+}
+
+// C [m, n] = A [m, k] x op(B), op(B) = B [k, n] or, with transpose_b, B^T for B [n, k].
+template <typename T>
+void RowsTimes(const T *a, int64_t m, int64_t k, const T *b, int64_t n, bool transpose_b, T *c) {
+  GemmProblem problem;
+  problem.trans_b = transpose_b;
+  problem.m = m;
+  problem.n = n;
+  problem.k = k;
+  problem.lda = k;
+  problem.ldb = transpose_b ? k : n;
+  problem.ldc = n;
+  Gemm(problem, a, b, c);
+}
+
+// The shapes of one call, checked: rows [N, H] in B blocks, local_ids / weights [N, K],
+// gate_up_weight [L, H, 2F], down_weight [L, F, H].
+struct ExpertsShapes {
+  int64_t num_rows, hidden, top_k, num_experts, ffn, num_blocks, block_rows;
+  const int32_t *counts;  // [B]
+};
+
+ExpertsShapes CheckInputs(const TensorArg &rows, const TensorArg &local_ids,
+                          const TensorArg &weights, const TensorArg &row_counts,
+                          const TensorArg &gate_up_weight, const TensorArg &down_weight) {
+  ExpertsShapes shapes{};
+  rows.RequireRank(2);
+  shapes.num_rows = rows.dim(0);
+  shapes.hidden = rows.dim(1);
+  local_ids.RequireRank(2);
+  local_ids.RequireDtype("int32");
+  local_ids.RequireDim(0, shapes.num_rows, "rows.shape[0]");
+  shapes.top_k = local_ids.dim(1);
+  weights.RequireDtype("float32");
+  weights.RequireRank(2);
+  weights.RequireDim(0, shapes.num_rows, "rows.shape[0]");
+  weights.RequireDim(1, shapes.top_k, "local_ids.shape[1] (top_k)");
+  row_counts.RequireRank(1);
+  row_counts.RequireDtype("int32");
+  shapes.num_blocks = row_counts.dim(0);
+  if (shapes.num_blocks <= 0 || shapes.num_rows % shapes.num_blocks != 0) {
+    Fail(kInvalidArgument, "row_counts has shape ", row_counts.ShapeString(), "; its length (the "
+         "number of row blocks) must be positive and divide rows.shape[0] = ", shapes.num_rows);
+  }
+  shapes.block_rows = shapes.num_rows / shapes.num_blocks;
+  shapes.counts = row_counts.data_as<const int32_t>();
+  for (int64_t block = 0; block < shapes.num_blocks; ++block) {
+    if (shapes.counts[block] < 0 || shapes.counts[block] > shapes.block_rows) {
+      Fail(kOutOfRange, "row_counts[", block, "] = ", shapes.counts[block], "; expected 0 to ",
+           shapes.block_rows, " (rows per block)");
+    }
+  }
+  gate_up_weight.RequireRank(3);
+  gate_up_weight.RequireSameDtype(rows);
+  gate_up_weight.RequireDim(1, shapes.hidden, "rows.shape[1] (hidden)");
+  shapes.num_experts = gate_up_weight.dim(0);
+  if (gate_up_weight.dim(2) % 2 != 0) {
+    Fail(kInvalidArgument, "gate_up_weight has shape ", gate_up_weight.ShapeString(),
+         "; its last dimension must be 2 * expert_ffn_size (gate, then up)");
+  }
+  shapes.ffn = gate_up_weight.dim(2) / 2;
+  down_weight.RequireRank(3);
+  down_weight.RequireSameDtype(rows);
+  down_weight.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
+  down_weight.RequireDim(1, shapes.ffn, "expert_ffn_size (half of gate_up_weight.shape[2])");
+  down_weight.RequireDim(2, shapes.hidden, "rows.shape[1] (hidden)");
+  return shapes;
+}
+
+void RequireLike(const TensorArg &tensor, const TensorArg &like) {
+  tensor.RequireSameDtype(like);
+  tensor.RequireRank(like.rank);
+  const std::string description = "the shape of " + like.name;
+  for (int axis = 0; axis < like.rank; ++axis) {
+    tensor.RequireDim(axis, like.dim(axis), description.c_str());
+  }
+}
+
+// The used rows: block b's rows [b * block_rows, b * block_rows + counts[b]).
+template <typename Visit>
+void ForEachUsedBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first, end)
+  for (int64_t block = 0; block < shapes.num_blocks; ++block) {
+    visit(block * shapes.block_rows, block * shapes.block_rows + shapes.counts[block]);
+  }
+}
+
+// Float32 sums of the used rows, zeroed: `out` itself for float32, else a buffer of its own
+// (only the used rows' pages are touched), which Finish rounds into `out`.
+template <typename T>
+class RowSums {
+ public:
+  RowSums(const ExpertsShapes &shapes, T *out) : shapes_(shapes), out_(out) {
+    if constexpr (std::is_same_v<T, float>) {
+      sums_ = out;
+    } else {
+      own_.reset(new float[shapes.num_rows * shapes.hidden]);
+      sums_ = own_.get();
+    }
+    ForEachUsedBlock(shapes, [&](int64_t first, int64_t end) {
+      std::fill(sums_ + first * shapes.hidden, sums_ + end * shapes.hidden, 0.0f);
+    });
+  }
+
+  float *row(int64_t index) const { return sums_ + index * shapes_.hidden; }
+
+  void Finish() const {
+    if constexpr (!std::is_same_v<T, float>) {
+      const int64_t hidden = shapes_.hidden;
+      ForEachUsedBlock(shapes_, [&](int64_t first, int64_t end) {
+        ParallelFor(end - first, MinItemsPerThread(hidden * 6), [&](int64_t begin, int64_t stop) {
+          for (int64_t r = first + begin; r < first + stop; ++r) {
+            RoundRow(row(r), hidden, out_ + r * hidden);
+          }
+        });
+      });
+    }
+  }
+
+ private:
+  const ExpertsShapes &shapes_;
+  T *out_;
+  float *sums_ = nullptr;
+  std::unique_ptr<float[]> own_;
+};
+
+// Runs run_chunk(expert, first pair, pair count, chunk index) for every chunk of every expert:
+// experts one after the other, an expert's chunks in parallel.
+template <typename RunChunk>
+void ForEachChunk(const std::vector<std::vector<Pair>> &pairs, int64_t chunk_rows,
+                  RunChunk &&run_chunk) {
+  for (int64_t expert = 0; expert < static_cast<int64_t>(pairs.size()); ++expert) {
+    const int64_t num_pairs = static_cast<int64_t>(pairs[expert].size());
+    const int64_t num_chunks = (num_pairs + chunk_rows - 1) / chunk_rows;
+    ParallelFor(num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t first = chunk * chunk_rows;
+        run_chunk(expert, first, std::min(chunk_rows, num_pairs - first));
+      }
+    });
+  }
+}
+
+// The FFN forward of `count` pairs of `expert`: gathered rows [count, H], gate_up [count, 2F]
+// and hidden [count, F] (in the caller's buffers), then the output [count, H] into `out`.
+template <typename T>
+struct ExpertFFN {
+  const T *rows, *gate_up_weight, *down_weight;
+  int64_t hidden, ffn;
+
+  void Forward(int64_t expert, const Pair *pairs, int64_t count, T *gathered, T *gate_up,
+               T *activated, T *out) const {
+    for (int64_t i = 0; i < count; ++i) {
+      std::memcpy(gathered + i * hidden, rows + pairs[i].row * hidden, hidden * sizeof(T));
+    }
+    RowsTimes(gathered, count, hidden, gate_up_weight + expert * hidden * 2 * ffn, 2 * ffn,
+              /*transpose_b=*/false, gate_up);
+    SwiGLURows(gate_up, ffn, 0, count, activated);
+    RowsTimes(activated, count, ffn, down_weight + expert * ffn * hidden, hidden,
+              /*transpose_b=*/false, out);
+  }
+};
+
+template <typename T>
+void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair>> &pairs,
+                 const ExpertFFN<T> &ffn, const float *weights, T *out) {
+  const int64_t hidden = shapes.hidden, chunk_rows = ChunkRows(hidden, shapes.ffn, sizeof(T));
+  const RowSums<T> sums(shapes, out);
+  ForEachChunk(pairs, chunk_rows, [&](int64_t expert, int64_t first, int64_t count) {
+    // scratch: gathered rows (then the expert outputs) [count, H], gate_up, hidden
+    std::unique_ptr<T[]> scratch(new T[count * (hidden + 3 * shapes.ffn)]);
+    T *gathered = scratch.get(), *gate_up = gathered + count * hidden;
+    T *activated = gate_up + count * 2 * shapes.ffn;
+    const Pair *chunk = pairs[expert].data() + first;
+    ffn.Forward(expert, chunk, count, gathered, gate_up, activated, /*out=*/gathered);
+    for (int64_t i = 0; i < count; ++i) {
+      AddWeightedRow(gathered + i * hidden, weights[chunk[i].row * shapes.top_k + chunk[i].k],
+                     hidden, sums.row(chunk[i].row));
+    }
+  });
+  sums.Finish();
+}
+
+// out[e] [P, Q] = a^T b for a [rows, P], b [rows, Q], in blocks of output rows of at least 512
+// (fewer for a smaller P) that depend only on the shapes.
+template <typename T>
+void WeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size, int64_t rows, T *out) {
+  constexpr int64_t kMinRowsPerBlock = 512;
+  const int64_t blocks = std::max<int64_t>(1, p_size / kMinRowsPerBlock);
+  ParallelFor(blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t first = p_size * block / blocks, end = p_size * (block + 1) / blocks;
+      GemmProblem problem;
+      problem.trans_a = true;
+      problem.m = end - first;
+      problem.n = q_size;
+      problem.k = rows;
+      problem.lda = p_size;
+      problem.ldb = q_size;
+      problem.ldc = q_size;
+      Gemm(problem, a + first, b, out + first * q_size);
+    }
+  });
+}
+
+// The gradient of sum(out * d_out) (see the header), expert by expert.
+template <typename T>
+void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<Pair>> &pairs,
+                     const ExpertFFN<T> &ffn, const float *weights, const T *d_out, T *d_rows,
+                     float *d_weights, T *d_gate_up_weight, T *d_down_weight) {
+  const int64_t hidden = shapes.hidden, f = shapes.ffn, top_k = shapes.top_k;
+  std::fill(d_weights, d_weights + shapes.num_rows * top_k, 0.0f);
+  std::fill(d_rows, d_rows + shapes.num_rows * hidden, FromFloat<T>(0.0f));
+  const RowSums<T> d_row_sums(shapes, d_rows);
+  const int64_t chunk_rows = ChunkRows(hidden, f, sizeof(T));
+  for (int64_t expert = 0; expert < shapes.num_experts; ++expert) {
+    const std::vector<Pair> &list = pairs[expert];
+    const int64_t num_pairs = static_cast<int64_t>(list.size());
+    T *d_up_w = d_gate_up_weight + expert * hidden * 2 * f;
+    T *d_down_w = d_down_weight + expert * f * hidden;
+    if (num_pairs == 0) {
+      std::fill(d_up_w, d_up_w + hidden * 2 * f, FromFloat<T>(0.0f));
+      std::fill(d_down_w, d_down_w + f * hidden, FromFloat<T>(0.0f));
+      continue;
+    }
+    // The expert's pairs: gathered rows, gate_up, hidden, weighted output gradient, gate_up
+    // gradient (what its weight gradients need), freed before the next expert.
+    std::unique_ptr<T[]> kept(new T[num_pairs * (2 * hidden + 5 * f)]);
+    T *gathered = kept.get(), *gate_up = gathered + num_pairs * hidden;
+    T *activated = gate_up + num_pairs * 2 * f, *d_expert_out = activated + num_pairs * f;
+    T *d_gate_up = d_expert_out + num_pairs * hidden;
+    const std::vector<std::vector<Pair>> one_expert_pairs = {list};
+    ForEachChunk(one_expert_pairs, chunk_rows, [&](int64_t, int64_t first, int64_t count) {
+      const Pair *chunk = list.data() + first;
+      // scratch: the expert output, then the rows gradient [count, H]; hidden gradient [count, F]
+      std::unique_ptr<T[]> scratch(new T[count * (hidden + f)]);
+      T *expert_out = scratch.get(), *d_activated = expert_out + count * hidden;
+      ffn.Forward(expert, chunk, count, gathered + first * hidden, gate_up + first * 2 * f,
+                  activated + first * f, expert_out);
+      T *d_out_rows = d_expert_out + first * hidden;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t slot = chunk[i].row * top_k + chunk[i].k;
+        const T *d_out_row = d_out + chunk[i].row * hidden;
+        d_weights[slot] = Dot(d_out_row, expert_out + i * hidden, hidden);
+        for (int64_t h = 0; h < hidden; ++h) {
+          d_out_rows[i * hidden + h] = FromFloat<T>(weights[slot] * ToFloat(d_out_row[h]));
+        }
+      }
+      RowsTimes(d_out_rows, count, hidden, ffn.down_weight + expert * f * hidden, f,
+                /*transpose_b=*/true, d_activated);
+      SwiGLUGradRows(d_activated, gate_up + first * 2 * f, f, 0, count,
+                     d_gate_up + first * 2 * f);
+      T *d_pair_rows = expert_out;
+      RowsTimes(d_gate_up + first * 2 * f, count, 2 * f,
+                ffn.gate_up_weight + expert * hidden * 2 * f, hidden, /*transpose_b=*/true,
+                d_pair_rows);
+      for (int64_t i = 0; i < count; ++i) {
+        AddWeightedRow(d_pair_rows + i * hidden, 1.0f, hidden, d_row_sums.row(chunk[i].row));
+      }
+    });
+    WeightGrad(activated, f, d_expert_out, hidden, num_pairs, d_down_w);
+    WeightGrad(gathered, hidden, d_gate_up, 2 * f, num_pairs, d_up_w);
+  }
+  d_row_sums.Finish();
+}
+
+void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
+  const TensorArg &rows = args[0], &local_ids = args[1], &weights = args[2];
+  const ExpertsShapes shapes = CheckInputs(rows, local_ids, weights, args[3], args[4], args[5]);
+  const TensorArg &out = args[6], &tokens_per_expert = args[7];
+  RequireLike(out, rows);
+  tokens_per_expert.RequireDtype("int32");
+  tokens_per_expert.RequireRank(1);
+  tokens_per_expert.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
+
+  const std::vector<std::vector<Pair>> pairs = PairsByExpert(
+      local_ids, shapes.counts, shapes.num_blocks, shapes.block_rows, shapes.num_experts);
+  for (int64_t expert = 0; expert < shapes.num_experts; ++expert) {
+    tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
+  }
+  VisitFloatType(rows, [&](auto element) {
+    using T = decltype(element);
+    const ExpertFFN<T> ffn{rows.data_as<const T>(), args[4].data_as<const T>(),
+                           args[5].data_as<const T>(), shapes.hidden, shapes.ffn};
+    WeightedSum(shapes, pairs, ffn, weights.data_as<const float>(), out.data_as<T>());
+    if (PoisonUnusedRows()) {
+      T *out_rows = out.data_as<T>();
+      for (int64_t block = 0; block < shapes.num_blocks; ++block) {
+        FillWithNaN(out_rows + (block * shapes.block_rows + shapes.counts[block]) * shapes.hidden,
+                    (shapes.block_rows - shapes.counts[block]) * shapes.hidden);
+      }
+    }
+  });
+}
+
+void RunExpertsWeightedSumGrad(const std::vector<TensorArg> &args) {
+  const TensorArg &d_out = args[0], &rows = args[1], &local_ids = args[2], &weights = args[3];
+  const ExpertsShapes shapes = CheckInputs(rows, local_ids, weights, args[4], args[5], args[6]);
+  RequireLike(d_out, rows);
+  RequireLike(args[7], rows);
+  RequireLike(args[8], weights);
+  RequireLike(args[9], args[5]);
+  RequireLike(args[10], args[6]);
+  const std::vector<std::vector<Pair>> pairs = PairsByExpert(
+      local_ids, shapes.counts, shapes.num_blocks, shapes.block_rows, shapes.num_experts);
+  VisitFloatType(rows, [&](auto element) {
+    using T = decltype(element);
+    const ExpertFFN<T> ffn{rows.data_as<const T>(), args[5].data_as<const T>(),
+                           args[6].data_as<const T>(), shapes.hidden, shapes.ffn};
+    WeightedSumGrad(shapes, pairs, ffn, weights.data_as<const float>(), d_out.data_as<const T>(),
+                    args[7].data_as<T>(), args[8].data_as<float>(), args[9].data_as<T>(),
+                    args[10].data_as<T>());
+  });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+MOE_EP_EXPORT int MoeEpExpertsWeightedSum(int nparam, void **params, int *ndims,
+                                          int64_t **shapes, const char **dtypes,
+                                          void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpExpertsWeightedSum", [&] {
+    moe_ep::RunExpertsWeightedSum(moe_ep::BindArgs(
+        nparam, params, ndims, shapes, dtypes,
+        {"rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight", "out",
+         "tokens_per_expert"}));
+  });
+}
+
+MOE_EP_EXPORT int MoeEpExpertsWeightedSumGrad(int nparam, void **params, int *ndims,
+                                              int64_t **shapes, const char **dtypes,
+                                              void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpExpertsWeightedSumGrad", [&] {
+    moe_ep::RunExpertsWeightedSumGrad(moe_ep::BindArgs(
+        nparam, params, ndims, shapes, dtypes,
+        {"d_out", "rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight",
+         "d_rows", "d_weights", "d_gate_up_weight", "d_down_weight"}));
+  });
+}
