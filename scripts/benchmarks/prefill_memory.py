@@ -19,7 +19,7 @@ their sum is what every layer of a model keeps until its backward pass.
 - sparse, row-wise experts (``MoELayer`` in inference, and in training with
   ``runtime.recompute_experts``; static shapes, C = ``dispatch.max_tokens_per_rank`` = T):
   routing indices, send rows [R*C, H] and metadata [R*C, 2K], received rows and metadata (same),
-  the ExpertsWeightedSum kernel's scratch (per thread: a chunk of at most 512 rows and 8 MiB of
+  the ExpertsWeightedSum kernel's scratch (per thread: a chunk of at most 512 rows and 16 MiB of
   gathered rows, gate_up and hidden; 4 threads counted), per-rank partial sums [R*C, H],
   returned rows [R*C, H], output [T, H], plus the shared-memory window (R*(R-1) slots as
   MoELayer sizes them). Training keeps the received rows and metadata and recomputes the
@@ -55,7 +55,7 @@ import bench_common as bc
 NAME = "prefill_memory"
 WORLD, EXPERTS, TOP_K, ELEMENT = 4, 64, 8, 4
 SCRATCH_THREADS = 4             # kernel threads counted for the row-wise experts' scratch
-SCRATCH_BYTES_PER_THREAD = 8 << 20  # custom_ops/cpu/expert_ffn.cc: kScratchBytesPerThread
+SCRATCH_BYTES_PER_THREAD = 16 << 20  # custom_ops/cpu/expert_ffn.cc: kScratchBytesPerThread
 SCRATCH_MAX_ROWS, SCRATCH_MIN_ROWS = 512, 32
 
 
