@@ -6,10 +6,7 @@ written here, independent of the kernels. Tolerances as in test_local_kernels.py
 hidden, expert output; the sum is rounded once), so 2e-2 of the largest value for bfloat16 and
 3e-3 for float16.
 """
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import mindspore as ms
@@ -17,21 +14,15 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from thread_counts import assert_same_bits_for_thread_counts
 from mindspore_moe_ep.ops import (CombineKernel, DispatchKernel, ExpertsWeightedSum,
                                   GroupedMatmul, GroupedSwiGLU, KernelError,
                                   explain_kernel_errors)
 
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 HIDDEN, FFN, EXPERTS, TOP_K = 48, 20, 5, 4
 
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def rounded(values, dtype_name):
@@ -221,14 +212,7 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
                 results[f"{dtype}_{name}"] = grad.astype(ms.float32).asnumpy()
         np.savez(sys.argv[1], **results)
         """)
-    outputs = []
-    for threads in (1, 3):
-        path = tmp_path / f"threads_{threads}.npz"
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True,
-                       env=dict(os.environ, MOE_EP_NUM_THREADS=str(threads), GLOG_v="3"))
-        outputs.append(np.load(path))
-    for name in outputs[0]:
-        np.testing.assert_array_equal(outputs[0][name], outputs[1][name], err_msg=name)
+    assert_same_bits_for_thread_counts(script, tmp_path, (1, 3))
 
 
 def _call(rows=(8, HIDDEN), ids=None, counts=(8,), weights_dtype=np.float32, experts=EXPERTS):

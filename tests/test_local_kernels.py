@@ -17,10 +17,7 @@ sum(tokens_per_expert) are unspecified, so only the used rows are compared; the 
 fill that tail with NaN (MOE_EP_POISON_UNUSED_ROWS=1) to show that nothing reads it.
 """
 import ctypes
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import mindspore as ms
@@ -33,20 +30,13 @@ from mindspore_moe_ep.ops import (CombineKernel, DispatchKernel, GroupedMatmul, 
                                   kernel_library, set_gemm_backend)
 from mindspore_moe_ep.ops.kernel_library import take_kernel_errors
 from kernel_abi import call_kernel
+from thread_counts import assert_same_bits_for_thread_counts
 
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 RTOL_16_BIT = {"float16": 1e-3, "bfloat16": 8e-3}
 HIDDEN = 16
 FFN = 8
 
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    """Runs the test once in PYNATIVE_MODE and once in GRAPH_MODE."""
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def rtol(dtype_name, float32_rtol):
@@ -486,15 +476,7 @@ def test_grouped_matmul_results_do_not_depend_on_the_thread_count(tmp_path):
                 results[f"{dtype}_{name}"] = value if name == "d_weights" else value[:used]
         np.savez(sys.argv[1], **results)
         """)
-    outputs = []
-    for threads in (1, 2):
-        path = tmp_path / f"threads_{threads}.npz"
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True,
-                       env=dict(os.environ, MOE_EP_NUM_THREADS=str(threads), GLOG_v="3"))
-        outputs.append(np.load(path))
-    assert set(outputs[0]) == set(outputs[1])
-    for name in outputs[0]:
-        np.testing.assert_array_equal(outputs[0][name], outputs[1][name], err_msg=name)
+    assert_same_bits_for_thread_counts(script, tmp_path, (1, 2))
 
 
 def test_results_are_deterministic():

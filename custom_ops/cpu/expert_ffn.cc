@@ -155,20 +155,6 @@ float Dot(const T *a, const T *b, int64_t size) {
   return sum;
 }
 
-// C [m, n] = A [m, k] x op(B), op(B) = B [k, n] or, with transpose_b, B^T for B [n, k].
-template <typename T>
-void RowsTimes(const T *a, int64_t m, int64_t k, const T *b, int64_t n, bool transpose_b, T *c) {
-  GemmProblem problem;
-  problem.trans_b = transpose_b;
-  problem.m = m;
-  problem.n = n;
-  problem.k = k;
-  problem.lda = k;
-  problem.ldb = transpose_b ? k : n;
-  problem.ldc = n;
-  Gemm(problem, a, b, c);
-}
-
 // The shapes of one call, checked: rows [N, H] in B blocks, local_ids / weights [N, K],
 // gate_up_weight [L, H, 2F], down_weight [L, F, H].
 struct ExpertsShapes {
@@ -323,11 +309,11 @@ struct ExpertFFN {
     for (int64_t i = 0; i < count; ++i) {
       std::memcpy(gathered + i * hidden, rows + pairs[i].row * hidden, hidden * sizeof(T));
     }
-    RowsTimes(gathered, count, hidden, gate_up_weight + expert * hidden * 2 * ffn, 2 * ffn,
-              /*transpose_b=*/false, gate_up);
-    SwiGLURows(gate_up, ffn, 0, count, activated);
-    RowsTimes(activated, count, ffn, down_weight + expert * ffn * hidden, hidden,
-              /*transpose_b=*/false, out);
+    Gemm(ContiguousGemm(count, 2 * ffn, hidden), gathered,
+         gate_up_weight + expert * hidden * 2 * ffn, gate_up);                // [count, 2F]
+    SwiGLURows(gate_up, ffn, 0, count, activated);                           // [count, F]
+    Gemm(ContiguousGemm(count, hidden, ffn), activated, down_weight + expert * ffn * hidden,
+         out);                                                                // [count, H]
   }
 };
 
@@ -363,21 +349,6 @@ void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair
         }
       });
   sums.Finish();
-}
-
-// C [P, Q] = A^T B for A [rows, P], B [rows, Q] (a weight gradient; one GEMM call).
-template <typename T>
-void TransposedTimes(const T *a, int64_t p_size, const T *b, int64_t q_size, int64_t rows,
-                     T *c) {
-  GemmProblem problem;
-  problem.trans_a = true;
-  problem.m = p_size;
-  problem.n = q_size;
-  problem.k = rows;
-  problem.lda = p_size;
-  problem.ldb = q_size;
-  problem.ldc = q_size;
-  Gemm(problem, a, b, c);
 }
 
 // One expert's backward, on the calling thread. Its per-pair buffers (gathered rows, gate_up,
@@ -420,16 +391,19 @@ struct ExpertBackward {
           d_out_rows[i * hidden + h] = FromFloat<T>(weights[slot] * ToFloat(d_out_row[h]));
         }
       }
-      RowsTimes(d_out_rows, count, hidden, ffn.down_weight + expert * f * hidden, f,
-                /*transpose_b=*/true, d_activated);
+      Gemm(ContiguousGemm(count, f, hidden, /*trans_a=*/false, /*trans_b=*/true), d_out_rows,
+           ffn.down_weight + expert * f * hidden, d_activated);               // [count, F]
       SwiGLUGradRows(d_activated, gate_up + first * 2 * f, f, 0, count,
                      d_gate_up + first * 2 * f);
-      RowsTimes(d_gate_up + first * 2 * f, count, 2 * f,
-                ffn.gate_up_weight + expert * hidden * 2 * f, hidden, /*transpose_b=*/true,
-                d_pair_rows + first * hidden);
+      Gemm(ContiguousGemm(count, hidden, 2 * f, /*trans_a=*/false, /*trans_b=*/true),
+           d_gate_up + first * 2 * f, ffn.gate_up_weight + expert * hidden * 2 * f,
+           d_pair_rows + first * hidden);                                     // [count, H]
     }
-    TransposedTimes(activated, f, d_expert_out, hidden, num_pairs, d_down_w);
-    TransposedTimes(gathered, hidden, d_gate_up, 2 * f, num_pairs, d_up_w);
+    // One GEMM each over all the expert's pairs: d_down [F, H], d_gate_up [H, 2F]
+    Gemm(ContiguousGemm(f, hidden, num_pairs, /*trans_a=*/true), activated, d_expert_out,
+         d_down_w);
+    Gemm(ContiguousGemm(hidden, 2 * f, num_pairs, /*trans_a=*/true), gathered, d_gate_up,
+         d_up_w);
   }
 };
 

@@ -26,6 +26,22 @@ struct GemmProblem {
   int64_t lda = 0, ldb = 0, ldc = 0;
 };
 
+// The problem of contiguous row-major operands: A [m, k] (or [k, m]), B [k, n] (or [n, k]) and
+// C [m, n] with no gaps between rows, so the row strides follow from the shapes.
+inline GemmProblem ContiguousGemm(int64_t m, int64_t n, int64_t k, bool trans_a = false,
+                                  bool trans_b = false) {
+  GemmProblem problem;
+  problem.trans_a = trans_a;
+  problem.trans_b = trans_b;
+  problem.m = m;
+  problem.n = n;
+  problem.k = k;
+  problem.lda = trans_a ? m : k;
+  problem.ldb = trans_b ? k : n;
+  problem.ldc = n;
+  return problem;
+}
+
 // C = op(A) op(B). Throws a KernelError if oneDNN reports an error.
 void Gemm(const GemmProblem &problem, const float *a, const float *b, float *c);
 

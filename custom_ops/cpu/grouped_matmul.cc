@@ -108,16 +108,8 @@ void GroupedMatmul(const T *rows, int64_t k_in, const T *weights, int64_t n_out,
       MakeBlocks(groups, [&](int64_t expert) { return groups.size(expert); });
   RunBlocks(blocks, [&](const Block &block) {
     const int64_t first_row = groups.start(block.expert) + block.first;
-    GemmProblem problem;
-    problem.trans_b = transpose_b;
-    problem.m = block.count;
-    problem.n = n_out;
-    problem.k = k_in;
-    problem.lda = k_in;
-    problem.ldb = transpose_b ? k_in : n_out;
-    problem.ldc = n_out;
-    Gemm(problem, rows + first_row * k_in, weights + block.expert * k_in * n_out,
-         out + first_row * n_out);
+    Gemm(ContiguousGemm(block.count, n_out, k_in, /*trans_a=*/false, transpose_b),
+         rows + first_row * k_in, weights + block.expert * k_in * n_out, out + first_row * n_out);
   });
 }
 
