@@ -357,6 +357,7 @@ void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair
 template <typename T>
 struct ExpertBackward {
   std::unique_ptr<T[]> kept;
+  int64_t kept_capacity = 0;
   T *d_pair_rows = nullptr;  // [pairs, H]
 
   void Run(const ExpertsShapes &shapes, const std::vector<Pair> &list, int64_t expert,
@@ -366,7 +367,11 @@ struct ExpertBackward {
     const int64_t num_pairs = static_cast<int64_t>(list.size());
     T *d_up_w = d_gate_up_weight + expert * hidden * 2 * f;
     T *d_down_w = d_down_weight + expert * f * hidden;
-    kept.reset(new T[num_pairs * (3 * hidden + 5 * f)]);
+    const int64_t kept_size = num_pairs * (3 * hidden + 5 * f);
+    if (kept_size > kept_capacity) {  // grown, never shrunk: fresh pages fault on first touch
+      kept.reset(new T[kept_size]);
+      kept_capacity = kept_size;
+    }
     T *gathered = kept.get(), *gate_up = gathered + num_pairs * hidden;
     T *activated = gate_up + num_pairs * 2 * f, *d_expert_out = activated + num_pairs * f;
     T *d_gate_up = d_expert_out + num_pairs * hidden;
@@ -437,7 +442,6 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<
           AddWeightedRow(slots[slot].d_pair_rows + i * hidden, 1.0f, hidden,
                          d_row_sums.row(list[i].row));
         }
-        slots[slot].kept.reset();
       });
   d_row_sums.Finish();
 }

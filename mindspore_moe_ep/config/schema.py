@@ -332,7 +332,8 @@ class RuntimeConfig(_Section):
         "expert) pair, as inference always does, and recompute them in the backward pass. The "
         "forward pass then keeps only the delivered token rows for backward, instead of four "
         "per-pair buffers sized for the worst case (R * max_tokens_per_rank * min(top_k, "
-        "local experts) rows); the experts' forward runs twice. Needs a dropless layer "
+        "local experts) rows); the experts' forward runs twice (measured on one CPU process, "
+        "T=2048, hidden 2048: 1.37x the time of a forward + backward). Needs a dropless layer "
         "(router.capacity_factor null) and the CPU kernels.", default=False)
 
 
