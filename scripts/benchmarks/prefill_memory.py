@@ -35,9 +35,10 @@ their sum is what every layer of a model keeps until its backward pass.
   weights [T, E, c] float32 (kept for training).
 
 Measured: the peak resident-set growth (ru_maxrss - RSS before the step) of the first prefill
-forward of ``MoELayer`` in inference under msrun (R = 4, PYNATIVE_MODE; a small layer ran
-first to take the one-time costs: kernel loading, memory pools), with the row-wise experts and,
-in training mode (forward only), with the grouped ones; and of a PyTorch dense GShard forward
+step of ``MoELayer`` under msrun (R = 4, PYNATIVE_MODE; a small layer ran first to take the
+one-time costs: kernel loading, memory pools): the inference forward (row-wise experts), the
+training-mode forward alone (grouped experts), and a training forward + backward with grouped
+experts and with ``runtime.recompute_experts``; and of a PyTorch dense GShard forward
 in one process that frees each buffer after its last use (the all-to-all replaced by a copy of
 the same size: it does not change the buffers). Frameworks differ in allocators, so the
 analytic figures are the comparison; the measurements check their order of magnitude. Pages of
@@ -76,7 +77,7 @@ def routing_statistics(tokens):
             "mean_pairs_per_expert_per_rank": tokens * TOP_K / EXPERTS}
 
 
-def layer_config(tokens, hidden, ffn):
+def layer_config(tokens, hidden, ffn, recompute_experts=False):
     """The MoELayer config of the measured sparse path (float32, dropless, EP 4)."""
     import mindspore_moe_ep as mee
     return mee.MoEConfig.from_dict({
@@ -85,7 +86,8 @@ def layer_config(tokens, hidden, ffn):
         "parallel": {"expert_parallel": WORLD},
         "dispatch": {"max_tokens_per_rank": tokens, "decode_token_threshold": 0,
                      "transport": "shm"},
-        "runtime": {"mode": "pynative", "dtype": "float32"}})
+        "runtime": {"mode": "pynative", "dtype": "float32",
+                    "recompute_experts": recompute_experts}})
 
 
 def layer_slot_bytes(tokens, hidden):
@@ -203,30 +205,45 @@ def analytic(tokens, hidden, ffn, stats):
 
 # ---- measured: MindSpore sparse path under msrun ---------------------------------------------
 
-def ms_worker(tokens, hidden, ffn, experts_path):
-    """First prefill forward: in inference (row-wise experts) or in training mode, forward only
-    (grouped experts)."""
+# The measured MindSpore runs: (name, training?, recompute_experts?).
+MS_RUNS = {"rowwise": (False, False), "grouped": (True, False),
+           "train_grouped": (True, False), "train_recompute": (True, True)}
+
+
+def ms_worker(tokens, hidden, ffn, run):
+    """First prefill step of one kind (MS_RUNS): "rowwise" is the inference forward (row-wise
+    experts), "grouped" the training-mode forward alone (grouped experts), "train_*" a forward
+    + backward (the gradients of x and every parameter)."""
+    import mindspore as ms
     from mindspore import Tensor
     import mindspore_moe_ep as mee
     rank = bc.start_mindspore("pynative", distributed=True)
+    training, recompute = MS_RUNS[run]
 
     def build(max_tokens):
-        layer = mee.MoELayer(layer_config(max_tokens, hidden, ffn))
-        layer.set_train(experts_path == "grouped")
+        layer = mee.MoELayer(layer_config(max_tokens, hidden, ffn, recompute))
+        layer.set_train(training)
         return layer
+
+    def step(layer, x):
+        if not run.startswith("train"):
+            return layer(x, "prefill").asnumpy()
+        params = layer.trainable_params()
+        grads = ms.value_and_grad(lambda v: layer(v, "prefill").sum(), grad_position=0,
+                                  weights=params)(x)[1]
+        return grads[0].asnumpy()
 
     rng = np.random.default_rng(rank)
     # Static buffers are sized by max_tokens_per_rank, not by the tokens of a call, and
     # MindSpore's pool keeps them: a small layer first takes the one-time costs (kernel loading,
-    # pools), then the measured layer's first forward shows its own buffers.
-    small = build(8)
-    small(Tensor(rng.standard_normal((8, hidden), dtype=np.float32)), "prefill").asnumpy()
+    # pools), then the measured layer's first step shows its own buffers.
+    step(build(8), Tensor(rng.standard_normal((8, hidden), dtype=np.float32)))
     layer = build(tokens)
-    assert layer._dispatcher_for(tokens, "prefill")[1] == (experts_path == "rowwise")
+    assert layer._dispatcher_for(tokens, "prefill")[1] == (run in ("rowwise", "train_recompute"))
     x = Tensor(rng.standard_normal((tokens, hidden), dtype=np.float32))
     before = bc.current_rss_bytes()
     peak_before = bc.peak_rss_bytes()
-    layer(x, "prefill").asnumpy()
+    step(layer, x)
     peak = bc.peak_rss_bytes()
     window = layer.prefill_dispatcher.exchange.window
     bc.write_worker_result({"rank": rank, "rss_before": before, "peak_before": peak_before,
@@ -287,10 +304,10 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--ffn", type=int, default=None)
     parser.add_argument("--capacity", type=int, default=None)
-    parser.add_argument("--experts-path", choices=["rowwise", "grouped"], default="rowwise")
+    parser.add_argument("--run", choices=sorted(MS_RUNS), default="rowwise")
     args = parser.parse_args(argv)
     if args.role == "ms":
-        return ms_worker(args.tokens, args.hidden, args.ffn, args.experts_path)
+        return ms_worker(args.tokens, args.hidden, args.ffn, args.run)
     if args.role == "torch":
         bc.write_worker_result({"peak_growth": torch_dense_peak(args.tokens, args.hidden,
                                                                 args.ffn, args.capacity)})
@@ -300,7 +317,7 @@ def main(argv=None):
     print(f"[{NAME}] {bc.describe_machine(info)}", flush=True)
     shapes = [(1024, 2048, 512), (4096, 2048, 512), (4096, 7168, 2048)]
     measured_shapes = [(512, 1024, 256)] if args.quick else [(512, 1024, 256), (2048, 2048, 512)]
-    progress = bc.Progress(NAME, len(measured_shapes) * 3)
+    progress = bc.Progress(NAME, len(measured_shapes) * (len(MS_RUNS) + 1))
     analytic_rows, table_rows = [], []
     mib = 2 ** 20
     for tokens, hidden, ffn in sorted(set(shapes + measured_shapes)):
@@ -337,12 +354,11 @@ def main(argv=None):
         shape_args = ["--tokens", tokens, "--hidden", hidden, "--ffn", ffn]
         threads = bc.threads_per_process(WORLD)
         entry = {"tokens_per_rank": tokens, "hidden": hidden, "ffn": ffn}
-        for path in ("rowwise", "grouped"):
-            reports = bc.launch_msrun(script, WORLD, ["--role", "ms", *shape_args,
-                                                      "--experts-path", path],
+        for run in MS_RUNS:
+            reports = bc.launch_msrun(script, WORLD, ["--role", "ms", *shape_args, "--run", run],
                                       env={"MOE_EP_NUM_THREADS": str(threads)})
-            progress.step(f"MindSpore sparse prefill ({path}) T={tokens} H={hidden}")
-            entry[f"sparse_{path}_peak_growth_bytes"] = max(r["peak_growth"] for r in reports)
+            progress.step(f"MindSpore sparse prefill ({run}) T={tokens} H={hidden}")
+            entry[f"sparse_{run}_peak_growth_bytes"] = max(r["peak_growth"] for r in reports)
             entry["window_segment_bytes"] = reports[0]["window_segment_bytes"]
         stats = routing_statistics(tokens)
         try:
@@ -372,6 +388,13 @@ def main(argv=None):
                      (m["dense_gshard_peak_growth_bytes"] or float("nan")) / mib,
                      m["analytic_gshard_bytes"] / mib, m.get("measured_ratio")]
                     for m in measured]))
+    print(bc.table(["T/rank", "H", "F", "training step, grouped: peak RSS growth MiB",
+                    "training step, recompute_experts MiB", "recompute/grouped"],
+                   [[m["tokens_per_rank"], m["hidden"], m["ffn"],
+                     m["sparse_train_grouped_peak_growth_bytes"] / mib,
+                     m["sparse_train_recompute_peak_growth_bytes"] / mib,
+                     m["sparse_train_recompute_peak_growth_bytes"]
+                     / m["sparse_train_grouped_peak_growth_bytes"]] for m in measured]))
     headline = max(analytic_rows, key=lambda a: a["tokens_per_rank"] * a["hidden"])
     summary = {"target": "sparse <= 0.5x dense (inference peak)",
                "shape": {k: headline[k] for k in ("tokens_per_rank", "hidden", "ffn")},

@@ -168,17 +168,22 @@ def details(results):
                      fmt(m["sparse_grouped_peak_growth_bytes"] / 2 ** 20, 0),
                      fmt(m["analytic_grouped_bytes"] / 2 ** 20, 0),
                      fmt((m["dense_gshard_peak_growth_bytes"] or float("nan")) / 2 ** 20, 0),
-                     fmt(m["analytic_gshard_bytes"] / 2 ** 20, 0)] for m in r["measured"]]
+                     fmt(m["analytic_gshard_bytes"] / 2 ** 20, 0),
+                     fmt(m["sparse_train_grouped_peak_growth_bytes"] / 2 ** 20, 0),
+                     fmt(m["sparse_train_recompute_peak_growth_bytes"] / 2 ** 20, 0)]
+                    for m in r["measured"]]
         parts.append("### prefill_memory\n\nInference peak of live buffers, MiB per rank, EP 4, "
                      "top-8 of 64, float32 (analytic; the last two columns: bytes kept for "
                      "backward in training, vs the dense layout).\n\n" + bc.table(
                          ["T/rank", "H", "F", "dense c"] + [f"{d} MiB" for d in designs]
                          + ["row-wise/dense", "row-wise/GShard", "kept: recompute/dense",
                             "kept: grouped/dense"], rows)
-                     + "\n\nMeasured peak RSS growth of one prefill forward (MiB):\n\n"
+                     + "\n\nMeasured peak RSS growth of one prefill forward, and of one "
+                     "training forward + backward (MiB):\n\n"
                      + bc.table(["T/rank", "H", "F", "row-wise (MindSpore)", "analytic",
                                  "grouped (MindSpore)", "analytic", "dense GShard (PyTorch)",
-                                 "analytic"], measured))
+                                 "analytic", "training: grouped", "training: recompute_experts"],
+                                measured))
     if "expert_compute" in results:
         r = results["expert_compute"]
         c = r["config"]
