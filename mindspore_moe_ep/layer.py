@@ -181,7 +181,8 @@ class MoELayer(nn.Cell):
     def _dispatcher_for(self, num_tokens, phase):
         """(dispatcher, row-wise?) of this step (decided at compile time: shapes are static).
 
-        Row-wise: inference through the prefill dispatcher with ``experts.weighted_sum``."""
+        Row-wise: the prefill dispatcher's deliver / return_rows around
+        ``experts.weighted_sum``, in inference or with ``runtime.recompute_experts``."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")

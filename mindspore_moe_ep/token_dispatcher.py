@@ -10,9 +10,9 @@ Every dispatcher has the same two-step interface (as in Megatron-Core and DeepEP
 ``combine(expert_out, handle) -> y``
     returns each token's weighted sum of its experts' outputs, [T, H].
 
-For inference, where no backward pass needs one buffer row per (token, expert) pair, a dispatcher
-may also offer the row-wise pair of steps that ``MoELayer`` then uses with
-``GroupedSwiGLUExperts.weighted_sum``:
+Where no backward pass needs one buffer row per (token, expert) pair (inference, or training that
+recomputes the experts), a dispatcher may also offer the row-wise pair of steps that ``MoELayer``
+then uses with ``GroupedSwiGLUExperts.weighted_sum``:
 
 ``deliver(x, expert_ids, routing_weights) -> (rows, local_ids, weights, row_counts, route)``
     the token rows this rank's experts must see, each once, with its local expert ids (-1: none

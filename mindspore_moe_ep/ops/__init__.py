@@ -1,5 +1,5 @@
 """Kernels behind small Python interfaces: the local dispatch, combine, grouped matmul and
-SwiGLU Cells, and the fused experts-and-weighted-sum Cell of inference."""
+SwiGLU Cells, and the row-wise experts-and-weighted-sum Cell."""
 from .kernel_library import (KernelError, KernelLibraryNotFoundError, explain_kernel_errors,
                              gemm_backend, kernel_func, set_gemm_backend)
 from .activations import GroupedSwiGLU

@@ -238,9 +238,9 @@ class ExpertsWeightedSum(_KernelCell):
     The arithmetic of dispatch -> grouped GEMM -> SwiGLU -> grouped GEMM -> combine, but no
     buffer holds one row per (token, expert) pair: each expert's pairs run in chunks through a
     small scratch (custom_ops/cpu/expert_ffn.cc). The gradient (MoeEpExpertsWeightedSumGrad)
-    recomputes the experts' forward expert by expert, so only one expert's per-pair buffers
-    live at a time; the forward keeps nothing per pair for backward, at the cost of running the
-    experts' forward twice.
+    recomputes the experts' forward, one expert per thread at a time, so only those experts'
+    per-pair buffers live at once; the forward keeps nothing per pair for backward, at the cost
+    of running the experts' forward twice.
     """
 
     def __init__(self):
