@@ -281,6 +281,13 @@ void AppendChunks(int64_t expert, int64_t num_pairs, int64_t chunk_rows,
   }
 }
 
+// The most pairs in one of `chunks` (chunks of one expert may differ by one row).
+int64_t LargestChunk(const std::vector<Chunk> &chunks) {
+  int64_t largest = 0;
+  for (const Chunk &chunk : chunks) largest = std::max(largest, chunk.count);
+  return largest;
+}
+
 // Runs the items in waves of one per kernel thread: compute(item, slot) for a wave's items in
 // parallel (slot: the item's place in its wave, 0 .. threads - 1), then finish(item, slot) for
 // each, in item order, on the calling thread. Whatever finish accumulates is thus added in item
@@ -327,14 +334,16 @@ void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair
     AppendChunks(expert, static_cast<int64_t>(pairs[expert].size()), chunk_rows, chunks);
   }
   const RowSums<T> sums(shapes, out);
-  // One scratch per wave slot: gathered rows (then the expert outputs) [rows, H], gate_up, hidden
+  // One scratch per wave slot: gathered rows (then the expert outputs) [rows, H], gate_up,
+  // hidden, for the largest chunk of this call (a small step gets a small scratch).
+  const int64_t largest_chunk = LargestChunk(chunks);
   std::vector<std::unique_ptr<T[]>> scratch(std::min<int64_t>(chunks.size(),
                                                               std::max(1, KernelThreadCount())));
   RunInWaves(
       static_cast<int64_t>(chunks.size()),
       [&](int64_t index, int64_t slot) {
         const Chunk &chunk = chunks[index];
-        if (!scratch[slot]) scratch[slot].reset(new T[chunk_rows * (hidden + 3 * f)]);
+        if (!scratch[slot]) scratch[slot].reset(new T[largest_chunk * (hidden + 3 * f)]);
         T *gathered = scratch[slot].get(), *gate_up = gathered + chunk.count * hidden;
         ffn.Forward(chunk.expert, pairs[chunk.expert].data() + chunk.first, chunk.count,
                     gathered, gate_up, gate_up + chunk.count * 2 * f, /*out=*/gathered);
@@ -376,11 +385,11 @@ struct ExpertBackward {
     T *activated = gate_up + num_pairs * 2 * f, *d_expert_out = activated + num_pairs * f;
     T *d_gate_up = d_expert_out + num_pairs * hidden;
     d_pair_rows = d_gate_up + num_pairs * 2 * f;
-    const int64_t chunk_rows = ChunkRows(hidden, f, sizeof(T));
-    // scratch: the expert output [rows, H], the hidden gradient [rows, F]
-    std::unique_ptr<T[]> scratch(new T[chunk_rows * (hidden + f)]);
     std::vector<Chunk> chunks;
-    AppendChunks(expert, num_pairs, chunk_rows, chunks);
+    AppendChunks(expert, num_pairs, ChunkRows(hidden, f, sizeof(T)), chunks);
+    const int64_t largest_chunk = LargestChunk(chunks);
+    // scratch: the expert output [rows, H], the hidden gradient [rows, F] of a chunk
+    std::unique_ptr<T[]> scratch(new T[largest_chunk * (hidden + f)]);
     for (const Chunk &chunk : chunks) {
       const int64_t first = chunk.first, count = chunk.count;
       const Pair *pairs = list.data() + first;
