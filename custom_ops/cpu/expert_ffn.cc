@@ -22,7 +22,7 @@
 //   zero where no pair is (unused rows included).
 //
 // Why: the grouped path (dispatch -> grouped GEMM -> SwiGLU -> grouped GEMM -> combine) keeps four
-// buffers with one row per pair, sized for the worst case (R * C * min(K, L) rows under expert
+// buffers with one row per pair, sized for the worst case (R * C * K rows under expert
 // parallelism, ~4x the pairs a balanced step has): grouped rows [P, H], gate_up [P, 2F], hidden
 // [P, F] and the expert output [P, H]. Training needs them for the backward pass; inference does
 // not. Here each expert's pairs run in chunks of at most kMaxChunkRows rows through a scratch
@@ -353,8 +353,8 @@ void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair
         const Pair *chunk_pairs = pairs[chunk.expert].data() + chunk.first;
         for (int64_t i = 0; i < chunk.count; ++i) {
           const Pair &pair = chunk_pairs[i];
-          AddWeightedRow(scratch[slot].get() + i * hidden, weights[pair.row * shapes.top_k + pair.k],
-                         hidden, sums.row(pair.row));
+          const float weight = weights[pair.row * shapes.top_k + pair.k];
+          AddWeightedRow(scratch[slot].get() + i * hidden, weight, hidden, sums.row(pair.row));
         }
       });
   sums.Finish();

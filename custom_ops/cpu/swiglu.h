@@ -1,5 +1,5 @@
-// The SwiGLU activation (and its gradient) of one range of rows, shared by the grouped SwiGLU kernel and the fused
-// expert FFN (expert_ffn.cc).
+// The SwiGLU activation (and its gradient) of one range of rows, shared by the grouped SwiGLU
+// kernels and the row-wise experts (expert_ffn.cc).
 #ifndef MOE_EP_SWIGLU_H_
 #define MOE_EP_SWIGLU_H_
 

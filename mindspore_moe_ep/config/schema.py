@@ -331,10 +331,10 @@ class RuntimeConfig(_Section):
         "Training: run the routed experts in one kernel without buffers of one row per (token, "
         "expert) pair, as inference always does, and recompute them in the backward pass. The "
         "forward pass then keeps only the delivered token rows for backward, instead of four "
-        "per-pair buffers sized for the worst case (R * max_tokens_per_rank * min(top_k, "
-        "local experts) rows); the experts' forward runs twice (measured on one CPU process, "
-        "T=2048, hidden 2048: 1.37x the time of a forward + backward). Needs a dropless layer "
-        "(router.capacity_factor null) and the CPU kernels.", default=False)
+        "per-pair buffers sized for the worst case (R * max_tokens_per_rank * top_k rows); the "
+        "experts' forward runs twice (measured on one CPU process, T=2048, hidden 2048: 1.37x "
+        "the time of a forward + backward). Needs a dropless layer (router.capacity_factor "
+        "null) and the CPU kernels.", default=False)
 
 
 @dataclass(frozen=True)
