@@ -37,6 +37,7 @@
 //     in a window slot, the expert rank writes them straight into the slot and the source sums
 //     them there (CommWindow::ShareRows): the partial sums are written once and read once.
 #include <cstdlib>
+#include <memory>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -148,20 +149,34 @@ void ExpertParallelLayout(const std::vector<TensorArg> &args) {
 
 // Staging memory of the fused operators, kept per thread across calls: a fresh buffer of this
 // size would be zero-filled and page-faulted on every decode step, which profiling showed to be
-// most of the step's time. Only the rows the counts declare are ever read, so it is not zeroed.
+// most of the step's time. Only the rows the counts declare are ever written or read, so it is
+// neither zeroed nor otherwise touched: the buffers are sized for R * C rows, but only the pages
+// of rows a step uses become resident (a decode step with a few tokens under a large
+// dispatch.max_tokens_per_rank keeps a few pages, not R * C rows; the in-window Combine never
+// touches `recv`).
 struct StagingBuffers {
-  std::vector<uint8_t> send, recv;  // message rows, [R * C, row bytes] each
+  // Grows without initialising (new[] of a byte array leaves the pages untouched).
+  class Bytes {
+   public:
+    uint8_t *data() const { return bytes_.get(); }
+    void GrowTo(int64_t size) {
+      if (size > size_) {
+        bytes_.reset(new uint8_t[size]);
+        size_ = size;
+      }
+    }
+
+   private:
+    std::unique_ptr<uint8_t[]> bytes_;
+    int64_t size_ = 0;
+  };
+  Bytes send, recv;  // message rows, [R * C, row bytes] each
 
   static StagingBuffers &ForThisThread(int64_t message_bytes) {
     thread_local StagingBuffers buffers;
-    GrowTo(buffers.send, message_bytes);
-    GrowTo(buffers.recv, message_bytes);
+    buffers.send.GrowTo(message_bytes);
+    buffers.recv.GrowTo(message_bytes);
     return buffers;
-  }
-
- private:
-  static void GrowTo(std::vector<uint8_t> &buffer, int64_t bytes) {
-    if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
   }
 };
 
@@ -289,7 +304,7 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   const MessageLayout layout = pull ? notes_layout : MessageLayout{token_bytes, 2 * top_k};
   const int64_t row_bytes = layout.row_bytes();
   StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
-  std::vector<uint8_t> &send = staging.send, &recv = staging.recv;
+  StagingBuffers::Bytes &send = staging.send, &recv = staging.recv;
   std::vector<int32_t> send_counts(world_size), received(world_size);
   std::vector<int32_t> offered_token(world_size * capacity);  // pull: the token of a note
   const uint8_t *x_bytes = x.data_as<const uint8_t>();
