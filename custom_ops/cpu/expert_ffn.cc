@@ -218,11 +218,13 @@ void RequireLike(const TensorArg &tensor, const TensorArg &like) {
   }
 }
 
-// The used rows: block b's rows [b * block_rows, b * block_rows + counts[b]).
+// Block b's rows: [first, used_end) are used, [used_end, end) are not (first = b * block_rows,
+// used_end = first + counts[b], end = first + block_rows).
 template <typename Visit>
-void ForEachUsedBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first, end)
+void ForEachBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first, used_end, end)
   for (int64_t block = 0; block < shapes.num_blocks; ++block) {
-    visit(block * shapes.block_rows, block * shapes.block_rows + shapes.counts[block]);
+    const int64_t first = block * shapes.block_rows;
+    visit(first, first + shapes.counts[block], first + shapes.block_rows);
   }
 }
 
@@ -238,8 +240,8 @@ class RowSums {
       own_.reset(new float[shapes.num_rows * shapes.hidden]);
       sums_ = own_.get();
     }
-    ForEachUsedBlock(shapes, [&](int64_t first, int64_t end) {
-      std::fill(sums_ + first * shapes.hidden, sums_ + end * shapes.hidden, 0.0f);
+    ForEachBlock(shapes, [&](int64_t first, int64_t used_end, int64_t) {
+      std::fill(sums_ + first * shapes.hidden, sums_ + used_end * shapes.hidden, 0.0f);
     });
   }
 
@@ -248,8 +250,9 @@ class RowSums {
   void Finish() const {
     if constexpr (!std::is_same_v<T, float>) {
       const int64_t hidden = shapes_.hidden;
-      ForEachUsedBlock(shapes_, [&](int64_t first, int64_t end) {
-        ParallelFor(end - first, MinItemsPerThread(hidden * 6), [&](int64_t begin, int64_t stop) {
+      ForEachBlock(shapes_, [&](int64_t first, int64_t used_end, int64_t) {
+        ParallelFor(used_end - first, MinItemsPerThread(hidden * 6),
+                    [&](int64_t begin, int64_t stop) {
           for (int64_t r = first + begin; r < first + stop; ++r) {
             RoundRow(row(r), hidden, out_ + r * hidden);
           }
@@ -429,7 +432,10 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<
                      float *d_weights, T *d_gate_up_weight, T *d_down_weight) {
   const int64_t hidden = shapes.hidden, f = shapes.ffn;
   std::fill(d_weights, d_weights + shapes.num_rows * shapes.top_k, 0.0f);
-  std::fill(d_rows, d_rows + shapes.num_rows * hidden, FromFloat<T>(0.0f));
+  // Unused rows get zero gradients; the used rows are the sums (zeroed by RowSums).
+  ForEachBlock(shapes, [&](int64_t, int64_t used_end, int64_t end) {
+    std::fill(d_rows + used_end * hidden, d_rows + end * hidden, FromFloat<T>(0.0f));
+  });
   const RowSums<T> d_row_sums(shapes, d_rows);
   std::vector<ExpertBackward<T>> slots(
       std::min<int64_t>(shapes.num_experts, std::max(1, KernelThreadCount())));
@@ -476,10 +482,9 @@ void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
     WeightedSum(shapes, pairs, ffn, weights.data_as<const float>(), out.data_as<T>());
     if (PoisonUnusedRows()) {
       T *out_rows = out.data_as<T>();
-      for (int64_t block = 0; block < shapes.num_blocks; ++block) {
-        FillWithNaN(out_rows + (block * shapes.block_rows + shapes.counts[block]) * shapes.hidden,
-                    (shapes.block_rows - shapes.counts[block]) * shapes.hidden);
-      }
+      ForEachBlock(shapes, [&](int64_t, int64_t used_end, int64_t end) {
+        FillWithNaN(out_rows + used_end * shapes.hidden, (end - used_end) * shapes.hidden);
+      });
     }
   });
 }
