@@ -13,6 +13,9 @@ give the same numbers; they differ in how the rows travel.
     4. after the experts, each rank forms the weighted sum over *its* experts of every received
        token (one row per token and rank), returns those rows, and the source adds them up.
     Every step is a kernel with a gradient, so training runs backward through the same path.
+    In inference over the shared-memory window, :meth:`~SparseAllToAllDispatcher.experts_combine`
+    runs step 4 and the experts in one kernel, in rounds, so that no buffer holds every partial
+    sum (the seed's prefill memory saving).
 
 ``FusedDecodeDispatcher`` (decode, inference):
     one ``FusedDispatch`` kernel (layout + pack + delivery of rows, local ids and routing
@@ -25,7 +28,8 @@ from mindspore import Tensor, nn, ops
 import mindspore as ms
 
 from .ops import CombineKernel, DispatchKernel
-from .ops.ep_kernels import ExpertParallelLayout, FusedCombine, FusedDispatch, GatherRows
+from .ops.ep_kernels import (ExpertParallelLayout, ExpertsCombine, FusedCombine, FusedDispatch,
+                             GatherRows)
 from .token_dispatcher import expert_capacity
 
 
@@ -39,7 +43,8 @@ def check_tokens_fit(num_tokens, max_tokens_per_rank):
 class SparseAllToAllDispatcher(nn.Cell):
     """Dynamic-EP dispatcher: sparse all-to-all-v of token rows, differentiable end to end."""
 
-    def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange):
+    def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange,
+                 combine_round_rows=None):
         super().__init__()
         self.world_size = group.size
         self.experts_per_rank = group.experts_per_rank
@@ -53,6 +58,12 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.exchange_rows = exchange.keep_tail()  # token rows: only counted rows are read
         self.local_dispatch = DispatchKernel(group.experts_per_rank)
         self.local_combine = CombineKernel()
+        # The fused experts + return of inference needs the shared-memory window and the rows
+        # per source of its rounds (``combine_round_rows``, the same on every rank).
+        window = getattr(exchange, "window", None)
+        self.experts_combine_kernel = (
+            ExpertsCombine(window, max_tokens_per_rank, combine_round_rows)
+            if window is not None and combine_round_rows is not None else None)
         if capacity_factor is not None:
             # Capacity of every possible group batch size (0 .. R*C tokens), as a single process
             # computes it (exact, unlike a float32 ceil in the graph).
@@ -111,6 +122,16 @@ class SparseAllToAllDispatcher(nn.Cell):
         token_slot, slot_token = route
         returned, _ = self.exchange_rows(partial, row_counts)                    # [R*C, H]
         return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
+
+    def experts_combine(self, rows, local_ids, weights, row_counts, route, gate_up_weight,
+                        down_weight):
+        """Inference: the row-wise experts over :meth:`deliver`'s rows and step 4, in one kernel
+        -> ``(y [T, H], tokens_per_expert [L] int32)``; the numbers of
+        ``return_rows(experts.weighted_sum(...))``. Only where ``experts_combine_kernel`` is set
+        (the shared-memory window). Its gradient is the unfused path's."""
+        token_slot, slot_token = route
+        return self.experts_combine_kernel(rows, local_ids, weights, row_counts, token_slot,
+                                           slot_token, gate_up_weight, down_weight)
 
     def dispatch(self, x, expert_ids, routing_weights):
         """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""

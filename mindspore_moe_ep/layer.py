@@ -36,6 +36,16 @@ def _window_slot_bytes(config):
     return min(whole_step, DEFAULT_SLOT_BYTES)
 
 
+def _combine_round_rows(config, world_size):
+    """Rows per source in one round of the fused experts + combine: dispatch.combine_round_bytes
+    of partial sums over all peers, between 1 and max_tokens_per_rank."""
+    element_bytes = 4 if config.runtime.dtype == "float32" else 2
+    capacity = config.dispatch.max_tokens_per_rank
+    rows = config.dispatch.combine_round_bytes // (world_size * config.model.hidden_size
+                                                   * element_bytes)
+    return max(1, min(rows, capacity))
+
+
 def _build_dispatchers(config, group):
     """(prefill dispatcher, decode dispatcher or None) for this rank's expert-parallel group.
 
@@ -59,7 +69,8 @@ def _build_dispatchers(config, group):
                              slot_bytes=_window_slot_bytes(config), timeout_s=dispatch.timeout_s,
                              attach_timeout_s=dispatch.attach_timeout_s)
     prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor,
-                                       dispatch.max_tokens_per_rank, exchange)
+                                       dispatch.max_tokens_per_rank, exchange,
+                                       _combine_round_rows(config, group.size))
     window = getattr(exchange, "window", None)
     decode = None
     if window is not None and router.capacity_factor is None:
@@ -120,6 +131,9 @@ class MoELayer(nn.Cell):
         self.rowwise_supported = (router.capacity_factor is None
                                   and self.experts.weighted_sum_kernel is not None
                                   and hasattr(self.prefill_dispatcher, "deliver"))
+        # Inference over the shared-memory window: experts, return and sum in one kernel.
+        self.experts_combine_supported = self.rowwise_supported and getattr(
+            self.prefill_dispatcher, "experts_combine_kernel", None) is not None
         self.recompute_experts = config.runtime.recompute_experts
         if self.recompute_experts and not self.rowwise_supported:
             raise ValueError("runtime.recompute_experts = true needs the CPU kernels' fused "
@@ -140,7 +154,8 @@ class MoELayer(nn.Cell):
 
         ``phase``: "prefill" (sparse all-to-all-v, differentiable; the experts run on rows
         grouped by expert when training, and row by row without per-pair buffers in inference
-        or with ``runtime.recompute_experts``), "decode" (fused Dispatch/Combine, inference
+        or with ``runtime.recompute_experts``; in inference the experts, the return and the sum
+        run as one kernel, see ``_dispatcher_for``), "decode" (fused Dispatch/Combine, inference
         only) or None: decode when the Cell is not training and
         this rank has at most ``dispatch.decode_token_threshold`` tokens. Under expert
         parallelism all ranks of a group must take the same path in a step: with uneven token
@@ -153,19 +168,24 @@ class MoELayer(nn.Cell):
 
         expert_ids, routing_weights, aux_loss, z_loss, selections = self.router(
             tokens, num_sequences)                                                 # [T, K]
-        dispatcher, rowwise = self._dispatcher_for(tokens.shape[0], phase)
-        if rowwise:
-            rows, local_ids, weights, row_counts, route = dispatcher.deliver(
-                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
-            partial, tokens_per_expert = self.experts.weighted_sum(
-                rows, local_ids, weights, row_counts)                              # [N, H]
-            output = dispatcher.return_rows(partial, row_counts, route)            # [T, H]
-            num_dropped = ops.zeros((1,), ms.int32)
-        else:
+        dispatcher, path = self._dispatcher_for(tokens.shape[0], phase)
+        if path == "grouped":
             rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
                 tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
             expert_out = self.experts(rows, tokens_per_expert)                     # [N, H]
             output = dispatcher.combine(expert_out, handle)                        # [T, H]
+        else:
+            rows, local_ids, weights, row_counts, route = dispatcher.deliver(
+                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
+            if path == "experts_combine":
+                output, tokens_per_expert = dispatcher.experts_combine(
+                    rows, local_ids, weights, row_counts, route, self.experts.gate_up_weight,
+                    self.experts.down_weight)                                      # [T, H]
+            else:
+                partial, tokens_per_expert = self.experts.weighted_sum(
+                    rows, local_ids, weights, row_counts)                          # [N, H]
+                output = dispatcher.return_rows(partial, row_counts, route)        # [T, H]
+            num_dropped = ops.zeros((1,), ms.int32)
         output = output.astype(ms.float32)
         if self.shared_expert is not None:
             output = output + self.shared_expert(tokens)
@@ -179,19 +199,25 @@ class MoELayer(nn.Cell):
         return output.reshape(input_shape).astype(x.dtype)
 
     def _dispatcher_for(self, num_tokens, phase):
-        """(dispatcher, row-wise?) of this step (decided at compile time: shapes are static).
+        """(dispatcher, experts path) of this step (decided at compile time: shapes are static).
 
-        Row-wise: the prefill dispatcher's deliver / return_rows around
-        ``experts.weighted_sum``, in inference or with ``runtime.recompute_experts``."""
+        Paths: "grouped" (dispatch -> grouped experts -> combine: training, capacity factors,
+        the decode operators), "rowwise" (the prefill dispatcher's deliver / return_rows around
+        ``experts.weighted_sum``: training with ``runtime.recompute_experts``, and inference
+        without a shared-memory window) and "experts_combine" (inference over the window:
+        deliver, then the experts, return and sum in one kernel, in rounds)."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
         if phase == "decode" and self.decode_dispatcher is not None:
-            return self.decode_dispatcher, False
-        rowwise = self.rowwise_supported and (not self.training or self.recompute_experts)
-        return self.prefill_dispatcher, rowwise
+            return self.decode_dispatcher, "grouped"
+        if not self.rowwise_supported or (self.training and not self.recompute_experts):
+            return self.prefill_dispatcher, "grouped"
+        if not self.training and self.experts_combine_supported:
+            return self.prefill_dispatcher, "experts_combine"
+        return self.prefill_dispatcher, "rowwise"
 
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""

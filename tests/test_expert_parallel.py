@@ -9,7 +9,7 @@ plus a representative GRAPH_MODE subset); the tests below read the per-rank repo
 - MoELayer prefill and decode outputs and statistics vs an EP = 1 layer with the same weights
   on the concatenated batch (tiny.yaml, and the DeepSeek-V3 routing of
   deepseek_v3_small_4cpu.yaml shrunk to hidden 64: shared expert, sigmoid, group-limited top-8,
-  expert bias);
+  expert bias); inference prefill runs the fused experts + combine, also in several rounds;
 - gradients after ExpertParallelGradReducer vs the single-process gradients of the same loss;
 - capacity factor: drops and outputs as one process over the concatenated batch;
 - determinism, bad inputs (a clear error on every rank, bounded by dispatch.timeout_s), and
@@ -121,10 +121,14 @@ def test_routing_configurations_cover_the_edge_cases(ep_run):
 def test_layer_prefill_and_decode_equal_single_process(ep_run):
     found = assert_all_pass(ep_run, "layer/", minimum=20)
     names = {name.split("/")[2] for _, name, _, _ in found}
-    assert {"tiny", "deepseek", "hf_checkpoint"} <= names
-    for model in ("tiny", "deepseek", "hf_checkpoint"):
+    assert {"tiny", "deepseek", "tiny_rounds", "hf_checkpoint"} <= names
+    for model in ("tiny", "deepseek", "tiny_rounds", "hf_checkpoint"):
         for phase in ("prefill", "decode"):
             assert any(name.endswith(f"layer/{model}/{phase}/output") for _, name, _, _ in found)
+    # Inference prefill runs the fused experts + combine, in one round or (tiny_rounds) several.
+    for model in ("tiny", "deepseek", "tiny_rounds"):
+        for check in ("prefill_path", "combine_round_rows"):
+            assert any(name.endswith(f"layer/{model}/{check}") for _, name, _, _ in found)
     assert "graph" in modes_of(found)
     assert max_error(ep_run, "layer_output") <= LAYER_REL_TOL
 
@@ -132,8 +136,9 @@ def test_layer_prefill_and_decode_equal_single_process(ep_run):
 def test_gradients_equal_single_process(ep_run):
     found = assert_all_pass(ep_run, "grad/", minimum=40)
     cases = {name.split("/")[2] for _, name, _, _ in found}
-    # grouped experts (training), row-wise (not training; gradients by recomputation) and
-    # row-wise in training (runtime.recompute_experts); each case checks its path first
+    # grouped experts (training), the fused experts + combine (not training; its gradient is
+    # the unfused path's, recomputing the experts) and row-wise in training
+    # (runtime.recompute_experts); each case checks its path first
     assert {"tiny_switch_aux_z", "tiny_switch_aux_z_recompute", "deepseek_seq_aux",
             "tiny_zero_tokens_no_aux", "tiny_capacity"} <= cases
     assert {name.split("/")[2] for _, name, _, _ in found if name.endswith("/path")} == cases

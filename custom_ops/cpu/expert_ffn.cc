@@ -53,9 +53,10 @@
 #include <string>
 #include <vector>
 
+#include "expert_ffn.h"
 #include "gemm_backend.h"
 #include "kernel_common.h"
-#include "simd_convert.h"
+#include "row_sums.h"
 #include "swiglu.h"
 
 namespace moe_ep {
@@ -77,136 +78,12 @@ int64_t ChunkRows(int64_t hidden, int64_t ffn, int64_t element_bytes) {
                              kMinChunkRows, kMaxChunkRows);
 }
 
-// One (row, k) pair of an expert.
-struct Pair {
-  int64_t row;
-  int32_t k;
-};
-
-// The pairs of every local expert, each list in row order.
-std::vector<std::vector<Pair>> PairsByExpert(const TensorArg &local_ids, const int32_t *counts,
-                                             int64_t num_blocks, int64_t block_rows,
-                                             int64_t num_experts) {
-  const int64_t top_k = local_ids.dim(1);
-  const int32_t *ids = local_ids.data_as<const int32_t>();
-  std::vector<std::vector<Pair>> pairs(num_experts);
-  for (int64_t block = 0; block < num_blocks; ++block) {
-    for (int64_t row = block * block_rows; row < block * block_rows + counts[block]; ++row) {
-      for (int64_t k = 0; k < top_k; ++k) {
-        const int32_t expert = ids[row * top_k + k];
-        if (expert < -1 || expert >= num_experts) {
-          Fail(kOutOfRange, "local_ids", local_ids.IndexString(row * top_k + k), " = ", expert,
-               "; expected -1 (no expert on this rank) or a local expert in [0, ", num_experts,
-               ")");
-        }
-        if (expert >= 0) pairs[expert].push_back(Pair{row, static_cast<int32_t>(k)});
-      }
-    }
-  }
-  return pairs;
-}
-
-// Sums of the used rows in float32. For float32 outputs the sums are the output rows themselves;
-// for 16-bit types a float32 buffer (only the used rows are touched), rounded into out at the end.
-// On AVX2 CPUs each run of 16 elements is kept in Load16's lane order (for bfloat16, evens then
-// odds), which Store16 undoes; the last hidden % 16 elements, and every element without AVX2,
-// are in plain order.
-template <typename T>
-MOE_EP_AVX2 void AddWeightedRowAvx2(const T *row, float weight, int64_t hidden, float *sum) {
-  const __m256 w = _mm256_set1_ps(weight);
-  int64_t h = 0;
-  for (; h + 16 <= hidden; h += 16) {
-    __m256 first, second;
-    Load16(row + h, first, second);
-    _mm256_storeu_ps(sum + h, _mm256_add_ps(_mm256_loadu_ps(sum + h), _mm256_mul_ps(w, first)));
-    _mm256_storeu_ps(sum + h + 8,
-                     _mm256_add_ps(_mm256_loadu_ps(sum + h + 8), _mm256_mul_ps(w, second)));
-  }
-  for (; h < hidden; ++h) sum[h] += weight * ToFloat(row[h]);
-}
-
-template <typename T>
-MOE_EP_AVX2 void RoundRowAvx2(const float *sum, int64_t hidden, T *out) {
-  int64_t h = 0;
-  for (; h + 16 <= hidden; h += 16) {
-    Store16(out + h, _mm256_loadu_ps(sum + h), _mm256_loadu_ps(sum + h + 8), /*streaming=*/false);
-  }
-  for (; h < hidden; ++h) out[h] = FromFloat<T>(sum[h]);
-}
-
-// sum += weight * row (multiply, then add, in float32).
-template <typename T>
-void AddWeightedRow(const T *row, float weight, int64_t hidden, float *sum) {
-  if (CpuHasAvx2F16c()) return AddWeightedRowAvx2(row, weight, hidden, sum);
-  for (int64_t h = 0; h < hidden; ++h) sum[h] += weight * ToFloat(row[h]);
-}
-
-template <typename T>
-void RoundRow(const float *sum, int64_t hidden, T *out) {
-  if (CpuHasAvx2F16c()) return RoundRowAvx2(sum, hidden, out);
-  for (int64_t h = 0; h < hidden; ++h) out[h] = FromFloat<T>(sum[h]);
-}
-
 // <a, b> in float32 (the weight gradient of a pair).
 template <typename T>
 float Dot(const T *a, const T *b, int64_t size) {
   float sum = 0.0f;
   for (int64_t h = 0; h < size; ++h) sum += ToFloat(a[h]) * ToFloat(b[h]);
   return sum;
-}
-
-// The shapes of one call, checked: rows [N, H] in B blocks, local_ids / weights [N, K],
-// gate_up_weight [L, H, 2F], down_weight [L, F, H].
-struct ExpertsShapes {
-  int64_t num_rows, hidden, top_k, num_experts, ffn, num_blocks, block_rows;
-  const int32_t *counts;  // [B]
-};
-
-ExpertsShapes CheckInputs(const TensorArg &rows, const TensorArg &local_ids,
-                          const TensorArg &weights, const TensorArg &row_counts,
-                          const TensorArg &gate_up_weight, const TensorArg &down_weight) {
-  ExpertsShapes shapes{};
-  rows.RequireRank(2);
-  shapes.num_rows = rows.dim(0);
-  shapes.hidden = rows.dim(1);
-  local_ids.RequireRank(2);
-  local_ids.RequireDtype("int32");
-  local_ids.RequireDim(0, shapes.num_rows, "rows.shape[0]");
-  shapes.top_k = local_ids.dim(1);
-  weights.RequireDtype("float32");
-  weights.RequireRank(2);
-  weights.RequireDim(0, shapes.num_rows, "rows.shape[0]");
-  weights.RequireDim(1, shapes.top_k, "local_ids.shape[1] (top_k)");
-  row_counts.RequireRank(1);
-  row_counts.RequireDtype("int32");
-  shapes.num_blocks = row_counts.dim(0);
-  if (shapes.num_blocks <= 0 || shapes.num_rows % shapes.num_blocks != 0) {
-    Fail(kInvalidArgument, "row_counts has shape ", row_counts.ShapeString(), "; its length (the "
-         "number of row blocks) must be positive and divide rows.shape[0] = ", shapes.num_rows);
-  }
-  shapes.block_rows = shapes.num_rows / shapes.num_blocks;
-  shapes.counts = row_counts.data_as<const int32_t>();
-  for (int64_t block = 0; block < shapes.num_blocks; ++block) {
-    if (shapes.counts[block] < 0 || shapes.counts[block] > shapes.block_rows) {
-      Fail(kOutOfRange, "row_counts[", block, "] = ", shapes.counts[block], "; expected 0 to ",
-           shapes.block_rows, " (rows per block)");
-    }
-  }
-  gate_up_weight.RequireRank(3);
-  gate_up_weight.RequireSameDtype(rows);
-  gate_up_weight.RequireDim(1, shapes.hidden, "rows.shape[1] (hidden)");
-  shapes.num_experts = gate_up_weight.dim(0);
-  if (gate_up_weight.dim(2) % 2 != 0) {
-    Fail(kInvalidArgument, "gate_up_weight has shape ", gate_up_weight.ShapeString(),
-         "; its last dimension must be 2 * expert_ffn_size (gate, then up)");
-  }
-  shapes.ffn = gate_up_weight.dim(2) / 2;
-  down_weight.RequireRank(3);
-  down_weight.RequireSameDtype(rows);
-  down_weight.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
-  down_weight.RequireDim(1, shapes.ffn, "expert_ffn_size (half of gate_up_weight.shape[2])");
-  down_weight.RequireDim(2, shapes.hidden, "rows.shape[1] (hidden)");
-  return shapes;
 }
 
 void RequireLike(const TensorArg &tensor, const TensorArg &like) {
@@ -226,6 +103,15 @@ void ForEachBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first,
     const int64_t first = block * shapes.block_rows;
     visit(first, first + shapes.counts[block], first + shapes.block_rows);
   }
+}
+
+// The used rows of every block.
+std::vector<RowRange> UsedRows(const ExpertsShapes &shapes) {
+  std::vector<RowRange> ranges;
+  ForEachBlock(shapes, [&](int64_t first, int64_t used_end, int64_t) {
+    ranges.push_back(RowRange{first, used_end});
+  });
+  return ranges;
 }
 
 // Float32 sums of the used rows, zeroed: `out` itself for float32, else a buffer of its own
@@ -314,7 +200,7 @@ struct ExpertFFN {
   const T *rows, *gate_up_weight, *down_weight;
   int64_t hidden, ffn;
 
-  void Forward(int64_t expert, const Pair *pairs, int64_t count, T *gathered, T *gate_up,
+  void Forward(int64_t expert, const ExpertPair *pairs, int64_t count, T *gathered, T *gate_up,
                T *activated, T *out) const {
     for (int64_t i = 0; i < count; ++i) {
       std::memcpy(gathered + i * hidden, rows + pairs[i].row * hidden, hidden * sizeof(T));
@@ -327,16 +213,17 @@ struct ExpertFFN {
   }
 };
 
+// AddExpertOutputs (expert_ffn.h) for storage type T.
 template <typename T>
-void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair>> &pairs,
-                 const ExpertFFN<T> &ffn, const float *weights, T *out) {
+void AddExpertOutputsOfType(const ExpertsShapes &shapes, const PairsPerExpert &pairs,
+                            const ExpertFFN<T> &ffn, const float *weights,
+                            const std::function<float *(int64_t row)> &sum_row) {
   const int64_t hidden = shapes.hidden, f = shapes.ffn;
   const int64_t chunk_rows = ChunkRows(hidden, f, sizeof(T));
   std::vector<Chunk> chunks;  // every expert's, in expert order
   for (int64_t expert = 0; expert < shapes.num_experts; ++expert) {
     AppendChunks(expert, static_cast<int64_t>(pairs[expert].size()), chunk_rows, chunks);
   }
-  const RowSums<T> sums(shapes, out);
   // One scratch per wave slot: gathered rows (then the expert outputs) [rows, H], gate_up,
   // hidden, for the largest chunk of this call (a small step gets a small scratch).
   const int64_t largest_chunk = LargestChunk(chunks);
@@ -353,14 +240,13 @@ void WeightedSum(const ExpertsShapes &shapes, const std::vector<std::vector<Pair
       },
       [&](int64_t index, int64_t slot) {
         const Chunk &chunk = chunks[index];
-        const Pair *chunk_pairs = pairs[chunk.expert].data() + chunk.first;
+        const ExpertPair *chunk_pairs = pairs[chunk.expert].data() + chunk.first;
         for (int64_t i = 0; i < chunk.count; ++i) {
-          const Pair &pair = chunk_pairs[i];
+          const ExpertPair &pair = chunk_pairs[i];
           const float weight = weights[pair.row * shapes.top_k + pair.k];
-          AddWeightedRow(scratch[slot].get() + i * hidden, weight, hidden, sums.row(pair.row));
+          AddWeightedRow(scratch[slot].get() + i * hidden, weight, hidden, sum_row(pair.row));
         }
       });
-  sums.Finish();
 }
 
 // One expert's backward, on the calling thread. Its per-pair buffers (gathered rows, gate_up,
@@ -372,7 +258,7 @@ struct ExpertBackward {
   int64_t kept_capacity = 0;
   T *d_pair_rows = nullptr;  // [pairs, H]
 
-  void Run(const ExpertsShapes &shapes, const std::vector<Pair> &list, int64_t expert,
+  void Run(const ExpertsShapes &shapes, const std::vector<ExpertPair> &list, int64_t expert,
            const ExpertFFN<T> &ffn, const float *weights, const T *d_out, float *d_weights,
            T *d_gate_up_weight, T *d_down_weight) {
     const int64_t hidden = shapes.hidden, f = shapes.ffn, top_k = shapes.top_k;
@@ -395,7 +281,7 @@ struct ExpertBackward {
     std::unique_ptr<T[]> scratch(new T[largest_chunk * (hidden + f)]);
     for (const Chunk &chunk : chunks) {
       const int64_t first = chunk.first, count = chunk.count;
-      const Pair *pairs = list.data() + first;
+      const ExpertPair *pairs = list.data() + first;
       T *expert_out = scratch.get(), *d_activated = expert_out + count * hidden;
       ffn.Forward(expert, pairs, count, gathered + first * hidden, gate_up + first * 2 * f,
                   activated + first * f, expert_out);
@@ -427,7 +313,7 @@ struct ExpertBackward {
 // The gradient of sum(out * d_out) (see the header): experts in waves of one per thread, then
 // each expert's rows gradient added to d_rows in expert order.
 template <typename T>
-void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<Pair>> &pairs,
+void WeightedSumGrad(const ExpertsShapes &shapes, const PairsPerExpert &pairs,
                      const ExpertFFN<T> &ffn, const float *weights, const T *d_out, T *d_rows,
                      float *d_weights, T *d_gate_up_weight, T *d_down_weight) {
   const int64_t hidden = shapes.hidden, f = shapes.ffn;
@@ -452,7 +338,7 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<
                         d_gate_up_weight, d_down_weight);
       },
       [&](int64_t expert, int64_t slot) {
-        const std::vector<Pair> &list = pairs[expert];
+        const std::vector<ExpertPair> &list = pairs[expert];
         for (size_t i = 0; i < list.size(); ++i) {
           AddWeightedRow(slots[slot].d_pair_rows + i * hidden, 1.0f, hidden,
                          d_row_sums.row(list[i].row));
@@ -463,15 +349,15 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const std::vector<std::vector<
 
 void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
   const TensorArg &rows = args[0], &local_ids = args[1], &weights = args[2];
-  const ExpertsShapes shapes = CheckInputs(rows, local_ids, weights, args[3], args[4], args[5]);
+  const ExpertsShapes shapes =
+      CheckExpertsInputs(rows, local_ids, weights, args[3], args[4], args[5]);
   const TensorArg &out = args[6], &tokens_per_expert = args[7];
   RequireLike(out, rows);
   tokens_per_expert.RequireDtype("int32");
   tokens_per_expert.RequireRank(1);
   tokens_per_expert.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
 
-  const std::vector<std::vector<Pair>> pairs = PairsByExpert(
-      local_ids, shapes.counts, shapes.num_blocks, shapes.block_rows, shapes.num_experts);
+  const PairsPerExpert pairs = PairsByExpert(local_ids, UsedRows(shapes), shapes.num_experts);
   for (int64_t expert = 0; expert < shapes.num_experts; ++expert) {
     tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
   }
@@ -479,7 +365,10 @@ void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
     using T = decltype(element);
     const ExpertFFN<T> ffn{rows.data_as<const T>(), args[4].data_as<const T>(),
                            args[5].data_as<const T>(), shapes.hidden, shapes.ffn};
-    WeightedSum(shapes, pairs, ffn, weights.data_as<const float>(), out.data_as<T>());
+    const RowSums<T> sums(shapes, out.data_as<T>());
+    AddExpertOutputsOfType<T>(shapes, pairs, ffn, weights.data_as<const float>(),
+                              [&](int64_t row) { return sums.row(row); });
+    sums.Finish();
     if (PoisonUnusedRows()) {
       T *out_rows = out.data_as<T>();
       ForEachBlock(shapes, [&](int64_t, int64_t used_end, int64_t end) {
@@ -491,14 +380,14 @@ void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
 
 void RunExpertsWeightedSumGrad(const std::vector<TensorArg> &args) {
   const TensorArg &d_out = args[0], &rows = args[1], &local_ids = args[2], &weights = args[3];
-  const ExpertsShapes shapes = CheckInputs(rows, local_ids, weights, args[4], args[5], args[6]);
+  const ExpertsShapes shapes =
+      CheckExpertsInputs(rows, local_ids, weights, args[4], args[5], args[6]);
   RequireLike(d_out, rows);
   RequireLike(args[7], rows);
   RequireLike(args[8], weights);
   RequireLike(args[9], args[5]);
   RequireLike(args[10], args[6]);
-  const std::vector<std::vector<Pair>> pairs = PairsByExpert(
-      local_ids, shapes.counts, shapes.num_blocks, shapes.block_rows, shapes.num_experts);
+  const PairsPerExpert pairs = PairsByExpert(local_ids, UsedRows(shapes), shapes.num_experts);
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
     const ExpertFFN<T> ffn{rows.data_as<const T>(), args[5].data_as<const T>(),
@@ -510,6 +399,87 @@ void RunExpertsWeightedSumGrad(const std::vector<TensorArg> &args) {
 }
 
 }  // namespace
+
+ExpertsShapes CheckExpertsInputs(const TensorArg &rows, const TensorArg &local_ids,
+                                 const TensorArg &weights, const TensorArg &row_counts,
+                                 const TensorArg &gate_up_weight, const TensorArg &down_weight) {
+  ExpertsShapes shapes{};
+  rows.RequireRank(2);
+  shapes.num_rows = rows.dim(0);
+  shapes.hidden = rows.dim(1);
+  local_ids.RequireRank(2);
+  local_ids.RequireDtype("int32");
+  local_ids.RequireDim(0, shapes.num_rows, "rows.shape[0]");
+  shapes.top_k = local_ids.dim(1);
+  weights.RequireDtype("float32");
+  weights.RequireRank(2);
+  weights.RequireDim(0, shapes.num_rows, "rows.shape[0]");
+  weights.RequireDim(1, shapes.top_k, "local_ids.shape[1] (top_k)");
+  row_counts.RequireRank(1);
+  row_counts.RequireDtype("int32");
+  shapes.num_blocks = row_counts.dim(0);
+  if (shapes.num_blocks <= 0 || shapes.num_rows % shapes.num_blocks != 0) {
+    Fail(kInvalidArgument, "row_counts has shape ", row_counts.ShapeString(), "; its length (the "
+         "number of row blocks) must be positive and divide rows.shape[0] = ", shapes.num_rows);
+  }
+  shapes.block_rows = shapes.num_rows / shapes.num_blocks;
+  shapes.counts = row_counts.data_as<const int32_t>();
+  for (int64_t block = 0; block < shapes.num_blocks; ++block) {
+    if (shapes.counts[block] < 0 || shapes.counts[block] > shapes.block_rows) {
+      Fail(kOutOfRange, "row_counts[", block, "] = ", shapes.counts[block], "; expected 0 to ",
+           shapes.block_rows, " (rows per block)");
+    }
+  }
+  gate_up_weight.RequireRank(3);
+  gate_up_weight.RequireSameDtype(rows);
+  gate_up_weight.RequireDim(1, shapes.hidden, "rows.shape[1] (hidden)");
+  shapes.num_experts = gate_up_weight.dim(0);
+  if (gate_up_weight.dim(2) % 2 != 0) {
+    Fail(kInvalidArgument, "gate_up_weight has shape ", gate_up_weight.ShapeString(),
+         "; its last dimension must be 2 * expert_ffn_size (gate, then up)");
+  }
+  shapes.ffn = gate_up_weight.dim(2) / 2;
+  down_weight.RequireRank(3);
+  down_weight.RequireSameDtype(rows);
+  down_weight.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
+  down_weight.RequireDim(1, shapes.ffn, "expert_ffn_size (half of gate_up_weight.shape[2])");
+  down_weight.RequireDim(2, shapes.hidden, "rows.shape[1] (hidden)");
+  return shapes;
+}
+
+PairsPerExpert PairsByExpert(const TensorArg &local_ids, const std::vector<RowRange> &ranges,
+                             int64_t num_experts) {
+  const int64_t top_k = local_ids.dim(1);
+  const int32_t *ids = local_ids.data_as<const int32_t>();
+  PairsPerExpert pairs(num_experts);
+  for (const RowRange &range : ranges) {
+    for (int64_t row = range.first; row < range.end; ++row) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int32_t expert = ids[row * top_k + k];
+        if (expert < -1 || expert >= num_experts) {
+          Fail(kOutOfRange, "local_ids", local_ids.IndexString(row * top_k + k), " = ", expert,
+               "; expected -1 (no expert on this rank) or a local expert in [0, ", num_experts,
+               ")");
+        }
+        if (expert >= 0) pairs[expert].push_back(ExpertPair{row, static_cast<int32_t>(k)});
+      }
+    }
+  }
+  return pairs;
+}
+
+void AddExpertOutputs(const ExpertsShapes &shapes, const TensorArg &rows,
+                      const TensorArg &gate_up_weight, const TensorArg &down_weight,
+                      const PairsPerExpert &pairs, const float *weights,
+                      const std::function<float *(int64_t row)> &sum_row) {
+  VisitFloatType(rows, [&](auto element) {
+    using T = decltype(element);
+    const ExpertFFN<T> ffn{rows.data_as<const T>(), gate_up_weight.data_as<const T>(),
+                           down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
+    AddExpertOutputsOfType<T>(shapes, pairs, ffn, weights, sum_row);
+  });
+}
+
 }  // namespace moe_ep
 
 MOE_EP_EXPORT int MoeEpExpertsWeightedSum(int nparam, void **params, int *ndims,

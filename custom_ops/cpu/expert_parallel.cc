@@ -51,14 +51,6 @@ namespace {
 
 constexpr int32_t kNone = -1;
 
-int32_t ScalarInput(const TensorArg &tensor) {
-  tensor.RequireDtype("int32");
-  if (tensor.numel() != 1) {
-    Fail(kInvalidArgument, tensor.name, " must hold one int32, got shape ", tensor.ShapeString());
-  }
-  return *tensor.data_as<const int32_t>();
-}
-
 // Checks expert ids against the experts of the whole group and returns experts_per_rank.
 int64_t CheckRouting(const TensorArg &expert_ids, const TensorArg &experts_per_rank_arg,
                      int64_t world_size) {

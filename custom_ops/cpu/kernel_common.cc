@@ -80,6 +80,14 @@ void TensorArg::RequireSameDtype(const TensorArg &other) const {
   }
 }
 
+int32_t ScalarInput(const TensorArg &scalar) {
+  scalar.RequireDtype("int32");
+  if (scalar.numel() != 1) {
+    Fail(kInvalidArgument, scalar.name, " must hold one int32, got shape ", scalar.ShapeString());
+  }
+  return *scalar.data_as<const int32_t>();
+}
+
 std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, std::initializer_list<const char *> names) {
   if (nparam != static_cast<int>(names.size())) {

@@ -119,6 +119,9 @@ struct TensorArg {
   void RequireSameDtype(const TensorArg &other) const;
 };
 
+// The value of a one-element int32 input (a window id, a count); throws naming the tensor.
+int32_t ScalarInput(const TensorArg &scalar);
+
 // The inputs and outputs of one kernel call, named in order.
 // Throws if the number of tensors differs from the number of names.
 std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,

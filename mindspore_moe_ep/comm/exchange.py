@@ -51,7 +51,7 @@ def _check_capacity(capacity_per_peer: int) -> None:
         raise ValueError(f"capacity_per_peer must be an int >= 0, got {capacity_per_peer!r}")
 
 
-def _exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
+def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
                      zero_tail: bool = True) -> ops.Custom:
     """The exchange Custom op: (send_rows, send_counts, window_id) -> (rows, counts).
 
@@ -92,7 +92,7 @@ class ExchangeRows(nn.Cell):
         self.zero_tail = bool(zero_tail)
         self._window_id = window.id_tensor  # [1] int32, read by the kernel
         # The reverse exchange zeroes its tails: they are the gradient of unsent send rows (0).
-        reverse_exchange = _exchange_kernel(window.world_size, capacity_per_peer)
+        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
 
         def bprop(send_rows, send_counts, window_id, out, dout):
             recv_rows, recv_counts = out
@@ -100,7 +100,7 @@ class ExchangeRows(nn.Cell):
             d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)
             return d_send_rows, ops.zeros_like(send_counts), ops.zeros_like(window_id)
 
-        self._exchange = _exchange_kernel(window.world_size, capacity_per_peer, bprop,
+        self._exchange = exchange_kernel(window.world_size, capacity_per_peer, bprop,
                                           self.zero_tail)
 
     def construct(self, send_rows, send_counts):

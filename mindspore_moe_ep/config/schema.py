@@ -307,6 +307,13 @@ class DispatchConfig(_Section):
         "step fit and are summed in place. Larger payloads travel by single copy "
         "(process_vm_readv) or, where that is not allowed, in slot-sized chunks.",
         default=None, gt=0)
+    combine_round_bytes: int = option(
+        "Prefill inference over shared memory: bytes of the partial sums that one round of the "
+        "fused experts + combine returns (all peers together; the receiving side holds as "
+        "much). The received rows run through the experts in rounds of this size instead of "
+        "all at once: smaller rounds hold less memory, larger ones give the experts' GEMMs "
+        "more rows. Rows per source per round = this / (expert_parallel x hidden x element "
+        "bytes), between 1 and max_tokens_per_rank.", default=64 << 20, gt=0)
 
 
 @dataclass(frozen=True)

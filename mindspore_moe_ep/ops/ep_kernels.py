@@ -7,12 +7,15 @@
   token are both instances, each the other's inverse.
 - :class:`FusedDispatch` / :class:`FusedCombine`: the decode path's fused operators, one kernel
   each, exchanging through the communication window.
+- :class:`ExpertsCombine`: the prefill path's experts, return and sum in one kernel (inference;
+  ``custom_ops/cpu/experts_combine.cc``).
 """
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
+from ..comm.exchange import exchange_kernel
 from .kernel_library import custom_op, explain_kernel_errors
-from .local_kernels import gather_sum_op
+from .local_kernels import experts_weighted_sum_grad_op, gather_sum_op
 
 
 def _int32_scalar(value):
@@ -119,3 +122,57 @@ class FusedCombine(_ExplainedCell):
     def construct(self, expert_out, positions, recv_weights, recv_counts, token_slot):
         return self._combine(expert_out, positions, recv_weights, recv_counts, token_slot,
                              self._window_id)
+
+
+class ExpertsCombine(_ExplainedCell):
+    """Prefill inference: ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
+    token_slot [T, R], slot_token [R*C, 1], gate_up_weight [L, H, 2F], down_weight [L, F, H])``
+    -> ``(y [T, H], tokens_per_expert [L] int32)``, in rounds of ``round_rows`` received rows
+    per source (the same on every rank).
+
+    The numbers of ``ExpertsWeightedSum`` -> return exchange -> per-token sum (``deliver``'s
+    route: ``token_slot`` and its inverse ``slot_token``), in one kernel that runs them in rounds
+    of received rows, so that no buffer holds a partial sum for every received row (see the
+    kernel's header comment). The gradient is the unfused path's: the per-token sum's gather,
+    the reverse exchange, then ``MoeEpExpertsWeightedSumGrad`` (which recomputes the experts);
+    training uses the unfused steps anyway (``MoELayer``), this keeps an eval-mode layer
+    differentiable.
+    """
+
+    def __init__(self, window, capacity_per_peer, round_rows):
+        super().__init__()
+        if not 1 <= round_rows <= max(capacity_per_peer, 1):
+            raise ValueError(f"round_rows must be in [1, {max(capacity_per_peer, 1)}] (rows per "
+                             f"source block), got {round_rows}")
+        self._window_id = window.id_tensor
+        self._round_rows = _int32_scalar(round_rows)
+        gather_sum = gather_sum_op()
+        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
+        experts_grad = experts_weighted_sum_grad_op()
+
+        def bprop(rows, local_ids, weights, row_counts, gate_up_weight, down_weight, token_slot,
+                  slot_token, round_rows, window_id, out, dout):
+            d_y = ops.depend(dout[0], out[0])  # after the forward's exchanges
+            d_returned = gather_sum(d_y, slot_token)                             # [R*C, H]
+            sent_counts = (token_slot >= 0).astype(mstype.float32).sum(axis=0).astype(
+                mstype.int32)                                                    # [R]
+            d_partial, _ = reverse_exchange(d_returned, sent_counts, window_id)  # [R*C, H]
+            d_rows, d_weights, d_gate_up, d_down = experts_grad(
+                d_partial, rows, local_ids, weights, row_counts, gate_up_weight, down_weight)
+            return (d_rows, ops.zeros_like(local_ids), d_weights, ops.zeros_like(row_counts),
+                    d_gate_up, d_down, ops.zeros_like(token_slot), ops.zeros_like(slot_token),
+                    ops.zeros_like(round_rows), ops.zeros_like(window_id))
+
+        self._experts_combine = custom_op(
+            "MoeEpExpertsCombine",
+            out_shape=lambda rows, ids, weights, counts, gate_up, down, slots, *scalars: (
+                [slots[0], rows[1]], [gate_up[0]]),
+            out_dtype=lambda rows, ids, weights, counts, gate_up, down, slots, *scalars: (
+                rows, mstype.int32),
+            bprop=bprop, side_effect=True)
+
+    def construct(self, rows, local_ids, weights, row_counts, token_slot, slot_token,
+                  gate_up_weight, down_weight):
+        return self._experts_combine(rows, local_ids, weights, row_counts, gate_up_weight,
+                                     down_weight, token_slot, slot_token, self._round_rows,
+                                     self._window_id)

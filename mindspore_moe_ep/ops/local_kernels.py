@@ -225,6 +225,18 @@ class GroupedMatmul(_KernelCell):
         return f"transpose_b={self.transpose_b}"
 
 
+def experts_weighted_sum_grad_op() -> ops.Custom:
+    """``(d_out, rows, local_ids, weights, row_counts, gate_up_weight, down_weight)`` ->
+    ``(d_rows, d_weights, d_gate_up_weight, d_down_weight)``: the gradient of
+    ``sum(ExpertsWeightedSum(...)[0] * d_out)``, recomputing the experts' forward."""
+    return _custom(
+        "MoeEpExpertsWeightedSumGrad",
+        out_shape=lambda d_out, rows, ids, weights, counts, gate_up, down: (
+            rows, weights, gate_up, down),
+        out_dtype=lambda d_out, rows, ids, weights, counts, gate_up, down: (
+            rows, mstype.float32, gate_up, down))
+
+
 class ExpertsWeightedSum(_KernelCell):
     """Routed SwiGLU experts and the weighted sum of their outputs per row, without per-pair
     buffers (for inference, and for training with the experts recomputed in backward).
@@ -245,12 +257,7 @@ class ExpertsWeightedSum(_KernelCell):
 
     def __init__(self):
         super().__init__()
-        grad = _custom(
-            "MoeEpExpertsWeightedSumGrad",
-            out_shape=lambda d_out, rows, ids, weights, counts, gate_up, down: (
-                rows, weights, gate_up, down),
-            out_dtype=lambda d_out, rows, ids, weights, counts, gate_up, down: (
-                rows, mstype.float32, gate_up, down))
+        grad = experts_weighted_sum_grad_op()
 
         def bprop(rows, local_ids, weights, row_counts, gate_up_weight, down_weight, out, dout):
             d_rows, d_weights, d_gate_up_weight, d_down_weight = grad(

@@ -239,7 +239,9 @@ def ms_worker(tokens, hidden, ffn, run):
     # pools), then the measured layer's first step shows its own buffers.
     step(build(8), Tensor(rng.standard_normal((8, hidden), dtype=np.float32)))
     layer = build(tokens)
-    assert layer._dispatcher_for(tokens, "prefill")[1] == (run in ("rowwise", "train_recompute"))
+    assert layer._dispatcher_for(tokens, "prefill")[1] == {
+        "rowwise": "experts_combine", "grouped": "grouped", "train_grouped": "grouped",
+        "train_recompute": "rowwise"}[run]
     x = Tensor(rng.standard_normal((tokens, hidden), dtype=np.float32))
     before = bc.current_rss_bytes()
     peak_before = bc.peak_rss_bytes()

@@ -534,12 +534,20 @@ def layer_part(report, rank, world):
         ("tiny", tiny_layer_config(world), TINY_SHAPES, 16, 1, False, graph_modes(world)),
         ("deepseek", deepseek_layer_config(world), DEEPSEEK_SHAPES, 64, 2, True,
          graph_modes(world, everywhere=True)),
+        # Prefill's fused experts + combine in rounds of 5 rows per source (up to 7 rounds).
+        ("tiny_rounds", tiny_layer_config(world, combine_round_bytes=world * 16 * 4 * 5),
+         TINY_SHAPES, 16, 4, False, graph_modes(world)),
     ]
     for name, config, shapes, hidden, seed, bias, modes in cases:
         layer = mee.MoELayer(config)
         ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
         layer.set_train(False)
         ref_layer.set_train(False)
+        report.equal(f"layer/{name}/prefill_path", layer._dispatcher_for(8, "prefill")[1],
+                     "experts_combine")
+        report.equal(f"layer/{name}/combine_round_rows",
+                     int(layer.prefill_dispatcher.experts_combine_kernel._round_rows.asnumpy()[0]),
+                     5 if name == "tiny_rounds" else config.dispatch.max_tokens_per_rank)
         if bias:
             set_expert_bias([layer, ref_layer], 7, config.model.num_experts)
         xs = [x for x, _ in layer_inputs(seed, shapes[:world], hidden)]
@@ -649,9 +657,10 @@ def check_gradients(report, case, layer, ref_layer, inputs, rank, reference):
 
 
 def grad_part(report, rank, world):
-    # Each case takes one of the experts' paths (see layer.py): "grouped" (training), "rowwise"
-    # (not training: ExpertsWeightedSum, its gradient recomputes the experts) or "recompute"
-    # (training with runtime.recompute_experts); the reference layer takes the same path.
+    # Each case takes one of the experts' paths (see layer.py): "grouped" (training), "eval"
+    # (not training: the fused experts + combine under EP, ExpertsWeightedSum in the reference;
+    # the gradients of both recompute the experts) or "recompute" (training with
+    # runtime.recompute_experts: ExpertsWeightedSum in both).
     cases = [  # name, config, token shapes per source, hidden, seed, expert bias, modes,
                # concatenated reference, experts' path
         ("tiny_switch_aux_z",
@@ -662,7 +671,7 @@ def grad_part(report, rank, world):
                            recompute_experts=True),
          [(12,), (7,), (3,), (10,)], 16, 1001, False, graph_modes(world), False, "recompute"),
         ("deepseek_seq_aux", deepseek_layer_config(world), [(2, 4), (1, 4), (3, 4), (1, 4)],
-         64, 1002, True, ("pynative",), False, "rowwise"),
+         64, 1002, True, ("pynative",), False, "eval"),
         ("tiny_zero_tokens_no_aux", tiny_layer_config(world, recompute_experts=True),
          [(9,), (0,), (5,), (1,)], 16, 1003, False, ("pynative",), False, "recompute"),
         ("tiny_capacity", tiny_layer_config(world, capacity_factor=1.0),
@@ -671,10 +680,11 @@ def grad_part(report, rank, world):
     for name, config, shapes, hidden, seed, bias, modes, concatenate, path in cases:
         layer = mee.MoELayer(config)
         ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
-        for each in (layer, ref_layer):
-            each.set_train(path != "rowwise")
-            report.equal(f"grad/{name}/path", each._dispatcher_for(4, "prefill")[1],
-                         path != "grouped")
+        expected_paths = {"grouped": ("grouped", "grouped"), "recompute": ("rowwise", "rowwise"),
+                          "eval": ("experts_combine", "rowwise")}[path]
+        for each, expected in zip((layer, ref_layer), expected_paths):
+            each.set_train(path != "eval")
+            report.equal(f"grad/{name}/path", each._dispatcher_for(4, "prefill")[1], expected)
         if bias:
             set_expert_bias([layer, ref_layer], 11, config.model.num_experts)
         inputs = layer_inputs(seed, shapes[:world], hidden)

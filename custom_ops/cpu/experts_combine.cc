@@ -1,0 +1,212 @@
+// The prefill path's experts and combine in one kernel (inference): the row-wise routed experts
+// of this rank, the return of their partial sums to the source ranks, and each source's sum,
+// in rounds over the received rows so that no buffer holds every partial sum.
+//
+//   MoeEpExpertsCombine
+//     rows [R*C, H], local_ids [R*C, K] int32, weights [R*C, K] float32, row_counts [R] int32
+//     (the rows this rank received: block s from rank s, its first row_counts[s] used),
+//     gate_up_weight [L, H, 2F], down_weight [L, F, H],
+//     token_slot [T, R] int32 (slot s*C + i of this rank's token t at rank s, -1 if not sent),
+//     slot_token [R*C, 1] int32 (its inverse: read only by the gradient, see ep_kernels.py),
+//     round_rows [1] int32 (B below, in [1, C]; the same on every rank), window_id [1] int32
+//     -> y [T, H] (rows' dtype), tokens_per_expert [L] int32
+//
+//   y[t] = sum over the ranks s that t went to of partial_s[slot of t at s], where
+//   partial_s[j] = sum over k with local_ids[j, k] >= 0 of weights[j, k] * FFN_e(rows[j]) at s:
+//   the numbers of ExpertsWeightedSum -> ExchangeRows -> GatherRows (the unfused path).
+//
+// Why: unfused, the experts step holds the received rows and a partial sum per received row
+// (R * C rows each), and the return holds the partial sums and the returned rows (R * C rows
+// each): two buffers of the largest size live at once either way. Here the received rows are
+// cut into rounds of B rows per source block (dispatch.combine_round_bytes / (R x row bytes),
+// computed in Python from the config, so the same on every rank): a round runs the experts over
+// its rows into a send buffer of R * B rows, exchanges it (ExchangeRows, capacity B), and each
+// source adds the returned rows to its tokens' float32 sums. Beyond the inputs and y, a round's
+// send and receive buffers and the experts' scratch are all that live.
+//
+// Arithmetic: each partial sum is ExpertsWeightedSum's (rounded once to T); each source adds a
+// token's returned rows in float32, in round order then rank order (the unfused GatherRows adds
+// them in rank order: the two may differ by float32 rounding), and rounds y once to T. The
+// order depends only on the slots, never on timing or the thread count.
+//
+// Every rank runs the same number of rounds (ceil(C / B)), so a rank with fewer rows still
+// joins the later exchanges with nothing to send. Inputs are checked before the first exchange;
+// a failure there abandons the window, so the peers fail at once with the reason.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "comm_window.h"
+#include "expert_ffn.h"
+#include "kernel_common.h"
+#include "row_sums.h"
+
+namespace moe_ep {
+namespace {
+
+// Checks that every slot of token_slot [T, R] lies in its rank's block of C rows.
+void CheckTokenSlots(const TensorArg &token_slot, int64_t world_size, int64_t capacity) {
+  token_slot.RequireRank(2);
+  token_slot.RequireDtype("int32");
+  token_slot.RequireDim(1, world_size, "the expert-parallel world size");
+  const int32_t *slots = token_slot.data_as<const int32_t>();
+  for (int64_t index = 0; index < token_slot.numel(); ++index) {
+    const int64_t rank = index % world_size, slot = slots[index];
+    if (slot != -1 && (slot < rank * capacity || slot >= (rank + 1) * capacity)) {
+      Fail(kOutOfRange, "token_slot", token_slot.IndexString(index), " = ", slot,
+           "; expected -1 or a slot of rank ", rank, "'s block [", rank * capacity, ", ",
+           (rank + 1) * capacity, "): it does not come from the matching layout");
+    }
+  }
+}
+
+template <typename T>
+void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
+                    const ExpertsShapes &shapes, int64_t round_rows) {
+  const TensorArg &rows = args[0], &local_ids = args[1], &token_slot = args[6], &y = args[10];
+  const int64_t world_size = shapes.num_blocks, capacity = shapes.block_rows;
+  const int64_t hidden = shapes.hidden, tokens = token_slot.dim(0);
+  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
+  const int64_t rounds = capacity == 0 ? 0 : (capacity + round_rows - 1) / round_rows;
+  const float *weights = args[2].data_as<const float>();
+  const int32_t *slots = token_slot.data_as<const int32_t>();
+
+  // A round's buffers: partial sums to send [R*B, H], returned rows [R*B, H], and for 16-bit
+  // types the partial sums in float32 (for float32 they are the send rows themselves).
+  const int64_t round_elements = world_size * round_rows * hidden;
+  std::unique_ptr<T[]> send(new T[round_elements]), recv(new T[round_elements]);
+  std::unique_ptr<float[]> own_partial, own_sums;
+  float *partial = reinterpret_cast<float *>(send.get());
+  float *sums = reinterpret_cast<float *>(y.data_as<T>());
+  if constexpr (!std::is_same_v<T, float>) {
+    own_partial.reset(new float[round_elements]);
+    partial = own_partial.get();
+    own_sums.reset(new float[tokens * hidden]);
+    sums = own_sums.get();
+  }
+  const int64_t min_rows_per_thread = MinItemsPerThread(row_bytes);
+  ParallelFor(tokens, min_rows_per_thread, [&](int64_t begin, int64_t end) {
+    std::fill(sums + begin * hidden, sums + end * hidden, 0.0f);
+  });
+
+  std::vector<int32_t> round_counts(world_size), returned(world_size);
+  std::vector<RowRange> ranges(world_size);
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t offset = round * round_rows;  // first row of the round in every block
+    for (int64_t source = 0; source < world_size; ++source) {
+      const int64_t count =
+          std::clamp<int64_t>(shapes.counts[source] - offset, 0, round_rows);
+      round_counts[source] = static_cast<int32_t>(count);
+      ranges[source] = RowRange{source * capacity + offset, source * capacity + offset + count};
+      std::fill(partial + source * round_rows * hidden,
+                partial + (source * round_rows + count) * hidden, 0.0f);
+    }
+    // At the expert rank: the round's partial sums, row (s, offset + i) at send row s * B + i.
+    AddExpertOutputs(shapes, rows, args[4], args[5],
+                     PairsByExpert(local_ids, ranges, shapes.num_experts), weights,
+                     [&](int64_t row) {
+                       const int64_t source = row / capacity;
+                       return partial + (source * round_rows + row % capacity - offset) * hidden;
+                     });
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int64_t source = 0; source < world_size; ++source) {
+        const int64_t first = source * round_rows;
+        ParallelFor(round_counts[source], min_rows_per_thread, [&](int64_t begin, int64_t end) {
+          for (int64_t i = first + begin; i < first + end; ++i) {
+            RoundRow(partial + i * hidden, hidden, send.get() + i * hidden);
+          }
+        });
+      }
+    }
+    window.ExchangeRows(RowExchange{reinterpret_cast<const uint8_t *>(send.get()),
+                                    round_counts.data(), reinterpret_cast<uint8_t *>(recv.get()),
+                                    returned.data(), round_rows, row_bytes,
+                                    /*zero_tail=*/false});
+    // At the source: rank d returned the rows of slots d*C + offset .. + returned[d], in order.
+    AbandonOnFailure(window, [&] {
+      for (int64_t index = 0; index < tokens * world_size; ++index) {
+        const int64_t rank = index % world_size;
+        const int64_t i = slots[index] - rank * capacity - offset;
+        if (slots[index] != -1 && i >= 0 && i < round_rows && i >= returned[rank]) {
+          Fail(kInternalError, "token_slot", token_slot.IndexString(index), " = ", slots[index],
+               " names a row that rank ", rank, " did not return in round ", round, " (",
+               returned[rank], " rows from slot ", rank * capacity + offset, ")");
+        }
+      }
+      return 0;
+    });
+    ParallelFor(tokens, min_rows_per_thread, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t rank = 0; rank < world_size; ++rank) {
+          const int64_t slot = slots[t * world_size + rank];
+          const int64_t i = slot - rank * capacity - offset;
+          if (slot == -1 || i < 0 || i >= round_rows) continue;
+          AddWeightedRow(recv.get() + (rank * round_rows + i) * hidden, 1.0f, hidden,
+                         sums + t * hidden);
+        }
+      }
+    });
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    ParallelFor(tokens, min_rows_per_thread, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        RoundRow(sums + t * hidden, hidden, y.data_as<T>() + t * hidden);
+      }
+    });
+  }
+}
+
+void RunExpertsCombine(const std::vector<TensorArg> &args) {
+  const TensorArg &rows = args[0], &local_ids = args[1], &row_counts = args[3];
+  const TensorArg &token_slot = args[6], &y = args[10], &tokens_per_expert = args[11];
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[9]));
+  const int64_t world_size = window->world_size();
+  // Every check before the first exchange: a failure abandons the window, so the peers
+  // waiting in this step get the reason at once instead of a timeout.
+  int64_t round_rows = 0;
+  const ExpertsShapes shapes = AbandonOnFailure(*window, [&] {
+    const ExpertsShapes checked =
+        CheckExpertsInputs(rows, local_ids, args[2], row_counts, args[4], args[5]);
+    row_counts.RequireDim(0, world_size, "the expert-parallel world size");
+    CheckTokenSlots(token_slot, world_size, checked.block_rows);
+    round_rows = ScalarInput(args[8]);
+    if (round_rows < 1 || round_rows > std::max<int64_t>(checked.block_rows, 1)) {
+      Fail(kInvalidArgument, "round_rows = ", round_rows, "; expected 1 to ",
+           std::max<int64_t>(checked.block_rows, 1), " (rows per source block)");
+    }
+    y.RequireSameDtype(rows);
+    y.RequireRank(2);
+    y.RequireDim(0, token_slot.dim(0), "token_slot.shape[0] (tokens)");
+    y.RequireDim(1, checked.hidden, "rows.shape[1] (hidden)");
+    tokens_per_expert.RequireDtype("int32");
+    tokens_per_expert.RequireRank(1);
+    tokens_per_expert.RequireDim(0, checked.num_experts, "gate_up_weight.shape[0] (experts)");
+    // Checks every local id, and counts the pairs of each expert.
+    std::vector<RowRange> used;
+    for (int64_t source = 0; source < world_size; ++source) {
+      const int64_t first = source * checked.block_rows;
+      used.push_back(RowRange{first, first + checked.counts[source]});
+    }
+    const PairsPerExpert pairs = PairsByExpert(local_ids, used, checked.num_experts);
+    for (int64_t expert = 0; expert < checked.num_experts; ++expert) {
+      tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
+    }
+    return checked;
+  });
+  VisitFloatType(rows, [&](auto element) {
+    ExpertsCombine<decltype(element)>(args, *window, shapes, round_rows);
+  });
+}
+
+}  // namespace
+}  // namespace moe_ep
+
+MOE_EP_EXPORT int MoeEpExpertsCombine(int nparam, void **params, int *ndims, int64_t **shapes,
+                                      const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpExpertsCombine", [&] {
+    moe_ep::RunExpertsCombine(moe_ep::BindArgs(
+        nparam, params, ndims, shapes, dtypes,
+        {"rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight",
+         "token_slot", "slot_token", "round_rows", "window_id", "y", "tokens_per_expert"}));
+  });
+}
