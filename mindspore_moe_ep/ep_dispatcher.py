@@ -8,7 +8,9 @@ give the same numbers; they differ in how the rows travel.
        token order: a token goes to a rank once, however many of its experts live there;
     2. pack the rows into static send slots [R, C] and exchange them with an all-to-all-v
        (counts first, then only the rows needed) over pre-allocated buffers; the local expert
-       ids and routing weights of each row travel alongside;
+       ids and routing weights of each row travel alongside. Over the shared-memory window one
+       kernel (``DeliverRows``) does both without the packed copy: the receivers read the rows
+       straight from the sources' x;
     3. on arrival, group rows by local expert (the local dispatch kernel);
     4. after the experts, each rank forms the weighted sum over *its* experts of every received
        token (one row per token and rank), returns those rows, and the source adds them up.
@@ -28,8 +30,8 @@ from mindspore import Tensor, nn, ops
 import mindspore as ms
 
 from .ops import CombineKernel, DispatchKernel
-from .ops.ep_kernels import (ExpertParallelLayout, ExpertsCombine, FusedCombine, FusedDispatch,
-                             GatherRows)
+from .ops.ep_kernels import (DeliverRows, ExpertParallelLayout, ExpertsCombine, FusedCombine,
+                             FusedDispatch, GatherRows)
 from .token_dispatcher import expert_capacity
 
 
@@ -61,6 +63,9 @@ class SparseAllToAllDispatcher(nn.Cell):
         # The fused experts + return of inference needs the shared-memory window and the rows
         # per source of its rounds (``combine_round_rows``, the same on every rank).
         window = getattr(exchange, "window", None)
+        # Over the window, rows are delivered by one kernel that pulls them from the sources' x.
+        self.deliver_rows = (DeliverRows(window, max_tokens_per_rank) if window is not None
+                             else None)
         self.experts_combine_kernel = (
             ExpertsCombine(window, max_tokens_per_rank, combine_round_rows)
             if window is not None and combine_round_rows is not None else None)
@@ -101,7 +106,6 @@ class SparseAllToAllDispatcher(nn.Cell):
         send_token_index, send_counts, token_slot, send_local_ids = self.layout(
             ops.stop_gradient(expert_ids))
         slot_token = send_token_index.reshape(slots, 1)                          # [R*C, 1]
-        send_rows = self.gather_rows(x, slot_token, token_slot)                  # [R*C, H]
         local_ids = send_local_ids.reshape(slots, self.top_k)                    # [R*C, K]
         slot_weights = self.gather_rows(routing_weights, slot_token, token_slot)  # [R*C, K]
         slot_weights = slot_weights * (local_ids >= 0).astype(ms.float32)
@@ -110,8 +114,13 @@ class SparseAllToAllDispatcher(nn.Cell):
 
         # Rows past the counts stay unspecified; their local ids (from the zeroed metadata) are
         # -1, so nothing downstream reads them.
-        recv_rows, recv_counts = self.exchange_rows(send_rows, send_counts)      # [R*C, H]
-        recv_metadata, _ = self.exchange(metadata, send_counts)                  # [R*C, 2K]
+        if self.deliver_rows is not None:
+            recv_rows, recv_metadata, recv_counts = self.deliver_rows(
+                x, send_token_index, send_counts, token_slot, metadata)          # [R*C, H]
+        else:
+            send_rows = self.gather_rows(x, slot_token, token_slot)              # [R*C, H]
+            recv_rows, recv_counts = self.exchange_rows(send_rows, send_counts)  # [R*C, H]
+            recv_metadata, _ = self.exchange(metadata, send_counts)              # [R*C, 2K]
         recv_local_ids = recv_metadata[:, :self.top_k].astype(ms.int32) - 1      # [R*C, K]
         recv_weights = recv_metadata[:, self.top_k:]                             # [R*C, K]
         return recv_rows, recv_local_ids, recv_weights, recv_counts, (token_slot, slot_token)

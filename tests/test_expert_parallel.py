@@ -152,6 +152,23 @@ def test_gradients_equal_single_process(ep_run):
     assert max_error(ep_run, "gradient") <= GRAD_REL_TOL
 
 
+def test_layer_and_gradients_through_the_window_slots():
+    # MOE_EP_WINDOW_TRANSPORT=slots: no rank reads its peers' memory, so the prefill delivery and
+    # the decode Dispatch pack their rows and exchange them through the slots instead of pulling
+    # them: the same outputs and gradients as a single process (the layer and grad parts).
+    run = launch.run_msrun(WORKER, 2, ["--parts", "layer,grad"], timeout_s=420,
+                           env={"MOE_EP_WINDOW_TRANSPORT": "slots"})
+    try:
+        assert run.returncode == 0 and len(run.results) == 2, run.describe()
+        found = assert_all_pass(run, "layer/", minimum=20)
+        assert {"tiny", "deepseek", "tiny_rounds"} <= {name.split("/")[2] for _, name, _, _ in found}
+        assert_all_pass(run, "grad/", minimum=40)
+        assert max_error(run, "layer_output") <= LAYER_REL_TOL
+        assert all(report.get("window_transport") == "slots" for report in run.results.values())
+    finally:
+        launch.remove_launch_files(run)
+
+
 def test_capacity_drops_equal_single_process_over_the_group_batch(ep_run):
     found = assert_all_pass(ep_run, "capacity/", minimum=20)
     names = {name.split("/", 2)[2].rsplit("/", 1)[0] for _, name, _, _ in found}

@@ -10,6 +10,25 @@
 // s of recv_rows, recv_counts[s] of them. MoeEpExchangeRows zeroes the rest of each block;
 // MoeEpExchangeRowsKeepTail leaves it unspecified (not written), for callers that read only the
 // counted rows. A row is all trailing dimensions of its tensor, moved as raw bytes.
+//
+//   MoeEpDeliverRows   x [T, H], send_token_index [R, C] int32, send_counts [R] int32,
+//                      token_slot [T, R] int32 (read only by the gradient, see ep_kernels.py),
+//                      notes [R*C, M] float32, window_id [1] int32
+//                      -> recv_rows [R*C, H] (x's dtype), recv_notes [R*C, M] float32,
+//                         recv_counts [R] int32
+//
+// The prefill delivery: the rows x[send_token_index[d, i]] (i < send_counts[d]) and their notes
+// (local expert ids and routing weights) go to rank d, as MoeEpExchangeRows would deliver a
+// packed copy of them. Where every rank reads its peers' memory (CommWindow::CanPullRows), the
+// ranks exchange only the notes and each receiver reads the rows straight from its sources' x
+// into recv_rows (PullRows): no packed send buffer of R * C rows exists, and each row is copied
+// once. Otherwise the rows are packed and exchanged (two steps, rows then notes). recv_rows'
+// rows past the counts are unspecified; recv_notes' are zero (a zero note reads as "no local
+// expert" to the caller).
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
 #include "comm_window.h"
 #include "kernel_common.h"
 
@@ -80,6 +99,93 @@ int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void 
   });
 }
 
+void DeliverRows(const std::vector<TensorArg> &args) {
+  const TensorArg &x = args[0], &send_token_index = args[1], &send_counts = args[2];
+  const TensorArg &notes = args[4], &recv_rows = args[6], &recv_notes = args[7];
+  const TensorArg &recv_counts = args[8];
+  const std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[5]));
+  const int64_t world_size = window->world_size();
+  AbandonOnFailure(*window, [&] {
+    x.RequireRank(2);
+    send_token_index.RequireDtype("int32");
+    send_token_index.RequireRank(2);
+    send_token_index.RequireDim(0, world_size, "the world size of the communication window");
+    notes.RequireDtype("float32");
+    notes.RequireRank(2);
+    notes.RequireDim(0, world_size * send_token_index.dim(1), "send_token_index's R * C slots");
+    recv_rows.RequireSameDtype(x);
+    recv_rows.RequireDim(0, notes.dim(0), "notes.shape[0] (R * C slots)");
+    recv_rows.RequireDim(1, x.dim(1), "x.shape[1] (hidden)");
+    recv_notes.RequireSameDtype(notes);
+    for (const TensorArg *counts : {&send_counts, &recv_counts}) {
+      counts->RequireDtype("int32");
+      counts->RequireRank(1);
+      counts->RequireDim(0, world_size, "the world size of the communication window");
+    }
+    const int32_t *counts = send_counts.data_as<const int32_t>();
+    const int32_t *tokens = send_token_index.data_as<const int32_t>();
+    for (int64_t rank = 0; rank < world_size; ++rank) {
+      for (int64_t i = 0; i < counts[rank]; ++i) {  // counts are checked by the window
+        const int64_t index = rank * send_token_index.dim(1) + i;
+        if (i >= send_token_index.dim(1) || tokens[index] < 0 || tokens[index] >= x.dim(0)) {
+          Fail(kOutOfRange, "send_token_index", send_token_index.IndexString(index), " = ",
+               i < send_token_index.dim(1) ? tokens[index] : -1, " is not a token of x (",
+               x.dim(0), " rows), or send_counts[", rank, "] = ", counts[rank], " exceeds ",
+               send_token_index.dim(1));
+        }
+      }
+    }
+    return 0;
+  });
+  const int64_t capacity = send_token_index.dim(1);
+  const int64_t row_bytes = x.dim(1) * ElementBytes(x);
+  const int64_t note_bytes = notes.dim(1) * static_cast<int64_t>(sizeof(float));
+  const int32_t *tokens = send_token_index.data_as<const int32_t>();
+  const int32_t *counts = send_counts.data_as<const int32_t>();
+  const uint8_t *x_bytes = x.data_as<const uint8_t>();
+  uint8_t *rows_out = recv_rows.data_as<uint8_t>();
+  int32_t *received = recv_counts.data_as<int32_t>();
+  const RowExchange note_exchange{notes.data_as<const uint8_t>(), counts,
+                                  recv_notes.data_as<uint8_t>(), received, capacity, note_bytes,
+                                  /*zero_tail=*/true};
+  if (window->CanPullRows(capacity, note_bytes)) {
+    auto plan = [&](std::vector<std::vector<RowCopy>> &copies) {
+      for (int64_t source = 0; source < world_size; ++source) {
+        for (int64_t i = 0; i < received[source]; ++i) {
+          const int64_t slot = source * capacity + i;
+          copies[source].push_back(RowCopy{i, rows_out + slot * row_bytes, slot});
+        }
+      }
+    };
+    window->PullRows(RowPull{note_exchange, tokens, x_bytes, x.dim(0), row_bytes, plan, nullptr});
+    // A pull leaves the note tails unspecified; the caller reads a zero note as "no expert".
+    uint8_t *notes_out = recv_notes.data_as<uint8_t>();
+    for (int64_t source = 0; source < world_size; ++source) {
+      std::memset(notes_out + (source * capacity + received[source]) * note_bytes, 0,
+                  (capacity - received[source]) * note_bytes);
+    }
+    return;
+  }
+  // Pack the rows each peer gets, then exchange rows and notes.
+  std::unique_ptr<uint8_t[]> packed(new uint8_t[world_size * capacity * row_bytes]);
+  AbandonOnFailure(*window, [&] {
+    for (int64_t rank = 0; rank < world_size; ++rank) {
+      for (int64_t i = 0; i < counts[rank]; ++i) {
+        const int64_t slot = rank * capacity + i;
+        std::memcpy(packed.get() + slot * row_bytes, x_bytes + tokens[slot] * row_bytes,
+                    row_bytes);
+      }
+    }
+    return 0;
+  });
+  window->ExchangeRows(RowExchange{packed.get(), counts, rows_out, received, capacity,
+                                   row_bytes, /*zero_tail=*/false});
+  std::vector<int32_t> notes_received(world_size);
+  RowExchange notes_step = note_exchange;
+  notes_step.recv_counts = notes_received.data();
+  window->ExchangeRows(notes_step);
+}
+
 }  // namespace
 }  // namespace moe_ep
 
@@ -94,4 +200,14 @@ MOE_EP_EXPORT int MoeEpExchangeRowsKeepTail(int nparam, void **params, int *ndim
                                             void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunExchangeKernel("MoeEpExchangeRowsKeepTail", /*zero_tail=*/false, nparam,
                                    params, ndims, shapes, dtypes);
+}
+
+MOE_EP_EXPORT int MoeEpDeliverRows(int nparam, void **params, int *ndims, int64_t **shapes,
+                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpDeliverRows", [&] {
+    moe_ep::DeliverRows(moe_ep::BindArgs(
+        nparam, params, ndims, shapes, dtypes,
+        {"x", "send_token_index", "send_counts", "token_slot", "notes", "window_id", "recv_rows",
+         "recv_notes", "recv_counts"}));
+  });
 }

@@ -7,6 +7,8 @@
   token are both instances, each the other's inverse.
 - :class:`FusedDispatch` / :class:`FusedCombine`: the decode path's fused operators, one kernel
   each, exchanging through the communication window.
+- :class:`DeliverRows`: the prefill delivery of token rows and their notes, pulled by the
+  receivers straight from the sources' x (``custom_ops/cpu/exchange_rows.cc``).
 - :class:`ExpertsCombine`: the prefill path's experts, return and sum in one kernel (inference;
   ``custom_ops/cpu/experts_combine.cc``).
 """
@@ -121,6 +123,47 @@ class FusedCombine(_ExplainedCell):
 
     def construct(self, expert_out, positions, recv_weights, recv_counts, token_slot):
         return self._combine(expert_out, positions, recv_weights, recv_counts, token_slot,
+                             self._window_id)
+
+
+class DeliverRows(_ExplainedCell):
+    """Prefill delivery: ``(x [T, H], send_token_index [R, C], send_counts [R], token_slot [T, R],
+    notes [R*C, M] float32)`` -> ``(recv_rows [R*C, H], recv_notes [R*C, M], recv_counts [R])``.
+
+    The numbers of packing ``x[send_token_index]`` and exchanging rows and notes, but where
+    every rank reads its peers' memory the receivers read the rows straight from the sources'
+    x: no packed send buffer (see the kernel's header comment). Rows of ``recv_rows`` past the
+    counts are unspecified, notes there are zero. ``token_slot`` (the inverse of
+    ``send_token_index``) is read only by the gradient: the reverse exchanges of both outputs,
+    then the sum of each token's returned row gradients.
+    """
+
+    def __init__(self, window, capacity_per_peer):
+        super().__init__()
+        self._window_id = window.id_tensor
+        gather_sum = gather_sum_op()
+        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
+
+        def bprop(x, send_token_index, send_counts, token_slot, notes, window_id, out, dout):
+            recv_rows, recv_notes, recv_counts = out
+            d_recv_rows = ops.depend(dout[0], recv_rows)  # after the forward exchange
+            d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)  # [R*C, H]
+            d_x = gather_sum(d_send_rows, token_slot)                                # [T, H]
+            d_recv_notes = ops.depend(dout[1], d_send_rows)  # the same order on every rank
+            d_notes, _ = reverse_exchange(d_recv_notes, recv_counts, window_id)     # [R*C, M]
+            return (d_x, ops.zeros_like(send_token_index), ops.zeros_like(send_counts),
+                    ops.zeros_like(token_slot), d_notes, ops.zeros_like(window_id))
+
+        self._deliver = custom_op(
+            "MoeEpDeliverRows",
+            out_shape=lambda x, index, counts, slots, notes, window_id: (
+                [notes[0], x[1]], list(notes), list(counts)),
+            out_dtype=lambda x, index, counts, slots, notes, window_id: (
+                x, mstype.float32, mstype.int32),
+            bprop=bprop, side_effect=True)
+
+    def construct(self, x, send_token_index, send_counts, token_slot, notes):
+        return self._deliver(x, send_token_index, send_counts, token_slot, notes,
                              self._window_id)
 
 

@@ -545,6 +545,7 @@ def layer_part(report, rank, world):
         ref_layer.set_train(False)
         report.equal(f"layer/{name}/prefill_path", layer._dispatcher_for(8, "prefill")[1],
                      "experts_combine")
+        report.values["window_transport"] = layer.prefill_dispatcher.exchange.window.transport
         report.equal(f"layer/{name}/combine_round_rows",
                      int(layer.prefill_dispatcher.experts_combine_kernel._round_rows.asnumpy()[0]),
                      5 if name == "tiny_rounds" else config.dispatch.max_tokens_per_rank)
