@@ -37,13 +37,14 @@ def _window_slot_bytes(config):
 
 
 def _combine_round_rows(config, world_size):
-    """Rows per source in one round of the fused experts + combine: dispatch.combine_round_bytes
-    of partial sums over all peers, between 1 and max_tokens_per_rank."""
-    element_bytes = 4 if config.runtime.dtype == "float32" else 2
+    """Rows per source in one round of the fused experts + combine, or None where the unfused
+    path holds less: the fused kernel's buffers (a round's partial sums to send and returned
+    rows, R x B rows each, and the output, C rows) against the unfused partial sums (R x C)."""
     capacity = config.dispatch.max_tokens_per_rank
-    rows = config.dispatch.combine_round_bytes // (world_size * config.model.hidden_size
-                                                   * element_bytes)
-    return max(1, min(rows, capacity))
+    round_rows = min(config.dispatch.combine_round_tokens, capacity)
+    if 2 * world_size * round_rows + capacity >= world_size * capacity:
+        return None
+    return round_rows
 
 
 def _build_dispatchers(config, group):

@@ -307,13 +307,15 @@ class DispatchConfig(_Section):
         "step fit and are summed in place. Larger payloads travel by single copy "
         "(process_vm_readv) or, where that is not allowed, in slot-sized chunks.",
         default=None, gt=0)
-    combine_round_bytes: int = option(
-        "Prefill inference over shared memory: bytes of the partial sums that one round of the "
-        "fused experts + combine returns (all peers together; the receiving side holds as "
-        "much). The received rows run through the experts in rounds of this size instead of "
-        "all at once: smaller rounds hold less memory, larger ones give the experts' GEMMs "
-        "more rows. Rows per source per round = this / (expert_parallel x hidden x element "
-        "bytes), between 1 and max_tokens_per_rank.", default=64 << 20, gt=0)
+    combine_round_tokens: int = option(
+        "Prefill inference over shared memory: received rows per source rank in one round of "
+        "the fused experts + combine kernel, which runs the experts and returns their partial "
+        "sums round by round instead of all at once. Its buffers (two rounds of "
+        "expert_parallel x this rows, and the output) replace the unfused path's partial sums "
+        "(expert_parallel x max_tokens_per_rank rows), so the layer uses it only where they are "
+        "smaller. Smaller rounds hold less memory; larger ones give the experts' GEMMs more "
+        "rows (about expert_parallel x this x top_k / num_experts per expert and round).",
+        default=512, gt=0)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,13 @@ def layer_slot_bytes(tokens, hidden):
     return _window_slot_bytes(layer_config(tokens, hidden, ffn=1))
 
 
+def layer_round_rows(tokens, hidden):
+    """Rows per source in one round of MoELayer's fused experts + combine (its default rule;
+    None: the layer runs the unfused steps, which then hold less)."""
+    from mindspore_moe_ep.layer import _combine_round_rows
+    return _combine_round_rows(layer_config(tokens, hidden, ffn=1), WORLD)
+
+
 def scratch_bytes(hidden, ffn):
     """The row-wise experts kernel's scratch: threads x chunk rows x (H + 3F) elements."""
     row = (hidden + 3 * ffn) * ELEMENT
@@ -135,19 +142,29 @@ def designs(tokens, hidden, ffn, stats):
     window = WORLD * (WORLD - 1) * layer_slot_bytes(tokens, hidden)
     sparse_sizes = {"x": tokens * row, "y": tokens * row, "window": window,
                     "routing": slots * (1 + TOP_K) * 4 + tokens * WORLD * 4,
-                    "send rows": slots * row, "send metadata": slots * 2 * TOP_K * 4,
+                    "send metadata": slots * 2 * TOP_K * 4,
                     "received rows": slots * row, "received metadata": slots * 2 * TOP_K * 4,
                     "partial sums": slots * row, "returned rows": slots * row}
+    # DeliverRows: each receiver reads its rows straight from the sources' x (no send rows).
     delivery = [("layout", ["x"], ["routing", "window"]),
-                ("pack rows", ["x", "routing"], ["send rows"]),
                 ("pack metadata", ["routing"], ["send metadata"]),
-                ("exchange rows", ["send rows", "window"], ["received rows"]),
-                ("exchange metadata", ["send metadata", "window"], ["received metadata"])]
+                ("deliver rows (pulled) and metadata", ["x", "send metadata", "window"],
+                 ["received rows", "received metadata"])]
     returning = [("return", ["partial sums", "window"], ["returned rows"]),
                  ("sum per token", ["returned rows", "routing", "window"], ["y"])]
-    rowwise_sizes = dict(sparse_sizes, **{"experts scratch": scratch_bytes(hidden, ffn)})
-    rowwise = delivery + [("experts (row-wise)", ["received rows", "received metadata"],
-                           ["experts scratch", "partial sums"])] + returning
+    round_rows = layer_round_rows(tokens, hidden)
+    round_bytes = WORLD * (round_rows or 0) * row
+    rowwise_sizes = dict(sparse_sizes, **{"experts scratch": scratch_bytes(hidden, ffn),
+                                          "round partial sums": round_bytes,
+                                          "round returned rows": round_bytes})
+    # Training (recompute_experts), and inference where rounds would not hold less: unfused.
+    rowwise_training = delivery + [("experts (row-wise)", ["received rows", "received metadata"],
+                                    ["experts scratch", "partial sums"])] + returning
+    # Inference: the fused experts + combine, in rounds (MoELayer's rule).
+    rowwise = rowwise_training if round_rows is None else delivery + [
+        ("experts + combine (fused, in rounds)",
+         ["received rows", "received metadata", "routing", "window"],
+         ["experts scratch", "round partial sums", "round returned rows", "y"])]
     grouped_sizes = dict(sparse_sizes, **{
         "grouped rows": pairs * row, "positions": slots * TOP_K * 4,
         "gate_up": pairs * 2 * ffn * e, "hidden": pairs * ffn * e, "expert output": pairs * row})
@@ -179,13 +196,14 @@ def designs(tokens, hidden, ffn, stats):
                      ("dispatch", ["x", "dispatch mask"], ["dispatched"])] + dense_steps[2:-1]
                     + [("combine", ["returned", "combine weights"], ["y"])])
     return {
-        "sparse, row-wise experts": (rowwise_sizes, rowwise,
+        "sparse, row-wise experts": (rowwise_sizes, rowwise, rowwise_training,
                                      ["routing", "received rows", "received metadata"]),
-        "sparse, grouped experts": (grouped_sizes, grouped,
+        "sparse, grouped experts": (grouped_sizes, grouped, grouped,
                                     ["routing", "received metadata", "grouped rows", "positions",
                                      "gate_up", "hidden", "expert output"]),
-        "dense capacity-padded (index-based)": (dense_sizes, dense_steps, dense_kept),
-        "dense GShard einsum (fairscale)": (gshard_sizes, gshard_steps,
+        "dense capacity-padded (index-based)": (dense_sizes, dense_steps, dense_steps,
+                                                dense_kept),
+        "dense GShard einsum (fairscale)": (gshard_sizes, gshard_steps, gshard_steps,
                                             dense_kept + ["dispatch mask", "combine weights"]),
     }
 
@@ -194,9 +212,9 @@ def analytic(tokens, hidden, ffn, stats):
     """Per design: inference peak (with its step and live buffers), training forward peak and
     the bytes kept for backward."""
     result = {}
-    for name, (sizes, steps, kept) in designs(tokens, hidden, ffn, stats).items():
+    for name, (sizes, steps, training_steps, kept) in designs(tokens, hidden, ffn, stats).items():
         peak, step, live = footprint(steps, sizes)
-        train_peak, _, _ = footprint(steps, sizes, kept)
+        train_peak, _, _ = footprint(training_steps, sizes, kept)
         result[name] = {"inference_peak": peak, "inference_peak_step": step,
                         "inference_peak_buffers": live, "training_forward_peak": train_peak,
                         "kept_for_backward": sum(sizes[b] for b in kept)}
