@@ -60,10 +60,10 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.exchange_rows = exchange.keep_tail()  # token rows: only counted rows are read
         self.local_dispatch = DispatchKernel(group.experts_per_rank)
         self.local_combine = CombineKernel()
-        # The fused experts + return of inference needs the shared-memory window and the rows
-        # per source of its rounds (``combine_round_rows``, the same on every rank).
+        # Over the shared-memory window, rows are delivered by one kernel that pulls them from
+        # the sources' x, and inference may fuse the experts with the return, in rounds of
+        # ``combine_round_rows`` rows per source (the same on every rank; None: unfused).
         window = getattr(exchange, "window", None)
-        # Over the window, rows are delivered by one kernel that pulls them from the sources' x.
         self.deliver_rows = (DeliverRows(window, max_tokens_per_rank) if window is not None
                              else None)
         self.experts_combine_kernel = (

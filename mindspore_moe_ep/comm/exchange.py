@@ -52,7 +52,7 @@ def _check_capacity(capacity_per_peer: int) -> None:
 
 
 def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
-                     zero_tail: bool = True) -> ops.Custom:
+                    zero_tail: bool = True) -> ops.Custom:
     """The exchange Custom op: (send_rows, send_counts, window_id) -> (rows, counts).
 
     ``zero_tail``: MoeEpExchangeRows (tails zeroed) or MoeEpExchangeRowsKeepTail (unspecified).
@@ -101,7 +101,7 @@ class ExchangeRows(nn.Cell):
             return d_send_rows, ops.zeros_like(send_counts), ops.zeros_like(window_id)
 
         self._exchange = exchange_kernel(window.world_size, capacity_per_peer, bprop,
-                                          self.zero_tail)
+                                         self.zero_tail)
 
     def construct(self, send_rows, send_counts):
         return self._exchange(send_rows, send_counts, self._window_id)

@@ -475,8 +475,28 @@ def threads_per_process(world_size: int) -> int:
     return max(1, cores // world_size)
 
 
+def reset_peak_rss() -> bool:
+    """Starts a new peak: the kernel's high-water RSS (VmHWM) becomes the current RSS (Linux:
+    "5" written to /proc/self/clear_refs). Without it a peak reached earlier (building a layer,
+    say) hides the peak of the step measured next. False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (ru_maxrss)."""
+    """This process's peak resident set size since it started or since reset_peak_rss (VmHWM;
+    ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -18,12 +18,17 @@ their sum is what every layer of a model keeps until its backward pass.
 
 - sparse, row-wise experts (``MoELayer`` in inference, and in training with
   ``runtime.recompute_experts``; static shapes, C = ``dispatch.max_tokens_per_rank`` = T):
-  routing indices, send rows [R*C, H] and metadata [R*C, 2K], received rows and metadata (same),
-  the ExpertsWeightedSum kernel's scratch (per thread: a chunk of at most 512 rows and 16 MiB of
-  gathered rows, gate_up and hidden; 4 threads counted), per-rank partial sums [R*C, H],
-  returned rows [R*C, H], output [T, H], plus the shared-memory window (R*(R-1) slots as
-  MoELayer sizes them). Training keeps the received rows and metadata and recomputes the
-  experts in backward (their per-pair buffers then live during one layer's backward only);
+  routing indices and send metadata [R*C, 2K]; the delivery (``DeliverRows``) reads each row
+  straight from its source's x into the received rows [R*C, H] (no send rows), with the
+  received metadata; then, in inference where MoELayer uses it (its buffers are smaller than
+  the partial sums), the fused experts + combine (``ExpertsCombine``): the experts' scratch
+  (per thread: a chunk of at most 512 rows and 16 MiB of gathered rows, gate_up and hidden; 4
+  threads counted), one round's partial sums and returned rows ([R*B, H] each, B =
+  ``dispatch.combine_round_tokens``) and the output [T, H]; otherwise (and in training) the
+  unfused steps: the scratch and per-rank partial sums [R*C, H], then returned rows [R*C, H]
+  and the output; plus the shared-memory window (R*(R-1) slots as MoELayer sizes them).
+  Training keeps the received rows and metadata and recomputes the experts in backward (their
+  per-pair buffers then live during one layer's backward only);
 - sparse, grouped experts (``MoELayer`` training): the same, but the received rows are grouped
   into one row per (token, expert) pair [R*C*K, H] and the experts make gate_up [R*C*K, 2F],
   hidden [R*C*K, F] and expert output [R*C*K, H] (static worst case), before the weighted
@@ -34,17 +39,18 @@ their sum is what every layer of a model keeps until its backward pass.
 - dense GShard einsum (fairscale's MOELayer): the same plus the dispatch mask and combine
   weights [T, E, c] float32 (kept for training).
 
-Measured: the peak resident-set growth (ru_maxrss - RSS before the step) of the first prefill
-step of ``MoELayer`` under msrun (R = 4, PYNATIVE_MODE; a small layer ran first to take the
-one-time costs: kernel loading, memory pools): the inference forward (row-wise experts), the
-training-mode forward alone (grouped experts), and a training forward + backward with grouped
-experts and with ``runtime.recompute_experts``; and of a PyTorch dense GShard forward
-in one process that frees each buffer after its last use (the all-to-all replaced by a copy of
-the same size: it does not change the buffers). Frameworks differ in allocators, so the
-analytic figures are the comparison; the measurements check their order of magnitude. Pages of
-a static buffer that no kernel touches (rows past the counts) are not resident on a first
-forward, so measured growth can be below the analytic size; a pool reusing pages across steps
-does not keep that saving. Target (the seed's prefill case, inference): sparse <= 0.5x dense.
+Measured: the peak resident-set growth (VmHWM, reset just before the step, minus the RSS before
+it) of the first prefill step of ``MoELayer`` under msrun (R = 4, PYNATIVE_MODE; a small layer
+ran first to take the one-time costs: kernel loading, memory pools): the inference forward
+(row-wise experts, fused with the combine where the layer fuses them), the training-mode
+forward alone (grouped experts), and a training forward + backward with grouped experts and
+with ``runtime.recompute_experts``; and of a PyTorch dense GShard forward in one process that
+frees each buffer after its last use (the all-to-all replaced by a copy of the same size: it
+does not change the buffers). Frameworks differ in allocators, so the analytic figures are the
+comparison; the measurements check their order of magnitude. Pages of a static buffer that no
+kernel touches (rows past the counts) are not resident on a first forward, so measured growth
+can be below the analytic size; a pool reusing pages across steps does not keep that saving.
+Target (the seed's prefill case, inference): sparse <= 0.5x dense.
 """
 import os
 import sys
@@ -257,10 +263,12 @@ def ms_worker(tokens, hidden, ffn, run):
     # pools), then the measured layer's first step shows its own buffers.
     step(build(8), Tensor(rng.standard_normal((8, hidden), dtype=np.float32)))
     layer = build(tokens)
+    inference_path = "rowwise" if layer_round_rows(tokens, hidden) is None else "experts_combine"
     assert layer._dispatcher_for(tokens, "prefill")[1] == {
-        "rowwise": "experts_combine", "grouped": "grouped", "train_grouped": "grouped",
+        "rowwise": inference_path, "grouped": "grouped", "train_grouped": "grouped",
         "train_recompute": "rowwise"}[run]
     x = Tensor(rng.standard_normal((tokens, hidden), dtype=np.float32))
+    peak_reset = bc.reset_peak_rss()  # building the layer peaked above the step's own peak
     before = bc.current_rss_bytes()
     peak_before = bc.peak_rss_bytes()
     step(layer, x)
@@ -268,6 +276,7 @@ def ms_worker(tokens, hidden, ffn, run):
     window = layer.prefill_dispatcher.exchange.window
     bc.write_worker_result({"rank": rank, "rss_before": before, "peak_before": peak_before,
                             "peak_after": peak, "peak_growth": peak - max(before, 0),
+                            "peak_reset": peak_reset,
                             "window_segment_bytes":
                                 window.segment_bytes(window.world_size, window.slot_bytes)})
 
@@ -287,6 +296,7 @@ def torch_dense_peak(tokens, hidden, ffn, capacity):
     # Positions within each expert (token order): the GShard cumsum.
     one_hot = torch.nn.functional.one_hot(ids, EXPERTS).sum(1)               # [T, E]
     position = (torch.cumsum(one_hot, 0) - 1) * one_hot                       # [T, E]
+    bc.reset_peak_rss()
     before = bc.current_rss_bytes()
     with torch.no_grad():
         dispatch_mask = torch.zeros(tokens, EXPERTS, capacity)                 # [T, E, c]
