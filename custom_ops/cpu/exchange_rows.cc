@@ -22,9 +22,9 @@
 // packed copy of them. Where every rank reads its peers' memory (CommWindow::CanPullRows), the
 // ranks exchange only the notes and each receiver reads the rows straight from its sources' x
 // into recv_rows (PullRows): no packed send buffer of R * C rows exists, and each row is copied
-// once. Otherwise the rows are packed and exchanged (two steps, rows then notes). recv_rows'
-// rows past the counts are unspecified; recv_notes' are zero (a zero note reads as "no local
-// expert" to the caller).
+// once. Otherwise (or with MOE_EP_DISPATCH_PULL=0 on every rank) the rows are packed and
+// exchanged (two steps, rows then notes). recv_rows' rows past the counts are unspecified;
+// recv_notes' are zero (a zero note reads as "no local expert" to the caller).
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -148,7 +148,7 @@ void DeliverRows(const std::vector<TensorArg> &args) {
   const RowExchange note_exchange{notes.data_as<const uint8_t>(), counts,
                                   recv_notes.data_as<uint8_t>(), received, capacity, note_bytes,
                                   /*zero_tail=*/true};
-  if (window->CanPullRows(capacity, note_bytes)) {
+  if (!PullDisabled() && window->CanPullRows(capacity, note_bytes)) {
     auto plan = [&](std::vector<std::vector<RowCopy>> &copies) {
       for (int64_t source = 0; source < world_size; ++source) {
         for (int64_t i = 0; i < received[source]; ++i) {

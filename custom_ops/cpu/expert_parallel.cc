@@ -245,13 +245,6 @@ int64_t GroupByLocalExpert(const ReceivedMessages &messages, int64_t experts_per
   return total;
 }
 
-// MOE_EP_DISPATCH_PULL=0 (set on every rank) makes the fused Dispatch pack its rows even where
-// it could pull them: for comparing the two ways in benchmarks.
-bool PullDisabled() {
-  const char *value = std::getenv("MOE_EP_DISPATCH_PULL");
-  return value != nullptr && std::string_view(value) == "0";
-}
-
 void FusedDispatch(const std::vector<TensorArg> &args) {
   const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
   const TensorArg &expand_x = args[5], &tokens_per_local_expert = args[6];

@@ -225,6 +225,11 @@ bool PoisonUnusedRows() {
   return value != nullptr && std::string_view(value) == "1";
 }
 
+bool PullDisabled() {
+  const char *value = std::getenv("MOE_EP_DISPATCH_PULL");
+  return value != nullptr && std::string_view(value) == "0";
+}
+
 }  // namespace moe_ep
 
 // Returns the message of the most recent kernel failure ("" if none). The pointer stays valid

@@ -268,6 +268,11 @@ void StreamingStoreFence();
 // that nothing downstream reads them.
 bool PoisonUnusedRows();
 
+// Benchmark aid: MOE_EP_DISPATCH_PULL=0 (set on every rank, read on every call) makes the fused
+// decode Dispatch and the prefill DeliverRows pack their rows and exchange them even where they
+// could pull them, for comparing the two ways.
+bool PullDisabled();
+
 // Fills `count` elements with a quiet NaN.
 template <typename T>
 void FillWithNaN(T *begin, int64_t count) {
