@@ -220,6 +220,12 @@ class MoELayer(nn.Cell):
             return self.prefill_dispatcher, "experts_combine"
         return self.prefill_dispatcher, "rowwise"
 
+    def experts_path(self, num_tokens, phase=None):
+        """How a step of ``num_tokens`` tokens per rank in ``phase`` runs the routed experts
+        (in the Cell's current training mode): "grouped", "rowwise" or "experts_combine" (see
+        ``_dispatcher_for``)."""
+        return self._dispatcher_for(num_tokens, phase)[1]
+
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""
         expert_ids, routing_weights, _, _, _ = self.router(x.reshape(-1, self.hidden_size))

@@ -9,9 +9,10 @@ Under msrun (one process per expert-parallel rank; see scripts/msrun_moe.sh)::
 
     scripts/msrun_moe.sh yaml_configs/deepseek_v3_small_4cpu.yaml --workers 4
 
-Prints per-phase latency and tokens/s, expert load balance and dropped rows, and (under expert
-parallelism) the largest difference from a single-process run of the same layer on the same
-tokens. Writes a JSON summary with ``--json``.
+Prints per-phase latency and tokens/s, expert load balance, dropped rows and how the layer ran
+its experts (``MoELayer.experts_path``), and (under expert parallelism) the largest difference
+from a single-process run of the same layer on the same tokens. Writes a JSON summary with
+``--json``.
 """
 import argparse
 import json
@@ -132,14 +133,15 @@ def main(argv=None):
         tokens = int(np.prod(x_np.shape[:-1]))
         first, median, y = timed(lambda: layer(x, phase), args.repeats)
         stats = layer.stats()
-        result = {"phase": phase, "tokens_per_rank": tokens, "first_call_s": first,
+        result = {"phase": phase, "experts_path": layer.experts_path(tokens, phase),
+                  "tokens_per_rank": tokens, "first_call_s": first,
                   "latency_ms": median * 1e3, "tokens_per_s": tokens * world_size / median,
                   "load_max_over_mean": load_balance(stats["routed_per_expert"]),
                   "dropped_rows": stats["num_dropped"]}
         log(rank, f"{name:8s} tokens/rank {tokens:6d}  latency {median * 1e3:9.2f} ms  "
                   f"tokens/s {result['tokens_per_s']:10.1f}  (first call {first:.2f} s)  "
                   f"load max/mean {result['load_max_over_mean']:.2f}  "
-                  f"dropped {stats['num_dropped']}")
+                  f"dropped {stats['num_dropped']}  experts {result['experts_path']}")
         if check:
             result["max_abs_diff_vs_single_process"] = check_against_single_process(
                 name, x_np.reshape(-1, hidden), y.reshape(-1, hidden))

@@ -32,6 +32,7 @@ def test_single_process_job_runs_every_phase(tmp_path):
     phases = json.loads(summary_path.read_text())["phases"]
     assert {"prefill", "decode0", "train0"} <= set(phases)
     assert phases["prefill"]["tokens_per_s"] > 0
+    assert phases["prefill"]["experts_path"] == "rowwise"  # inference, no per-pair buffers
     assert phases["train0"]["loss"] > 0
 
 
@@ -50,4 +51,8 @@ def test_expert_parallel_job_equals_single_process(tmp_path, transport):
                if "max_abs_diff_vs_single_process" in phase}
     assert {"prefill", "decode0"} <= set(checked)
     assert max(checked.values()) < 1e-5, checked
+    # max_tokens_per_rank 64: rounds would not hold less than the unfused partial sums; decode
+    # takes the fused Dispatch / Combine (grouped experts) where the window exists.
+    assert phases["prefill"]["experts_path"] == "rowwise"
+    assert phases["decode0"]["experts_path"] == ("grouped" if transport == "shm" else "rowwise")
     assert phases["train0"]["loss"] > 0
