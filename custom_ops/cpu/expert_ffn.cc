@@ -105,15 +105,6 @@ void ForEachBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first,
   }
 }
 
-// The used rows of every block.
-std::vector<RowRange> UsedRows(const ExpertsShapes &shapes) {
-  std::vector<RowRange> ranges;
-  ForEachBlock(shapes, [&](int64_t first, int64_t used_end, int64_t) {
-    ranges.push_back(RowRange{first, used_end});
-  });
-  return ranges;
-}
-
 // Float32 sums of the used rows, zeroed: `out` itself for float32, else a buffer of its own
 // (only the used rows' pages are touched), which Finish rounds into `out`.
 template <typename T>
@@ -445,6 +436,14 @@ ExpertsShapes CheckExpertsInputs(const TensorArg &rows, const TensorArg &local_i
   down_weight.RequireDim(1, shapes.ffn, "expert_ffn_size (half of gate_up_weight.shape[2])");
   down_weight.RequireDim(2, shapes.hidden, "rows.shape[1] (hidden)");
   return shapes;
+}
+
+std::vector<RowRange> UsedRows(const ExpertsShapes &shapes) {
+  std::vector<RowRange> ranges;
+  ForEachBlock(shapes, [&](int64_t first, int64_t used_end, int64_t) {
+    ranges.push_back(RowRange{first, used_end});
+  });
+  return ranges;
 }
 
 PairsPerExpert PairsByExpert(const TensorArg &local_ids, const std::vector<RowRange> &ranges,

@@ -37,6 +37,9 @@ struct RowRange {
   int64_t first, end;
 };
 
+// The used rows of every block: [b * block_rows, b * block_rows + counts[b]).
+std::vector<RowRange> UsedRows(const ExpertsShapes &shapes);
+
 // The pairs of every local expert among the rows of `ranges` (in order), each list in row
 // order; throws on a local id outside [-1, num_experts).
 PairsPerExpert PairsByExpert(const TensorArg &local_ids, const std::vector<RowRange> &ranges,

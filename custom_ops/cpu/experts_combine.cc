@@ -182,12 +182,8 @@ void RunExpertsCombine(const std::vector<TensorArg> &args) {
     tokens_per_expert.RequireRank(1);
     tokens_per_expert.RequireDim(0, checked.num_experts, "gate_up_weight.shape[0] (experts)");
     // Checks every local id, and counts the pairs of each expert.
-    std::vector<RowRange> used;
-    for (int64_t source = 0; source < world_size; ++source) {
-      const int64_t first = source * checked.block_rows;
-      used.push_back(RowRange{first, first + checked.counts[source]});
-    }
-    const PairsPerExpert pairs = PairsByExpert(local_ids, used, checked.num_experts);
+    const PairsPerExpert pairs =
+        PairsByExpert(local_ids, UsedRows(checked), checked.num_experts);
     for (int64_t expert = 0; expert < checked.num_experts; ++expert) {
       tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
     }
