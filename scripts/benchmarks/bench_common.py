@@ -73,15 +73,20 @@ def _cpu_info():
     return model, flags
 
 
-def _memory_bytes():
+def _proc_kib_field_bytes(path, field):
+    """Bytes of a "<field>: <n> kB" line of a /proc file (None if absent or unreadable)."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
+        with open(path, encoding="ascii") as proc_file:
+            for line in proc_file:
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _memory_bytes():
+    return _proc_kib_field_bytes("/proc/meminfo", "MemTotal")
 
 
 def _version(package):
@@ -490,13 +495,9 @@ def reset_peak_rss() -> bool:
 def peak_rss_bytes() -> int:
     """This process's peak resident set size since it started or since reset_peak_rss (VmHWM;
     ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib_field_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

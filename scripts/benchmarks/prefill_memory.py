@@ -264,7 +264,7 @@ def ms_worker(tokens, hidden, ffn, run):
     step(build(8), Tensor(rng.standard_normal((8, hidden), dtype=np.float32)))
     layer = build(tokens)
     inference_path = "rowwise" if layer_round_rows(tokens, hidden) is None else "experts_combine"
-    assert layer._dispatcher_for(tokens, "prefill")[1] == {
+    assert layer.experts_path(tokens, "prefill") == {
         "rowwise": inference_path, "grouped": "grouped", "train_grouped": "grouped",
         "train_recompute": "rowwise"}[run]
     x = Tensor(rng.standard_normal((tokens, hidden), dtype=np.float32))
