@@ -135,6 +135,11 @@ class MoELayer(nn.Cell):
         # Inference over the shared-memory window: experts, return and sum in one kernel.
         self.experts_combine_supported = self.rowwise_supported and getattr(
             self.prefill_dispatcher, "experts_combine_kernel", None) is not None
+        # Decode with the fused row-wise pair (FusedDeliver / FusedReturn) around the row-wise
+        # experts, unless the config asks for the grouped pair.
+        self.decode_rowwise = (self.rowwise_supported
+                               and config.dispatch.decode_layout == "rowwise"
+                               and hasattr(self.decode_dispatcher, "deliver"))
         self.recompute_experts = config.runtime.recompute_experts
         if self.recompute_experts and not self.rowwise_supported:
             raise ValueError("runtime.recompute_experts = true needs the CPU kernels' fused "
@@ -157,7 +162,8 @@ class MoELayer(nn.Cell):
         grouped by expert when training, and row by row without per-pair buffers in inference
         or with ``runtime.recompute_experts``; in inference the experts, the return and the sum
         run as one kernel, see ``_dispatcher_for``), "decode" (fused Dispatch/Combine, inference
-        only) or None: decode when the Cell is not training and
+        only; row-wise experts unless ``dispatch.decode_layout: grouped``) or None: decode when
+        the Cell is not training and
         this rank has at most ``dispatch.decode_token_threshold`` tokens. Under expert
         parallelism all ranks of a group must take the same path in a step: with uneven token
         counts around the threshold, pass ``phase`` explicitly.
@@ -203,22 +209,30 @@ class MoELayer(nn.Cell):
         """(dispatcher, experts path) of this step (decided at compile time: shapes are static).
 
         Paths: "grouped" (dispatch -> grouped experts -> combine: training, capacity factors,
-        the decode operators), "rowwise" (the prefill dispatcher's deliver / return_rows around
-        ``experts.weighted_sum``: training with ``runtime.recompute_experts``, and inference
-        without a shared-memory window) and "experts_combine" (inference over the window:
-        deliver, then the experts, return and sum in one kernel, in rounds)."""
+        the decode operators with ``dispatch.decode_layout: grouped``), "rowwise" (the
+        dispatcher's deliver / return_rows around ``experts.weighted_sum``: decode through the
+        fused row-wise operators, training with ``runtime.recompute_experts``, and prefill
+        inference without a shared-memory window) and "experts_combine" (prefill inference over
+        the window: deliver, then the experts, return and sum in one kernel, in rounds)."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
         if phase == "decode" and self.decode_dispatcher is not None:
+            if self.decode_rowwise:
+                return self.decode_dispatcher, "rowwise"
             return self.decode_dispatcher, "grouped"
         if not self.rowwise_supported or (self.training and not self.recompute_experts):
             return self.prefill_dispatcher, "grouped"
         if not self.training and self.experts_combine_supported:
             return self.prefill_dispatcher, "experts_combine"
         return self.prefill_dispatcher, "rowwise"
+
+    def dispatcher_for(self, num_tokens, phase=None):
+        """The dispatcher a step of ``num_tokens`` tokens per rank in ``phase`` goes through (in
+        the Cell's current training mode): ``prefill_dispatcher`` or ``decode_dispatcher``."""
+        return self._dispatcher_for(num_tokens, phase)[0]
 
     def experts_path(self, num_tokens, phase=None):
         """How a step of ``num_tokens`` tokens per rank in ``phase`` runs the routed experts

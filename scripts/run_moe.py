@@ -134,6 +134,7 @@ def main(argv=None):
         first, median, y = timed(lambda: layer(x, phase), args.repeats)
         stats = layer.stats()
         result = {"phase": phase, "experts_path": layer.experts_path(tokens, phase),
+                  "dispatcher": type(layer.dispatcher_for(tokens, phase)).__name__,
                   "tokens_per_rank": tokens, "first_call_s": first,
                   "latency_ms": median * 1e3, "tokens_per_s": tokens * world_size / median,
                   "load_max_over_mean": load_balance(stats["routed_per_expert"]),
@@ -141,7 +142,8 @@ def main(argv=None):
         log(rank, f"{name:8s} tokens/rank {tokens:6d}  latency {median * 1e3:9.2f} ms  "
                   f"tokens/s {result['tokens_per_s']:10.1f}  (first call {first:.2f} s)  "
                   f"load max/mean {result['load_max_over_mean']:.2f}  "
-                  f"dropped {stats['num_dropped']}  experts {result['experts_path']}")
+                  f"dropped {stats['num_dropped']}  {result['dispatcher']}, experts "
+                  f"{result['experts_path']}")
         if check:
             result["max_abs_diff_vs_single_process"] = check_against_single_process(
                 name, x_np.reshape(-1, hidden), y.reshape(-1, hidden))

@@ -79,7 +79,7 @@ def test_dispatchers_route_every_row_exactly(ep_run):
     found = assert_all_pass(ep_run, "routing/", minimum=400)
     assert modes_of(found) == {"pynative", "graph"}
     assert {name.rsplit("/", 1)[0].split("/")[-1] for _, name, _, _ in found} == \
-        {"prefill", "decode"}
+        {"prefill", "decode", "decode_rowwise"}
     assert max_error(ep_run, "routing_combine") <= COMBINE_REL_TOL
 
 
@@ -127,8 +127,10 @@ def test_layer_prefill_and_decode_equal_single_process(ep_run):
         for phase in ("prefill", "decode"):
             assert any(name.endswith(f"layer/{model}/{phase}/output") for _, name, _, _ in found)
     # Inference prefill: the fused experts + combine in rounds (tiny_rounds), else unfused.
+    # Decode: the fused row-wise operators (tiny_rounds: the grouped ones).
     for model in ("tiny", "deepseek", "tiny_rounds"):
         assert any(name.endswith(f"layer/{model}/prefill_path") for _, name, _, _ in found)
+        assert any(name.endswith(f"layer/{model}/decode_path") for _, name, _, _ in found)
     assert any(name.endswith("layer/tiny_rounds/combine_round_rows") for _, name, _, _ in found)
     assert "graph" in modes_of(found)
     assert max_error(ep_run, "layer_output") <= LAYER_REL_TOL

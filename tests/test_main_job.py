@@ -52,7 +52,10 @@ def test_expert_parallel_job_equals_single_process(tmp_path, transport):
     assert {"prefill", "decode0"} <= set(checked)
     assert max(checked.values()) < 1e-5, checked
     # max_tokens_per_rank 64: rounds would not hold less than the unfused partial sums; decode
-    # takes the fused Dispatch / Combine (grouped experts) where the window exists.
+    # takes the fused row-wise operators (FusedDeliver / FusedReturn) where the window exists.
     assert phases["prefill"]["experts_path"] == "rowwise"
-    assert phases["decode0"]["experts_path"] == ("grouped" if transport == "shm" else "rowwise")
+    assert phases["prefill"]["dispatcher"] == "SparseAllToAllDispatcher"
+    assert phases["decode0"]["experts_path"] == "rowwise"
+    assert phases["decode0"]["dispatcher"] == ("FusedDecodeDispatcher" if transport == "shm"
+                                               else "SparseAllToAllDispatcher")
     assert phases["train0"]["loss"] > 0

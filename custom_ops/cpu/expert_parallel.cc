@@ -36,7 +36,29 @@
 //     arithmetic is exactly the sparse prefill path's. Where a peer block of partial sums fits
 //     in a window slot, the expert rank writes them straight into the slot and the source sums
 //     them there (CommWindow::ShareRows): the partial sums are written once and read once.
+//
+// The row-wise pair (decode without a buffer row per (token, expert) pair; the experts run
+// row by row, MoeEpExpertsWeightedSum, between the two):
+//
+//   MoeEpFusedDeliver   x [T, H], expert_ids [T, K] int32, weights [T, K] float32,
+//                       experts_per_rank [1] int32, window_id [1] int32
+//       -> rows [R*C, H]                    received token rows, block s from rank s in its
+//                                           token order; rows past recv_counts[s] unspecified
+//          local_ids [R*C, K] int32         local expert of row j's k-th choice, -1 if elsewhere
+//          recv_weights [R*C, K] float32    its routing weight (0 where the local id is -1)
+//          recv_counts [R] int32, token_slot [T, R] int32   as in MoeEpFusedDispatch
+//     The fused Dispatch without the grouping: each token row arrives once per rank that holds
+//     one of its experts (~3.7 rows per token at top-8 of 64 on 4 ranks, against 8 grouped
+//     rows), read straight from the source's x where the ranks read each other's memory.
+//
+//   MoeEpFusedReturn    partial [R*C, H] (one row per received row, e.g. the experts' weighted
+//                       sum over this rank's experts), recv_counts [R], token_slot [T, R],
+//                       window_id [1] int32 -> y [T, H]
+//     The fused Combine's return and sum, for rows that are already the partial sums.
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <utility>
@@ -245,6 +267,96 @@ int64_t GroupByLocalExpert(const ReceivedMessages &messages, int64_t experts_per
   return total;
 }
 
+// The send side shared by the fused Dispatch and Deliver: the checks, the plan, and one message
+// row per (token, destination rank): K local expert ids | K routing weights (float bits), led
+// by the token row x[t] when packing. Two ways, the same on every rank. Pull (where every rank
+// reads its peers' memory): the message rows are notes offering x[t], and each receiver copies
+// every x row it needs straight into its output (PullRows: from the sender's memory, or from
+// the slot for small messages). Pack (otherwise): the messages carry the token rows. The
+// source records where each token went (token_slot).
+struct DecodeMessages {
+  int64_t world_size = 0, capacity = 0, top_k = 0, experts_per_rank = 0, token_bytes = 0;
+  bool pull = false;
+  MessageLayout layout{0, 0};
+  StagingBuffers *staging = nullptr;   // send: the message rows; recv: the received ones
+  std::vector<int32_t> send_counts;    // [R]
+  std::vector<int32_t> received;       // [R], filled by the exchange
+  std::vector<int32_t> offered_token;  // [R*C]: the token a pull note offers
+
+  RowExchange Exchange() {
+    // Only the counted message rows are read: the receive tails need no zeroing.
+    return RowExchange{staging->send.data(), send_counts.data(), staging->recv.data(),
+                       received.data(), capacity, layout.row_bytes(), /*zero_tail=*/false};
+  }
+  ReceivedMessages Received() const {
+    return ReceivedMessages{staging->recv.data(), layout, received.data(), world_size, capacity,
+                            top_k};
+  }
+};
+
+// Checks the inputs (and, through `check_outputs(experts_per_rank)`, the operator's outputs),
+// abandoning the window on failure so that the peers waiting in this step get the reason at
+// once instead of a timeout; then builds the messages and fills token_slot [T, R].
+template <typename CheckOutputs>
+DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
+                                     const TensorArg &expert_ids, const TensorArg &weights,
+                                     const TensorArg &experts_per_rank, int64_t capacity,
+                                     const TensorArg &token_slot, CheckOutputs &&check_outputs) {
+  DecodeMessages messages;
+  messages.world_size = window.world_size();
+  messages.capacity = capacity;
+  const int64_t world_size = messages.world_size;
+  messages.experts_per_rank = AbandonOnFailure(window, [&] {
+    const int64_t epr = CheckRouting(expert_ids, experts_per_rank, world_size);
+    x.RequireRank(2);
+    weights.RequireDtype("float32");
+    weights.RequireRank(2);
+    weights.RequireDim(0, expert_ids.dim(0), "the number of tokens");
+    weights.RequireDim(1, expert_ids.dim(1), "top_k");
+    token_slot.RequireDim(1, world_size, "the expert-parallel world size");
+    check_outputs(epr);
+    return epr;
+  });
+  const int64_t tokens = x.dim(0), top_k = expert_ids.dim(1);
+  messages.top_k = top_k;
+  messages.token_bytes = x.dim(1) * (x.dtype == "float32" ? 4 : 2);
+  const int32_t *ids = expert_ids.data_as<const int32_t>();
+  const SendPlan plan = AbandonOnFailure(window, [&] {
+    return SendPlan(ids, tokens, top_k, messages.experts_per_rank, world_size, capacity);
+  });
+
+  const MessageLayout notes_layout{0, 2 * top_k};
+  messages.pull = !PullDisabled() && window.CanPullRows(capacity, notes_layout.row_bytes());
+  messages.layout = messages.pull ? notes_layout : MessageLayout{messages.token_bytes, 2 * top_k};
+  const int64_t row_bytes = messages.layout.row_bytes(), payload_bytes = messages.layout.payload_bytes;
+  messages.staging = &StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  messages.send_counts.assign(world_size, 0);
+  messages.received.assign(world_size, 0);
+  messages.offered_token.assign(world_size * capacity, kNone);
+  const uint8_t *x_bytes = x.data_as<const uint8_t>();
+  const float *weight_data = weights.data_as<const float>();
+  int32_t *slot_of = token_slot.data_as<int32_t>();
+  std::fill(slot_of, slot_of + tokens * world_size, kNone);
+  std::vector<int32_t> ints(messages.layout.ints);
+  for (int64_t rank = 0; rank < world_size; ++rank) {
+    const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
+    messages.send_counts[rank] = static_cast<int32_t>(sent.size());
+    for (int64_t i = 0; i < static_cast<int64_t>(sent.size()); ++i) {
+      uint8_t *row = messages.staging->send.data() + (rank * capacity + i) * row_bytes;
+      const int64_t t = sent[i];
+      slot_of[t * world_size + rank] = static_cast<int32_t>(rank * capacity + i);
+      messages.offered_token[rank * capacity + i] = static_cast<int32_t>(t);
+      std::memcpy(row, x_bytes + t * payload_bytes, payload_bytes);
+      for (int64_t k = 0; k < top_k; ++k) {
+        ints[k] = LocalExpertAt(ids, t * top_k + k, rank, messages.experts_per_rank);
+      }
+      std::memcpy(&ints[top_k], weight_data + t * top_k, top_k * sizeof(float));
+      std::memcpy(row + payload_bytes, ints.data(), ints.size() * sizeof(int32_t));
+    }
+  }
+  return messages;
+}
+
 void FusedDispatch(const std::vector<TensorArg> &args) {
   const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
   const TensorArg &expand_x = args[5], &tokens_per_local_expert = args[6];
@@ -252,76 +364,22 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   const TensorArg &token_slot = args[10];
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[4]));
   const int64_t world_size = window->world_size();
-  // A check failing before the exchange abandons the window: the peers waiting in this step
-  // get the reason at once instead of a timeout.
-  const int64_t experts_per_rank = AbandonOnFailure(*window, [&] {
-    const int64_t epr = CheckRouting(expert_ids, args[3], world_size);
-    x.RequireRank(2);
-    weights.RequireDtype("float32");
-    weights.RequireRank(2);
-    weights.RequireDim(0, expert_ids.dim(0), "the number of tokens");
-    weights.RequireDim(1, expert_ids.dim(1), "top_k");
-    expand_x.RequireSameDtype(x);
-    recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
-    tokens_per_local_expert.RequireDim(0, epr, "experts per rank");
-    token_slot.RequireDim(1, world_size, "the expert-parallel world size");
-    return epr;
-  });
-  const int64_t tokens = x.dim(0), hidden = x.dim(1), top_k = expert_ids.dim(1);
-  const int64_t element_bytes = x.dtype == "float32" ? 4 : 2;
-  const int64_t token_bytes = hidden * element_bytes;
-  const int64_t capacity_rows = expand_x.dim(0);
-  const int64_t capacity = positions.dim(0) / world_size;  // C: tokens per rank and peer
-  const int32_t *ids = expert_ids.data_as<const int32_t>();
-  const float *weight_data = weights.data_as<const float>();
-  const SendPlan plan = AbandonOnFailure(*window, [&] {
-    return SendPlan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
-  });
-
-  // A message row describes token t at its destination: K local expert ids | K routing weights
-  // (float bits). Two ways, the same on every rank. Pull (where every rank reads its peers'
-  // memory): the rows are notes offering x[t], and each receiver copies every x row it needs
-  // straight into its expand_x rows (PullRows: from the sender's memory, or from the slot for
-  // small messages). Pack (otherwise): x[t] leads the message row; the rows are exchanged,
-  // then grouped. The source remembers where each token went (token_slot).
-  const MessageLayout notes_layout{0, 2 * top_k};
-  const bool pull = !PullDisabled() && window->CanPullRows(capacity, notes_layout.row_bytes());
-  const MessageLayout layout = pull ? notes_layout : MessageLayout{token_bytes, 2 * top_k};
-  const int64_t row_bytes = layout.row_bytes();
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
-  StagingBuffers::Bytes &send = staging.send, &recv = staging.recv;
-  std::vector<int32_t> send_counts(world_size), received(world_size);
-  std::vector<int32_t> offered_token(world_size * capacity);  // pull: the token of a note
-  const uint8_t *x_bytes = x.data_as<const uint8_t>();
-  int32_t *slot_of = token_slot.data_as<int32_t>();
-  std::fill(slot_of, slot_of + tokens * world_size, kNone);
-  std::vector<int32_t> ints(layout.ints);
-  for (int64_t rank = 0; rank < world_size; ++rank) {
-    const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
-    send_counts[rank] = static_cast<int32_t>(sent.size());
-    for (int64_t i = 0; i < static_cast<int64_t>(sent.size()); ++i) {
-      uint8_t *row = send.data() + (rank * capacity + i) * row_bytes;
-      const int64_t t = sent[i];
-      slot_of[t * world_size + rank] = static_cast<int32_t>(rank * capacity + i);
-      offered_token[rank * capacity + i] = static_cast<int32_t>(t);
-      std::memcpy(row, x_bytes + t * layout.payload_bytes, layout.payload_bytes);
-      for (int64_t k = 0; k < top_k; ++k) {
-        ints[k] = LocalExpertAt(ids, t * top_k + k, rank, experts_per_rank);
-      }
-      std::memcpy(&ints[top_k], weight_data + t * top_k, top_k * sizeof(float));
-      std::memcpy(row + layout.payload_bytes, ints.data(), ints.size() * sizeof(int32_t));
-    }
-  }
-
+  DecodeMessages messages = PrepareDecodeMessages(
+      *window, x, expert_ids, weights, args[3], positions.dim(0) / world_size, token_slot,
+      [&](int64_t experts_per_rank) {
+        expand_x.RequireSameDtype(x);
+        recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+        tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
+      });
+  const int64_t hidden = x.dim(1), token_bytes = messages.token_bytes;
+  const int64_t capacity = messages.capacity, capacity_rows = expand_x.dim(0);
   int32_t *positions_data = positions.data_as<int32_t>();
   float *pair_weights = recv_weights.data_as<float>();
   int32_t *expert_counts = tokens_per_local_expert.data_as<int32_t>();
   uint8_t *out = expand_x.data_as<uint8_t>();
-  const ReceivedMessages messages{recv.data(), layout, received.data(), world_size, capacity,
-                                  top_k};
+  const ReceivedMessages received = messages.Received();
   int64_t total = 0;  // rows of expand_x filled
-  // Only the counted message rows are read: the receive tails need no zeroing.
-  if (pull) {
+  if (messages.pull) {
     // The plan runs inside the pull step, so that a failure in it reaches the peers at once.
     // Each received row is read from its source once, into its first expand_x row; its other
     // rows are copied from there as soon as a batch has landed (while it is in cache), which
@@ -342,8 +400,8 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
         last_row = j;
         copies[source].push_back({j - source * capacity, out + expand_row * token_bytes, j});
       };
-      total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
-                                 pair_weights, expert_counts, deliver);
+      total = GroupByLocalExpert(received, messages.experts_per_rank, capacity_rows,
+                                 positions_data, pair_weights, expert_counts, deliver);
       for (int64_t next = last_row + 1; next <= world_size * capacity; ++next) {
         more_begin[next] = more_rows.size();
       }
@@ -357,20 +415,17 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
         }
       }
     };
-    window->PullRows(RowPull{RowExchange{send.data(), send_counts.data(), recv.data(),
-                                         received.data(), capacity, row_bytes,
-                                         /*zero_tail=*/false},
-                             offered_token.data(), x_bytes, tokens, token_bytes, plan_copies,
+    window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
+                             x.data_as<const uint8_t>(), x.dim(0), token_bytes, plan_copies,
                              copy_on});
     StreamingStoreFence();
   } else {
-    window->ExchangeRows(RowExchange{send.data(), send_counts.data(), recv.data(),
-                                     received.data(), capacity, row_bytes, /*zero_tail=*/false});
+    window->ExchangeRows(messages.Exchange());
     auto deliver = [&](int64_t, int64_t, const uint8_t *row, int64_t expand_row) {
       std::memcpy(out + expand_row * token_bytes, row, token_bytes);
     };
-    total = GroupByLocalExpert(messages, experts_per_rank, capacity_rows, positions_data,
-                               pair_weights, expert_counts, deliver);
+    total = GroupByLocalExpert(received, messages.experts_per_rank, capacity_rows,
+                               positions_data, pair_weights, expert_counts, deliver);
   }
   // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail).
   if (PoisonUnusedRows()) {
@@ -379,9 +434,159 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
       FillWithNaN(expand_x.data_as<T>() + total * hidden, (capacity_rows - total) * hidden);
     });
   }
-  for (int64_t source = 0; source < world_size; ++source) {
-    recv_counts.data_as<int32_t>()[source] = received[source];
+  std::copy(messages.received.begin(), messages.received.end(), recv_counts.data_as<int32_t>());
+}
+
+// Copies the notes of the received message rows into local_ids [R*C, K] and recv_weights
+// [R*C, K] (weight 0 where the expert is elsewhere; rows past the counts: -1 and 0, so that
+// nothing downstream takes them for pairs).
+void UnpackNotes(const ReceivedMessages &received, int32_t *local_ids, float *recv_weights) {
+  const int64_t top_k = received.top_k, slots = received.world_size * received.capacity;
+  std::fill(local_ids, local_ids + slots * top_k, kNone);
+  std::fill(recv_weights, recv_weights + slots * top_k, 0.0f);
+  for (int64_t source = 0; source < received.world_size; ++source) {
+    for (int64_t i = 0; i < received.counts[source]; ++i) {
+      const int64_t j = source * received.capacity + i;
+      const uint8_t *ints = received.rows + j * received.layout.row_bytes() +
+                            received.layout.payload_bytes;
+      std::memcpy(local_ids + j * top_k, ints, top_k * sizeof(int32_t));
+      std::memcpy(recv_weights + j * top_k, ints + top_k * sizeof(int32_t),
+                  top_k * sizeof(float));
+      for (int64_t k = 0; k < top_k; ++k) {
+        if (local_ids[j * top_k + k] == kNone) recv_weights[j * top_k + k] = 0.0f;
+      }
+    }
   }
+}
+
+void FusedDeliver(const std::vector<TensorArg> &args) {
+  const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
+  const TensorArg &rows = args[5], &local_ids = args[6], &recv_weights = args[7];
+  const TensorArg &recv_counts = args[8], &token_slot = args[9];
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[4]));
+  const int64_t world_size = window->world_size();
+  DecodeMessages messages = PrepareDecodeMessages(
+      *window, x, expert_ids, weights, args[3], rows.dim(0) / world_size, token_slot,
+      [&](int64_t) {
+        rows.RequireSameDtype(x);
+        rows.RequireDim(1, x.dim(1), "x.shape[1] (hidden)");
+        local_ids.RequireDim(1, expert_ids.dim(1), "top_k");
+        recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+      });
+  const int64_t token_bytes = messages.token_bytes, capacity = messages.capacity;
+  uint8_t *out = rows.data_as<uint8_t>();
+  const ReceivedMessages received = messages.Received();
+  if (messages.pull) {
+    // Each received row is read from its source once, straight into its row of `rows`.
+    auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
+      UnpackNotes(received, local_ids.data_as<int32_t>(), recv_weights.data_as<float>());
+      for (int64_t source = 0; source < world_size; ++source) {
+        for (int64_t i = 0; i < received.counts[source]; ++i) {
+          copies[source].push_back({i, out + (source * capacity + i) * token_bytes, 0});
+        }
+      }
+    };
+    window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
+                             x.data_as<const uint8_t>(), x.dim(0), token_bytes, plan_copies,
+                             nullptr});
+  } else {
+    window->ExchangeRows(messages.Exchange());
+    UnpackNotes(received, local_ids.data_as<int32_t>(), recv_weights.data_as<float>());
+    for (int64_t source = 0; source < world_size; ++source) {
+      for (int64_t i = 0; i < received.counts[source]; ++i) {
+        const int64_t j = source * capacity + i;
+        std::memcpy(out + j * token_bytes, received.rows + j * received.layout.row_bytes(),
+                    token_bytes);
+      }
+    }
+  }
+  // Rows past each block's count stay unspecified.
+  if (PoisonUnusedRows()) {
+    VisitFloatType(x, [&](auto element) {
+      using T = decltype(element);
+      for (int64_t source = 0; source < world_size; ++source) {
+        const int64_t used = received.counts[source];
+        FillWithNaN(rows.data_as<T>() + (source * capacity + used) * x.dim(1),
+                    (capacity - used) * x.dim(1));
+      }
+    });
+  }
+  std::copy(messages.received.begin(), messages.received.end(), recv_counts.data_as<int32_t>());
+}
+
+// Checks recv_counts [R] (each in [0, capacity]: it comes from the matching dispatch) and
+// token_slot [T, R].
+void CheckReturnHandle(const TensorArg &recv_counts, const TensorArg &token_slot,
+                       int64_t world_size, int64_t capacity) {
+  recv_counts.RequireDtype("int32");
+  recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+  token_slot.RequireRank(2);
+  token_slot.RequireDtype("int32");
+  token_slot.RequireDim(1, world_size, "the expert-parallel world size");
+  const int32_t *counts = recv_counts.data_as<const int32_t>();
+  for (int64_t source = 0; source < world_size; ++source) {
+    if (counts[source] < 0 || counts[source] > capacity) {
+      Fail(kOutOfRange, "recv_counts[", source, "] = ", counts[source], " is out of range [0, ",
+           capacity, "]: it does not come from the matching dispatch");
+    }
+  }
+}
+
+// The return of the fused Combine and Return: every expert rank returns counts[s] rows (one
+// per token it received from s, written by write_block(s, destination)) to each source s, and
+// each source sums the rows of its token t in rank order: y[t] = sum over ranks r of the row r
+// returned for token_slot[t, r]. Where a peer block fits in a window slot, the rows are written
+// straight into the slot and summed where they lie (ShareRows: written once, read once);
+// otherwise they are staged (or, with `blocks` given, sent from there: [R*C, row_bytes]) and
+// exchanged (ExchangeRows), then summed from the received blocks.
+void ReturnAndSum(CommWindow &window, const int32_t *counts, int64_t capacity, int64_t row_bytes,
+                  const TensorArg &token_slot, const TensorArg &y,
+                  const std::function<void(int64_t source, uint8_t *destination)> &write_block,
+                  const uint8_t *blocks = nullptr) {
+  const int64_t world_size = window.world_size(), tokens = token_slot.dim(0);
+  const int32_t *slot_of = token_slot.data_as<const int32_t>();
+  // At the source: every slot in token_slot must name a row its rank returned.
+  const auto check_token_slots = [&](const int32_t *returned_counts) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t rank = 0; rank < world_size; ++rank) {
+        const int32_t slot = slot_of[t * world_size + rank];
+        if (slot != kNone &&
+            (slot / capacity != rank || slot % capacity >= returned_counts[rank])) {
+          Fail(kInternalError, "token_slot[", t, ",", rank, "] = ", slot, " names no row that "
+               "rank ", rank, " returned (", returned_counts[rank], " rows)");
+        }
+      }
+    }
+  };
+  if (window.CanShareRows(capacity, row_bytes)) {
+    StagingBuffers &staging = StagingBuffers::ForThisThread(capacity * row_bytes);
+    const auto sum_in_place = [&](const std::vector<const uint8_t *> &rows,
+                                  const std::vector<int32_t> &returned_counts) {
+      check_token_slots(returned_counts.data());
+      GatherSumFromBlocks(rows, capacity, token_slot, y);
+    };
+    window.ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(), write_block,
+                                sum_in_place});
+    return;
+  }
+  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  if (blocks == nullptr) {
+    // Before the exchange, so that a bad input abandons the window.
+    AbandonOnFailure(window, [&] {
+      for (int64_t source = 0; source < world_size; ++source) {
+        write_block(source, staging.send.data() + source * capacity * row_bytes);
+      }
+      return 0;
+    });
+    blocks = staging.send.data();
+  }
+  std::vector<int32_t> returned_counts(world_size);
+  window.ExchangeRows(RowExchange{blocks, counts, staging.recv.data(), returned_counts.data(),
+                                  capacity, row_bytes, /*zero_tail=*/false});
+  check_token_slots(returned_counts.data());
+  const int64_t returned_shape[2] = {world_size * capacity, y.dim(1)};
+  const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape, y.dtype};
+  GatherSum(returned_rows, token_slot, nullptr, y);
 }
 
 void FusedCombine(const std::vector<TensorArg> &args) {
@@ -390,9 +595,7 @@ void FusedCombine(const std::vector<TensorArg> &args) {
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[5]));
   const int64_t world_size = window->world_size();
   const int64_t hidden = expert_out.dim(1);
-  const int64_t tokens = token_slot.dim(0);
-  const int64_t element_bytes = expert_out.dtype == "float32" ? 4 : 2;
-  const int64_t row_bytes = hidden * element_bytes;
+  const int64_t row_bytes = hidden * (expert_out.dtype == "float32" ? 4 : 2);
   int64_t capacity = 0, top_k = 0;
   AbandonOnFailure(*window, [&] {
     expert_out.RequireRank(2);
@@ -402,11 +605,6 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     recv_weights.RequireRank(2);
     recv_weights.RequireDim(0, positions.dim(0), "the rows of positions");
     recv_weights.RequireDim(1, positions.dim(1), "top_k");
-    recv_counts.RequireDtype("int32");
-    recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
-    token_slot.RequireRank(2);
-    token_slot.RequireDtype("int32");
-    token_slot.RequireDim(1, world_size, "the expert-parallel world size");
     y.RequireSameDtype(expert_out);
     if (positions.dim(0) % world_size != 0) {
       Fail(kInvalidArgument, "positions has ", positions.dim(0), " rows, not a multiple of the "
@@ -414,13 +612,7 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     }
     capacity = positions.dim(0) / world_size;
     top_k = positions.dim(1);
-    const int32_t *counts = recv_counts.data_as<const int32_t>();
-    for (int64_t source = 0; source < world_size; ++source) {
-      if (counts[source] < 0 || counts[source] > capacity) {
-        Fail(kOutOfRange, "recv_counts[", source, "] = ", counts[source], " is out of range [0, ",
-             capacity, "]: it does not come from the matching dispatch");
-      }
-    }
+    CheckReturnHandle(recv_counts, token_slot, world_size, capacity);
     return 0;
   });
 
@@ -439,53 +631,34 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     // Streaming stores: the sums are read by another rank (or after all blocks are written).
     GatherSum(expert_out, block_positions, &block_weights, partial, /*streaming_stores=*/true);
   };
-  // At the source: every slot in token_slot must name a row its rank returned.
-  const int32_t *slot_of = token_slot.data_as<const int32_t>();
-  const auto check_token_slots = [&](const int32_t *returned_counts) {
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t rank = 0; rank < world_size; ++rank) {
-        const int32_t slot = slot_of[t * world_size + rank];
-        if (slot != kNone &&
-            (slot / capacity != rank || slot % capacity >= returned_counts[rank])) {
-          Fail(kInternalError, "token_slot[", t, ",", rank, "] = ", slot, " names no row that "
-               "rank ", rank, " returned (", returned_counts[rank], " rows)");
-        }
-      }
-    }
-  };
+  ReturnAndSum(*window, counts, capacity, row_bytes, token_slot, y, write_partial_sums);
+}
 
-  // y[t] = the sum, in rank order, of the partial rows of t (the prefill path's arithmetic).
-  // Where a peer block fits in a slot, the partial sums are written straight into the window
-  // and summed where they lie (ShareRows: no staging, no copy); otherwise they are staged and
-  // exchanged (ExchangeRows), then summed from the received blocks.
-  if (window->CanShareRows(capacity, row_bytes)) {
-    StagingBuffers &staging = StagingBuffers::ForThisThread(capacity * row_bytes);
-    const auto sum_in_place = [&](const std::vector<const uint8_t *> &rows,
-                                  const std::vector<int32_t> &returned_counts) {
-      check_token_slots(returned_counts.data());
-      GatherSumFromBlocks(rows, capacity, token_slot, y);
-    };
-    window->ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(),
-                                 write_partial_sums, sum_in_place});
-    return;
-  }
-  // Before the exchange, so that a bad position abandons the window.
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+void FusedReturn(const std::vector<TensorArg> &args) {
+  const TensorArg &partial = args[0], &recv_counts = args[1], &token_slot = args[2];
+  const TensorArg &y = args[4];
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[3]));
+  const int64_t world_size = window->world_size();
+  const int64_t row_bytes = partial.dim(1) * (partial.dtype == "float32" ? 4 : 2);
+  const int64_t capacity = partial.dim(0) / world_size;
   AbandonOnFailure(*window, [&] {
-    for (int64_t source = 0; source < world_size; ++source) {
-      write_partial_sums(source, staging.send.data() + source * capacity * row_bytes);
+    partial.RequireRank(2);
+    y.RequireSameDtype(partial);
+    if (partial.dim(0) % world_size != 0) {
+      Fail(kInvalidArgument, "partial has ", partial.dim(0), " rows, not a multiple of the "
+           "world size ", world_size, ": it does not come from the matching deliver");
     }
+    CheckReturnHandle(recv_counts, token_slot, world_size, capacity);
     return 0;
   });
-  std::vector<int32_t> returned_counts(world_size);
-  window->ExchangeRows(RowExchange{staging.send.data(), counts, staging.recv.data(),
-                                   returned_counts.data(), capacity, row_bytes,
-                                   /*zero_tail=*/false});
-  check_token_slots(returned_counts.data());
-  const int64_t returned_shape[2] = {world_size * capacity, hidden};
-  const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape,
-                                expert_out.dtype};
-  GatherSum(returned_rows, token_slot, nullptr, y);
+  const int32_t *counts = recv_counts.data_as<const int32_t>();
+  const uint8_t *blocks = partial.data_as<const uint8_t>();
+  const auto copy_block = [&](int64_t source, uint8_t *destination) {
+    // Streaming stores: another rank reads the rows.
+    CopyStreaming(destination, blocks + source * capacity * row_bytes, counts[source] * row_bytes);
+    StreamingStoreFence();
+  };
+  ReturnAndSum(*window, counts, capacity, row_bytes, token_slot, y, copy_block, blocks);
 }
 
 }  // namespace
@@ -509,6 +682,25 @@ MOE_EP_EXPORT int MoeEpFusedDispatch(int nparam, void **params, int *ndims, int6
         nparam, params, ndims, shapes, dtypes,
         {"x", "expert_ids", "weights", "experts_per_rank", "window_id", "expand_x",
          "tokens_per_local_expert", "positions", "recv_weights", "recv_counts", "token_slot"}));
+  });
+}
+
+MOE_EP_EXPORT int MoeEpFusedDeliver(int nparam, void **params, int *ndims, int64_t **shapes,
+                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpFusedDeliver", [&] {
+    moe_ep::FusedDeliver(moe_ep::BindArgs(
+        nparam, params, ndims, shapes, dtypes,
+        {"x", "expert_ids", "weights", "experts_per_rank", "window_id", "rows", "local_ids",
+         "recv_weights", "recv_counts", "token_slot"}));
+  });
+}
+
+MOE_EP_EXPORT int MoeEpFusedReturn(int nparam, void **params, int *ndims, int64_t **shapes,
+                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
+  return moe_ep::RunKernel("MoeEpFusedReturn", [&] {
+    moe_ep::FusedReturn(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
+                                         {"partial", "recv_counts", "token_slot", "window_id",
+                                          "y"}));
   });
 }
 

@@ -23,6 +23,7 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 AuxLossType = Literal["none", "switch", "seq"]
 GroupScore = Literal["top2_sum", "max"]
 Transport = Literal["auto", "shm", "allgather"]
+DecodeLayout = Literal["rowwise", "grouped"]
 ExecutionMode = Literal["graph", "pynative"]
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -292,6 +293,13 @@ class DispatchConfig(_Section):
     decode_token_threshold: int = option(
         "Steps with at most this many tokens per rank take the decode path (fused "
         "dispatch/combine); larger steps take the prefill path (all-to-all-v).", default=64, ge=0)
+    decode_layout: DecodeLayout = option(
+        "Decode over shared memory (CPU kernels): rowwise delivers each token row once per rank "
+        "that holds one of its experts and runs the experts row by row (FusedDeliver -> "
+        "ExpertsWeightedSum -> FusedReturn: fewer bytes moved); grouped hands the experts one "
+        "row per (token, expert) pair grouped by expert (FusedDispatch -> grouped experts -> "
+        "FusedCombine: the contract of CANN's operators, which Ascend always uses).",
+        default="rowwise")
     transport: Transport = option(
         "How ranks exchange tokens: shm (shared-memory buffers between processes on one host), "
         "allgather (collective communication), or auto (chosen at run time).", default="auto")

@@ -6,7 +6,8 @@
   through the inverse index. Packing tokens into send slots and summing the returned rows per
   token are both instances, each the other's inverse.
 - :class:`FusedDispatch` / :class:`FusedCombine`: the decode path's fused operators, one kernel
-  each, exchanging through the communication window.
+  each, exchanging through the communication window; :class:`FusedDeliver` /
+  :class:`FusedReturn`: the same without rows grouped by expert (row-wise experts between).
 - :class:`DeliverRows`: the prefill delivery of token rows and their notes, pulled by the
   receivers straight from the sources' x (``custom_ops/cpu/exchange_rows.cc``).
 - :class:`ExpertsCombine`: the prefill path's experts, return and sum in one kernel (inference;
@@ -124,6 +125,54 @@ class FusedCombine(_ExplainedCell):
     def construct(self, expert_out, positions, recv_weights, recv_counts, token_slot):
         return self._combine(expert_out, positions, recv_weights, recv_counts, token_slot,
                              self._window_id)
+
+
+class FusedDeliver(_ExplainedCell):
+    """Row-wise decode Dispatch: ``(x [T, H], expert_ids [T, K], weights [T, K])`` -> ``(rows
+    [R*C, H], local_ids [R*C, K] int32, recv_weights [R*C, K] float32, recv_counts [R],
+    token_slot [T, R])`` in one kernel.
+
+    The fused Dispatch without the grouping by expert: each token row arrives once at every
+    rank holding one of its experts (block s of ``rows`` from rank s, its first
+    ``recv_counts[s]`` rows used, the rest unspecified), with its local expert ids (-1: none
+    here) and routing weights; the experts then run row by row (``ExpertsWeightedSum``).
+    """
+
+    def __init__(self, world_size, capacity_per_rank, experts_per_rank, window):
+        super().__init__()
+        slots = world_size * capacity_per_rank
+        self._experts_per_rank = _int32_scalar(experts_per_rank)
+        self._window_id = window.id_tensor
+        self._deliver = custom_op(
+            "MoeEpFusedDeliver",
+            out_shape=lambda x, ids, weights, epr, window_id: (
+                [slots, x[1]], [slots, ids[1]], [slots, ids[1]], [world_size],
+                [x[0], world_size]),
+            out_dtype=lambda x, ids, weights, epr, window_id: (
+                x, mstype.int32, mstype.float32, mstype.int32, mstype.int32),
+            shape_key={"slots": slots, "world_size": world_size},
+            side_effect=True)
+
+    def construct(self, x, expert_ids, weights):
+        return self._deliver(x, expert_ids, weights, self._experts_per_rank, self._window_id)
+
+
+class FusedReturn(_ExplainedCell):
+    """Row-wise decode Combine: ``(partial [R*C, H], recv_counts [R], token_slot [T, R])`` (one
+    partial sum per row :class:`FusedDeliver` delivered, and its handle) -> ``y [T, H]``: the
+    rows returned to their sources and each token's rows added up, in rank order."""
+
+    def __init__(self, window):
+        super().__init__()
+        self._window_id = window.id_tensor
+        self._return = custom_op(
+            "MoeEpFusedReturn",
+            out_shape=lambda partial, counts, slots, window_id: [slots[0], partial[1]],
+            out_dtype=lambda partial, counts, slots, window_id: partial,
+            side_effect=True)
+
+    def construct(self, partial, recv_counts, token_slot):
+        return self._return(partial, recv_counts, token_slot, self._window_id)
 
 
 class DeliverRows(_ExplainedCell):

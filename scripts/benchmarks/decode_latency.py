@@ -8,8 +8,14 @@
 tokens per rank, ``dispatch.max_tokens_per_rank`` = 128 (the largest decode step, as a decode
 deployment would size it).
 
-- ``fused``: ``layer.decode_dispatcher`` (FusedDispatch + FusedCombine) with identity experts:
-  ``combine(dispatch(x))``, so only communication and packing are timed;
+- ``fused``: the decode path ``MoELayer`` takes (``dispatch.decode_layout: rowwise``):
+  ``layer.decode_dispatcher.deliver`` / ``return_rows`` (FusedDeliver + FusedReturn), one row
+  per (token, rank) each way. Identity experts: the delivered rows go straight back (the
+  row-wise experts kernel applies the routing weights as it writes its partial sums, so a
+  layer has no separate weighting pass);
+- ``fused grouped``: ``layer.decode_dispatcher.dispatch`` / ``combine`` (FusedDispatch +
+  FusedCombine, CANN's contract: one row per (token, expert) pair grouped by expert, the
+  weights applied in the Combine) with identity experts: ``combine(dispatch(x))``;
 - ``prefill path``: the same round trip through ``layer.prefill_dispatcher`` (sparse
   all-to-all-v: layout, gather, three ExchangeRows, local dispatch and combine), i.e. the
   unfused path a layer would use for decode without the fused operators;
@@ -17,8 +23,9 @@ deployment would size it).
   packed with index_select, counts ``all_to_all_single``, rows ``all_to_all_single``, the rows
   sent back with another ``all_to_all_single`` and summed per token with index_add -- the
   round trip of a minimal all-to-all-v MoE exchange over gloo;
-- ``layer``: the whole ``MoELayer`` (router, experts of width 256, shared expert) in decode and
-  prefill phase, one graph launch per call.
+- ``layer``: the whole ``MoELayer`` (router, experts of width 256, shared expert) in decode
+  phase (row-wise, and with ``decode_layout: grouped``) and prefill phase, one graph launch per
+  call.
 
 The round trips run N times per GRAPH_MODE launch (chained with ``ops.depend``) so the ~150 us
 launch is amortised; ``per launch`` columns give one round trip per launch. Latency = the
@@ -61,15 +68,22 @@ def ms_worker(quick):
         world_all_gather(np.zeros(1, np.int32))
 
     class RoundTrip(nn.Cell):
-        def __init__(self, dispatcher, calls):
+        """``calls`` round trips with identity experts, grouped (dispatch / combine) or row-wise
+        (deliver / return_rows)."""
+
+        def __init__(self, dispatcher, calls, rowwise):
             super().__init__()
-            self.dispatcher, self.calls = dispatcher, calls
+            self.dispatcher, self.calls, self.rowwise = dispatcher, calls, rowwise
 
         def construct(self, x, ids, weights):
             y = x
             for _ in range(self.calls):
-                rows, _, _, handle = self.dispatcher.dispatch(x, ids, weights)
-                y = self.dispatcher.combine(rows, handle)  # identity experts
+                if self.rowwise:
+                    rows, _, _, row_counts, route = self.dispatcher.deliver(x, ids, weights)
+                    y = self.dispatcher.return_rows(rows, row_counts, route)
+                else:
+                    rows, _, _, handle = self.dispatcher.dispatch(x, ids, weights)
+                    y = self.dispatcher.combine(rows, handle)
                 x = ops.depend(x, y)
             return y
 
@@ -88,39 +102,48 @@ def ms_worker(quick):
 
     results = []
     for hidden in hiddens:
-        config = mee.MoEConfig.from_dict({
+        settings_of = lambda layout: mee.MoEConfig.from_dict({
             "model": {"hidden_size": hidden, "num_experts": EXPERTS,
                       "expert_ffn_size": EXPERT_FFN, "num_shared_experts": 1},
             "router": {"top_k": TOP_K, "score_func": "sigmoid", "num_groups": 8,
                        "topk_groups": 4, "routed_scaling_factor": 2.5},
             "parallel": {"expert_parallel": WORLD},
             "dispatch": {"max_tokens_per_rank": MAX_TOKENS,
-                         "decode_token_threshold": MAX_TOKENS, "transport": "shm"},
+                         "decode_token_threshold": MAX_TOKENS, "transport": "shm",
+                         "decode_layout": layout},
             "runtime": {"mode": "graph", "dtype": "float32"}})
-        layer = mee.MoELayer(config)
-        layer.set_train(False)
+        layers = {layout: mee.MoELayer(settings_of(layout)) for layout in ("rowwise", "grouped")}
+        layer = layers["rowwise"]
+        for each in layers.values():
+            each.set_train(False)
         assert layer.decode_dispatcher is not None, "the fused decode dispatcher is missing"
-        paths = {"fused": layer.decode_dispatcher, "prefill path": layer.prefill_dispatcher}
+        assert layer.experts_path(MAX_TOKENS, "decode") == "rowwise"
+        assert layers["grouped"].experts_path(MAX_TOKENS, "decode") == "grouped"
+        paths = {"fused": (layer.decode_dispatcher, True),
+                 "fused grouped": (layer.decode_dispatcher, False),
+                 "prefill path": (layer.prefill_dispatcher, False)}
         for tokens in token_counts:
             ids_np, weights_np = bc.random_routing(tokens, TOP_K, EXPERTS,
                                                    seed=1000 * rank + tokens)
             x = Tensor(np.random.default_rng(rank).standard_normal((tokens, hidden),
                                                                    dtype=np.float32))
             inputs = (x, Tensor(ids_np), Tensor(weights_np))
-            for path, dispatcher in paths.items():
-                amortised = timed(RoundTrip(dispatcher, calls), inputs, calls)
-                single = (timed(RoundTrip(dispatcher, 1), inputs, 1) if not quick
+            for path, (dispatcher, rowwise) in paths.items():
+                amortised = timed(RoundTrip(dispatcher, calls, rowwise), inputs, calls)
+                single = (timed(RoundTrip(dispatcher, 1, rowwise), inputs, 1) if not quick
                           else (None, None, None))
                 results.append({"what": "round trip", "path": path, "hidden": hidden,
                                 "tokens": tokens, "min_s": amortised[0],
                                 "median_s": amortised[1], "cpu_s": amortised[2],
                                 "per_launch_min_s": single[0], "calls_per_launch": calls})
-            for phase in ("decode", "prefill"):
-                best, median, cpu = timed(layer, (x, phase), 1)  # the phase: a graph constant
-                results.append({"what": "layer", "path": phase, "hidden": hidden,
+            for name, each, phase in (("decode", layer, "decode"),
+                                      ("decode grouped", layers["grouped"], "decode"),
+                                      ("prefill", layer, "prefill")):
+                best, median, cpu = timed(each, (x, phase), 1)  # the phase: a graph constant
+                results.append({"what": "layer", "path": name, "hidden": hidden,
                                 "tokens": tokens, "min_s": best, "median_s": median,
                                 "cpu_s": cpu, "per_launch_min_s": best, "calls_per_launch": 1})
-        del layer
+        del layer, layers
     bc.write_worker_result({"rank": rank, "results": results})
 
 
@@ -241,32 +264,39 @@ def main(argv=None):
     for hidden in hiddens:
         for tokens in token_counts:
             fused = get("round trip", "fused", hidden, tokens)
+            grouped = get("round trip", "fused grouped", hidden, tokens)
             unfused = get("round trip", "prefill path", hidden, tokens)
             gloo = get("round trip", "gloo", hidden, tokens)
             cpu = {path: cpu_per_rank(path, hidden, tokens)
-                   for path in ("fused", "prefill path", "gloo")}
+                   for path in ("fused", "fused grouped", "prefill path", "gloo")}
             entry = {"hidden": hidden, "tokens_per_rank": tokens,
                      "cpu_us_per_rank": {path: value * 1e6 for path, value in cpu.items()},
                      "cpu_fused_over_prefill_path": cpu["fused"] / cpu["prefill path"],
                      "cpu_fused_over_gloo": cpu["fused"] / cpu["gloo"],
-                     "fused_us": fused * 1e6, "prefill_path_us": unfused * 1e6,
-                     "gloo_us": gloo * 1e6,
+                     "fused_us": fused * 1e6, "fused_grouped_us": grouped * 1e6,
+                     "prefill_path_us": unfused * 1e6, "gloo_us": gloo * 1e6,
                      "fused_per_launch_us": get("round trip", "fused", hidden, tokens,
                                                 "per_launch_min_s") * 1e6,
                      "prefill_path_per_launch_us": get("round trip", "prefill path", hidden,
                                                        tokens, "per_launch_min_s") * 1e6,
                      "layer_decode_us": get("layer", "decode", hidden, tokens) * 1e6,
+                     "layer_decode_grouped_us": get("layer", "decode grouped", hidden,
+                                                    tokens) * 1e6,
                      "layer_prefill_us": get("layer", "prefill", hidden, tokens) * 1e6,
-                     "fused_over_prefill_path": fused / unfused, "fused_over_gloo": fused / gloo}
+                     "fused_over_prefill_path": fused / unfused, "fused_over_gloo": fused / gloo,
+                     "fused_over_fused_grouped": fused / grouped,
+                     "fused_grouped_over_gloo": grouped / gloo}
             entries.append(entry)
-            rows.append([hidden, tokens, entry["fused_us"], entry["prefill_path_us"],
-                         entry["gloo_us"], entry["fused_over_prefill_path"],
-                         entry["fused_over_gloo"], entry["cpu_fused_over_prefill_path"],
-                         entry["cpu_fused_over_gloo"], entry["fused_per_launch_us"],
-                         entry["layer_decode_us"], entry["layer_prefill_us"]])
-    print(bc.table(["hidden", "tokens/rank", "fused us", "prefill path us", "gloo us",
-                    "fused/prefill", "fused/gloo", "CPU fused/prefill", "CPU fused/gloo",
-                    "fused 1/launch us", "layer decode us", "layer prefill us"], rows))
+            rows.append([hidden, tokens, entry["fused_us"], entry["fused_grouped_us"],
+                         entry["prefill_path_us"], entry["gloo_us"],
+                         entry["fused_over_prefill_path"], entry["fused_over_gloo"],
+                         entry["fused_grouped_over_gloo"], entry["cpu_fused_over_prefill_path"],
+                         entry["cpu_fused_over_gloo"], entry["layer_decode_us"],
+                         entry["layer_decode_grouped_us"], entry["layer_prefill_us"]])
+    print(bc.table(["hidden", "tokens/rank", "fused us", "fused grouped us", "prefill path us",
+                    "gloo us", "fused/prefill", "fused/gloo", "grouped/gloo",
+                    "CPU fused/prefill", "CPU fused/gloo", "layer decode us",
+                    "layer decode grouped us", "layer prefill us"], rows))
     worst_unfused = max(e["fused_over_prefill_path"] for e in entries)
     worst_gloo = max(e["fused_over_gloo"] for e in entries)
     summary = {"target_vs_prefill_path": "<= 0.6x", "max_ratio_vs_prefill_path": worst_unfused,
@@ -289,6 +319,8 @@ def main(argv=None):
                 tokens = [e["tokens_per_rank"] for e in points]
                 plt.plot(tokens, [e["fused_us"] for e in points], "-o", color=color,
                          label=f"fused H={hidden}")
+                plt.plot(tokens, [e["fused_grouped_us"] for e in points], "-.d", color=color,
+                         label=f"fused grouped H={hidden}")
                 plt.plot(tokens, [e["prefill_path_us"] for e in points], "--s", color=color,
                          label=f"prefill path H={hidden}")
                 plt.plot(tokens, [e["gloo_us"] for e in points], ":^", color=color,

@@ -139,21 +139,27 @@ def details(results):
     if "decode_latency" in results:
         r = results["decode_latency"]
         rows = [[x["hidden"], x["tokens_per_rank"], fmt(x["fused_us"], 0),
-                 fmt(x["prefill_path_us"], 0), fmt(x["gloo_us"], 0),
-                 fmt(x["fused_over_prefill_path"]), fmt(x["fused_over_gloo"]),
+                 fmt(x.get("fused_grouped_us"), 0), fmt(x["prefill_path_us"], 0),
+                 fmt(x["gloo_us"], 0), fmt(x["fused_over_prefill_path"]),
+                 fmt(x["fused_over_gloo"]), fmt(x.get("fused_grouped_over_gloo")),
                  fmt(x.get("cpu_fused_over_prefill_path")), fmt(x.get("cpu_fused_over_gloo")),
-                 fmt(x["layer_decode_us"], 0), fmt(x["layer_prefill_us"], 0)]
+                 fmt(x["layer_decode_us"], 0), fmt(x.get("layer_decode_grouped_us"), 0),
+                 fmt(x["layer_prefill_us"], 0)]
                 for x in r["rows"]]
         parts.append("### decode_latency\n\nRound trip (dispatch + identity experts + combine) "
                      f"in microseconds, EP {r['config']['ranks']}, top-{r['config']['top_k']} of "
                      f"{r['config']['experts']}, max_tokens_per_rank "
-                     f"{r['config']['max_tokens_per_rank']}; whole layer (expert width "
-                     f"{r['config']['expert_ffn_size_for_layer']}) in the last two columns. "
+                     f"{r['config']['max_tokens_per_rank']}. `fused`: the row-wise pair the layer "
+                     "decodes with (FusedDeliver + FusedReturn, one row per (token, rank)); "
+                     "`fused grouped`: FusedDispatch + FusedCombine (CANN's contract, one row "
+                     "per (token, expert) grouped by expert). Whole layer (expert width "
+                     f"{r['config']['expert_ffn_size_for_layer']}) in the last three columns. "
                      "`CPU` ratios: CPU time per round trip and rank (less disturbed by other "
                      "jobs than wall time).\n\n"
-                     + bc.table(["hidden", "tokens/rank", "fused", "prefill path", "gloo",
-                                 "fused/prefill", "fused/gloo", "CPU fused/prefill",
-                                 "CPU fused/gloo", "layer decode", "layer prefill"], rows))
+                     + bc.table(["hidden", "tokens/rank", "fused", "fused grouped",
+                                 "prefill path", "gloo", "fused/prefill", "fused/gloo",
+                                 "grouped/gloo", "CPU fused/prefill", "CPU fused/gloo",
+                                 "layer decode", "layer decode grouped", "layer prefill"], rows))
     if "prefill_memory" in results:
         r = results["prefill_memory"]
         designs = list(r["analytic"][0]["designs"])

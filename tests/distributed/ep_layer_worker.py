@@ -13,7 +13,10 @@ Parts (all by default; choose with ``--parts routing,layer,...``):
 - ``routing``: both dispatchers driven directly (``dispatch`` / ``combine``) on payload rows that
   encode (source rank, token, column); the grouped rows and counts are checked bitwise, then a
   fake expert (row * (global expert id + 1)) is applied and ``combine`` must return
-  sum_k w[t, k] * (e_k + 1) * x[t] to the right token. Many seeded random configurations.
+  sum_k w[t, k] * (e_k + 1) * x[t] to the right token. The decode dispatcher's row-wise pair
+  (``deliver`` / ``return_rows``) too: delivered rows, local ids, weights and counts bitwise,
+  then the fake experts' partial sum per row must come back as the same sum. Many seeded
+  random configurations.
 - ``layer``: MoELayer(EP = W) prefill and decode outputs and statistics against an EP = 1 layer
   (same weights: initialisation is keyed per global expert) on the concatenated batch; also
   both layers loaded from one Hugging Face-named checkpoint of the whole model (each EP rank
@@ -241,16 +244,56 @@ def round_trip_eager(dispatcher, x, ids, weights, first_expert):
     return rows, counts, int(dropped.asnumpy().sum()), y
 
 
-def check_round_trip(report, case, result, sources, rank, world, local, row_capacity):
-    rows, counts, dropped, y = result
-    expected_rows, expected_counts = expected_grouping(sources, rank, local)
-    used = len(expected_rows)
-    hidden = sources[0][0].shape[1]
-    report.check(f"{case}/row_buffer_shape", rows.shape == (row_capacity, hidden),
-                 f"{rows.shape} != {(row_capacity, hidden)}")
-    report.equal(f"{case}/tokens_per_local_expert", counts, expected_counts)
-    report.equal(f"{case}/rows", rows[:used], expected_rows)
-    report.check(f"{case}/no_drops", dropped == 0, f"num_dropped = {dropped}")
+class FakeExpertRowwiseRoundTrip(nn.Cell):
+    """deliver -> rows * sum_k w[j, k] * (global expert id + 1) over local ids -> return_rows, in
+    one graph (the row-wise contract: one partial sum per delivered row)."""
+
+    def __init__(self, dispatcher, first_expert):
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.first_expert = first_expert
+
+    def construct(self, x, expert_ids, weights):
+        rows, local_ids, recv_weights, row_counts, route = self.dispatcher.deliver(
+            x, expert_ids, weights)
+        present = (local_ids >= 0).astype(ms.float32)                               # [N, K]
+        scale = (recv_weights * (local_ids.astype(ms.float32) + self.first_expert + 1)
+                 * present).sum(axis=1, keepdims=True)                               # [N, 1]
+        y = self.dispatcher.return_rows(rows * scale, row_counts, route)
+        return rows, local_ids, recv_weights, row_counts, y
+
+
+def rowwise_round_trip_eager(dispatcher, x, ids, weights, first_expert):
+    rows, local_ids, recv_weights, counts, route = (
+        dispatcher.deliver(Tensor(x), Tensor(ids), Tensor(weights)))
+    rows, local_ids, recv_weights, counts = (t.asnumpy() for t in (rows, local_ids,
+                                                                    recv_weights, counts))
+    present = local_ids >= 0
+    scale = (recv_weights * (local_ids + first_expert + 1) * present).sum(axis=1)
+    partial = (rows * scale[:, None]).astype(np.float32)
+    # Rows past each block's count are unspecified: poison them, the return must never read them.
+    capacity = rows.shape[0] // len(counts)
+    for block, count in enumerate(counts):
+        partial[block * capacity + count:(block + 1) * capacity] = np.nan
+    y = dispatcher.return_rows(Tensor(partial), Tensor(counts), route).asnumpy()
+    return rows, local_ids, recv_weights, counts, y
+
+
+def expected_delivery(sources, group_rank, local):
+    """Per source: (token rows [n, H], local ids [n, K], weights [n, K]) that rank `group_rank`
+    must receive, one row per token with an expert there, in token order."""
+    first = group_rank * local
+    blocks = []
+    for x, ids, weights in sources:
+        here = (ids >= first) & (ids < first + local)                               # [T, K]
+        tokens = here.any(axis=1)
+        blocks.append((x[tokens], np.where(here, ids - first, -1)[tokens].astype(np.int32),
+                       np.where(here, weights, 0.0)[tokens].astype(np.float32)))
+    return blocks
+
+
+def check_expected_combine(report, case, y, sources, rank):
+    """y must be sum_k w[t, k] * (e_k + 1) * x[t] for this rank's tokens (float64 reference)."""
     x, ids, weights = sources[rank]
     factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)             # [T, K]
     expected_y = factors.sum(axis=1, keepdims=True) * x.astype(np.float64)
@@ -264,6 +307,34 @@ def check_round_trip(report, case, result, sources, rank, world, local, row_capa
         report.values.get("max_error/routing_combine", 0.0), relative)
     report.check(f"{case}/combine", relative <= COMBINE_REL_TOL,
                  f"relative error {relative:.3g} > {COMBINE_REL_TOL:g}")
+
+
+def check_rowwise_round_trip(report, case, result, sources, rank, world, local, capacity):
+    rows, local_ids, recv_weights, counts, y = result
+    hidden = sources[0][0].shape[1]
+    report.check(f"{case}/row_buffer_shape", rows.shape == (world * capacity, hidden),
+                 f"{rows.shape} != {(world * capacity, hidden)}")
+    expected = expected_delivery(sources, rank, local)
+    report.equal(f"{case}/row_counts", counts, [len(block[0]) for block in expected])
+    for source, (expected_rows, expected_ids, expected_weights) in enumerate(expected):
+        used = slice(source * capacity, source * capacity + len(expected_rows))
+        report.equal(f"{case}/rows_from_{source}", rows[used], expected_rows)
+        report.equal(f"{case}/local_ids_from_{source}", local_ids[used], expected_ids)
+        report.equal(f"{case}/weights_from_{source}", recv_weights[used], expected_weights)
+    check_expected_combine(report, case, y, sources, rank)
+
+
+def check_round_trip(report, case, result, sources, rank, world, local, row_capacity):
+    rows, counts, dropped, y = result
+    expected_rows, expected_counts = expected_grouping(sources, rank, local)
+    used = len(expected_rows)
+    hidden = sources[0][0].shape[1]
+    report.check(f"{case}/row_buffer_shape", rows.shape == (row_capacity, hidden),
+                 f"{rows.shape} != {(row_capacity, hidden)}")
+    report.equal(f"{case}/tokens_per_local_expert", counts, expected_counts)
+    report.equal(f"{case}/rows", rows[:used], expected_rows)
+    report.check(f"{case}/no_drops", dropped == 0, f"num_dropped = {dropped}")
+    check_expected_combine(report, case, y, sources, rank)
 
 
 def routing_part(report, rank, world):
@@ -287,9 +358,12 @@ def routing_part(report, rank, world):
             row_capacity = {"prefill": world * capacity * top_k,
                             "decode": world * capacity * min(top_k, local)}
             dispatchers = {"prefill": layer.prefill_dispatcher,
-                           "decode": layer.decode_dispatcher}
+                           "decode": layer.decode_dispatcher,
+                           "decode_rowwise": layer.decode_dispatcher}
             cells = {phase: FakeExpertRoundTrip(dispatcher, first_expert, local)
                      for phase, dispatcher in dispatchers.items()}
+            cells["decode_rowwise"] = FakeExpertRowwiseRoundTrip(layer.decode_dispatcher,
+                                                                 first_expert)
             indices = (range(pynative_cases[0 if world <= 2 else 1]) if mode == "pynative"
                        else graph_cases)
             for index in indices:
@@ -300,6 +374,15 @@ def routing_part(report, rank, world):
                     case = f"routing/{name}/{index}/{phase}"
 
                     def body(phase=phase, dispatcher=dispatcher, case=case):
+                        if phase == "decode_rowwise":
+                            result = (rowwise_round_trip_eager(dispatcher, x, ids, weights,
+                                                               first_expert)
+                                      if mode == "pynative" else tuple(
+                                          out.asnumpy() for out in cells[phase](
+                                              Tensor(x), Tensor(ids), Tensor(weights))))
+                            check_rowwise_round_trip(report, case, result, sources, rank, world,
+                                                     local, capacity)
+                            return
                         if mode == "pynative":
                             result = round_trip_eager(dispatcher, x, ids, weights, first_expert)
                         else:
@@ -536,8 +619,10 @@ def layer_part(report, rank, world):
          graph_modes(world, everywhere=True)),
         # Prefill inference runs the fused experts + combine in rounds of 5 rows per source (up
         # to 7 rounds); the other cases, whose rounds would hold as much as the unfused partial
-        # sums (max_tokens_per_rank = 32 < combine_round_tokens), run the unfused steps.
-        ("tiny_rounds", tiny_layer_config(world, combine_round_tokens=5),
+        # sums (max_tokens_per_rank = 32 < combine_round_tokens), run the unfused steps. Its
+        # decode takes the grouped fused operators, the others' the row-wise ones.
+        ("tiny_rounds",
+         tiny_layer_config(world, combine_round_tokens=5, decode_layout="grouped"),
          TINY_SHAPES, 16, 4, False, graph_modes(world)),
     ]
     for name, config, shapes, hidden, seed, bias, modes in cases:
@@ -546,8 +631,10 @@ def layer_part(report, rank, world):
         layer.set_train(False)
         ref_layer.set_train(False)
         fused = name == "tiny_rounds"
-        report.equal(f"layer/{name}/prefill_path", layer._dispatcher_for(8, "prefill")[1],
+        report.equal(f"layer/{name}/prefill_path", layer.experts_path(8, "prefill"),
                      "experts_combine" if fused else "rowwise")
+        report.equal(f"layer/{name}/decode_path", layer.experts_path(8, "decode"),
+                     "grouped" if fused else "rowwise")
         report.values["window_transport"] = layer.prefill_dispatcher.exchange.window.transport
         if fused:
             report.equal(f"layer/{name}/combine_round_rows", int(
