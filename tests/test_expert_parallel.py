@@ -237,9 +237,11 @@ def test_expert_id_out_of_range_fails_on_every_rank(ep_run):
     for rank, report in ep_run.results.items():
         prefill, prefill_s = message(report, "bad_expert_id/prefill")
         decode, decode_s = message(report, "bad_expert_id/decode")
+        rowwise, rowwise_s = message(report, "bad_expert_id/decode_rowwise")
         unsynced, unsynced_s = message(report, "bad_expert_id/decode_unsynced")
         if rank == 1:
             assert bad_value in prefill and bad_value in decode, (prefill, decode)
+            assert bad_value in rowwise and rowwise_s < SLACK_S, rowwise
             # The failure explained is the first one, not a follow-on of the queued combine.
             assert bad_value in unsynced.splitlines()[0], unsynced
             assert max(prefill_s, decode_s) < SLACK_S
@@ -249,7 +251,9 @@ def test_expert_id_out_of_range_fails_on_every_rank(ep_run):
             assert "rank 1 failed in exchange step 1: MoeEpExpertParallelLayout: " \
                    f"{bad_value}" in prefill, prefill
             assert prefill_s < BAD_TIMEOUT_S, prefill_s
-            # The fused dispatch abandons its window itself, with the same effect.
+            # The fused dispatch (and deliver) abandons its window itself, with the same effect.
             assert f"rank 1 failed in exchange step 1: {bad_value}" in decode, decode
             assert decode_s < BAD_TIMEOUT_S, decode_s
+            assert f"rank 1 failed in exchange step 1: {bad_value}" in rowwise, rowwise
+            assert rowwise_s < BAD_TIMEOUT_S, rowwise_s
         assert unsynced and unsynced_s < BAD_TIMEOUT_S + SLACK_S, (unsynced, unsynced_s)

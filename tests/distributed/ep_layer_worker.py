@@ -857,7 +857,8 @@ def bad_input_part(report, rank, world):
     # read before combine is queued, so that the error explained is the dispatch's own; the
     # "unsynced" case queues both (as inside a layer): PyNative then runs combine on the
     # failed dispatch's outputs, and its failure may replace the explanation.
-    for phase, synced in (("prefill", True), ("decode", True), ("decode_unsynced", False)):
+    for phase, synced in (("prefill", True), ("decode", True), ("decode_rowwise", True),
+                          ("decode_unsynced", False)):
         layer = mee.MoELayer(tiny_layer_config(world, max_tokens_per_rank=8,
                                                timeout_s=BAD_TIMEOUT_S))
         dispatcher = (layer.prefill_dispatcher if phase == "prefill"
@@ -866,10 +867,16 @@ def bad_input_part(report, rank, world):
         if rank == 1:
             ids[1, 1] = 99
 
-        def bad_dispatch(dispatcher=dispatcher, ids=ids, synced=synced):
-            rows, _, _, handle = dispatcher.dispatch(
-                Tensor(np.ones((3, 16), np.float32)), Tensor(ids),
-                Tensor(np.full((3, 2), 0.5, np.float32)))
+        def bad_dispatch(dispatcher=dispatcher, ids=ids, synced=synced,
+                         rowwise=phase == "decode_rowwise"):
+            inputs = (Tensor(np.ones((3, 16), np.float32)), Tensor(ids),
+                      Tensor(np.full((3, 2), 0.5, np.float32)))
+            if rowwise:
+                rows, _, _, row_counts, route = dispatcher.deliver(*inputs)
+                rows.asnumpy()
+                dispatcher.return_rows(rows, row_counts, route).asnumpy()
+                return
+            rows, _, _, handle = dispatcher.dispatch(*inputs)
             if synced:
                 rows.asnumpy()
             dispatcher.combine(rows, handle).asnumpy()
