@@ -9,8 +9,9 @@ Under msrun (one process per expert-parallel rank; see scripts/msrun_moe.sh)::
 
     scripts/msrun_moe.sh yaml_configs/deepseek_v3_small_4cpu.yaml --workers 4
 
-Prints per-phase latency and tokens/s, expert load balance, dropped rows and how the layer ran
-its experts (``MoELayer.experts_path``), and (under expert parallelism) the largest difference
+Prints per-phase latency and tokens/s, expert load balance, dropped rows, the dispatcher and how
+the layer ran its experts (``MoELayer.dispatcher_for`` / ``experts_path``), and (under expert
+parallelism) the largest difference
 from a single-process run of the same layer on the same tokens. Writes a JSON summary with
 ``--json``.
 """
