@@ -89,11 +89,15 @@ def test_fused_combine_sums_in_the_window_as_it_does_staged(ep_run):
     # float32 and bfloat16, with narrow rows and with rows wide enough that a pulled Dispatch
     # lands them in several batches: bit-identical outputs that match the float64 expectation,
     # and each layer has the slots of its path.
-    # (cases at 4 ranks: 6 of e16_k8_h64, 2 of the wide spec; 2 checks each, plus the slots)
-    found = assert_all_pass(ep_run, "combine_paths/", minimum=2 * (2 + 2 * (6 + 2)))
+    # The same for the row-wise pair (FusedDeliver / FusedReturn).
+    # (cases at 4 ranks: 6 of e16_k8_h64, 2 of the wide spec; 2 checks per pair, plus the slots)
+    found = assert_all_pass(ep_run, "combine_paths/", minimum=2 * (2 + 2 * 2 * (6 + 2)))
     for spec in ("e16_k8_h64", "e16_k8_h8192"):
         for dtype in ("float32", "bfloat16"):
             assert any(name.endswith(f"combine_paths/{spec}/{dtype}/slots")
+                       for _, name, _, _ in found), (spec, dtype)
+            assert any(f"combine_paths/{spec}/{dtype}/" in name
+                       and name.endswith("/rowwise/in_window_equals_staged")
                        for _, name, _, _ in found), (spec, dtype)
 
 

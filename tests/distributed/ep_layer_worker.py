@@ -409,6 +409,18 @@ def fused_round_trip(layer, x, ids, weights, first_expert, dtype):
     return dispatcher.combine(expert_out, handle).astype(ms.float32).asnumpy()
 
 
+def fused_rowwise_round_trip(layer, x, ids, weights, first_expert, dtype):
+    """deliver -> rows * sum_k w (global expert id + 1) -> return_rows through the fused decode
+    path's row-wise pair, in `dtype`; returns y as float32."""
+    dispatcher = layer.decode_dispatcher
+    rows, local_ids, recv_weights, counts, route = dispatcher.deliver(
+        Tensor(x, dtype), Tensor(ids), Tensor(weights))
+    local_ids, recv_weights = local_ids.asnumpy(), recv_weights.asnumpy()
+    scale = (recv_weights * (local_ids + first_expert + 1) * (local_ids >= 0)).sum(axis=1)
+    partial = rows * Tensor(scale[:, None].astype(np.float32), dtype)  # tails: never read
+    return dispatcher.return_rows(partial, counts, route).astype(ms.float32).asnumpy()
+
+
 # Wide rows for the combine_paths part: 32 KiB float32 rows, so that a pulled Dispatch lands its
 # rows in several batches (RowPull::delivered, ~256 KiB each) and copies each batch on.
 WIDE_SPEC = ("e16_k8_h8192", 16, 8, 8192, 16, (3, 2))
@@ -416,10 +428,11 @@ WIDE_SPEC = ("e16_k8_h8192", 16, 8, 8192, 16, (3, 2))
 
 def combine_paths_part(report, rank, world):
     """Routing cases of "e16_k8_h64" and of WIDE_SPEC through two layers: one whose window slots
-    hold a peer's partial rows, so the fused Combine writes them into the window and sums them
-    where they lie (ShareRows), and one whose slots are too small, so it stages and exchanges
-    them. The outputs must be bit-identical and match the float64 expectation, in float32 and
-    bfloat16 (x holds small integers, exact in bfloat16)."""
+    hold a peer's partial rows, so the fused Combine (and Return) writes them into the window
+    and sums them where they lie (ShareRows), and one whose slots are too small, so it stages
+    and exchanges them (the Return straight from its input). The outputs must be bit-identical
+    and match the float64 expectation, in float32 and bfloat16 (x holds small integers, exact in
+    bfloat16), for the grouped pair and the row-wise pair."""
     for spec_index, spec in ((len(ROUTING_SPECS) - 1, ROUTING_SPECS[-1]),
                              (len(ROUTING_SPECS), WIDE_SPEC)):
         name, experts, top_k, hidden, capacity = spec[:5]
@@ -444,16 +457,18 @@ def combine_paths_part(report, rank, world):
                 _, _, sources = routing_case(spec_index, spec, index, world)
                 x, ids, weights = sources[rank]
                 x = (x % 128).astype(np.float32)
-                y = {path: fused_round_trip(layer, x, ids, weights, first_expert, dtype)
-                     for path, layer in layers.items()}
-                report.equal(f"{prefix}/{index}/in_window_equals_staged", y["shared"],
-                             y["staged"])
                 factors = weights.astype(np.float64) * (ids.astype(np.float64) + 1)  # [T, K]
                 expected = factors.sum(axis=1, keepdims=True) * x.astype(np.float64)
                 bound = np.abs(factors).sum(axis=1, keepdims=True) * np.abs(x) + 1e-30
-                relative = float((np.abs(y["shared"] - expected) / bound).max(initial=0.0))
-                report.check(f"{prefix}/{index}/vs_expected", relative <= tolerance,
-                             f"relative error {relative:.3g} > {tolerance:g}")
+                for pair, round_trip in (("", fused_round_trip),
+                                         ("rowwise/", fused_rowwise_round_trip)):
+                    y = {path: round_trip(layer, x, ids, weights, first_expert, dtype)
+                         for path, layer in layers.items()}
+                    report.equal(f"{prefix}/{index}/{pair}in_window_equals_staged",
+                                 y["shared"], y["staged"])
+                    relative = float((np.abs(y["shared"] - expected) / bound).max(initial=0.0))
+                    report.check(f"{prefix}/{index}/{pair}vs_expected", relative <= tolerance,
+                                 f"relative error {relative:.3g} > {tolerance:g}")
             del layers
 
 
