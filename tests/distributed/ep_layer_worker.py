@@ -360,8 +360,8 @@ def routing_part(report, rank, world):
             dispatchers = {"prefill": layer.prefill_dispatcher,
                            "decode": layer.decode_dispatcher,
                            "decode_rowwise": layer.decode_dispatcher}
-            cells = {phase: FakeExpertRoundTrip(dispatcher, first_expert, local)
-                     for phase, dispatcher in dispatchers.items()}
+            cells = {phase: FakeExpertRoundTrip(dispatchers[phase], first_expert, local)
+                     for phase in ("prefill", "decode")}
             cells["decode_rowwise"] = FakeExpertRowwiseRoundTrip(layer.decode_dispatcher,
                                                                  first_expert)
             indices = (range(pynative_cases[0 if world <= 2 else 1]) if mode == "pynative"
