@@ -187,9 +187,7 @@ class FusedDecodeDispatcher(nn.Cell):
         """x: [T, H] -> ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
         route)``, as :meth:`SparseAllToAllDispatcher.deliver` (no gradient)."""
         check_tokens_fit(x.shape[0], self.max_tokens)
-        rows, local_ids, weights, row_counts, token_slot = self.fused_deliver(
-            x, expert_ids, routing_weights)
-        return rows, local_ids, weights, row_counts, token_slot
+        return self.fused_deliver(x, expert_ids, routing_weights)  # route: token_slot [T, R]
 
     def return_rows(self, partial, row_counts, route):
         """partial [R*C, H], one row per delivered row -> y [T, H]."""

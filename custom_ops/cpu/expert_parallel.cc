@@ -328,7 +328,8 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
   const MessageLayout notes_layout{0, 2 * top_k};
   messages.pull = !PullDisabled() && window.CanPullRows(capacity, notes_layout.row_bytes());
   messages.layout = messages.pull ? notes_layout : MessageLayout{messages.token_bytes, 2 * top_k};
-  const int64_t row_bytes = messages.layout.row_bytes(), payload_bytes = messages.layout.payload_bytes;
+  const int64_t row_bytes = messages.layout.row_bytes();
+  const int64_t payload_bytes = messages.layout.payload_bytes;
   messages.staging = &StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   messages.send_counts.assign(world_size, 0);
   messages.received.assign(world_size, 0);

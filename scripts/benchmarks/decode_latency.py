@@ -102,17 +102,18 @@ def ms_worker(quick):
 
     results = []
     for hidden in hiddens:
-        settings_of = lambda layout: mee.MoEConfig.from_dict({
-            "model": {"hidden_size": hidden, "num_experts": EXPERTS,
-                      "expert_ffn_size": EXPERT_FFN, "num_shared_experts": 1},
-            "router": {"top_k": TOP_K, "score_func": "sigmoid", "num_groups": 8,
-                       "topk_groups": 4, "routed_scaling_factor": 2.5},
-            "parallel": {"expert_parallel": WORLD},
-            "dispatch": {"max_tokens_per_rank": MAX_TOKENS,
-                         "decode_token_threshold": MAX_TOKENS, "transport": "shm",
-                         "decode_layout": layout},
-            "runtime": {"mode": "graph", "dtype": "float32"}})
-        layers = {layout: mee.MoELayer(settings_of(layout)) for layout in ("rowwise", "grouped")}
+        def config_of(layout, hidden=hidden):
+            return mee.MoEConfig.from_dict({
+                "model": {"hidden_size": hidden, "num_experts": EXPERTS,
+                          "expert_ffn_size": EXPERT_FFN, "num_shared_experts": 1},
+                "router": {"top_k": TOP_K, "score_func": "sigmoid", "num_groups": 8,
+                           "topk_groups": 4, "routed_scaling_factor": 2.5},
+                "parallel": {"expert_parallel": WORLD},
+                "dispatch": {"max_tokens_per_rank": MAX_TOKENS,
+                             "decode_token_threshold": MAX_TOKENS, "transport": "shm",
+                             "decode_layout": layout},
+                "runtime": {"mode": "graph", "dtype": "float32"}})
+        layers = {layout: mee.MoELayer(config_of(layout)) for layout in ("rowwise", "grouped")}
         layer = layers["rowwise"]
         for each in layers.values():
             each.set_train(False)
