@@ -79,8 +79,12 @@ def test_dispatchers_route_every_row_exactly(ep_run):
     found = assert_all_pass(ep_run, "routing/", minimum=400)
     assert modes_of(found) == {"pynative", "graph"}
     assert {name.rsplit("/", 1)[0].split("/")[-1] for _, name, _, _ in found} == \
-        {"prefill", "decode", "decode_rowwise"}
+        {"prefill", "prefill_rowwise", "decode", "decode_rowwise"}
     assert max_error(ep_run, "routing_combine") <= COMBINE_REL_TOL
+    if world_of(ep_run) == 4:  # launched with MOE_EP_POISON_UNUSED_ROWS=1: every pair's
+        # received rows past the counts are NaN (so the tail checks elsewhere mean something)
+        poisoned = {name.split("/")[4] for _, name, _, _ in found if "/tail_poisoned" in name}
+        assert poisoned == {"prefill", "prefill_rowwise", "decode", "decode_rowwise"}, poisoned
 
 
 def test_fused_combine_sums_in_the_window_as_it_does_staged(ep_run):

@@ -158,11 +158,16 @@ void DeliverRows(const std::vector<TensorArg> &args) {
       }
     };
     window->PullRows(RowPull{note_exchange, tokens, x_bytes, x.dim(0), row_bytes, plan, nullptr});
-    // A pull leaves the note tails unspecified; the caller reads a zero note as "no expert".
+    // A pull leaves the tails unspecified; the caller reads a zero note as "no expert". The
+    // test aid MOE_EP_POISON_UNUSED_ROWS=1 fills the row tails with all-ones bytes (NaN), as
+    // the exchange of the packing way does.
     uint8_t *notes_out = recv_notes.data_as<uint8_t>();
+    const bool poison_rows = PoisonUnusedRows();
     for (int64_t source = 0; source < world_size; ++source) {
-      std::memset(notes_out + (source * capacity + received[source]) * note_bytes, 0,
-                  (capacity - received[source]) * note_bytes);
+      const int64_t first_unused = source * capacity + received[source];
+      const int64_t unused = capacity - received[source];
+      std::memset(notes_out + first_unused * note_bytes, 0, unused * note_bytes);
+      if (poison_rows) std::memset(rows_out + first_unused * row_bytes, 0xff, unused * row_bytes);
     }
     return;
   }

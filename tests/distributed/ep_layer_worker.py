@@ -309,11 +309,25 @@ def check_expected_combine(report, case, y, sources, rank):
                  f"relative error {relative:.3g} > {COMBINE_REL_TOL:g}")
 
 
+POISONED = os.environ.get("MOE_EP_POISON_UNUSED_ROWS") == "1"
+
+
+def check_poisoned_tail(report, check, rows, first_unused, end):
+    """Under MOE_EP_POISON_UNUSED_ROWS=1 the kernels fill the unspecified rows with NaN: shows
+    that the poisoning, on which the tail tests rely, covers this buffer."""
+    if POISONED and end > first_unused:
+        report.check(check, bool(np.isnan(rows[first_unused:end]).all()),
+                     f"rows {first_unused}..{end - 1} are not all NaN")
+
+
 def check_rowwise_round_trip(report, case, result, sources, rank, world, local, capacity):
     rows, local_ids, recv_weights, counts, y = result
     hidden = sources[0][0].shape[1]
     report.check(f"{case}/row_buffer_shape", rows.shape == (world * capacity, hidden),
                  f"{rows.shape} != {(world * capacity, hidden)}")
+    for block, count in enumerate(counts):
+        check_poisoned_tail(report, f"{case}/tail_poisoned_block_{block}", rows,
+                            block * capacity + count, (block + 1) * capacity)
     expected = expected_delivery(sources, rank, local)
     report.equal(f"{case}/row_counts", counts, [len(block[0]) for block in expected])
     for source, (expected_rows, expected_ids, expected_weights) in enumerate(expected):
@@ -333,6 +347,7 @@ def check_round_trip(report, case, result, sources, rank, world, local, row_capa
                  f"{rows.shape} != {(row_capacity, hidden)}")
     report.equal(f"{case}/tokens_per_local_expert", counts, expected_counts)
     report.equal(f"{case}/rows", rows[:used], expected_rows)
+    check_poisoned_tail(report, f"{case}/tail_poisoned", rows, used, row_capacity)
     report.check(f"{case}/no_drops", dropped == 0, f"num_dropped = {dropped}")
     check_expected_combine(report, case, y, sources, rank)
 
@@ -357,13 +372,16 @@ def routing_part(report, rank, world):
             first_expert = rank * local
             row_capacity = {"prefill": world * capacity * top_k,
                             "decode": world * capacity * min(top_k, local)}
+            # Each dispatcher's grouped pair (dispatch / combine) and row-wise pair (deliver /
+            # return_rows: DeliverRows + the exchange, FusedDeliver / FusedReturn).
             dispatchers = {"prefill": layer.prefill_dispatcher,
+                           "prefill_rowwise": layer.prefill_dispatcher,
                            "decode": layer.decode_dispatcher,
                            "decode_rowwise": layer.decode_dispatcher}
-            cells = {phase: FakeExpertRoundTrip(dispatchers[phase], first_expert, local)
-                     for phase in ("prefill", "decode")}
-            cells["decode_rowwise"] = FakeExpertRowwiseRoundTrip(layer.decode_dispatcher,
-                                                                 first_expert)
+            cells = {phase: (FakeExpertRowwiseRoundTrip(dispatcher, first_expert)
+                             if phase.endswith("_rowwise")
+                             else FakeExpertRoundTrip(dispatcher, first_expert, local))
+                     for phase, dispatcher in dispatchers.items()}
             indices = (range(pynative_cases[0 if world <= 2 else 1]) if mode == "pynative"
                        else graph_cases)
             for index in indices:
@@ -374,7 +392,7 @@ def routing_part(report, rank, world):
                     case = f"routing/{name}/{index}/{phase}"
 
                     def body(phase=phase, dispatcher=dispatcher, case=case):
-                        if phase == "decode_rowwise":
+                        if phase.endswith("_rowwise"):
                             result = (rowwise_round_trip_eager(dispatcher, x, ids, weights,
                                                                first_expert)
                                       if mode == "pynative" else tuple(
