@@ -1,4 +1,5 @@
-"""Expert-parallel token dispatchers: one per phase, as in the seed article.
+"""Expert-parallel token dispatchers: one per phase, as in Ascend's design (MindIE's dynamic EP
+for prefill, CANN's fused Dispatch / Combine for decode; see docs/architecture.md).
 
 Both follow the dispatcher interface of ``token_dispatcher.py`` (``dispatch`` / ``combine``) and
 give the same numbers; they differ in how the rows travel.
@@ -17,15 +18,19 @@ give the same numbers; they differ in how the rows travel.
     Every step is a kernel with a gradient, so training runs backward through the same path.
     In inference over the shared-memory window, :meth:`~SparseAllToAllDispatcher.experts_combine`
     runs step 4 and the experts in one kernel, in rounds, so that no buffer holds every partial
-    sum (the seed's prefill memory saving).
+    sum (the prefill memory saving of dynamic EP).
 
-``FusedDecodeDispatcher`` (decode, inference):
-    one ``FusedDispatch`` kernel (layout + pack + delivery of rows, local ids and routing
-    weights + grouping) and one ``FusedCombine`` kernel (weighted partial sum per received token
-    at the expert rank, return, sum over ranks at the source: exactly the arithmetic of steps 3-4
-    above). Two launches per layer, no separate collective for counts. The row-wise pair
-    (``FusedDeliver`` / ``FusedReturn``) skips the grouping: the rows arrive once per (token,
-    rank) and the row-wise experts run between the two, as in prefill inference.
+``FusedDecodeDispatcher`` (decode, inference): one kernel each way, no separate collective for
+    counts, exactly the arithmetic of steps 1-4 above. Two pairs:
+    - ``deliver`` / ``return_rows`` (``dispatch.decode_layout: rowwise``, the default):
+      ``FusedDeliver`` (layout + delivery of each token row once per (token, rank), with its
+      local ids and routing weights) and ``FusedReturn`` (return of one weighted partial sum
+      per delivered row, sum over ranks at the source); the row-wise experts run between the
+      two, as in prefill inference;
+    - ``dispatch`` / ``combine`` (``decode_layout: grouped``, CANN's contract): ``FusedDispatch``
+      (layout + delivery + grouping by local expert, one row per (token, expert) pair) and
+      ``FusedCombine`` (weighted partial sum per received token at the expert rank, return,
+      sum at the source) around the grouped experts.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
@@ -50,9 +55,7 @@ class SparseAllToAllDispatcher(nn.Cell):
     def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange,
                  combine_round_rows=None):
         super().__init__()
-        self.world_size = group.size
-        self.experts_per_rank = group.experts_per_rank
-        self.num_experts = group.num_experts
+        self.group_size = group.size  # R, the ranks of the expert-parallel group
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.max_tokens = max_tokens_per_rank
@@ -86,10 +89,10 @@ class SparseAllToAllDispatcher(nn.Cell):
         small extra exchange, only with a capacity factor): every expert then keeps as many rows
         as in a single process over the concatenated batch, whichever rank holds it.
         """
-        slots = self.world_size * self.max_tokens
+        slots = self.group_size * self.max_tokens
         count_rows = ops.full((slots, 1), tokens, dtype=ms.float32)                # [R*C, 1]
         received, _ = self.exchange(count_rows, self._one_row_per_rank)
-        group_tokens = received.reshape(self.world_size, self.max_tokens)[:, 0].sum()
+        group_tokens = received.reshape(self.group_size, self.max_tokens)[:, 0].sum()
         return ops.gather(self._capacity_table, group_tokens.astype(ms.int32).reshape(1), 0)
 
     def deliver(self, x, expert_ids, routing_weights):
@@ -102,7 +105,7 @@ class SparseAllToAllDispatcher(nn.Cell):
         """
         tokens = x.shape[0]
         check_tokens_fit(tokens, self.max_tokens)
-        slots = self.world_size * self.max_tokens
+        slots = self.group_size * self.max_tokens
         # The layout has no gradient (integer routing); without stop_gradient PYNATIVE's
         # backward fails on it ("Illegal primitive Custom's bprop not defined").
         send_token_index, send_counts, token_slot, send_local_ids = self.layout(
@@ -170,7 +173,8 @@ class FusedDecodeDispatcher(nn.Cell):
     Two pairs, one kernel each way: ``dispatch`` / ``combine`` hand the experts one row per
     (token, expert) pair grouped by expert (CANN's contract), ``deliver`` / ``return_rows`` one
     row per (token, rank) for the row-wise experts (fewer bytes: ~3.7 rows per token at top-8
-    of 64 on 4 ranks, against 8).
+    of 64 on 4 ranks, against 8). ``MoELayer`` uses ``deliver`` / ``return_rows`` unless
+    ``dispatch.decode_layout: grouped``.
     """
 
     def __init__(self, group, top_k, max_tokens_per_rank, window):
@@ -194,6 +198,10 @@ class FusedDecodeDispatcher(nn.Cell):
         return self.fused_return(partial, row_counts, route)
 
     def dispatch(self, x, expert_ids, routing_weights):
+        """x: [T, H] -> ``(expand_x [R*C*min(K, L), H], tokens_per_expert [L], num_dropped [1]
+        (always 0), handle)``: expand_x holds the received rows grouped by local expert (rows
+        past the counts unspecified); handle = (positions [R*C, K], recv_weights [R*C, K],
+        recv_counts [R], token_slot [T, R]) for :meth:`combine`."""
         check_tokens_fit(x.shape[0], self.max_tokens)
         expand_x, tokens_per_expert, *handle = self.fused_dispatch(x, expert_ids,
                                                                    routing_weights)
@@ -201,5 +209,6 @@ class FusedDecodeDispatcher(nn.Cell):
         return expand_x, tokens_per_expert, no_drops, tuple(handle)
 
     def combine(self, expert_out, handle):
+        """expert_out [R*C*min(K, L), H], rows as :meth:`dispatch` grouped them -> y [T, H]."""
         positions, recv_weights, recv_counts, token_slot = handle
         return self.fused_combine(expert_out, positions, recv_weights, recv_counts, token_slot)

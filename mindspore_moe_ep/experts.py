@@ -1,15 +1,20 @@
 """Expert FFNs: SwiGLU, ``down(silu(gate(x)) * up(x))``.
 
-Routed experts keep their weights stacked ([experts, in, out]) and run as grouped GEMMs over rows
-that the dispatcher has already grouped by expert, so there is no Python loop over experts and one
-graph serves any routing. The shared expert is the same computation with a single group holding
-every token.
+Routed experts keep their weights stacked ([experts, in, out]) and run in one of two ways, with
+no Python loop over experts, so one graph serves any routing:
+
+- grouped: two grouped GEMMs over rows that the dispatcher has already grouped by expert (one
+  row per (token, expert) pair; training, and CANN's decode contract);
+- row-wise (``weighted_sum``, CPU kernel ``ExpertsWeightedSum``): over delivered rows, one per
+  (token, rank), each row's weighted sum of its local experts' outputs, with no buffer holding
+  a row per (token, expert) pair (inference, and training with ``runtime.recompute_experts``).
+
+The shared expert is the same computation with a single group holding every token.
 
 Weight layout (per expert, relative to Hugging Face ``*_proj.weight`` [out, in]):
 ``gate_up_weight[e] = concat(gate_proj.weight.T, up_proj.weight.T, axis=1)``  # [H, 2F]
 ``down_weight[e]    = down_proj.weight.T``                                     # [F, H]
 """
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
@@ -49,7 +54,9 @@ def swiglu_for_device():
 
 
 class GroupedSwiGLUExperts(nn.Cell):
-    """``num_experts`` SwiGLU experts applied to expert-grouped rows with two grouped GEMMs."""
+    """This rank's routed SwiGLU experts (``expert_indices``): two grouped GEMMs over
+    expert-grouped rows (``construct``), or :meth:`weighted_sum` over delivered rows in one
+    kernel."""
 
     def __init__(self, expert_indices, hidden_size, ffn_size, param_dtype=ms.float32, seed=0):
         super().__init__()

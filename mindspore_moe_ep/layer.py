@@ -18,21 +18,22 @@ def _window_slot_bytes(config):
     Without fused decode operators the slot holds at most DEFAULT_SLOT_BYTES: large payloads
     travel by single copy (or, where the kernel forbids it, in slot-sized chunks), so a larger
     slot would only cost /dev/shm. With them (a dropless layer), the slot holds a whole step of
-    the fused Combine's partial sums up to SHARED_ROWS_MAX_SLOT_BYTES: the Combine then sums
-    its peers' rows where they lie in the window instead of copying them (ShareRows).
+    the partial sums that the fused Return (or Combine, with ``decode_layout: grouped``) sends
+    back, up to SHARED_ROWS_MAX_SLOT_BYTES: the source then sums its peers' rows where they lie
+    in the window instead of copying them (ShareRows).
     """
     if config.dispatch.window_slot_bytes is not None:
         return config.dispatch.window_slot_bytes
     from .comm.window import DEFAULT_SLOT_BYTES, SHARED_ROWS_MAX_SLOT_BYTES
     element_bytes = 4 if config.runtime.dtype == "float32" else 2
     top_k, capacity = config.router.top_k, config.dispatch.max_tokens_per_rank
-    # token row + top_k local ids (int32) + top_k routing weights (float32): the fused dispatch's
-    # packed message (where it pulls, only the ids and weights travel as notes: smaller)
+    # token row + top_k local ids (int32) + top_k routing weights (float32): the fused decode
+    # operators' packed message (where they pull, only the ids and weights travel as notes)
     largest_row = config.model.hidden_size * element_bytes + 2 * top_k * 4
-    whole_step = capacity * max(largest_row, 8 * top_k)
-    combine_step = capacity * config.model.hidden_size * element_bytes
-    if config.router.capacity_factor is None and combine_step <= SHARED_ROWS_MAX_SLOT_BYTES:
-        return max(combine_step, min(whole_step, DEFAULT_SLOT_BYTES))
+    whole_step = capacity * largest_row
+    return_step = capacity * config.model.hidden_size * element_bytes  # one partial sum per row
+    if config.router.capacity_factor is None and return_step <= SHARED_ROWS_MAX_SLOT_BYTES:
+        return max(return_step, min(whole_step, DEFAULT_SLOT_BYTES))
     return min(whole_step, DEFAULT_SLOT_BYTES)
 
 
@@ -125,10 +126,10 @@ class MoELayer(nn.Cell):
                                            gated=model.shared_expert_gate)
                               if model.num_shared_experts > 0 else None)
         self.aux_loss_scaler = AuxLossScaler()
-        # Row-wise steps through the prefill dispatcher (or EP = 1), without per-pair buffers:
-        # the dispatcher delivers rows, one kernel runs the experts and sums. Always in inference,
-        # in training with runtime.recompute_experts; dropless only (capacity drops belong to
-        # the grouping step).
+        # Row-wise steps, without per-pair buffers: the dispatcher (any with ``deliver``: the
+        # local one at EP = 1, the sparse all-to-all-v, the fused decode pair) delivers rows and
+        # one kernel runs the experts and sums. In prefill: always in inference, in training with
+        # runtime.recompute_experts; dropless only (capacity drops belong to the grouping step).
         self.rowwise_supported = (router.capacity_factor is None
                                   and self.experts.weighted_sum_kernel is not None
                                   and hasattr(self.prefill_dispatcher, "deliver"))
@@ -160,20 +161,22 @@ class MoELayer(nn.Cell):
 
         ``phase``: "prefill" (sparse all-to-all-v, differentiable; the experts run on rows
         grouped by expert when training, and row by row without per-pair buffers in inference
-        or with ``runtime.recompute_experts``; in inference the experts, the return and the sum
-        run as one kernel, see ``_dispatcher_for``), "decode" (fused Dispatch/Combine, inference
-        only; row-wise experts unless ``dispatch.decode_layout: grouped``) or None: decode when
-        the Cell is not training and
-        this rank has at most ``dispatch.decode_token_threshold`` tokens. Under expert
-        parallelism all ranks of a group must take the same path in a step: with uneven token
-        counts around the threshold, pass ``phase`` explicitly.
+        or with ``runtime.recompute_experts``; in inference over the shared-memory window, where
+        it holds less memory, the experts, the return and the sum run as one kernel, see
+        ``_dispatcher_for``), "decode" (inference only: the fused decode operators, FusedDeliver
+        / FusedReturn around the row-wise experts, or FusedDispatch / FusedCombine with
+        ``dispatch.decode_layout: grouped``; the prefill path where the layer has none) or None:
+        decode when the Cell is not training and this rank has at most
+        ``dispatch.decode_token_threshold`` tokens. Under expert parallelism all ranks of a group
+        must take the same path in a step: with uneven token counts around the threshold, pass
+        ``phase`` explicitly.
         """
         input_shape = x.shape
         num_sequences = input_shape[0] if len(input_shape) == 3 else 1
         # Shape and elementwise work in float32: MindSpore CPU has no bf16 Reshape / Add.
         tokens = x.astype(ms.float32).reshape(-1, self.hidden_size)               # [T, H]
 
-        expert_ids, routing_weights, aux_loss, z_loss, selections = self.router(
+        expert_ids, routing_weights, aux_loss, z_loss, routed_per_expert = self.router(
             tokens, num_sequences)                                                 # [T, K]
         dispatcher, path = self._dispatcher_for(tokens.shape[0], phase)
         if path == "grouped":
@@ -199,7 +202,7 @@ class MoELayer(nn.Cell):
         output = self.aux_loss_scaler(output, aux_loss + z_loss)
 
         ops.assign(self.last_tokens_per_expert, tokens_per_expert)
-        ops.assign(self.last_routed_per_expert, selections)
+        ops.assign(self.last_routed_per_expert, routed_per_expert)
         ops.assign(self.last_num_dropped, num_dropped)
         ops.assign(self.last_aux_loss, aux_loss)
         ops.assign(self.last_z_loss, z_loss)
@@ -209,16 +212,24 @@ class MoELayer(nn.Cell):
         """(dispatcher, experts path) of this step (decided at compile time: shapes are static).
 
         Paths: "grouped" (dispatch -> grouped experts -> combine: training, capacity factors,
-        the decode operators with ``dispatch.decode_layout: grouped``), "rowwise" (the
-        dispatcher's deliver / return_rows around ``experts.weighted_sum``: decode through the
-        fused row-wise operators, training with ``runtime.recompute_experts``, and prefill
-        inference without a shared-memory window) and "experts_combine" (prefill inference over
-        the window: deliver, then the experts, return and sum in one kernel, in rounds)."""
+        devices without the row-wise experts kernel (Ascend), the decode operators with
+        ``dispatch.decode_layout: grouped``), "rowwise" (the dispatcher's deliver / return_rows
+        around ``experts.weighted_sum``: decode through the fused row-wise operators, training
+        with ``runtime.recompute_experts``, and prefill inference at EP = 1, without a
+        shared-memory window or where the fused kernel would hold more) and "experts_combine"
+        (prefill inference over the window: deliver, then the experts, return and sum in one
+        kernel, in rounds). "decode" goes through the prefill dispatcher where the layer has no
+        decode dispatcher (EP = 1, a capacity factor, no shared-memory window, or outside CANN's
+        limits on Ascend)."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill', 'decode' or None, got {phase!r}")
+        if phase == "decode" and self.training:
+            raise ValueError("phase='decode' is inference only (the fused decode operators have "
+                             "no gradient): call layer.set_train(False), or use phase='prefill' "
+                             "or None in training")
         if phase == "decode" and self.decode_dispatcher is not None:
             if self.decode_rowwise:
                 return self.decode_dispatcher, "rowwise"

@@ -11,6 +11,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .comm.window import distributed_initialized
 from .config import MoEConfig
 
 
@@ -41,16 +42,11 @@ class ExpertParallelGroup:
         return list(range(start, start + self.experts_per_rank))
 
 
-def _communication_initialized() -> bool:
-    from mindspore.communication import GlobalComm
-    return bool(GlobalComm.INITED)
-
-
 def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
     """The group of this process; checks the config against the launched world."""
     ep_size = config.parallel.expert_parallel
     num_experts = config.model.num_experts
-    if not _communication_initialized():
+    if not distributed_initialized():
         if ep_size > 1:
             raise RuntimeError(
                 f"parallel.expert_parallel = {ep_size} needs a distributed launch: run under "
@@ -60,13 +56,7 @@ def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
 
     from mindspore.communication import get_group_size, get_rank
     world_size, rank = get_group_size(), get_rank()
-    if world_size % ep_size:
-        raise ValueError(f"parallel.expert_parallel = {ep_size} must divide the world size "
-                         f"{world_size} (msrun --worker_num)")
-    data_parallel = config.parallel.data_parallel
-    if data_parallel is not None and data_parallel * ep_size != world_size:
-        raise ValueError(f"parallel.data_parallel = {data_parallel} times parallel.expert_parallel"
-                         f" = {ep_size} must equal the world size {world_size}")
+    config.parallel.data_parallel_size(world_size)  # checks that the sizes fit
     first = rank // ep_size * ep_size
     return ExpertParallelGroup(world_size, rank, tuple(range(first, first + ep_size)), num_experts)
 

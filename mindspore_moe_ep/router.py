@@ -130,8 +130,9 @@ class TopKRouter(nn.Cell):
         """Aux-loss-free balancing step (DeepSeek-V3): raise under-loaded experts, lower others.
 
         ``bias_e += update_rate * sign(mean_load - load_e)``, with ``tokens_per_expert`` the
-        observed selections (summed over the data-parallel group by the caller). Runs eagerly,
-        between training steps, like the reference recipe.
+        observed selections (summed over every rank of the world by the caller,
+        :meth:`MoELayer.update_expert_bias`). Runs eagerly, between training steps, like the
+        reference recipe.
         """
         load = np.asarray(tokens_per_expert, dtype=np.float64).reshape(-1)
         if load.shape != (self.num_experts,):

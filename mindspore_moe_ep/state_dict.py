@@ -19,7 +19,6 @@ loads only its own experts; entries for other experts are accepted and skipped.
 import re
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor
 
 _EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

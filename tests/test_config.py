@@ -304,7 +304,7 @@ def test_sections_validate_on_direct_construction():
 
 def test_data_parallel_size_is_resolved_from_the_world_size():
     assert tiny(expert_parallel=4).parallel.data_parallel_size(8) == 2
-    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+    with pytest.raises(ConfigError, match=r"world size 6 \(msrun --worker_num\) is not divisible"):
         tiny(expert_parallel=4).parallel.data_parallel_size(6)
     with pytest.raises(ConfigError, match="does not match the world size 8"):
         tiny(expert_parallel=4, data_parallel=3).parallel.data_parallel_size(8)

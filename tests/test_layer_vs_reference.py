@@ -263,6 +263,21 @@ def test_single_token(shape):
     assert float(st["aux_loss"]) == pytest.approx(st_ref["aux_loss"], rel=1e-5)
 
 
+def test_phase_is_checked_and_decode_refused_in_training():
+    layer = mee.MoELayer(mee.load_config(TINY))
+    x = ms.Tensor(np.ones((4, layer.hidden_size), np.float32))
+    with pytest.raises(ValueError, match="phase must be 'prefill', 'decode' or None, got 'train'"):
+        layer(x, "train")
+    layer.set_train(True)
+    # The fused decode operators have no gradient: refused before any kernel runs, even at
+    # EP = 1 (where decode would take the prefill path), so a script fails alike at any EP size.
+    with pytest.raises(ValueError, match=r"phase='decode' is inference only .*set_train\(False\)"):
+        layer(x, "decode")
+    assert layer.experts_path(4) == "grouped"  # phase None in training: prefill
+    layer.set_train(False)
+    assert layer(x, "decode").shape == x.shape
+
+
 @pytest.mark.parametrize("norm", [True, False])
 def test_top_k_equals_num_experts(norm):
     cfg = RefConfig(num_experts=E, top_k=E, norm_topk_prob=norm)

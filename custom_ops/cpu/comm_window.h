@@ -15,13 +15,14 @@
 //     sender copies rows into its slot and the receiver copies them out; payloads larger than a
 //     slot travel as several messages (chunks), so an exchange never drops rows and never fails
 //     because of its size.
-// A pull step (PullRows, the fused decode Dispatch) is the single copy turned around: each rank
-// first sends small notes describing the rows it offers, and each receiver, once it has every
-// peer's notes, decides where every offered row goes and reads the rows straight into their
-// final places (or takes them from the slot when notes and rows fit in a small message).
-// A shared-rows step (ShareRows, the fused decode Combine) keeps the rows in the slots: each
-// rank writes its rows for a peer straight into its slot to that peer, and the receiver reads
-// them there before consuming the message (no copy out; the slot must hold a whole block).
+// A pull step (PullRows: the fused decode Dispatch and Deliver, the prefill DeliverRows) is the
+// single copy turned around: each rank first sends small notes describing the rows it offers, and
+// each receiver, once it has every peer's notes, decides where every offered row goes and reads the
+// rows straight into their final places (or takes them from the slot when notes and rows fit in a
+// small message). A shared-rows step (ShareRows: the fused decode Return and Combine) keeps the
+// rows in the slots: each rank writes its rows for a peer straight into its slot to that peer, and
+// the receiver reads them there before consuming the message (no copy out; the slot must hold a
+// whole block).
 // Which way is decided once, when the window opens: every rank probes whether it can read
 // its peers' memory (process_vm_readv may be forbidden by Yama, seccomp or a missing
 // capability) and records the answer in the window; rows to a rank travel by single copy if
@@ -109,11 +110,11 @@ struct RowPull {
   std::function<void(const RowCopy *begin, const RowCopy *end)> delivered;
 };
 
-// One rank's side of a step in which the ranks read each other's rows where they lie in the
-// window, without copying them out: every rank writes the rows for peer d (send_counts[d] rows
-// of row_bytes) straight into its slot to d, and once the rows of every peer are in, `use`
-// reads them in place. The fused Combine sums the returned partial rows this way: no staging
-// buffer and no copy between the expert rank's sum and the source's (see CanShareRows).
+// One rank's side of a step in which the ranks read each other's rows where they lie in the window,
+// without copying them out: every rank writes the rows for peer d (send_counts[d] rows of
+// row_bytes) straight into its slot to d, and once the rows of every peer are in, `use` reads them
+// in place. The fused Return and Combine sum the returned partial rows this way: no staging buffer
+// and no copy between the expert rank's sum and the source's (see CanShareRows).
 struct SharedRows {
   const int32_t *send_counts = nullptr;  // [world_size], each in [0, capacity]
   int64_t capacity = 0;                  // rows per peer

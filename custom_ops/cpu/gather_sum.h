@@ -17,9 +17,9 @@ namespace moe_ep {
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
                const TensorArg &y, bool streaming_stores = false);
 
-// The same without weights, with the rows in blocks of `block_rows` rows that lie apart:
-// position p names row p % block_rows of blocks[p / block_rows] (dtype and hidden size of y).
-// The fused Combine sums its peers' partial rows where they lie in the window this way.
+// The same without weights, with the rows in blocks of `block_rows` rows that lie apart: position p
+// names row p % block_rows of blocks[p / block_rows] (dtype and hidden size of y). The fused Return
+// and Combine sum their peers' partial rows where they lie in the window this way.
 void GatherSumFromBlocks(const std::vector<const uint8_t *> &blocks, int64_t block_rows,
                          const TensorArg &positions, const TensorArg &y);
 

@@ -40,7 +40,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.communication import GlobalComm, get_group_size, get_rank
 
-from ..ops.kernel_library import KernelError, custom_op, explain_kernel_errors
+from ..ops.kernel_library import KernelCell, KernelError, custom_op
 from .window import (DEFAULT_SLOT_BYTES, CommWindow, group_shares_memory, world_all_gather)
 
 TRANSPORTS = ("auto", "shm", "allgather")
@@ -74,7 +74,7 @@ def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
                      side_effect=True)  # never pruned, never reordered (module doc)
 
 
-class ExchangeRows(nn.Cell):
+class ExchangeRows(KernelCell):
     """All-to-all-v of rows through a shared-memory window (ranks of one host).
 
     ``(send_rows [R*C, ...] any dtype, send_counts [R] int32) -> (recv_rows [R*C, ...],
@@ -109,10 +109,6 @@ class ExchangeRows(nn.Cell):
     def keep_tail(self) -> "ExchangeRows":
         """The same exchange (same window, same step sequence) with unspecified tails."""
         return ExchangeRows(self.window, self.capacity_per_peer, zero_tail=False)
-
-    def __call__(self, *args, **kwargs):
-        with explain_kernel_errors():
-            return super().__call__(*args, **kwargs)
 
     def extend_repr(self):
         return (f"window={self.window!r}, capacity_per_peer={self.capacity_per_peer}, "

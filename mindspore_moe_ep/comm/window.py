@@ -1,13 +1,14 @@
 """Shared-memory communication windows between the ranks of one host.
 
 A window is a POSIX shared-memory segment with one slot per ordered pair of ranks, used by the
-``MoeEpExchangeRows`` kernel to move rows between processes (see ``custom_ops/cpu/comm_window.h``
-for the layout, the protocol and the failure detection). Rows travel by single copy (the
-receiver reads the sender's buffer with ``process_vm_readv``) where the kernel allows it, else
-through the slots; ``window_transport="slots"`` or the environment variable
-``MOE_EP_WINDOW_TRANSPORT=slots`` forces the slots (:data:`WINDOW_TRANSPORTS`). This module opens and closes windows
-through ctypes, from the same library file MindSpore loads for the Custom ops, so Python and the
-kernels share the window registry.
+exchange and fused expert-parallel kernels (``MoeEpExchangeRows``, ``MoeEpDeliverRows``,
+``MoeEpExpertsCombine``, ``MoeEpFused*``) to move rows between processes (see
+``custom_ops/cpu/comm_window.h`` for the layout, the protocol and the failure detection). Rows
+travel by single copy (the receiver reads the sender's buffer with ``process_vm_readv``) where
+the kernel allows it, else through the slots; ``window_transport="slots"`` or the environment
+variable ``MOE_EP_WINDOW_TRANSPORT=slots`` forces the slots (:data:`WINDOW_TRANSPORTS`). This
+module opens and closes windows through ctypes, from the same library file MindSpore loads for
+the Custom ops, so Python and the kernels share the window registry.
 
 Opening a window is collective. The first rank of the group creates the segment under an
 unguessable name (128 random bits), which reaches the other ranks through a MindSpore AllGather
@@ -34,9 +35,10 @@ from mindspore.communication import GlobalComm, get_group_size
 from ..ops.kernel_library import library_path
 
 DEFAULT_SLOT_BYTES = 1 << 20
-# The largest slot MoELayer sizes by default so that the fused Combine's partial sums of a whole
-# step fit (they are then summed where they lie: CommWindow::ShareRows). A window has R * (R - 1)
-# slots, one window per layer: at most 48 MiB of /dev/shm per layer at EP 4.
+# The largest slot MoELayer sizes by default so that the partial sums the fused Return (or
+# Combine) sends back in a whole step fit (they are then summed where they lie:
+# CommWindow::ShareRows). A window has R * (R - 1) slots, one window per layer: at most 48 MiB
+# of /dev/shm per layer at EP 4.
 SHARED_ROWS_MAX_SLOT_BYTES = 4 << 20
 WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 # "auto": single copy where every rank can read its peers' memory, else slots (decided per

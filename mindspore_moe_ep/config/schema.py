@@ -272,8 +272,8 @@ class ParallelConfig(_Section):
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` ranks, checking that the sizes fit."""
         _require(world_size % self.expert_parallel == 0,
-                 f"world size {world_size} is not divisible by parallel.expert_parallel = "
-                 f"{self.expert_parallel}")
+                 f"world size {world_size} (msrun --worker_num) is not divisible by "
+                 f"parallel.expert_parallel = {self.expert_parallel}")
         data_parallel = world_size // self.expert_parallel
         _require(self.data_parallel in (None, data_parallel),
                  f"parallel.data_parallel = {self.data_parallel} * parallel.expert_parallel = "
@@ -291,8 +291,10 @@ class DispatchConfig(_Section):
         "Most tokens one rank may route in one step; sizes the static dispatch buffers "
         "(like CANN's globalBs / ep).", default=4096, gt=0)
     decode_token_threshold: int = option(
-        "Steps with at most this many tokens per rank take the decode path (fused "
-        "dispatch/combine); larger steps take the prefill path (all-to-all-v).", default=64, ge=0)
+        "Steps with at most this many tokens per rank take the decode path (the fused decode "
+        "operators, see decode_layout; a layer without them, i.e. EP = 1, a capacity factor, "
+        "no shared-memory window, or outside CANN's limits on Ascend, runs the prefill path "
+        "anyway); larger steps take the prefill path (all-to-all-v).", default=64, ge=0)
     decode_layout: DecodeLayout = option(
         "Decode over shared memory (CPU kernels): rowwise delivers each token row once per rank "
         "that holds one of its experts and runs the experts row by row (FusedDeliver -> "
@@ -311,9 +313,10 @@ class DispatchConfig(_Section):
     window_slot_bytes: Optional[int] = option(
         "Bytes of shared memory per ordered pair of ranks (the pre-allocated communication "
         "window); null sizes it for a whole step (max_tokens_per_rank rows) up to 1 MiB, or, "
-        "for a dropless layer, up to 4 MiB so that the fused Combine's partial sums of a whole "
-        "step fit and are summed in place. Larger payloads travel by single copy "
-        "(process_vm_readv) or, where that is not allowed, in slot-sized chunks.",
+        "for a dropless layer, up to 4 MiB so that the partial sums the fused decode Return (or "
+        "Combine) sends back in a whole step fit and are summed in place. Larger payloads "
+        "travel by single copy (process_vm_readv) or, where that is not allowed, in slot-sized "
+        "chunks.",
         default=None, gt=0)
     combine_round_tokens: int = option(
         "Prefill inference over shared memory: received rows per source rank in one round of "

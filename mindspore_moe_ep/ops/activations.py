@@ -8,9 +8,9 @@ grouped matmul and the combine never read them.
 """
 import functools
 
-from mindspore import nn, ops
+from mindspore import ops
 
-from .kernel_library import custom_op
+from .kernel_library import KernelCell, custom_op
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,7 +21,7 @@ def _swiglu_grad_op() -> ops.Custom:
                      out_dtype=lambda d_hidden, gate_up, counts: gate_up)
 
 
-class GroupedSwiGLU(nn.Cell):
+class GroupedSwiGLU(KernelCell):
     """``hidden[r] = silu(gate_up[r, :F]) * gate_up[r, F:]`` for the rows that carry tokens.
 
     ``(gate_up [N, 2F], tokens_per_expert [E] int32)`` -> ``hidden [N, F]`` in gate_up's dtype

@@ -13,11 +13,11 @@
 - :class:`ExpertsCombine`: the prefill path's experts, return and sum in one kernel (inference;
   ``custom_ops/cpu/experts_combine.cc``).
 """
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 from mindspore.common import dtype as mstype
 
 from ..comm.exchange import exchange_kernel
-from .kernel_library import custom_op, explain_kernel_errors
+from .kernel_library import KernelCell, custom_op
 from .local_kernels import experts_weighted_sum_grad_op, gather_sum_op
 
 
@@ -25,15 +25,7 @@ def _int32_scalar(value):
     return Tensor([int(value)], mstype.int32)
 
 
-class _ExplainedCell(nn.Cell):
-    """Direct calls turn kernel failures into KernelError carrying the kernel's message."""
-
-    def __call__(self, *args, **kwargs):
-        with explain_kernel_errors():
-            return super().__call__(*args, **kwargs)
-
-
-class ExpertParallelLayout(_ExplainedCell):
+class ExpertParallelLayout(KernelCell):
     """``expert_ids [T, K]`` -> ``(send_token_index [R, C], send_counts [R], token_slot [T, R],
     send_local_ids [R, C, K])``; see the kernel's header comment."""
 
@@ -52,7 +44,7 @@ class ExpertParallelLayout(_ExplainedCell):
         return self._layout(expert_ids, self._experts_per_rank)
 
 
-class GatherRows(_ExplainedCell):
+class GatherRows(KernelCell):
     """``(rows [N, H], index [M, J], inverse [N, I])`` -> ``[M, H]``, out[m] = sum_j rows[index[m, j]].
 
     ``inverse`` lists, for every row n, the output rows that read it (-1 padded); the gradient is
@@ -75,7 +67,7 @@ class GatherRows(_ExplainedCell):
         return self._gather(rows, index, inverse)
 
 
-class FusedDispatch(_ExplainedCell):
+class FusedDispatch(KernelCell):
     """Decode Dispatch: ``(x [T, H], expert_ids [T, K], weights [T, K])`` -> ``(expand_x [N, H],
     tokens_per_local_expert [L], positions [R*C, K], recv_weights [R*C, K], recv_counts [R],
     token_slot [T, R])`` in one kernel.
@@ -107,7 +99,7 @@ class FusedDispatch(_ExplainedCell):
         return self._dispatch(x, expert_ids, weights, self._experts_per_rank, self._window_id)
 
 
-class FusedCombine(_ExplainedCell):
+class FusedCombine(KernelCell):
     """Decode Combine: ``(expert_out [N, H], positions, recv_weights, recv_counts, token_slot)``
     (the Dispatch's handle) -> ``y [T, H]``: per-rank weighted partial sums, returned and added
     up at the source."""
@@ -127,7 +119,7 @@ class FusedCombine(_ExplainedCell):
                              self._window_id)
 
 
-class FusedDeliver(_ExplainedCell):
+class FusedDeliver(KernelCell):
     """Row-wise decode Dispatch: ``(x [T, H], expert_ids [T, K], weights [T, K])`` -> ``(rows
     [R*C, H], local_ids [R*C, K] int32, recv_weights [R*C, K] float32, recv_counts [R],
     token_slot [T, R])`` in one kernel.
@@ -157,7 +149,7 @@ class FusedDeliver(_ExplainedCell):
         return self._deliver(x, expert_ids, weights, self._experts_per_rank, self._window_id)
 
 
-class FusedReturn(_ExplainedCell):
+class FusedReturn(KernelCell):
     """Row-wise decode Combine: ``(partial [R*C, H], recv_counts [R], token_slot [T, R])`` (one
     partial sum per row :class:`FusedDeliver` delivered, and its handle) -> ``y [T, H]``: the
     rows returned to their sources and each token's rows added up, in rank order."""
@@ -175,7 +167,7 @@ class FusedReturn(_ExplainedCell):
         return self._return(partial, recv_counts, token_slot, self._window_id)
 
 
-class DeliverRows(_ExplainedCell):
+class DeliverRows(KernelCell):
     """Prefill delivery: ``(x [T, H], send_token_index [R, C], send_counts [R], token_slot [T, R],
     notes [R*C, M] float32)`` -> ``(recv_rows [R*C, H], recv_notes [R*C, M], recv_counts [R])``.
 
@@ -216,7 +208,7 @@ class DeliverRows(_ExplainedCell):
                              self._window_id)
 
 
-class ExpertsCombine(_ExplainedCell):
+class ExpertsCombine(KernelCell):
     """Prefill inference: ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
     token_slot [T, R], slot_token [R*C, 1], gate_up_weight [L, H, 2F], down_weight [L, F, H])``
     -> ``(y [T, H], tokens_per_expert [L] int32)``, in rounds of ``round_rows`` received rows

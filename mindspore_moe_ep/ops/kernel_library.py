@@ -15,7 +15,7 @@ import functools
 import os
 
 import mindspore
-from mindspore import ops
+from mindspore import nn, ops
 
 LIBRARY_FILE_NAME = "libmoe_ep_cpu.so"
 # Environment variable through which the kernels find MindSpore's oneDNN (see gemm_backend.h).
@@ -144,6 +144,16 @@ def explain_kernel_errors():
         message = take_kernel_errors() or "the kernel gave no message"
         first_line = str(error).strip().splitlines()[0]
         raise KernelError(f"{message}\n(MindSpore: {first_line})") from error
+
+
+class KernelCell(nn.Cell):
+    """A Cell whose direct calls turn kernel failures into KernelError with the kernel's message.
+
+    The base of every Cell around the library's kernels."""
+
+    def __call__(self, *args, **kwargs):
+        with explain_kernel_errors():
+            return super().__call__(*args, **kwargs)
 
 
 def gemm_backend() -> str:

@@ -1,4 +1,6 @@
-"""Custom-op Cells for the local (EP = 1) dispatch, combine and grouped matmul, with bprops.
+"""Custom-op Cells of the local kernels, with bprops: grouping rows by expert, the weighted combine,
+the grouped matmul and the row-wise experts (the SwiGLU kernel is in ``activations.py``). They
+run at any EP size (inside the expert-parallel dispatchers too).
 
 Each Cell wraps an ``ops.Custom`` AOT kernel from ``custom_ops/cpu`` (see docs/architecture.md for
 the contracts). Shapes are static; the number of rows each expert receives is data-dependent, so
@@ -10,7 +12,7 @@ combine). Never feed such a buffer to MindSpore's element-wise ops: its CPU SiLU
 changes every element's result (by ~1 ulp) when any element is NaN. The environment variable
 MOE_EP_POISON_UNUSED_ROWS=1 makes the kernels fill those rows with NaN, for tests.
 
-All three work under ``mindspore.grad`` / ``value_and_grad`` in PYNATIVE and GRAPH_MODE. Integer
+All four work under ``mindspore.grad`` / ``value_and_grad`` in PYNATIVE and GRAPH_MODE. Integer
 inputs (expert ids, positions, counts) get zero gradients. Kernel failures are re-raised as
 :class:`~mindspore_moe_ep.ops.kernel_library.KernelError` with the kernel's message when the Cell is
 called directly; wrap other code in ``explain_kernel_errors()``.
@@ -18,10 +20,10 @@ called directly; wrap other code in ``explain_kernel_errors()``.
 import functools
 import numbers
 
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 from mindspore.common import dtype as mstype
 
-from .kernel_library import custom_op, explain_kernel_errors
+from .kernel_library import KernelCell, custom_op
 
 
 def _is_int(value) -> bool:
@@ -38,10 +40,6 @@ def _product(*dims: int) -> int:
     return result
 
 
-def _custom(kernel_name: str, out_shape, out_dtype, bprop=None, shape_key=None) -> ops.Custom:
-    return custom_op(kernel_name, out_shape, out_dtype, bprop=bprop, shape_key=shape_key)
-
-
 # ---- building blocks of the backward passes (no gradients of their own) ----------------------
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +49,7 @@ def gather_sum_op() -> ops.Custom:
     ``(rows [N, H], positions [T, K] int32) -> [T, H]``: ``y[t] = sum_k rows[positions[t, k]]``,
     skipping -1, accumulated in float32 in k order.
     """
-    return _custom("MoeEpGatherSum",
+    return custom_op("MoeEpGatherSum",
                    out_shape=lambda rows, positions: [positions[0], rows[1]],
                    out_dtype=lambda rows, positions: rows)
 
@@ -70,7 +68,7 @@ def _combine_grad_op() -> ops.Custom:
     def output_dtypes(dy, expert_out, positions, weights):
         return expert_out, mstype.float32
 
-    return _custom("MoeEpCombineGrad", out_shape=output_shapes, out_dtype=output_dtypes)
+    return custom_op("MoeEpCombineGrad", out_shape=output_shapes, out_dtype=output_dtypes)
 
 
 def _grouped_matmul_output_shape(transpose_b: bool):
@@ -79,36 +77,28 @@ def _grouped_matmul_output_shape(transpose_b: bool):
     return lambda rows, weights, counts: [rows[0], weights[out_features_axis]]
 
 
-def _grouped_matmul_custom(transpose_b: bool, bprop=None) -> ops.Custom:
+def _grouped_matmulcustom_op(transpose_b: bool, bprop=None) -> ops.Custom:
     kernel_name = "MoeEpGroupedMatmulTransposedB" if transpose_b else "MoeEpGroupedMatmul"
-    return _custom(kernel_name, out_shape=_grouped_matmul_output_shape(transpose_b),
+    return custom_op(kernel_name, out_shape=_grouped_matmul_output_shape(transpose_b),
                    out_dtype=lambda rows, weights, counts: rows, bprop=bprop)
 
 
 @functools.lru_cache(maxsize=None)
 def _grouped_matmul_without_grad(transpose_b: bool) -> ops.Custom:
-    return _grouped_matmul_custom(transpose_b)
+    return _grouped_matmulcustom_op(transpose_b)
 
 
 @functools.lru_cache(maxsize=None)
 def _grouped_weight_grad_op() -> ops.Custom:
     """a [N, P], b [N, Q], tokens_per_expert [E] -> [E, P, Q] with out[e] = a_e^T @ b_e."""
-    return _custom("MoeEpGroupedMatmulWeightGrad",
+    return custom_op("MoeEpGroupedMatmulWeightGrad",
                    out_shape=lambda a, b, counts: [counts[0], a[1], b[1]],
                    out_dtype=lambda a, b, counts: a)
 
 
 # ---- the Cells -------------------------------------------------------------------------------
 
-class _KernelCell(nn.Cell):
-    """A Cell whose direct calls turn kernel failures into KernelError with the kernel's message."""
-
-    def __call__(self, *args, **kwargs):
-        with explain_kernel_errors():
-            return super().__call__(*args, **kwargs)
-
-
-class DispatchKernel(_KernelCell):
+class DispatchKernel(KernelCell):
     """Groups token rows by expert (stable counting sort; optional per-expert capacity).
 
     ``(x [T, H], expert_ids [T, K] int32)`` -> ``(grouped_x [T*K, H], positions [T, K] int32,
@@ -144,7 +134,7 @@ class DispatchKernel(_KernelCell):
         def output_dtypes(x, expert_ids, capacity_tensor):
             return x, mstype.int32, mstype.int32, mstype.int32
 
-        self._dispatch = _custom("MoeEpDispatch", out_shape=output_shapes,
+        self._dispatch = custom_op("MoeEpDispatch", out_shape=output_shapes,
                                  out_dtype=output_dtypes, bprop=bprop,
                                  shape_key={"num_experts": num_experts})
 
@@ -158,7 +148,7 @@ class DispatchKernel(_KernelCell):
         return f"num_experts={self.num_experts}, capacity={self.capacity}"
 
 
-class CombineKernel(_KernelCell):
+class CombineKernel(KernelCell):
     """Weighted sum of each token's expert outputs.
 
     ``(expert_out [N, H], positions [T, K] int32, weights [T, K] float32)`` -> ``y [T, H]`` with
@@ -175,7 +165,7 @@ class CombineKernel(_KernelCell):
             d_expert_out, d_weights = combine_grad(dout, expert_out, positions, weights)
             return d_expert_out, ops.zeros_like(positions), d_weights
 
-        self._combine = _custom(
+        self._combine = custom_op(
             "MoeEpCombine",
             out_shape=lambda expert_out, positions, weights: [positions[0], expert_out[1]],
             out_dtype=lambda expert_out, positions, weights: expert_out,
@@ -185,7 +175,7 @@ class CombineKernel(_KernelCell):
         return self._combine(expert_out, positions, weights)
 
 
-class GroupedMatmul(_KernelCell):
+class GroupedMatmul(KernelCell):
     """One matmul per expert over consecutive groups of rows.
 
     ``(rows [N, K_in], weights [E, K_in, N_out], tokens_per_expert [E] int32)`` -> ``[N, N_out]``
@@ -216,7 +206,7 @@ class GroupedMatmul(_KernelCell):
                         weight_grad(rows, dout, tokens_per_expert),
                         ops.zeros_like(tokens_per_expert))
 
-        self._matmul = _grouped_matmul_custom(transpose_b, bprop=bprop)
+        self._matmul = _grouped_matmulcustom_op(transpose_b, bprop=bprop)
 
     def construct(self, rows, weights, tokens_per_expert):
         return self._matmul(rows, weights, tokens_per_expert)
@@ -229,7 +219,7 @@ def experts_weighted_sum_grad_op() -> ops.Custom:
     """``(d_out, rows, local_ids, weights, row_counts, gate_up_weight, down_weight)`` ->
     ``(d_rows, d_weights, d_gate_up_weight, d_down_weight)``: the gradient of
     ``sum(ExpertsWeightedSum(...)[0] * d_out)``, recomputing the experts' forward."""
-    return _custom(
+    return custom_op(
         "MoeEpExpertsWeightedSumGrad",
         out_shape=lambda d_out, rows, ids, weights, counts, gate_up, down: (
             rows, weights, gate_up, down),
@@ -237,7 +227,7 @@ def experts_weighted_sum_grad_op() -> ops.Custom:
             rows, mstype.float32, gate_up, down))
 
 
-class ExpertsWeightedSum(_KernelCell):
+class ExpertsWeightedSum(KernelCell):
     """Routed SwiGLU experts and the weighted sum of their outputs per row, without per-pair
     buffers (for inference, and for training with the experts recomputed in backward).
 
@@ -265,7 +255,7 @@ class ExpertsWeightedSum(_KernelCell):
             return (d_rows, ops.zeros_like(local_ids), d_weights, ops.zeros_like(row_counts),
                     d_gate_up_weight, d_down_weight)
 
-        self._weighted_sum = _custom(
+        self._weighted_sum = custom_op(
             "MoeEpExpertsWeightedSum",
             out_shape=lambda rows, ids, weights, counts, gate_up, down: (rows, [gate_up[0]]),
             out_dtype=lambda rows, ids, weights, counts, gate_up, down: (rows, mstype.int32),
