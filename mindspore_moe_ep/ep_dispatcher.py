@@ -148,15 +148,17 @@ class SparseAllToAllDispatcher(nn.Cell):
                                            slot_token, gate_up_weight, down_weight)
 
     def dispatch(self, x, expert_ids, routing_weights):
-        """x: [T, H] -> rows grouped by local expert [R*C*K, H]."""
+        """x: [T, H] -> ``(rows [R*C*K, H] grouped by local expert, tokens_per_expert [L],
+        num_dropped [1], handle)``; handle = (positions [R*C, K], recv_weights [R*C, K],
+        recv_counts [R], route) for :meth:`combine`."""
         recv_rows, recv_local_ids, recv_weights, recv_counts, route = self.deliver(
             x, expert_ids, routing_weights)
         # Received slots are in (source rank, source token) order: the group's global token
         # order, so capacity drops match a single process over the concatenated batch.
         capacity = (ops.zeros((1,), ms.int32) if self.capacity_factor is None
-                    else self._group_capacity(x.shape[0]))
+                    else self._group_capacity(x.shape[0]))                       # [1] int32
         rows, positions, tokens_per_expert, num_dropped = self.local_dispatch(
-            recv_rows, recv_local_ids, capacity)
+            recv_rows, recv_local_ids, capacity)            # [R*C*K, H], [R*C, K], [L], [1]
         handle = (positions, recv_weights, recv_counts, route)
         return rows, tokens_per_expert, num_dropped, handle
 

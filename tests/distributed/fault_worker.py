@@ -17,6 +17,10 @@ survivors observe; plain processes let the survivors report. The last rank is th
 4. window "combine_kill": the same with the fused decode Combine, whose partial rows the ranks
    write into the window and read where they lie (ShareRows): one good Dispatch + Combine and a
    Dispatch with the victim, then the victim dies and the survivors wait in the Combine (step 4).
+5. windows "deliver_kill", "return_kill", "prefill_deliver_kill": the same for the operators of
+   the default paths: the row-wise decode pair (FusedDeliver, pulled like the Dispatch;
+   FusedReturn, summed in the window like the Combine) and the prefill delivery (DeliverRows,
+   pulled where single copy is possible, else packed and exchanged in two steps).
 
 Every rank reports messages and timings with launch.write_result (the victim before dying).
 Usage: fault_worker.py <timeout_s>
@@ -35,7 +39,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindspore_moe_ep.comm import CommWindow, ExchangeRows
-from mindspore_moe_ep.ops.ep_kernels import FusedCombine, FusedDispatch
+from mindspore_moe_ep.ops.ep_kernels import (DeliverRows, FusedCombine, FusedDeliver,
+                                             FusedDispatch, FusedReturn)
 from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
 
 CAPACITY = 4
@@ -55,6 +60,17 @@ def dispatch_inputs(world: int) -> tuple:
     return (Tensor(np.ones((CAPACITY, WIDTH), np.float32)),
             Tensor(np.tile(np.arange(0, 2 * world, 2, dtype=np.int32), (CAPACITY, 1))),
             Tensor(np.full((CAPACITY, world), 1.0 / world, np.float32)))
+
+
+def prefill_delivery_inputs(world: int) -> tuple:
+    """(x, send_token_index, send_counts, token_slot, notes) of a DeliverRows sending every
+    token to every rank."""
+    tokens = np.arange(CAPACITY, dtype=np.int32)
+    return (Tensor(np.ones((CAPACITY, WIDTH), np.float32)),
+            Tensor(np.tile(tokens, (world, 1))),                                  # [R, C]
+            Tensor(np.full(world, CAPACITY, np.int32)),                           # [R]
+            Tensor(tokens[:, None] + CAPACITY * np.arange(world, dtype=np.int32)),  # [T, R]
+            Tensor(np.ones((world * CAPACITY, 2), np.float32)))                   # [R*C, 2]
 
 
 def timed(call) -> dict:
@@ -96,8 +112,10 @@ def main() -> None:
     ranks = list(range(world))
     windows = {name: CommWindow.open(ranks, rank, timeout_s=timeout_s, attach_timeout_s=60.0,
                                      job_token=window_token(name))
-               for name in ("mismatch", "stall", "kill", "dispatch_kill", "combine_kill")}
+               for name in ("mismatch", "stall", "kill", "dispatch_kill", "combine_kill",
+                            "deliver_kill", "return_kill", "prefill_deliver_kill")}
     report = {"rank": rank, "pid": os.getpid(), "victim": victim,
+              "transport": windows["kill"].transport,
               "segment_names": [window.segment_name for window in windows.values()]}
 
     mismatch = ExchangeRows(windows["mismatch"], CAPACITY)
@@ -119,6 +137,23 @@ def main() -> None:
                                                   combine_dispatch(*dispatch_inputs(world)))
     dispatched = combine_dispatch(*dispatch_inputs(world))  # step 3, with the victim
     report["combine_kill_dispatch"] = timed(lambda: dispatched[0].asnumpy())
+
+    deliver = FusedDeliver(world, CAPACITY, 2, windows["deliver_kill"])
+    return_deliver = FusedDeliver(world, CAPACITY, 2, windows["return_kill"])
+    return_rows = FusedReturn(windows["return_kill"])
+    prefill_deliver = DeliverRows(windows["prefill_deliver_kill"], CAPACITY)
+    report["deliver_kill_warmup"] = timed(lambda: deliver(*dispatch_inputs(world))[0].asnumpy())
+
+    def return_delivered(delivered):  # identity experts: the delivered rows go back
+        rows, _, _, counts, token_slot = delivered
+        return return_rows(rows, counts, token_slot).asnumpy()
+
+    report["return_kill_warmup"] = timed(
+        lambda: return_delivered(return_deliver(*dispatch_inputs(world))))
+    delivered = return_deliver(*dispatch_inputs(world))  # step 3, with the victim
+    report["return_kill_deliver"] = timed(lambda: delivered[0].asnumpy())
+    report["prefill_deliver_kill_warmup"] = timed(
+        lambda: prefill_deliver(*prefill_delivery_inputs(world))[0].asnumpy())
     if rank == victim:
         launch.write_result(report)
         time.sleep(VICTIM_DELAY_S)
@@ -126,6 +161,10 @@ def main() -> None:
     report["kill"] = timed_exchange(kill, world)
     report["dispatch_kill"] = timed_dispatch(dispatch, world)
     report["combine_kill"] = timed_combine(combine, dispatched)
+    report["deliver_kill"] = timed(lambda: deliver(*dispatch_inputs(world))[0].asnumpy())
+    report["return_kill"] = timed(lambda: return_delivered(delivered))
+    report["prefill_deliver_kill"] = timed(
+        lambda: prefill_deliver(*prefill_delivery_inputs(world))[0].asnumpy())
     launch.write_result(report)
 
 
