@@ -11,9 +11,8 @@ Under msrun (one process per expert-parallel rank; see scripts/msrun_moe.sh)::
 
 Prints per-phase latency and tokens/s, expert load balance, dropped rows, the dispatcher and how
 the layer ran its experts (``MoELayer.dispatcher_for`` / ``experts_path``), and (under expert
-parallelism) the largest difference
-from a single-process run of the same layer on the same tokens. Writes a JSON summary with
-``--json``.
+parallelism) the largest difference from a single-process run of the same layer on the same
+tokens. Writes a JSON summary with ``--json``.
 """
 import argparse
 import json

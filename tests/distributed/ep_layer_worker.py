@@ -263,13 +263,19 @@ class FakeExpertRowwiseRoundTrip(nn.Cell):
         return rows, local_ids, recv_weights, row_counts, y
 
 
+def rowwise_fake_scale(local_ids, recv_weights, first_expert):
+    """[N] float32: each delivered row's sum_k w[j, k] * (global expert id + 1) over its local
+    ids (the fake experts of the row-wise round trips, in NumPy)."""
+    present = local_ids >= 0
+    return (recv_weights * (local_ids + first_expert + 1) * present).sum(axis=1)
+
+
 def rowwise_round_trip_eager(dispatcher, x, ids, weights, first_expert):
     rows, local_ids, recv_weights, counts, route = (
         dispatcher.deliver(Tensor(x), Tensor(ids), Tensor(weights)))
     rows, local_ids, recv_weights, counts = (t.asnumpy() for t in (rows, local_ids,
                                                                     recv_weights, counts))
-    present = local_ids >= 0
-    scale = (recv_weights * (local_ids + first_expert + 1) * present).sum(axis=1)
+    scale = rowwise_fake_scale(local_ids, recv_weights, first_expert)
     partial = (rows * scale[:, None]).astype(np.float32)
     # Rows past each block's count are unspecified: poison them, the return must never read them.
     capacity = rows.shape[0] // len(counts)
@@ -433,8 +439,7 @@ def fused_rowwise_round_trip(layer, x, ids, weights, first_expert, dtype):
     dispatcher = layer.decode_dispatcher
     rows, local_ids, recv_weights, counts, route = dispatcher.deliver(
         Tensor(x, dtype), Tensor(ids), Tensor(weights))
-    local_ids, recv_weights = local_ids.asnumpy(), recv_weights.asnumpy()
-    scale = (recv_weights * (local_ids + first_expert + 1) * (local_ids >= 0)).sum(axis=1)
+    scale = rowwise_fake_scale(local_ids.asnumpy(), recv_weights.asnumpy(), first_expert)
     partial = rows * Tensor(scale[:, None].astype(np.float32), dtype)  # tails: never read
     return dispatcher.return_rows(partial, counts, route).astype(ms.float32).asnumpy()
 
