@@ -34,6 +34,21 @@ def test_golden_files_are_what_the_generator_writes():
     assert generator.differences() == [], "run: python scripts/make_golden_vectors.py"
 
 
+@pytest.mark.parametrize("key, change", [
+    ("y", lambda y: y * (1 + 1e-10)),                 # a float beyond FLOAT_REL_TOL
+    ("expert_ids", lambda ids: ids[:, ::-1].copy()),   # an integer array: exact
+], ids=["float", "int"])
+def test_stale_golden_file_is_detected(tmp_path, key, change):
+    """The CPU-independent comparison still catches a changed case (and only that case)."""
+    generator = _generator()
+    for name in generator.golden_cases():
+        case = golden.load(name)
+        if name == "layer_dropless":
+            case[key] = change(case[key])
+        generator.np.savez(str(tmp_path / f"{name}.npz"), **case)
+    assert generator.differences(str(tmp_path)) == ["layer_dropless"]
+
+
 def test_golden_files_are_small():
     total = sum(os.path.getsize(os.path.join(golden.GOLDEN_DIR, name))
                 for name in os.listdir(golden.GOLDEN_DIR))

@@ -5,10 +5,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace moe_ep {
 namespace {
@@ -186,12 +189,82 @@ void Gemm(const GemmProblem &p, const Float16 *a, const Float16 *b, Float16 *c) 
   Gemm16(p, a, b, c);
 }
 
+namespace {
+
+// How bfloat16 products run (MOE_EP_BF16_GEMM, or MoeEpSetBFloat16Gemm).
+enum class BFloat16GemmChoice : int { kAuto = 0, kDirect = 1, kConverted = 2 };
+
+int ParseBFloat16GemmChoice(const char *name) {
+  const std::string_view text(name ? name : "");
+  if (text == "auto") return static_cast<int>(BFloat16GemmChoice::kAuto);
+  if (text == "direct") return static_cast<int>(BFloat16GemmChoice::kDirect);
+  if (text == "converted") return static_cast<int>(BFloat16GemmChoice::kConverted);
+  return -1;
+}
+
+std::atomic<int> &BFloat16GemmSetting() {
+  static std::atomic<int> setting{[] {
+    const char *requested = std::getenv("MOE_EP_BF16_GEMM");
+    const int parsed = requested && *requested ? ParseBFloat16GemmChoice(requested) : 0;
+    if (parsed < 0) {
+      std::fprintf(stderr, "mindspore_moe_ep: MOE_EP_BF16_GEMM=%s is not one of auto, direct, "
+                   "converted; using auto\n", requested);
+    }
+    return std::max(parsed, 0);
+  }()};
+  return setting;
+}
+
+// Best-of-3 seconds of one call of `product` (after a warm-up call).
+template <typename Product>
+double BestSeconds(Product product) {
+  product();
+  double best = 1e30;
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    const auto start = std::chrono::steady_clock::now();
+    product();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                              .count());
+  }
+  return best;
+}
+
+// Whether oneDNN's bfloat16 GEMM beats its float32 GEMM on this CPU, timed once per process on
+// a 256 x 256 x 512 product (a few milliseconds). The converted path costs the float32 GEMM plus
+// the conversions, so a direct GEMM that loses to the float32 one loses to it too. On CPUs
+// without bfloat16 arithmetic oneDNN emulates it and the direct GEMM is several times slower;
+// with AMX it is several times faster (docs/performance.md, "GEMM backend by CPU"): far enough
+// from 1 that every rank and every run on one CPU picks the same path.
+bool DirectBFloat16GemmIsFaster() {
+  static const bool faster = [] {
+    constexpr int64_t m = 256, n = 256, k = 512;
+    std::vector<float> a(m * k), b(k * n), c(m * n);
+    std::vector<BFloat16> a16(m * k), b16(k * n);
+    for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>((i * 7) % 13) / 13.0f - 0.5f;
+    for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<float>((i * 5) % 11) / 11.0f - 0.5f;
+    for (int64_t i = 0; i < m * k; ++i) a16[i] = FromFloat<BFloat16>(a[i]);
+    for (int64_t i = 0; i < k * n; ++i) b16[i] = FromFloat<BFloat16>(b[i]);
+    const GemmProblem problem = ContiguousGemm(m, n, k);
+    const double float32_seconds = BestSeconds([&] { Gemm(problem, a.data(), b.data(), c.data()); });
+    const double direct_seconds =
+        BestSeconds([&] { DirectBFloat16Gemm(problem, a16.data(), b16.data(), c.data()); });
+    return direct_seconds < float32_seconds;
+  }();
+  return faster;
+}
+
+}  // namespace
+
 bool HasFastBFloat16Gemm() {
-  // oneDNN has optimised bfloat16 GEMM kernels for AVX-512 ("avx512_core") and newer only.
-  static const bool cpu_has_avx512_core =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return UseOneDnn() && LoadedOneDnn().gemm_bf16 != nullptr && cpu_has_avx512_core;
+  if (!UseOneDnn() || LoadedOneDnn().gemm_bf16 == nullptr) return false;
+  switch (static_cast<BFloat16GemmChoice>(BFloat16GemmSetting().load())) {
+    case BFloat16GemmChoice::kDirect: return true;
+    case BFloat16GemmChoice::kConverted: return false;
+    case BFloat16GemmChoice::kAuto: break;
+  }
+  // oneDNN has bfloat16 GEMM kernels for AVX-512 ("avx512_core") and newer only; elsewhere its
+  // reference loop is far slower than anything else.
+  return ActiveCpuIsa() >= CpuIsa::kAvx512 && DirectBFloat16GemmIsFaster();
 }
 
 }  // namespace moe_ep
@@ -199,6 +272,21 @@ bool HasFastBFloat16Gemm() {
 // "onednn" if the grouped matmuls currently use oneDNN, else "reference" (the C++ loop).
 MOE_EP_EXPORT const char *MoeEpGemmBackend() {
   return moe_ep::UseOneDnn() ? "onednn" : "reference";
+}
+
+// How bfloat16 products run now: "direct" (oneDNN's bfloat16 GEMM) or "converted" (widened to
+// float32 panel by panel; also the answer without oneDNN).
+MOE_EP_EXPORT const char *MoeEpBFloat16Gemm() {
+  return moe_ep::HasFastBFloat16Gemm() ? "direct" : "converted";
+}
+
+// Sets how bfloat16 products run: "auto" (the default: the faster on this CPU), "direct" or
+// "converted". Returns 0, or 1 for an unknown name.
+MOE_EP_EXPORT int MoeEpSetBFloat16Gemm(const char *name) {
+  const int parsed = moe_ep::ParseBFloat16GemmChoice(name);
+  if (parsed < 0) return 1;
+  moe_ep::BFloat16GemmSetting().store(parsed);
+  return 0;
 }
 
 // Selects the GEMM backend: "onednn" (the default when available) or "reference".

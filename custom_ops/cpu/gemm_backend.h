@@ -5,9 +5,12 @@
 // that ships with MindSpore. The library is not linked at build time: it is looked up in the
 // running process (dlsym(RTLD_DEFAULT)) and otherwise opened from the path in the environment
 // variable MOE_EP_DNNL_LIBRARY (set by mindspore_moe_ep/ops/kernel_library.py). Without it a plain
-// C++ loop is used. oneDNN's bfloat16 GEMM is only used on CPUs with AVX-512 (elsewhere it falls
-// back to a very slow reference path); otherwise bfloat16, like float16, is converted to float32
-// panel by panel (see Gemm below).
+// C++ loop is used. bfloat16 products run either "direct" (oneDNN's bfloat16 GEMM) or
+// "converted" (widened to float32 panel by panel, like float16; see Gemm below), whichever is
+// faster on the CPU: direct only with AVX-512 (elsewhere oneDNN falls back to a very slow
+// reference loop) and only if, timed once per process, it beats the float32 GEMM (it does with
+// AMX, it does not where bfloat16 is emulated or, measured, with AVX512-BF16 alone).
+// MOE_EP_BF16_GEMM=direct|converted|auto (default) overrides the choice.
 #ifndef MOE_EP_GEMM_BACKEND_H_
 #define MOE_EP_GEMM_BACKEND_H_
 
@@ -52,7 +55,7 @@ void Gemm(const GemmProblem &problem, const float *a, const float *b, float *c);
 void Gemm(const GemmProblem &problem, const BFloat16 *a, const BFloat16 *b, BFloat16 *c);
 void Gemm(const GemmProblem &problem, const Float16 *a, const Float16 *b, Float16 *c);
 
-// Whether bfloat16 inputs can be multiplied directly (oneDNN found, CPU with AVX-512).
+// Whether bfloat16 inputs are multiplied directly (see the top of this file).
 bool HasFastBFloat16Gemm();
 
 }  // namespace moe_ep

@@ -4,11 +4,13 @@
 #include <emmintrin.h>  // SSE2: _mm_stream_si128, _mm_sfence
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <string>
 
 namespace moe_ep {
 namespace {
@@ -117,9 +119,60 @@ std::string TensorArg::IndexString(int64_t flat_index) const {
   return text.str();
 }
 
-bool CpuHasAvx2F16c() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return supported;
+CpuIsa DetectedCpuIsa() {
+  static const CpuIsa detected = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return CpuIsa::kScalar;
+    const bool avx512_core = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512dq");
+    return avx512_core ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
+  }();
+  return detected;
+}
+
+const char *CpuIsaName(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// -1, or the instruction set named by name ("scalar", "avx2", "avx512").
+int ParseCpuIsa(const char *name) {
+  const std::string text = name ? name : "";
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (text == CpuIsaName(isa)) return static_cast<int>(isa);
+  }
+  return -1;
+}
+
+// The cap on the instruction set: MOE_EP_CPU_ISA when the library is first used (an unknown
+// value is reported once on stderr and ignored), then whatever MoeEpSetCpuIsa sets.
+std::atomic<int> &CpuIsaCap() {
+  static std::atomic<int> cap{[] {
+    const char *requested = std::getenv("MOE_EP_CPU_ISA");
+    if (requested == nullptr || *requested == 0) return static_cast<int>(CpuIsa::kAvx512);
+    const int parsed = ParseCpuIsa(requested);
+    if (parsed < 0) {
+      std::fprintf(stderr, "mindspore_moe_ep: MOE_EP_CPU_ISA=%s is not one of scalar, avx2, "
+                   "avx512; ignored\n", requested);
+      return static_cast<int>(CpuIsa::kAvx512);
+    }
+    return parsed;
+  }()};
+  return cap;
+}
+
+}  // namespace
+
+CpuIsa ActiveCpuIsa() {
+  return static_cast<CpuIsa>(
+      std::min(static_cast<int>(DetectedCpuIsa()), CpuIsaCap().load(std::memory_order_relaxed)));
 }
 
 namespace {
@@ -234,6 +287,23 @@ bool PullDisabled() {
 
 // Returns the message of the most recent kernel failure ("" if none). The pointer stays valid
 // until the next call of MoeEpLastError or MoeEpClearLastError.
+// The instruction set the kernels use now ("scalar", "avx2" or "avx512").
+MOE_EP_EXPORT const char *MoeEpCpuIsa() { return moe_ep::CpuIsaName(moe_ep::ActiveCpuIsa()); }
+
+// The best instruction set this CPU runs ("scalar", "avx2" or "avx512").
+MOE_EP_EXPORT const char *MoeEpDetectedCpuIsa() {
+  return moe_ep::CpuIsaName(moe_ep::DetectedCpuIsa());
+}
+
+// Caps the instruction set the kernels use (like MOE_EP_CPU_ISA; a cap above what the CPU runs
+// leaves DetectedCpuIsa()). Returns 0, or 1 for an unknown name.
+MOE_EP_EXPORT int MoeEpSetCpuIsa(const char *name) {
+  const int parsed = moe_ep::ParseCpuIsa(name);
+  if (parsed < 0) return 1;
+  moe_ep::CpuIsaCap().store(parsed, std::memory_order_relaxed);
+  return 0;
+}
+
 MOE_EP_EXPORT const char *MoeEpLastError() {
   static std::string snapshot;
   std::lock_guard<std::mutex> lock(moe_ep::last_error_mutex);

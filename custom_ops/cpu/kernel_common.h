@@ -234,9 +234,27 @@ void VisitFloatType(const TensorArg &tensor, Visitor &&visitor) {
 // CPU features and memory
 // ---------------------------------------------------------------------------------------------
 
-// Whether the CPU (and OS) run AVX2 + F16C code. The library is built for x86-64-v2, so AVX2
-// loops live in __attribute__((target("avx2,f16c"))) functions chosen at run time with this.
-bool CpuHasAvx2F16c();
+// The instruction sets the kernels choose between at run time, in increasing order. The library
+// is built for x86-64-v2 (kScalar); faster loops live in __attribute__((target(...))) functions
+// chosen with ActiveCpuIsa(). Different paths give bit-identical results where they add in the
+// same order (each kernel says where they do not).
+enum class CpuIsa : int {
+  kScalar = 0,  // x86-64-v2: plain C++ loops
+  kAvx2 = 1,    // AVX2 + F16C (8 floats per instruction, hardware float16 conversion)
+  kAvx512 = 2,  // AVX-512 F/BW/VL/DQ ("avx512_core"): enables oneDNN's bfloat16 GEMM candidate
+};
+
+// The best instruction set the CPU (and OS) run, read once.
+CpuIsa DetectedCpuIsa();
+// The instruction set the kernels use: DetectedCpuIsa(), capped by the environment variable
+// MOE_EP_CPU_ISA (scalar, avx2 or avx512; read once) or by MoeEpSetCpuIsa() (tests), so that
+// every path can be run and compared on any CPU that has it.
+CpuIsa ActiveCpuIsa();
+// The name of an instruction set: "scalar", "avx2" or "avx512".
+const char *CpuIsaName(CpuIsa isa);
+
+// Whether the kernels may run their AVX2 + F16C loops (ActiveCpuIsa() >= kAvx2).
+inline bool CpuHasAvx2F16c() { return ActiveCpuIsa() >= CpuIsa::kAvx2; }
 
 // Size of the last-level cache in bytes, read once: sysfs (/sys/devices/system/cpu/cpu0/cache),
 // else sysconf(_SC_LEVEL3_CACHE_SIZE), else 8 MiB. sysfs comes first because in VMs glibc's

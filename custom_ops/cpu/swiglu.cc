@@ -41,7 +41,7 @@ inline float ExpApprox(float x) {
   const float r = (x - n * kLn2High) - n * kLn2Low;
   float p = kExpPoly[0];
   for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
-  p = p * r * r + r + 1.0f;
+  p = p * (r * r) + (r + 1.0f);  // in the order of Exp8, so both paths give the same bits
   return p * FloatFromBits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 

@@ -53,6 +53,7 @@ def library_path() -> str:
             f"The compiled kernels of mindspore-moe-ep were not found at {path}. They are built "
             f"when the package is installed: run 'pip install -e .' (development) or "
             f"'pip install .' from the repository root (g++ with C++17 is needed).")
+    _check_kernel_environment()
     _point_kernels_at_onednn()
     return path
 
@@ -95,6 +96,21 @@ def custom_op(kernel_name: str, out_shape, out_dtype, *, bprop=None, shape_key=N
     return primitive
 
 
+# Environment switches the kernels read once, with their allowed values (checked before the
+# kernels see them, so that a typo is an error rather than a silently ignored setting).
+KERNEL_ENVIRONMENT = {
+    "MOE_EP_CPU_ISA": ("scalar", "avx2", "avx512"),
+    "MOE_EP_BF16_GEMM": ("auto", "direct", "converted"),
+}
+
+
+def _check_kernel_environment() -> None:
+    for variable, allowed in KERNEL_ENVIRONMENT.items():
+        value = os.environ.get(variable)
+        if value and value not in allowed:
+            raise ValueError(f"{variable}={value!r} is not one of {', '.join(allowed)}")
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
     library = ctypes.CDLL(library_path())
@@ -106,6 +122,12 @@ def _library() -> ctypes.CDLL:
     library.MoeEpGemmBackend.argtypes = []
     library.MoeEpSetGemmBackend.restype = ctypes.c_int
     library.MoeEpSetGemmBackend.argtypes = [ctypes.c_char_p]
+    for getter in ("MoeEpCpuIsa", "MoeEpDetectedCpuIsa", "MoeEpBFloat16Gemm"):
+        getattr(library, getter).restype = ctypes.c_char_p
+        getattr(library, getter).argtypes = []
+    for setter in ("MoeEpSetCpuIsa", "MoeEpSetBFloat16Gemm"):
+        getattr(library, setter).restype = ctypes.c_int
+        getattr(library, setter).argtypes = [ctypes.c_char_p]
     return library
 
 
@@ -166,3 +188,39 @@ def set_gemm_backend(name: str) -> None:
     if _library().MoeEpSetGemmBackend(name.encode()) != 0:
         raise ValueError(f"GEMM backend {name!r} is unknown or unavailable; "
                          f"use 'onednn' or 'reference'")
+
+
+CPU_ISAS = KERNEL_ENVIRONMENT["MOE_EP_CPU_ISA"]
+"""The instruction sets the CPU kernels choose between at run time, in increasing order."""
+
+
+def detected_cpu_isa() -> str:
+    """The best instruction set of this CPU that the kernels have paths for (see CPU_ISAS)."""
+    return _library().MoeEpDetectedCpuIsa().decode()
+
+
+def cpu_isa() -> str:
+    """The instruction set the kernels use now: detected_cpu_isa(), capped by the environment
+    variable MOE_EP_CPU_ISA (read when the library is first used) or by set_cpu_isa()."""
+    return _library().MoeEpCpuIsa().decode()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Caps the kernels' instruction set for this process ("scalar", "avx2" or "avx512"; a cap
+    above what the CPU runs leaves what it runs), e.g. to run every path's tests on one CPU."""
+    if _library().MoeEpSetCpuIsa(str(name).encode()) != 0:
+        raise ValueError(f"CPU instruction set {name!r} is unknown; use one of {CPU_ISAS}")
+
+
+def bfloat16_gemm() -> str:
+    """How bfloat16 grouped matmuls multiply now: "direct" (oneDNN's bfloat16 GEMM) or
+    "converted" (widened to float32 panel by panel). Chosen by speed on this CPU (timed once per
+    process, a few milliseconds) unless MOE_EP_BF16_GEMM or set_bfloat16_gemm() says."""
+    return _library().MoeEpBFloat16Gemm().decode()
+
+
+def set_bfloat16_gemm(name: str) -> None:
+    """Sets how bfloat16 grouped matmuls multiply: "auto" (default), "direct" or "converted"."""
+    if _library().MoeEpSetBFloat16Gemm(str(name).encode()) != 0:
+        raise ValueError(f"bfloat16 GEMM {name!r} is unknown; use 'auto', 'direct' or "
+                         f"'converted'")
