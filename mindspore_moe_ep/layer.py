@@ -169,7 +169,8 @@ class MoELayer(nn.Cell):
         decode when the Cell is not training and this rank has at most
         ``dispatch.decode_token_threshold`` tokens. Under expert parallelism all ranks of a group
         must take the same path in a step: with uneven token counts around the threshold, pass
-        ``phase`` explicitly.
+        ``phase`` explicitly (ranks that take different paths fail at once on every rank, with
+        an error naming both operators: the exchange's messages carry the operator's name).
         """
         input_shape = x.shape
         num_sequences = input_shape[0] if len(input_shape) == 3 else 1

@@ -172,7 +172,7 @@ def test_no_segment_is_left_after_kill_9(fault_run):
 # ---- segment validation (this process) --------------------------------------------------------
 
 SEGMENT_MAGIC = 0x4E49575045454F4D  # "MOEEPWIN"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4  # comm_window.cc kLayoutVersion
 SLOT_BYTES = 4096
 
 

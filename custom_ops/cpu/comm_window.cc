@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <spawn.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -13,6 +14,7 @@
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -44,10 +46,12 @@ namespace {
 constexpr char kSegmentNamePrefix[] = "/moe-ep-";
 constexpr char kSharedMemoryDirectory[] = "/dev/shm";
 constexpr uint64_t kSegmentMagic = 0x4e49575045454f4dULL;  // the bytes "MOEEPWIN"
-constexpr uint32_t kLayoutVersion = 3;  // 2: doorbells, transport records, single copy; 3: pulls
+constexpr uint32_t kLayoutVersion = 4;  // 2: doorbells, transport records, single copy; 3: pulls;
+                                        // 4: operation names in messages and rank records
 constexpr int kJobTokenBytes = 16;
 constexpr size_t kCacheLine = 64;
 constexpr size_t kFailureMessageBytes = 512;
+constexpr size_t kOperationNameBytes = 48;  // RowExchange::operation, truncated to fit
 constexpr int kMaxWorldSize = 4096;
 
 static_assert(std::atomic<uint32_t>::is_always_lock_free &&
@@ -83,6 +87,7 @@ struct alignas(kCacheLine) RankRecord {
   uint64_t probe_address;
   uint64_t probe_value;
   char failure[kFailureMessageBytes];  // why it failed; written before failed_step
+  char operation[kOperationNameBytes];  // the operator of entered_step; written before it
 
   // Written by the peers (own cache line). The doorbell is a futex word: a peer bumps it and
   // wakes the rank after publishing a message to it or consuming a message from it, and after
@@ -114,11 +119,19 @@ struct alignas(kCacheLine) SlotHeader {
   int64_t chunk_offset;             // byte offset of this chunk within those rows
   int64_t chunk_bytes;
   uint32_t kind;                    // a MessageKind
+  char operation[kOperationNameBytes];  // the operator that sent it (RowExchange::operation)
   uint64_t source_address;          // k...InSenderMemory: the rows in the sender's memory
   int64_t source_rows;              // kNotesAndRowsInSenderMemory: how many rows are there
   int64_t source_row_bytes;         // kNotesAndRows...: the size of an offered row
   alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
 };
+
+// Copies the operator name `name` into `destination` (kOperationNameBytes, truncated).
+void WriteOperationName(char *destination, const std::string &name) {
+  const size_t length = std::min(name.size(), kOperationNameBytes - 1);
+  std::memcpy(destination, name.data(), length);
+  destination[length] = '\0';
+}
 
 // Writes what a message of `kind` carries: total_rows rows of row_bytes (capacity per peer),
 // the chunk [chunk_offset, chunk_offset + chunk_bytes) of their bytes, at source_address in the
@@ -428,6 +441,42 @@ void RequireFreeSharedMemory(const SegmentLayout &layout) {
   }
 }
 
+// Rank 0 unlinks the segment's name once every rank has attached; if it is killed before that
+// (kill -9, or msrun stopping the job while a peer is still compiling), nobody would. So the
+// creator starts a detached watcher ("reaper": a shell loop in its own session, holding none of
+// the creator's file descriptors) that unlinks the name as soon as the creator has exited, and
+// ends as soon as the name is gone or after `lifetime_s`. It costs one short-lived process per
+// window. Best effort: if /bin/sh cannot be started, the window works as before.
+void StartSegmentReaper(const std::string &name, double lifetime_s) {
+  static const char kScript[] =
+      "( i=0; while [ -e \"$2\" ] && [ $i -lt $3 ]; do "
+      "state=$(sed 's/^.*) //' /proc/$1/stat 2>/dev/null | cut -c1); "
+      "if [ -z \"$state\" ] || [ \"$state\" = Z ]; then rm -f \"$2\"; exit 0; fi; "
+      "sleep 0.2; i=$((i+1)); done ) </dev/null >/dev/null 2>&1 &";
+  const std::string creator = std::to_string(getpid());
+  const std::string path = std::string(kSharedMemoryDirectory) + name;
+  const std::string polls = std::to_string(static_cast<int64_t>(lifetime_s / 0.2) + 1);
+  const char *argv[] = {"sh", "-c", kScript, "moe-ep-reaper", creator.c_str(), path.c_str(),
+                        polls.c_str(), nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attributes;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+  posix_spawnattr_init(&attributes);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSID);
+  pid_t shell = -1;
+  if (posix_spawn(&shell, "/bin/sh", &actions, &attributes, const_cast<char *const *>(argv),
+                  environ) == 0) {
+    int status = 0;
+    waitpid(shell, &status, 0);  // the shell exits at once, leaving the loop in the background
+  }
+  posix_spawnattr_destroy(&attributes);
+  posix_spawn_file_actions_destroy(&actions);
+}
+
 // Rank 0: creates the segment (replacing a stale one of the same name) and writes its header.
 MappedSegment CreateSegment(const std::string &name, const SegmentLayout &layout,
                             const std::vector<uint8_t> &job_token) {
@@ -657,9 +706,10 @@ class SharedMemoryWindow final : public CommWindow {
   // Whether process_vm_readv reads `peer`'s probe value.
   bool CanReadMemoryOf(int peer) const;
 
-  // Enters the next step and runs `body(step)` in it; a failure is recorded for the peers.
+  // Enters the next step as `operation` and runs `body(step)` in it; a failure is recorded for
+  // the peers.
   template <typename Body>
-  void RunLockedStep(Body body);
+  void RunLockedStep(const char *operation, Body body);
   // Calls `advance()` (true: something progressed) until every peer's progress is done,
   // waiting on the doorbell in between and checking on the pending peers while it waits.
   template <typename Advance>
@@ -706,6 +756,7 @@ class SharedMemoryWindow final : public CommWindow {
   const uint64_t probe_value_;          // what peers read at &probe_value_ to test single copy
   std::mutex exchange_mutex_;  // one exchange at a time per window
   std::atomic<uint64_t> step_{0};  // exchange steps entered so far
+  std::string operation_;      // the operator of the current step (RowExchange::operation)
   std::string failure_;        // non-empty once the window is unusable
 };
 
@@ -823,7 +874,7 @@ void SharedMemoryWindow::Abandon(const std::string &reason) {
 }
 
 template <typename Body>
-void SharedMemoryWindow::RunLockedStep(Body body) {
+void SharedMemoryWindow::RunLockedStep(const char *operation, Body body) {
   std::lock_guard<std::mutex> lock(exchange_mutex_);
   try {
     RequireUsable();  // an earlier failure: the peers were told then
@@ -832,6 +883,8 @@ void SharedMemoryWindow::RunLockedStep(Body body) {
     throw;
   }
   const uint64_t step = ++step_;
+  operation_ = operation != nullptr && *operation ? operation : "an unnamed operator";
+  WriteOperationName(record(options_.rank).operation, operation_);
   record(options_.rank).entered_step.store(step, std::memory_order_release);
   try {
     body(step);
@@ -868,7 +921,7 @@ void SharedMemoryWindow::RunStep(uint64_t step, const std::vector<PeerProgress> 
 }
 
 void SharedMemoryWindow::ExchangeRows(const RowExchange &exchange) {
-  RunLockedStep([&](uint64_t step) {
+  RunLockedStep(exchange.operation, [&](uint64_t step) {
     RequireValidCounts(exchange);
     RunExchange(exchange, step);
   });
@@ -927,6 +980,7 @@ bool SharedMemoryWindow::TryPublish(int peer, uint64_t step, Fill fill) {
     return false;  // the peer has not read our previous message yet
   }
   message.step = step;
+  WriteOperationName(message.operation, operation_);
   fill(message);
   message.published.store(published + 1, std::memory_order_release);
   RingDoorbell(record(peer));
@@ -1022,7 +1076,7 @@ bool SharedMemoryWindow::CanPullRows(int64_t capacity, int64_t note_bytes) const
 }
 
 void SharedMemoryWindow::PullRows(const RowPull &pull) {
-  RunLockedStep([&](uint64_t step) {
+  RunLockedStep(pull.notes.operation, [&](uint64_t step) {
     const RowExchange &notes = pull.notes;
     if (!CanPullRows(notes.capacity, notes.row_bytes)) {
       Fail(kInternalError, "PullRows needs single copy between every pair of ranks and ",
@@ -1086,7 +1140,7 @@ bool SharedMemoryWindow::CanShareRows(int64_t capacity, int64_t row_bytes) const
 }
 
 void SharedMemoryWindow::ShareRows(const SharedRows &shared) {
-  RunLockedStep([&](uint64_t step) {
+  RunLockedStep(shared.operation, [&](uint64_t step) {
     if (!CanShareRows(shared.capacity, shared.row_bytes)) {
       Fail(kInternalError, "ShareRows needs ", shared.capacity, " rows of ", shared.row_bytes,
            " bytes to fit in slot_bytes = ", layout_.slot_bytes, Where());
@@ -1336,9 +1390,19 @@ void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
                                       const RowExchange &exchange, uint64_t step,
                                       const PeerProgress &progress, const RowPull *pull) const {
   if (message.step != step) {
-    Fail(kInternalError, "exchange step mismatch: this rank is in exchange step ", step,
-         " but rank ", peer, " sent data of step ", message.step,
-         "; every rank must make the same sequence of exchanges on a window", Where());
+    Fail(kInvalidArgument, "ranks out of step: this rank is in exchange step ", step, " (",
+         operation_, ") but rank ", peer, " sent a message of step ", message.step, " (",
+         std::string(message.operation, strnlen(message.operation, kOperationNameBytes)),
+         "); every rank of a group must run the same operators in the same order", Where());
+  }
+  if (strncmp(message.operation, operation_.c_str(), kOperationNameBytes - 1) != 0) {
+    Fail(kInvalidArgument, "ranks out of step in exchange step ", step, ": rank ", peer,
+         " runs ", std::string(message.operation, strnlen(message.operation, kOperationNameBytes)),
+         " while this rank (", options_.rank, ") runs ", operation_,
+         ". Every rank of an expert-parallel group must take the same path in a step: with "
+         "phase=None a rank decodes when it has at most dispatch.decode_token_threshold tokens, "
+         "so ranks whose token counts straddle the threshold take different paths; pass "
+         "phase='prefill' or phase='decode' (the same on every rank)", Where());
   }
   if (message.row_bytes != exchange.row_bytes || message.capacity != exchange.capacity ||
       (pull != nullptr && message.source_row_bytes != pull->row_bytes)) {
@@ -1410,7 +1474,10 @@ void SharedMemoryWindow::CheckPendingPeers(const std::vector<PeerProgress> &prog
   if (first_behind >= 0) {
     Fail(kInternalError, "rank ", first_behind, " did not reach exchange step ", step, " within ",
          DescribeSeconds(options_.timeout_s), " (", options_.timeout_setting,
-         "); its last exchange step was ", record(first_behind).entered_step.load(), Where());
+         "); its last exchange step was ", record(first_behind).entered_step.load(), " (",
+         std::string(record(first_behind).operation,
+                     strnlen(record(first_behind).operation, kOperationNameBytes)),
+         ") and this rank waits in ", operation_, Where());
   }
   Fail(kInternalError, "rank ", first_pending, " made no progress in exchange step ", step,
        " for ", DescribeSeconds(options_.timeout_s), " (", options_.timeout_setting, ")", Where());
@@ -1457,6 +1524,11 @@ class WindowRegistry {
     for (const auto &window : open) window->Abandon(reason);
   }
 
+  size_t Count() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return windows_.size();
+  }
+
   void Remove(int64_t id) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (windows_.erase(id) == 0) {
@@ -1481,6 +1553,9 @@ int64_t OpenWindow(const WindowOptions &options) {
         options.rank == 0
             ? CreateSegment(name, layout, job_token)
             : AttachSegment(name, layout, job_token, deadline, options.attach_timeout_s);
+    if (options.rank == 0 && options.world_size > 1) {
+      StartSegmentReaper(name, options.attach_timeout_s + 5.0);
+    }
     const int64_t id = WindowRegistry::Instance().ReserveId();
     auto window = std::make_shared<SharedMemoryWindow>(id, options, layout, std::move(segment));
     window->JoinGroup(deadline);
@@ -1543,6 +1618,11 @@ MOE_EP_EXPORT int64_t MoeEpWindowOpen(const char *job_token_hex, int world_size,
 MOE_EP_EXPORT int MoeEpWindowClose(int64_t window_id) {
   return moe_ep::RunKernel("MoeEpWindowClose",
                            [&] { moe_ep::WindowRegistry::Instance().Remove(window_id); });
+}
+
+// The number of windows open in this process.
+MOE_EP_EXPORT int64_t MoeEpOpenWindowCount() {
+  return static_cast<int64_t>(moe_ep::WindowRegistry::Instance().Count());
 }
 
 // Bytes of /dev/shm a window of `world_size` ranks with `slot_bytes` slots occupies.

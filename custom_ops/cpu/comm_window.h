@@ -44,9 +44,10 @@
 //   - once all ranks are attached the name is unlinked, so nothing is left in /dev/shm when
 //     the job ends, normally or by kill -9.
 //
-// Every exchange is one "step" (a per-window sequence number). Messages carry the step id, so
-// ranks that disagree on the sequence of exchanges fail with an error instead of silently
-// mixing data. A rank that waits on a peer detects a peer that exited (pidfd), a peer that
+// Every exchange is one "step" (a per-window sequence number). Messages carry the step id and
+// the name of the operator that sent them (RowExchange::operation), so ranks that disagree on
+// the sequence of exchanges, or run different operators in one step (e.g. one decodes while
+// another prefills), fail at once with an error naming both instead of silently mixing data. A rank that waits on a peer detects a peer that exited (pidfd), a peer that
 // reported an error, and a peer that makes no progress within `timeout_s`.
 //
 // Python opens and closes windows through the C functions MoeEpWindowOpen / MoeEpWindowClose
@@ -78,6 +79,10 @@ struct RowExchange {
   // true: the rows of block s past recv_counts[s] are zeroed. false: they are left as they
   // were (unspecified), which saves writing them when the caller reads only counted rows.
   bool zero_tail = true;
+  // The operator running this step and its phase, e.g. "FusedDeliver (decode)": every message
+  // carries it, so ranks that run different operators in one step fail at once on every rank,
+  // naming both, instead of mixing their data (see WindowOperation in the kernels).
+  const char *operation = "";
 };
 
 // A copy that a pull asks for: the `offered_row`-th row a source offered this rank (the row its
@@ -126,6 +131,7 @@ struct SharedRows {
   // rows stay valid (and unchanged) only during the call.
   std::function<void(const std::vector<const uint8_t *> &rows, const std::vector<int32_t> &counts)>
       use;
+  const char *operation = "";  // as RowExchange::operation
 };
 
 // An open communication window of one group of ranks on this host.

@@ -95,9 +95,12 @@ int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void 
     RowExchange exchange =
         AbandonOnFailure(*window, [&] { return DescribeExchange(args, window->world_size()); });
     exchange.zero_tail = zero_tail;
+    exchange.operation = "ExchangeRows (prefill)";
     window->ExchangeRows(exchange);
   });
 }
+
+constexpr char kDeliverRowsOperation[] = "DeliverRows (prefill)";
 
 void DeliverRows(const std::vector<TensorArg> &args) {
   const TensorArg &x = args[0], &send_token_index = args[1], &send_counts = args[2];
@@ -147,7 +150,7 @@ void DeliverRows(const std::vector<TensorArg> &args) {
   int32_t *received = recv_counts.data_as<int32_t>();
   const RowExchange note_exchange{notes.data_as<const uint8_t>(), counts,
                                   recv_notes.data_as<uint8_t>(), received, capacity, note_bytes,
-                                  /*zero_tail=*/true};
+                                  /*zero_tail=*/true, kDeliverRowsOperation};
   if (!PullDisabled() && window->CanPullRows(capacity, note_bytes)) {
     auto plan = [&](std::vector<std::vector<RowCopy>> &copies) {
       for (int64_t source = 0; source < world_size; ++source) {
@@ -184,7 +187,7 @@ void DeliverRows(const std::vector<TensorArg> &args) {
     return 0;
   });
   window->ExchangeRows(RowExchange{packed.get(), counts, rows_out, received, capacity,
-                                   row_bytes, /*zero_tail=*/false});
+                                   row_bytes, /*zero_tail=*/false, kDeliverRowsOperation});
   std::vector<int32_t> notes_received(world_size);
   RowExchange notes_step = note_exchange;
   notes_step.recv_counts = notes_received.data();

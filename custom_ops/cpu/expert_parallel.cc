@@ -282,11 +282,13 @@ struct DecodeMessages {
   std::vector<int32_t> send_counts;    // [R]
   std::vector<int32_t> received;       // [R], filled by the exchange
   std::vector<int32_t> offered_token;  // [R*C]: the token a pull note offers
+  const char *operation = "";          // RowExchange::operation of the operator's step
 
   RowExchange Exchange() {
     // Only the counted message rows are read: the receive tails need no zeroing.
     return RowExchange{staging->send.data(), send_counts.data(), staging->recv.data(),
-                       received.data(), capacity, layout.row_bytes(), /*zero_tail=*/false};
+                       received.data(), capacity, layout.row_bytes(), /*zero_tail=*/false,
+                       operation};
   }
   ReceivedMessages Received() const {
     return ReceivedMessages{staging->recv.data(), layout, received.data(), world_size, capacity,
@@ -372,6 +374,7 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
         recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
         tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
       });
+  messages.operation = "FusedDispatch (decode)";
   const int64_t hidden = x.dim(1), token_bytes = messages.token_bytes;
   const int64_t capacity = messages.capacity, capacity_rows = expand_x.dim(0);
   int32_t *positions_data = positions.data_as<int32_t>();
@@ -474,6 +477,7 @@ void FusedDeliver(const std::vector<TensorArg> &args) {
         local_ids.RequireDim(1, expert_ids.dim(1), "top_k");
         recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
       });
+  messages.operation = "FusedDeliver (decode)";
   const int64_t token_bytes = messages.token_bytes, capacity = messages.capacity;
   uint8_t *out = rows.data_as<uint8_t>();
   const ReceivedMessages received = messages.Received();
@@ -540,8 +544,9 @@ void CheckReturnHandle(const TensorArg &recv_counts, const TensorArg &token_slot
 // straight into the slot and summed where they lie (ShareRows: written once, read once);
 // otherwise they are staged (or, with `blocks` given, sent from there: [R*C, row_bytes]) and
 // exchanged (ExchangeRows), then summed from the received blocks.
-void ReturnAndSum(CommWindow &window, const int32_t *counts, int64_t capacity, int64_t row_bytes,
-                  const TensorArg &token_slot, const TensorArg &y,
+void ReturnAndSum(CommWindow &window, const char *operation, const int32_t *counts,
+                  int64_t capacity, int64_t row_bytes, const TensorArg &token_slot,
+                  const TensorArg &y,
                   const std::function<void(int64_t source, uint8_t *destination)> &write_block,
                   const uint8_t *blocks = nullptr) {
   const int64_t world_size = window.world_size(), tokens = token_slot.dim(0);
@@ -567,7 +572,7 @@ void ReturnAndSum(CommWindow &window, const int32_t *counts, int64_t capacity, i
       GatherSumFromBlocks(rows, capacity, token_slot, y);
     };
     window.ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(), write_block,
-                                sum_in_place});
+                                sum_in_place, operation});
     return;
   }
   StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
@@ -583,7 +588,7 @@ void ReturnAndSum(CommWindow &window, const int32_t *counts, int64_t capacity, i
   }
   std::vector<int32_t> returned_counts(world_size);
   window.ExchangeRows(RowExchange{blocks, counts, staging.recv.data(), returned_counts.data(),
-                                  capacity, row_bytes, /*zero_tail=*/false});
+                                  capacity, row_bytes, /*zero_tail=*/false, operation});
   check_token_slots(returned_counts.data());
   const int64_t returned_shape[2] = {world_size * capacity, y.dim(1)};
   const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape, y.dtype};
@@ -632,7 +637,8 @@ void FusedCombine(const std::vector<TensorArg> &args) {
     // Streaming stores: the sums are read by another rank (or after all blocks are written).
     GatherSum(expert_out, block_positions, &block_weights, partial, /*streaming_stores=*/true);
   };
-  ReturnAndSum(*window, counts, capacity, row_bytes, token_slot, y, write_partial_sums);
+  ReturnAndSum(*window, "FusedCombine (decode)", counts, capacity, row_bytes, token_slot, y,
+               write_partial_sums);
 }
 
 void FusedReturn(const std::vector<TensorArg> &args) {
@@ -659,7 +665,8 @@ void FusedReturn(const std::vector<TensorArg> &args) {
     CopyStreaming(destination, blocks + source * capacity * row_bytes, counts[source] * row_bytes);
     StreamingStoreFence();
   };
-  ReturnAndSum(*window, counts, capacity, row_bytes, token_slot, y, copy_block, blocks);
+  ReturnAndSum(*window, "FusedReturn (decode)", counts, capacity, row_bytes, token_slot, y,
+               copy_block, blocks);
 }
 
 }  // namespace

@@ -121,7 +121,7 @@ void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
     window.ExchangeRows(RowExchange{reinterpret_cast<const uint8_t *>(send.get()),
                                     round_counts.data(), reinterpret_cast<uint8_t *>(recv.get()),
                                     returned.data(), round_rows, row_bytes,
-                                    /*zero_tail=*/false});
+                                    /*zero_tail=*/false, "ExpertsCombine (prefill)"});
     // At the source: rank d returned the rows of slots d*C + offset .. + returned[d], in order.
     AbandonOnFailure(window, [&] {
       for (int64_t index = 0; index < tokens * world_size; ++index) {
