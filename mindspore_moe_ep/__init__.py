@@ -12,9 +12,14 @@ The configuration part is pure Python; MindSpore is imported only when a Cell is
 import importlib
 
 from .config import ConfigError, MoEConfig, config_from_hf, load_config
+from .host_defaults import applied_host_defaults, apply_host_defaults
 
-__all__ = ["ConfigError", "ExpertParallelGradReducer", "MoEConfig", "MoELayer", "config_from_hf",
-           "load_config", "setup_runtime"]
+# CPU host settings (host blocking run, kernel threads per rank) before MindSpore queues any
+# work; see host_defaults.py, MOE_EP_HOST_DEFAULTS=0 turns it off.
+apply_host_defaults()
+
+__all__ = ["ConfigError", "ExpertParallelGradReducer", "MoEConfig", "MoELayer",
+           "applied_host_defaults", "config_from_hf", "load_config", "setup_runtime"]
 __version__ = "0.1.0"
 
 _LAZY = {"MoELayer": ".layer", "setup_runtime": ".runtime",

@@ -39,14 +39,7 @@ import mindspore as ms
 from .ops import CombineKernel, DispatchKernel
 from .ops.ep_kernels import (DeliverRows, ExpertParallelLayout, ExpertsCombine, FusedCombine,
                              FusedDeliver, FusedDispatch, FusedReturn, GatherRows)
-from .token_dispatcher import expert_capacity
-
-
-def check_tokens_fit(num_tokens, max_tokens_per_rank):
-    """Static shapes: more tokens than the pre-allocated buffers hold is a configuration error."""
-    if num_tokens > max_tokens_per_rank:
-        raise ValueError(f"{num_tokens} tokens on this rank exceed dispatch.max_tokens_per_rank = "
-                         f"{max_tokens_per_rank}; raise it in the YAML or split the batch")
+from .token_dispatcher import check_tokens_fit, expert_capacity
 
 
 class SparseAllToAllDispatcher(nn.Cell):

@@ -7,9 +7,9 @@ from .config import MoEConfig
 from .experts import GroupedSwiGLUExperts, SharedExpert
 from .router import TopKRouter
 from .runtime import ascend_backend_active, mindspore_dtype
-from .state_dict import load_hf_moe_state_dict
+from .state_dict import export_hf_moe_state_dict, load_hf_moe_state_dict
 from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
-from .token_dispatcher import LocalTokenDispatcher
+from .token_dispatcher import LocalTokenDispatcher, check_tokens_fit
 
 
 def _window_slot_bytes(config):
@@ -49,7 +49,8 @@ def _combine_round_rows(config, world_size):
 
 
 def _build_dispatchers(config, group):
-    """(prefill dispatcher, decode dispatcher or None) for this rank's expert-parallel group.
+    """(prefill dispatcher, decode dispatcher or None, shared-memory window or None) for this
+    rank's expert-parallel group.
 
     EP = 1: the local dispatcher serves both phases. EP > 1: the sparse all-to-all-v for
     prefill/training; the fused decode operators when the group shares a host (shared-memory
@@ -58,11 +59,11 @@ def _build_dispatchers(config, group):
     """
     if ascend_backend_active():
         from .ascend import build_ascend_dispatchers
-        return build_ascend_dispatchers(config, group)
+        return (*build_ascend_dispatchers(config, group), None)
     router = config.router
     if group.size == 1:
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,
-                                    router.capacity_factor), None
+                                    router.capacity_factor), None, None
     from .comm.exchange import make_exchange
     from .ep_dispatcher import FusedDecodeDispatcher, SparseAllToAllDispatcher
     dispatch = config.dispatch
@@ -77,7 +78,7 @@ def _build_dispatchers(config, group):
     decode = None
     if window is not None and router.capacity_factor is None:
         decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window)
-    return prefill, decode
+    return prefill, decode, window
 
 
 class AuxLossScaler(nn.Cell):
@@ -115,7 +116,8 @@ class MoELayer(nn.Cell):
         self.group = expert_parallel_group(config)
         check_same_config_on_all_ranks(config, self.group)
         self.local_expert_indices = self.group.local_expert_indices
-        self.prefill_dispatcher, self.decode_dispatcher = _build_dispatchers(config, self.group)
+        self.prefill_dispatcher, self.decode_dispatcher, self._window = _build_dispatchers(
+            config, self.group)
         self.decode_token_threshold = config.dispatch.decode_token_threshold
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
@@ -156,6 +158,38 @@ class MoELayer(nn.Cell):
         self.last_aux_loss = statistic("last_aux_loss", np.zeros((), np.float32))
         self.last_z_loss = statistic("last_z_loss", np.zeros((), np.float32))
 
+    def __call__(self, x, *args, **kwargs):
+        """Checks ``x`` and ``phase`` before any work (see :meth:`check_input`); under expert
+        parallelism a refused input also fails the window's next step, so that the peers waiting in it raise
+        at once with this rank's reason instead of after ``dispatch.timeout_s``."""
+        try:
+            self.check_input(x.shape, x.dtype)
+            num_tokens = 1
+            for size in x.shape[:-1]:
+                num_tokens *= size
+            self._dispatcher_for(num_tokens, args[0] if args else kwargs.get("phase"))
+        except (TypeError, ValueError) as error:
+            if self._window is not None:
+                self._window.abandon(f"{type(error).__name__}: {error}")
+            raise
+        return super().__call__(x, *args, **kwargs)
+
+    def check_input(self, shape, dtype):
+        """Raises if ``layer(x)`` cannot take an ``x`` of this shape and dtype: [tokens, H] or
+        [batch, seq, H] with H = model.hidden_size, a float dtype, and at most
+        ``dispatch.max_tokens_per_rank`` tokens (the pre-allocated buffers' rows)."""
+        if len(shape) not in (2, 3) or shape[-1] != self.hidden_size:
+            raise ValueError(f"MoELayer: x has shape {tuple(shape)}; expected [tokens, "
+                             f"{self.hidden_size}] or [batch, seq, {self.hidden_size}] "
+                             f"(model.hidden_size = {self.hidden_size})")
+        if dtype not in (ms.float32, ms.float16, ms.bfloat16):
+            raise TypeError(f"MoELayer: x has dtype {dtype}; expected float32, float16 or "
+                            f"bfloat16")
+        num_tokens = 1
+        for size in shape[:-1]:
+            num_tokens *= size
+        check_tokens_fit(num_tokens, self.config.dispatch.max_tokens_per_rank)
+
     def construct(self, x, phase=None):
         """x: [B, S, H] or [T, H] -> same shape.
 
@@ -173,6 +207,7 @@ class MoELayer(nn.Cell):
         an error naming both operators: the exchange's messages carry the operator's name).
         """
         input_shape = x.shape
+        self.check_input(input_shape, x.dtype)  # again here: a model compiled around the layer
         num_sequences = input_shape[0] if len(input_shape) == 3 else 1
         # Shape and elementwise work in float32: MindSpore CPU has no bf16 Reshape / Add.
         tokens = x.astype(ms.float32).reshape(-1, self.hidden_size)               # [T, H]
@@ -252,6 +287,13 @@ class MoELayer(nn.Cell):
         ``_dispatcher_for``)."""
         return self._dispatcher_for(num_tokens, phase)[1]
 
+    def close(self):
+        """Releases this rank's shared-memory window now (idempotent; it is also released when
+        the layer is garbage-collected). The layer cannot run afterwards. After a failed step,
+        close the layer and build a new one on every rank of the group."""
+        if self._window is not None:
+            self._window.close()
+
     def route(self, x):
         """Routing decision only: (expert_ids [T, K] int32, routing_weights [T, K] float32)."""
         expert_ids, routing_weights, _, _, _ = self.router(x.reshape(-1, self.hidden_size))
@@ -292,5 +334,24 @@ class MoELayer(nn.Cell):
                                               self.config.router.bias_update_rate)
 
     def load_hf_state_dict(self, state_dict, prefix=""):
-        """Load DeepSeek-V3-named NumPy weights (only this rank's experts); see state_dict.py."""
+        """Load Hugging Face-named NumPy weights (DeepSeek, Qwen-MoE or Mixtral naming; only this
+        rank's experts); see state_dict.py."""
         load_hf_moe_state_dict(self, state_dict, prefix)
+
+    def hf_state_dict(self, prefix=""):
+        """The whole layer's weights in Hugging Face naming: {prefix + name: NumPy array}.
+
+        Every expert of the layer, gathered from every rank of the expert-parallel group: under
+        expert parallelism a collective (every rank of the world calls it; each rank of a group
+        gets the same dict). Names follow
+        ``model.hf_weight_names`` (the family ``config_from_hf`` imported, DeepSeek-V3 naming by
+        default; table in state_dict.py), so ``numpy.savez(path, **layer.hf_state_dict(p))`` is
+        read back by ``load_hf_state_dict(numpy.load(path), p)`` and by tools that read that
+        family's checkpoints. Each array has its Parameter's dtype: ``runtime.dtype`` for the
+        gate, experts and shared expert, except that bfloat16 (which NumPy lacks) comes as
+        float32 holding exactly the bfloat16 values; the expert bias
+        (``gate.e_score_correction_bias``) and Qwen's ``shared_expert_gate.weight`` are float32,
+        as the layer keeps them. Replicated weights come from the group's first rank (a warning
+        is logged if another rank's differ).
+        """
+        return export_hf_moe_state_dict(self, prefix)

@@ -61,12 +61,38 @@ def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
     return ExpertParallelGroup(world_size, rank, tuple(range(first, first + ep_size)), num_experts)
 
 
-def config_fingerprint(config: MoEConfig) -> np.ndarray:
-    """[4] int32: a 128-bit hash of the config without its run-time-only workload section."""
+def _compared_settings(config: MoEConfig) -> bytes:
+    """The config as sorted JSON, without its run-time-only workload section."""
     settings = config.to_dict()
     settings.pop("workload", None)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).digest()
+    return json.dumps(settings, sort_keys=True).encode()
+
+
+def config_fingerprint(config: MoEConfig) -> np.ndarray:
+    """[4] int32: a 128-bit hash of the config without its run-time-only workload section."""
+    digest = hashlib.sha256(_compared_settings(config)).digest()
     return np.frombuffer(digest[:16], dtype=np.int32)
+
+
+def _flat_settings(settings, path=""):
+    """{"section.key": value} of a nested settings dict."""
+    flat = {}
+    for key, value in settings.items():
+        name = f"{path}.{key}" if path else key
+        flat.update(_flat_settings(value, name) if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def _every_ranks_settings(config: MoEConfig) -> list:
+    """Every rank's flattened settings (two world all-gathers: lengths, then padded bytes)."""
+    from .comm.window import world_all_gather
+    text = _compared_settings(config)
+    lengths = world_all_gather(np.array([len(text)], np.int32))[:, 0]        # [world]
+    padded = np.zeros(int(lengths.max()), np.int32)
+    padded[:len(text)] = np.frombuffer(text, np.uint8)
+    gathered = world_all_gather(padded)                                       # [world, max]
+    return [_flat_settings(json.loads(bytes(row[:length].astype(np.uint8)).decode()))
+            for row, length in zip(gathered, lengths)]
 
 
 def check_same_config_on_all_ranks(config: MoEConfig, group: ExpertParallelGroup) -> None:
@@ -74,9 +100,24 @@ def check_same_config_on_all_ranks(config: MoEConfig, group: ExpertParallelGroup
     if group.world_size == 1:
         return
     from .comm.window import world_all_gather
-    fingerprints = world_all_gather(config_fingerprint(config))             # [world, 4]
+    try:
+        fingerprints = world_all_gather(config_fingerprint(config))         # [world, 4]
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"building MoELayer on rank {group.rank}: the config check across the "
+            f"{group.world_size} ranks failed, usually because a rank did not build this layer "
+            f"(every rank must build the same layers in the same order): {error}") from error
     differing = [rank for rank, value in enumerate(fingerprints)
                  if not np.array_equal(value, fingerprints[0])]
     if differing:
+        settings = _every_ranks_settings(config)  # every rank sees the mismatch: collective
+        details = []
+        for rank in differing:
+            for key in sorted(set(settings[0]) | set(settings[rank])):
+                if settings[rank].get(key) != settings[0].get(key):
+                    details.append(f"{key} = {settings[rank].get(key)!r} on rank {rank} but "
+                                   f"{settings[0].get(key)!r} on rank 0")
         raise ValueError(f"the MoE config differs between ranks: ranks {differing} disagree with "
-                         f"rank 0 (every rank must load the same YAML and overrides)")
+                         f"rank 0: {'; '.join(details[:8])}"
+                         f"{' ...' if len(details) > 8 else ''} (every rank must load the same "
+                         f"YAML and overrides)")

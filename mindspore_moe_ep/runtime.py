@@ -40,8 +40,12 @@ def apply_host_blocking_run(enabled):
     empty (``AsyncRQueue::Wait``): a profile of 4 ranks on 2 cores put 40% of all CPU samples in
     that spin, taken from the ranks doing the work. An explicit setting in the environment wins.
     """
+    from .host_defaults import applied_host_defaults
     if enabled and device_target() == "CPU":
         os.environ.setdefault(HOST_BLOCKING_RUN_VARIABLE, "1")
+    elif not enabled and HOST_BLOCKING_RUN_VARIABLE in applied_host_defaults():
+        # Set at import (host_defaults.py): effective only if MindSpore has not queued work yet.
+        os.environ[HOST_BLOCKING_RUN_VARIABLE] = "0"
 
 
 def setup_runtime(config):

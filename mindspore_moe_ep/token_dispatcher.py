@@ -32,6 +32,13 @@ from mindspore import nn, ops
 from .ops import CombineKernel, DispatchKernel
 
 
+def check_tokens_fit(num_tokens, max_tokens_per_rank):
+    """Static shapes: more tokens than the pre-allocated buffers hold is a configuration error."""
+    if num_tokens > max_tokens_per_rank:
+        raise ValueError(f"{num_tokens} tokens on this rank exceed dispatch.max_tokens_per_rank = "
+                         f"{max_tokens_per_rank}; raise it in the YAML or split the batch")
+
+
 def expert_capacity(capacity_factor, num_tokens, top_k, num_experts):
     """Rows each expert may take: ceil(capacity_factor * T * K / E); 0 means dropless."""
     if capacity_factor is None:

@@ -109,7 +109,10 @@ def main(argv=None):
               f"{len(layer.local_expert_indices)} local experts per rank, "
               f"{sum(p.size for p in layer.trainable_params()) / 1e6:.1f} M parameters per rank")
     check = world_size > 1 and not args.no_check
-    reference = mee.MoELayer(config.replace(expert_parallel=1)) if check else None
+    # The single-process layer takes every rank's tokens: its buffers hold all of them.
+    reference = mee.MoELayer(config.replace(
+        expert_parallel=1,
+        max_tokens_per_rank=config.dispatch.max_tokens_per_rank * world_size)) if check else None
 
     dtype = mindspore_dtype(config.runtime.dtype)
     data = np.random.default_rng(config.runtime.seed + 1000 + rank)

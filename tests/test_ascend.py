@@ -226,13 +226,13 @@ def test_layer_takes_the_ascend_branch_only_on_ascend(monkeypatch):
     from mindspore_moe_ep.token_dispatcher import LocalTokenDispatcher
     config = mee.load_config(golden.TINY_YAML)
     group = layer.expert_parallel_group(config)
-    prefill, decode = layer._build_dispatchers(config, group)
-    assert isinstance(prefill, LocalTokenDispatcher) and decode is None
+    prefill, decode, window = layer._build_dispatchers(config, group)
+    assert isinstance(prefill, LocalTokenDispatcher) and decode is None and window is None
     calls = []
     monkeypatch.setattr(layer, "ascend_backend_active", lambda: True)
     monkeypatch.setattr(ascend, "build_ascend_dispatchers",
                         lambda cfg, grp: calls.append((cfg, grp)) or ("prefill", "decode"))
-    assert layer._build_dispatchers(config, group) == ("prefill", "decode")
+    assert layer._build_dispatchers(config, group) == ("prefill", "decode", None)
     assert calls == [(config, group)]
 
 

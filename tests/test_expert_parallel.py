@@ -215,29 +215,27 @@ def test_config_differing_between_ranks_fails_on_every_rank(ep_run):
     for report in ep_run.results.values():
         text, seconds = message(report, "config_differs")
         assert "ValueError: the MoE config differs between ranks: ranks [1] disagree with " \
-               "rank 0" in text, text
+               "rank 0: router.top_k = 3 on rank 1 but 2 on rank 0" in text, text
         assert seconds < SLACK_S
 
 
-def test_too_many_tokens_names_the_key_and_keeps_the_layer_usable(ep_run):
+def test_too_many_tokens_names_the_key_and_a_rebuilt_layer_works(ep_run):
     for report in ep_run.results.values():
         for phase in ("prefill", "decode"):
             text, _ = message(report, f"too_many_tokens_all/{phase}")
             assert text.startswith("ValueError: 9 tokens on this rank exceed "
                                    "dispatch.max_tokens_per_rank = 8"), text
-        assert report["bad_messages"]["usable_after_too_many_tokens"][0] is None
+        assert report["bad_messages"]["usable_after_rebuild"][0] is None
 
 
-def test_too_many_tokens_on_one_rank_times_out_naming_it(ep_run):
+def test_too_many_tokens_on_one_rank_fails_its_peers_at_once_naming_it(ep_run):
     last = world_of(ep_run) - 1
     for rank, report in ep_run.results.items():
         text, seconds = message(report, "too_many_tokens_one_rank")
-        if rank == last:
-            assert "dispatch.max_tokens_per_rank = 8" in text, text
-        else:
-            assert f"rank {last} did not reach exchange step" in text, text
-            assert "(dispatch.timeout_s)" in text, text
-            assert BAD_TIMEOUT_S <= seconds < BAD_TIMEOUT_S + SLACK_S, seconds
+        assert "dispatch.max_tokens_per_rank = 8" in text, text
+        if rank != last:
+            assert f"rank {last} failed in exchange step 1: ValueError: 9 tokens" in text, text
+        assert seconds < SLACK_S, seconds
 
 
 def test_expert_id_out_of_range_fails_on_every_rank(ep_run):

@@ -23,12 +23,8 @@ LAYER_REL_TOL = 1e-5  # EP vs EP = 1 forward: the same float32 arithmetic up to 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
 def phase_run(request):
-    result = launch.run_msrun(WORKER, request.param, timeout_s=300)
-    try:
-        assert result.returncode == 0 and len(result.results) == request.param, result.describe()
+    with launch.msrun_reports(WORKER, request.param, timeout_s=300) as result:
         yield result
-    finally:
-        launch.remove_launch_files(result)
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])

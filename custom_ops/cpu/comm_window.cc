@@ -126,6 +126,18 @@ struct alignas(kCacheLine) SlotHeader {
   alignas(kCacheLine) std::atomic<uint64_t> consumed;  // messages read (by the receiver)
 };
 
+// Text a peer wrote into the shared segment, made safe to print: at most `capacity` bytes, up to
+// the first NUL, every byte outside printable ASCII (and newline, tab) shown as '?', so that a
+// corrupted segment yields a readable message rather than raw bytes.
+std::string PrintableText(const char *text, size_t capacity) {
+  std::string printable(text, strnlen(text, capacity));
+  for (char &c : printable) {
+    const unsigned char byte = static_cast<unsigned char>(c);
+    if ((byte < 0x20 && c != '\n' && c != '\t') || byte >= 0x7f) c = '?';
+  }
+  return printable;
+}
+
 // Copies the operator name `name` into `destination` (kOperationNameBytes, truncated).
 void WriteOperationName(char *destination, const std::string &name) {
   const size_t length = std::min(name.size(), kOperationNameBytes - 1);
@@ -1392,12 +1404,12 @@ void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
   if (message.step != step) {
     Fail(kInvalidArgument, "ranks out of step: this rank is in exchange step ", step, " (",
          operation_, ") but rank ", peer, " sent a message of step ", message.step, " (",
-         std::string(message.operation, strnlen(message.operation, kOperationNameBytes)),
+         PrintableText(message.operation, kOperationNameBytes),
          "); every rank of a group must run the same operators in the same order", Where());
   }
   if (strncmp(message.operation, operation_.c_str(), kOperationNameBytes - 1) != 0) {
     Fail(kInvalidArgument, "ranks out of step in exchange step ", step, ": rank ", peer,
-         " runs ", std::string(message.operation, strnlen(message.operation, kOperationNameBytes)),
+         " runs ", PrintableText(message.operation, kOperationNameBytes),
          " while this rank (", options_.rank, ") runs ", operation_,
          ". Every rank of an expert-parallel group must take the same path in a step: with "
          "phase=None a rank decodes when it has at most dispatch.decode_token_threshold tokens, "
@@ -1436,6 +1448,16 @@ void SharedMemoryWindow::CheckMessage(int peer, const SlotHeader &message,
            message.chunk_bytes == total_bytes + after_notes &&
            message.chunk_bytes <= layout_.slot_bytes;
   };
+  const bool pull_message =
+      message.kind == kNotesAndRowsInSlot || message.kind == kNotesAndRowsInSenderMemory;
+  const bool exchange_message = message.kind == kRowsInSlot || message.kind == kRowsInSenderMemory;
+  if ((pull != nullptr && exchange_message) || (pull == nullptr && pull_message)) {
+    Fail(kInvalidArgument, "ranks out of step in exchange step ", step, " of ", operation_,
+         ": rank ", peer, (pull_message ? " offers rows to pull" : " sends packed rows"),
+         " while this rank ", (pull != nullptr ? "pulls rows" : "exchanges packed rows"),
+         "; the ranks disagree on how rows travel: set MOE_EP_DISPATCH_PULL the same on every "
+         "rank", Where());
+  }
   if (message.total_rows < 0 || message.total_rows > exchange.capacity ||
       !(pull != nullptr ? well_formed_pull() : well_formed_exchange())) {
     Fail(kInternalError, "corrupt message from rank ", peer, " in exchange step ", step,
@@ -1449,7 +1471,7 @@ void SharedMemoryWindow::RequireHealthy(int peer) const {
   const uint64_t failed_step = peer_record.failed_step.load(std::memory_order_acquire);
   if (failed_step != 0) {
     Fail(kInternalError, "rank ", peer, " failed in exchange step ", failed_step, ": ",
-         peer_record.failure, Where());
+         PrintableText(peer_record.failure, kFailureMessageBytes), Where());
   }
 }
 
@@ -1475,8 +1497,7 @@ void SharedMemoryWindow::CheckPendingPeers(const std::vector<PeerProgress> &prog
     Fail(kInternalError, "rank ", first_behind, " did not reach exchange step ", step, " within ",
          DescribeSeconds(options_.timeout_s), " (", options_.timeout_setting,
          "); its last exchange step was ", record(first_behind).entered_step.load(), " (",
-         std::string(record(first_behind).operation,
-                     strnlen(record(first_behind).operation, kOperationNameBytes)),
+         PrintableText(record(first_behind).operation, kOperationNameBytes),
          ") and this rank waits in ", operation_, Where());
   }
   Fail(kInternalError, "rank ", first_pending, " made no progress in exchange step ", step,
@@ -1618,6 +1639,14 @@ MOE_EP_EXPORT int64_t MoeEpWindowOpen(const char *job_token_hex, int world_size,
 MOE_EP_EXPORT int MoeEpWindowClose(int64_t window_id) {
   return moe_ep::RunKernel("MoeEpWindowClose",
                            [&] { moe_ep::WindowRegistry::Instance().Remove(window_id); });
+}
+
+// Marks a window's next step as failed for `reason` (the peers waiting in it get the reason at
+// once); the window is unusable afterwards. For failures found in Python before any exchange.
+MOE_EP_EXPORT int MoeEpWindowAbandon(int64_t window_id, const char *reason) {
+  return moe_ep::RunKernel("MoeEpWindowAbandon", [&] {
+    moe_ep::WindowRegistry::Instance().Find(window_id)->Abandon(reason ? reason : "");
+  });
 }
 
 // The number of windows open in this process.

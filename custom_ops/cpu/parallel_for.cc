@@ -1,6 +1,8 @@
 // The worker pool behind ParallelFor (see parallel_for.h).
 #include "parallel_for.h"
 
+#include "kernel_common.h"
+
 #include <pthread.h>
 
 #include <atomic>
@@ -124,12 +126,18 @@ WorkerPool &Pool() {
 
 }  // namespace
 
+namespace {
+// Set by MoeEpSetDefaultThreadCount before the first kernel runs (0: none).
+std::atomic<int> default_thread_count{0};
+}  // namespace
+
 int KernelThreadCount() {
   static const int thread_count = [] {
     if (const char *requested = std::getenv("MOE_EP_NUM_THREADS")) {
       const int value = std::atoi(requested);
       if (value > 0) return value;
     }
+    if (default_thread_count.load() > 0) return default_thread_count.load();
     const unsigned cores = std::thread::hardware_concurrency();
     return cores > 0 ? static_cast<int>(cores) : 1;
   }();
@@ -151,3 +159,11 @@ void RunChunks(int64_t chunk_count, int64_t helper_count,
 }
 
 }  // namespace moe_ep
+
+// The kernel thread count to use when MOE_EP_NUM_THREADS is not set (the Python side passes the
+// usable cores shared by the ranks on this host, host_defaults.py). Effective only before the
+// first kernel asks for the count; returns the count in force afterwards.
+MOE_EP_EXPORT int MoeEpSetDefaultThreadCount(int threads) {
+  if (threads > 0) moe_ep::default_thread_count.store(threads);
+  return moe_ep::KernelThreadCount();
+}

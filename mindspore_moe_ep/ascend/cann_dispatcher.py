@@ -15,7 +15,7 @@ ep_recv_counts and, on A2, expand_scales). Inference only (the fused operators h
 from mindspore import nn, ops
 import mindspore as ms
 
-from ..ep_dispatcher import check_tokens_fit
+from ..token_dispatcher import check_tokens_fit
 from .cann_limits import CannDispatchArguments
 
 

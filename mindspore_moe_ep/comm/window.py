@@ -25,6 +25,7 @@ import hashlib
 import os
 import secrets
 import socket
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 # "auto": single copy where every rank can read its peers' memory, else slots (decided per
 # receiving rank when the window opens); "slots": always through the slots.
 WINDOW_TRANSPORTS = ("auto", "slots")
+SHARED_MEMORY_DIRECTORY = "/dev/shm"
 SEGMENT_NAME_PREFIX = "moe-ep-"  # segments appear as /dev/shm/moe-ep-<32 hex digits>
 JOB_TOKEN_BYTES = 16
 
@@ -67,9 +69,42 @@ def _window_library() -> ctypes.CDLL:
     library.MoeEpWindowStep.argtypes = [ctypes.c_int64]
     library.MoeEpWindowSegmentBytes.restype = ctypes.c_int64
     library.MoeEpWindowSegmentBytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    library.MoeEpWindowAbandon.restype = ctypes.c_int
+    library.MoeEpWindowAbandon.argtypes = [ctypes.c_int64, ctypes.c_char_p]
+    library.MoeEpOpenWindowCount.restype = ctypes.c_int64
+    library.MoeEpOpenWindowCount.argtypes = []
     library.MoeEpLastError.restype = ctypes.c_char_p
     library.MoeEpLastError.argtypes = []
     return library
+
+
+def open_window_count() -> int:
+    """How many communication windows are open in this process (see :meth:`CommWindow.close`)."""
+    return int(_window_library().MoeEpOpenWindowCount())
+
+
+def _require_free_shared_memory(needed: int, world_size: int, slot_bytes: int) -> None:
+    """Every rank of a host checks what rank 0 will reserve, so that a window too large for
+    /dev/shm fails at once on every rank (not only on rank 0, with its peers waiting for a
+    segment that never comes)."""
+    try:
+        status = os.statvfs(SHARED_MEMORY_DIRECTORY)
+    except OSError:
+        return  # cannot tell; rank 0's reservation will
+    available = status.f_bavail * status.f_frsize
+    if needed > available:
+        raise CommWindowError(
+            f"the communication window needs {needed} bytes ({needed >> 20} MiB) of "
+            f"{SHARED_MEMORY_DIRECTORY} (world size {world_size}, slot_bytes {slot_bytes}) but "
+            f"only {available} bytes ({available >> 20} MiB) are available; lower dispatch.window_slot_bytes in the config (smaller slots move large "
+            f"payloads in more chunks) or enlarge {SHARED_MEMORY_DIRECTORY} (e.g. docker run "
+            f"--shm-size)")
+
+
+def _close_window(window_id: int) -> None:
+    """Releases this rank's mapping of a window; run by close() or when the object is
+    garbage-collected (a failure there is ignored: the process is letting the window go)."""
+    _window_library().MoeEpWindowClose(window_id)
 
 
 def _last_error() -> str:
@@ -150,6 +185,9 @@ class CommWindow:
         self.timeout_s = timeout_s
         self.id_tensor = Tensor(np.array([window_id], dtype=np.int32))
         self._open = True
+        # Dropping the last reference releases the mapping, so that rebuilt layers do not
+        # accumulate windows (their memory in /dev/shm is freed once every rank released it).
+        self._release = weakref.finalize(self, _close_window, window_id)
 
     @classmethod
     def open(cls, group_ranks: Sequence[int], rank: int, slot_bytes: int = DEFAULT_SLOT_BYTES,
@@ -176,6 +214,9 @@ class CommWindow:
             raise ValueError(f"window transport must be one of {WINDOW_TRANSPORTS} (argument "
                              f"window_transport or ${WINDOW_TRANSPORT_VARIABLE}), got "
                              f"{window_transport!r}")
+        if len(group_ranks) > 1:
+            _require_free_shared_memory(cls.segment_bytes(len(group_ranks), slot_bytes),
+                                        len(group_ranks), slot_bytes)
         if job_token is None:
             if len(group_ranks) == 1:
                 job_token = secrets.token_bytes(JOB_TOKEN_BYTES).hex()
@@ -221,11 +262,21 @@ class CommWindow:
         return int(_window_library().MoeEpWindowStep(self.window_id))
 
     def close(self) -> None:
-        """Releases this rank's mapping (idempotent). Kernels using the window then fail."""
+        """Releases this rank's mapping (idempotent; also done when the object is garbage
+        collected). Kernels using the window then fail."""
         if self._open:
             self._open = False
+            self._release.detach()
             if _window_library().MoeEpWindowClose(self.window_id) != 0:
                 raise CommWindowError(_last_error())
+
+    def abandon(self, reason: str) -> None:
+        """Fails the window's next step for ``reason`` without exchanging anything: peers
+        waiting in it raise at once with this rank's reason. The window is unusable afterwards
+        (rebuild the layer on every rank). For errors found before any exchange."""
+        if self._open and _window_library().MoeEpWindowAbandon(
+                self.window_id, reason.encode("utf-8", errors="replace")) != 0:
+            raise CommWindowError(_last_error())
 
     def _require_open(self) -> None:
         if not self._open:

@@ -26,6 +26,7 @@ Transport = Literal["auto", "shm", "allgather"]
 DecodeLayout = Literal["rowwise", "grouped"]
 ExecutionMode = Literal["graph", "pynative"]
 DType = Literal["float32", "float16", "bfloat16"]
+HFWeightNames = Literal["deepseek", "qwen", "mixtral"]
 
 
 def option(doc: str, *, default: Any = MISSING, ge: Optional[float] = None,
@@ -171,6 +172,13 @@ class ModelConfig(_Section):
     shared_expert_gate: bool = option(
         "Scale the shared experts' output per token by sigmoid(x . w), w a learned [H] vector "
         "(Qwen2-MoE's `shared_expert_gate`); false adds it unscaled (DeepSeek).", default=False)
+    hf_weight_names: HFWeightNames = option(
+        "Hugging Face naming of the weights that `MoELayer.hf_state_dict` exports: deepseek "
+        "(DeepSeek-V2/V3, GLM-4.5, Kimi K2: `experts.{i}.gate_proj` / `up_proj` / `down_proj`, "
+        "`shared_experts.*`), qwen (Qwen2/3-MoE: the same expert names, `shared_expert.*`) or "
+        "mixtral (`experts.{i}.w1` / `w3` / `w2`). `config_from_hf` sets it from the model's "
+        "family; `load_hf_state_dict` reads all three namings whatever it says.",
+        default="deepseek")
 
     @property
     def shared_ffn_size(self) -> int:
@@ -316,8 +324,8 @@ class DispatchConfig(_Section):
         "for a dropless layer, up to 4 MiB so that the partial sums the fused decode Return (or "
         "Combine) sends back in a whole step fit and are summed in place. Larger payloads "
         "travel by single copy (process_vm_readv) or, where that is not allowed, in slot-sized "
-        "chunks.",
-        default=None, gt=0)
+        "chunks. At least 64 (one cache line).",
+        default=None, ge=64)
     combine_round_tokens: int = option(
         "Prefill inference over shared memory: received rows per source rank in one round of "
         "the fused experts + combine kernel, which runs the experts and returns their partial "
@@ -345,8 +353,10 @@ class RuntimeConfig(_Section):
         "CPU: run MindSpore's host tasks on the calling thread (sets MS_DEV_HOST_BLOCKING_RUN=1) "
         "instead of a worker thread that the caller busy-waits for. With several ranks per "
         "host the busy wait takes the cores of the ranks that compute (measured: 2.5x faster "
-        "training steps at EP 4 on 2 cores). Applied by setup_runtime before anything runs; "
-        "an MS_DEV_HOST_BLOCKING_RUN already in the environment wins.", default=True)
+        "training steps at EP 4 on 2 cores). Already set when the package is imported "
+        "(host_defaults.py; MOE_EP_HOST_DEFAULTS=0 turns that off); false makes setup_runtime "
+        "undo the import's setting (effective before MindSpore first queues work). An "
+        "MS_DEV_HOST_BLOCKING_RUN already in the environment wins.", default=True)
     recompute_experts: bool = option(
         "Training: run the routed experts in one kernel without buffers of one row per (token, "
         "expert) pair, as inference always does, and recompute them in the backward pass. The "

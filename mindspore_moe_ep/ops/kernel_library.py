@@ -55,7 +55,21 @@ def library_path() -> str:
             f"'pip install .' from the repository root (g++ with C++17 is needed).")
     _check_kernel_environment()
     _point_kernels_at_onednn()
+    _hand_over_host_defaults(path)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _hand_over_host_defaults(path: str) -> None:
+    """Gives the loaded kernel library this process's default thread count (host_defaults.py)
+    before its first kernel runs; MindSpore's Custom ops load the same library instance."""
+    from ..host_defaults import default_kernel_threads
+    threads = default_kernel_threads()
+    if threads > 0:
+        library = ctypes.CDLL(path)
+        library.MoeEpSetDefaultThreadCount.restype = ctypes.c_int
+        library.MoeEpSetDefaultThreadCount.argtypes = [ctypes.c_int]
+        library.MoeEpSetDefaultThreadCount(threads)
 
 
 def kernel_func(name: str) -> str:
@@ -122,6 +136,8 @@ def _library() -> ctypes.CDLL:
     library.MoeEpGemmBackend.argtypes = []
     library.MoeEpSetGemmBackend.restype = ctypes.c_int
     library.MoeEpSetGemmBackend.argtypes = [ctypes.c_char_p]
+    library.MoeEpSetDefaultThreadCount.restype = ctypes.c_int
+    library.MoeEpSetDefaultThreadCount.argtypes = [ctypes.c_int]
     for getter in ("MoeEpCpuIsa", "MoeEpDetectedCpuIsa", "MoeEpBFloat16Gemm"):
         getattr(library, getter).restype = ctypes.c_char_p
         getattr(library, getter).argtypes = []
@@ -224,3 +240,9 @@ def set_bfloat16_gemm(name: str) -> None:
     if _library().MoeEpSetBFloat16Gemm(str(name).encode()) != 0:
         raise ValueError(f"bfloat16 GEMM {name!r} is unknown; use 'auto', 'direct' or "
                          f"'converted'")
+
+
+def kernel_threads() -> int:
+    """Threads the CPU kernels split their loops over in this process: MOE_EP_NUM_THREADS, else
+    the usable cores shared by the msrun workers on this host (host_defaults.py)."""
+    return int(_library().MoeEpSetDefaultThreadCount(0))

@@ -44,7 +44,7 @@ import traceback
 import numpy as np
 
 import launch  # tests/distributed/launch.py, next to this script
-from checks import CheckReport  # tests/distributed/checks.py
+from checks import CheckReport, timed_call  # tests/distributed/checks.py
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -52,7 +52,6 @@ from mindspore.communication import get_group_size, get_rank, init
 
 import mindspore_moe_ep as mee
 from mindspore_moe_ep.comm.window import world_all_gather
-from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors, take_kernel_errors
 
 REPOSITORY_ROOT = launch.REPOSITORY_ROOT
 TINY = os.path.join(REPOSITORY_ROOT, "yaml_configs", "tiny.yaml")
@@ -76,34 +75,22 @@ def graph_modes(world, everywhere=False):
 
 # ---- reporting ---------------------------------------------------------------------------------
 
-def drain_pending_errors():
-    """Lets the kernels queued by a failed PYNATIVE step finish (they may fail too), so that
-    their errors do not surface at the next synchronisation, in another case."""
-    for _ in range(3):
-        try:
-            ms.runtime.synchronize()
-            break
-        except Exception:  # a pending failure of the step that already failed
-            continue
-    take_kernel_errors()
-
-
 def error_message(body):
     """(message or None, seconds) of running body()."""
-    started = time.monotonic()
-    try:
-        with explain_kernel_errors():
-            body()
-        message = None
-    except Exception as error:  # the message is what is checked
-        message = f"{type(error).__name__}: {error}"
-        drain_pending_errors()
-    return message, round(time.monotonic() - started, 3)
+    _, message, seconds = timed_call(body)
+    return message, seconds
 
 
 def set_mode(report, mode):
     report.mode = mode
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+
+def single_process(config):
+    """The EP = 1 counterpart of an expert-parallel config: it takes the whole world's batch,
+    so its buffers must hold max_tokens_per_rank rows from every rank."""
+    rows = config.dispatch.max_tokens_per_rank * get_group_size()
+    return config.replace(expert_parallel=1, max_tokens_per_rank=rows)
 
 
 def load(path=TINY, **overrides):
@@ -665,7 +652,7 @@ def layer_part(report, rank, world):
     ]
     for name, config, shapes, hidden, seed, bias, modes in cases:
         layer = mee.MoELayer(config)
-        ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+        ref_layer = mee.MoELayer(single_process(config))
         layer.set_train(False)
         ref_layer.set_train(False)
         fused = name == "tiny_rounds"
@@ -709,7 +696,7 @@ def checkpoint_part(report, rank, world):
     """Both layers load one checkpoint: EP output must equal EP = 1 (the right experts loaded)."""
     config = deepseek_layer_config(world)
     layer = mee.MoELayer(config)
-    ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+    ref_layer = mee.MoELayer(single_process(config))
     checkpoint = random_checkpoint(ref_layer, seed=11)
     for each in (layer, ref_layer):
         each.load_hf_state_dict(checkpoint)
@@ -809,7 +796,7 @@ def grad_part(report, rank, world):
     ]
     for name, config, shapes, hidden, seed, bias, modes, concatenate, path in cases:
         layer = mee.MoELayer(config)
-        ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+        ref_layer = mee.MoELayer(single_process(config))
         expected_paths = {"grouped": ("grouped", "grouped"), "recompute": ("rowwise", "rowwise"),
                           "eval": ("experts_combine", "rowwise")}[path]
         for each, expected in zip((layer, ref_layer), expected_paths):
@@ -845,7 +832,7 @@ def capacity_part(report, rank, world):
         name = f"capacity/{factor}/{shapes[1][0]}"
         config = tiny_layer_config(world, capacity_factor=factor)
         layer = mee.MoELayer(config)
-        ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+        ref_layer = mee.MoELayer(single_process(config))
         report.check(f"{name}/no_fused_decode", layer.decode_dispatcher is None,
                      "the fused decode path never drops: capacity must use the prefill path")
         xs = [x for x, _ in layer_inputs(int(factor * 100), shapes[:world], 16)]
@@ -877,15 +864,19 @@ def bad_input_part(report, rank, world):
         tiny_layer_config(world, top_k=3 if rank == 1 else 2)))
 
     # More tokens than dispatch.max_tokens_per_rank on every rank: a ValueError before any
-    # exchange, so the layer stays usable.
-    layer = mee.MoELayer(tiny_layer_config(world, max_tokens_per_rank=8, timeout_s=BAD_TIMEOUT_S))
+    # exchange (the window's next step is failed for the peers); a rebuilt layer works.
     too_many = Tensor(np.ones((9, 16), np.float32))
     for phase in ("prefill", "decode"):
+        layer = mee.MoELayer(tiny_layer_config(world, max_tokens_per_rank=8,
+                                               timeout_s=BAD_TIMEOUT_S))
         record(f"too_many_tokens_all/{phase}", lambda phase=phase: layer(too_many, phase))
+        layer.close()
+    layer = mee.MoELayer(tiny_layer_config(world, max_tokens_per_rank=8, timeout_s=BAD_TIMEOUT_S))
     fits = Tensor(np.ones((8, 16), np.float32))
-    record("usable_after_too_many_tokens", lambda: layer(fits, "prefill").asnumpy())
+    record("usable_after_rebuild", lambda: layer(fits, "prefill").asnumpy())
 
-    # Only the last rank has too many tokens: it fails at once, the others time out naming it.
+    # Only the last rank has too many tokens: it fails at once, and so do the others, with its
+    # reason (the refused input fails the window's next step).
     layer = mee.MoELayer(tiny_layer_config(world, max_tokens_per_rank=8, timeout_s=BAD_TIMEOUT_S))
     tokens = 9 if rank == last else 4
     record("too_many_tokens_one_rank",
@@ -930,7 +921,7 @@ def dp_ep_part(report, rank, world):
         return
     config = tiny_layer_config(2, aux_loss_type="switch", aux_loss_coeff=0.01)
     layer = mee.MoELayer(config)
-    ref_layer = mee.MoELayer(config.replace(expert_parallel=1))
+    ref_layer = mee.MoELayer(single_process(config))
     layer.set_train(False)
     ref_layer.set_train(False)
     report.equal("dp_ep/group_ranks", list(layer.group.group_ranks), group_of(rank, 2))

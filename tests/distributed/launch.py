@@ -11,6 +11,7 @@ Two ways to start a group of worker processes running one script:
 Workers report by writing one JSON file per rank with :func:`write_result`; the launcher returns
 them keyed by rank. This module does not import MindSpore, so workers load it cheaply.
 """
+import contextlib
 import json
 import os
 import secrets
@@ -169,6 +170,19 @@ def run_local(script: str, world_size: int, args: Sequence[str] = (), timeout_s:
     result = _collect(result_dir, log_dir, returncode, started)
     result.exit_codes = exit_codes
     return result
+
+
+@contextlib.contextmanager
+def msrun_reports(script: str, worker_num: int, args: Sequence[str] = (),
+                  timeout_s: float = 180.0, env: Optional[Dict[str, str]] = None):
+    """run_msrun that must succeed with a report from every rank; yields the LaunchResult and
+    removes its files afterwards (for module-scoped test fixtures)."""
+    result = run_msrun(script, worker_num, args, timeout_s, env)
+    try:
+        assert result.returncode == 0 and len(result.results) == worker_num, result.describe()
+        yield result
+    finally:
+        remove_launch_files(result)
 
 
 def remove_launch_files(result: LaunchResult) -> None:

@@ -16,18 +16,17 @@ Each rank reports, per case, the error text (or None) and the seconds it took, a
 error of the fixed step; tests/test_phase_agreement.py asserts on them.
 """
 import os
-import time
 
 import numpy as np
 
 import launch  # tests/distributed/launch.py, next to this script
+from checks import timed_call  # tests/distributed/checks.py
 
 import mindspore as ms
 from mindspore import Tensor
 from mindspore.communication import get_group_size, get_rank, init
 
 import mindspore_moe_ep as mee
-from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors, take_kernel_errors
 
 TINY = os.path.join(launch.REPOSITORY_ROOT, "yaml_configs", "tiny.yaml")
 TIMEOUT_S = 20.0          # dispatch.timeout_s: a missed detection shows as a timeout, not a hang
@@ -58,21 +57,7 @@ def prefer_experts_0_and_1(layer):
 
 def run_step(layer, x, phase=None):
     """(output or None, error text or None, seconds)."""
-    started = time.monotonic()
-    try:
-        with explain_kernel_errors():
-            output = layer(Tensor(x), phase=phase).asnumpy()
-        return output, None, round(time.monotonic() - started, 3)
-    except Exception as error:  # the message is what the test checks
-        text = f"{type(error).__name__}: {error}"
-        for _ in range(3):  # let queued PyNative kernels finish before the next case
-            try:
-                ms.runtime.synchronize()
-                break
-            except Exception:
-                continue
-        take_kernel_errors()
-        return None, text, round(time.monotonic() - started, 3)
+    return timed_call(lambda: layer(Tensor(x), phase=phase).asnumpy())
 
 
 def main():
