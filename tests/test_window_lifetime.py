@@ -100,3 +100,33 @@ def test_rebuilding_layers_does_not_accumulate_windows(mode):
     layer(ms.Tensor(np.ones((4, 16), np.float32)))
     layer.close()  # nothing to release at EP 1, and safe to call
     layer.close()
+
+
+def test_peers_learn_at_once_why_rank_0_could_not_create_the_window():
+    """Rank 0's creation fails in the kernel library (here: a window larger than /dev/shm,
+    asked for below the Python-side check); the rank waiting to attach fails at once with rank
+    0's reason instead of waiting attach_timeout_s, and the notice is removed afterwards."""
+    token = secrets.token_hex(16)
+    path = os.path.join(SHM_DIR, "moe-ep-" + token)
+    library = window._window_library()
+    huge_slot = 1 << 40
+
+    def open_as(rank, attach_timeout_s):
+        return library.MoeEpWindowOpen(token.encode(), 2, rank, huge_slot, 60.0,
+                                       attach_timeout_s, b"dispatch.timeout_s", 1)
+
+    try:
+        assert open_as(0, 1.0) < 0
+        assert "are available" in window._last_error()
+        started = time.monotonic()
+        assert open_as(1, 30.0) < 0
+        waited = time.monotonic() - started
+        message = window._last_error()
+        assert "rank 0 could not create the communication window" in message, message
+        assert "are available" in message, message
+        assert waited < 2.0, waited  # not attach_timeout_s (30 s)
+        # The notice's watcher removes it when its lifetime (attach_timeout_s + 5 s) ends.
+        assert wait_until(lambda: not os.path.exists(path), 6.0 + REAPER_BOUND_S)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -459,17 +459,20 @@ void RequireFreeSharedMemory(const SegmentLayout &layout) {
 // the creator's file descriptors) that unlinks the name as soon as the creator has exited, and
 // ends as soon as the name is gone or after `lifetime_s`. It costs one short-lived process per
 // window. Best effort: if /bin/sh cannot be started, the window works as before.
-void StartSegmentReaper(const std::string &name, double lifetime_s) {
+// With `remove_at_end` (a creation-failure notice, see PublishCreationFailure), the watcher also
+// unlinks the name when its lifetime ends.
+void StartSegmentReaper(const std::string &name, double lifetime_s, bool remove_at_end = false) {
   static const char kScript[] =
       "( i=0; while [ -e \"$2\" ] && [ $i -lt $3 ]; do "
       "state=$(sed 's/^.*) //' /proc/$1/stat 2>/dev/null | cut -c1); "
       "if [ -z \"$state\" ] || [ \"$state\" = Z ]; then rm -f \"$2\"; exit 0; fi; "
-      "sleep 0.2; i=$((i+1)); done ) </dev/null >/dev/null 2>&1 &";
+      "sleep 0.2; i=$((i+1)); done; [ \"$4\" = 1 ] && rm -f \"$2\" ) "
+      "</dev/null >/dev/null 2>&1 &";
   const std::string creator = std::to_string(getpid());
   const std::string path = std::string(kSharedMemoryDirectory) + name;
   const std::string polls = std::to_string(static_cast<int64_t>(lifetime_s / 0.2) + 1);
   const char *argv[] = {"sh", "-c", kScript, "moe-ep-reaper", creator.c_str(), path.c_str(),
-                        polls.c_str(), nullptr};
+                        polls.c_str(), remove_at_end ? "1" : "0", nullptr};
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attributes;
   posix_spawn_file_actions_init(&actions);
@@ -487,6 +490,50 @@ void StartSegmentReaper(const std::string &name, double lifetime_s) {
   }
   posix_spawnattr_destroy(&attributes);
   posix_spawn_file_actions_destroy(&actions);
+}
+
+// What rank 0 leaves under the segment's name when it cannot create the window, so that the
+// ranks waiting to attach fail at once with its reason instead of after attach_timeout_s.
+struct CreationFailure {
+  uint64_t magic;                      // kCreationFailureMagic
+  char reason[kFailureMessageBytes];   // NUL-terminated
+};
+constexpr uint64_t kCreationFailureMagic = 0x5252455045454f4dULL;  // the bytes "MOEEPERR"
+
+void PublishCreationFailure(const std::string &name, const std::string &reason,
+                            double lifetime_s) {
+  shm_unlink(name.c_str());
+  ScopedFd fd(shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600));
+  if (fd.get() < 0) return;  // best effort: the peers then wait for attach_timeout_s
+  CreationFailure notice{};
+  notice.magic = kCreationFailureMagic;
+  std::memcpy(notice.reason, reason.data(), std::min(reason.size(), kFailureMessageBytes - 1));
+  if (write(fd.get(), &notice, sizeof(notice)) != static_cast<ssize_t>(sizeof(notice))) {
+    shm_unlink(name.c_str());
+    return;
+  }
+  StartSegmentReaper(name, lifetime_s, /*remove_at_end=*/true);
+}
+
+bool CreationFailureNoticeExists(const std::string &name) {
+  ScopedFd fd(shm_open(name.c_str(), O_RDONLY, 0));
+  struct stat status {};
+  return fd.get() >= 0 && fstat(fd.get(), &status) == 0 &&
+         status.st_size == static_cast<off_t>(sizeof(CreationFailure));
+}
+
+// A rank waiting to attach: fails with rank 0's reason if `fd` is its creation-failure notice.
+void RequireNoCreationFailure(int fd, const std::string &name) {
+  struct stat status {};
+  if (fstat(fd, &status) != 0 || status.st_size != static_cast<off_t>(sizeof(CreationFailure))) {
+    return;
+  }
+  CreationFailure notice{};
+  if (pread(fd, &notice, sizeof(notice), 0) == static_cast<ssize_t>(sizeof(notice)) &&
+      notice.magic == kCreationFailureMagic) {
+    Fail(kInternalError, "rank 0 could not create the communication window ",
+         kSharedMemoryDirectory, name, ": ", PrintableText(notice.reason, kFailureMessageBytes));
+  }
 }
 
 // Rank 0: creates the segment (replacing a stale one of the same name) and writes its header.
@@ -583,6 +630,7 @@ MappedSegment AttachSegment(const std::string &name, const SegmentLayout &layout
   while (true) {
     ScopedFd fd(shm_open(name.c_str(), O_RDWR, 0));
     if (fd.get() >= 0) {
+      RequireNoCreationFailure(fd.get(), name);
       std::optional<MappedSegment> segment = InspectSegment(fd.get(), layout, job_token, problem);
       if (segment) return std::move(*segment);
     } else if (errno != ENOENT) {
@@ -1570,9 +1618,20 @@ int64_t OpenWindow(const WindowOptions &options) {
   const std::vector<uint8_t> job_token = ParseJobToken(options.job_token_hex);
   const std::string name = kSegmentNamePrefix + options.job_token_hex;
   try {
+    std::optional<MappedSegment> created;
+    if (options.rank == 0) {
+      try {
+        created.emplace(CreateSegment(name, layout, job_token));
+      } catch (const KernelError &error) {
+        if (options.world_size > 1) {
+          PublishCreationFailure(name, error.what(), options.attach_timeout_s + 5.0);
+        }
+        throw;
+      }
+    }
     MappedSegment segment =
         options.rank == 0
-            ? CreateSegment(name, layout, job_token)
+            ? std::move(*created)
             : AttachSegment(name, layout, job_token, deadline, options.attach_timeout_s);
     if (options.rank == 0 && options.world_size > 1) {
       StartSegmentReaper(name, options.attach_timeout_s + 5.0);
@@ -1585,7 +1644,9 @@ int64_t OpenWindow(const WindowOptions &options) {
     WindowRegistry::Instance().Add(id, std::move(window));
     return id;
   } catch (...) {
-    shm_unlink(name.c_str());  // never leave a half-built window in /dev/shm
+    // Never leave a half-built window in /dev/shm (a creation-failure notice stays for the
+    // peers until its watcher removes it).
+    if (options.rank != 0 || !CreationFailureNoticeExists(name)) shm_unlink(name.c_str());
     throw;
   }
 }
