@@ -27,7 +27,7 @@ def probe(enabled, preset=None):
 
 @pytest.mark.parametrize("enabled, preset, expected", [
     (True, None, "VALUE=1"),      # the default turns the busy wait off on CPU
-    (False, None, "VALUE=None"),  # opting out leaves MindSpore's default
+    (False, None, "VALUE=0"),     # opting out undoes what the package set at import
     (True, "0", "VALUE=0"),       # an explicit environment setting wins
 ])
 def test_setup_runtime_applies_host_blocking_run(enabled, preset, expected):
