@@ -18,11 +18,18 @@ from mindspore import nn, ops
 
 class ExpertParallelGradReducer(nn.Cell):
     """``reducer(grads)`` -> grads synchronised as above; ``grads`` follow
-    ``layer.trainable_params()`` order."""
+    ``network.trainable_params()`` order. ``network`` is an MoELayer or any Cell holding
+    MoELayers (a whole model: every layer's experts are expert parameters, the rest replicated).
+    """
 
-    def __init__(self, layer, average=False):
+    def __init__(self, network, average=False):
         super().__init__()
-        group = layer.group
+        from .layer import MoELayer
+        moe_layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, MoELayer)]
+        if not moe_layers:
+            raise ValueError(f"ExpertParallelGradReducer: {type(network).__name__} holds no "
+                             f"MoELayer")
+        group = moe_layers[0].group
         self.world_size = group.world_size
         self.ep_size = group.size
         self.replicas = group.world_size // group.size
@@ -31,8 +38,9 @@ class ExpertParallelGradReducer(nn.Cell):
         # By identity, not by name: wrapping the layer in another Cell renames its parameters
         # ("experts.x" becomes "layer.experts.x"), and a reducer built afterwards must still
         # tell expert parameters apart.
-        expert_params = {id(param) for param in layer.experts.trainable_params()}
-        self.is_expert = tuple(id(param) in expert_params for param in layer.trainable_params())
+        expert_params = {id(param) for layer in moe_layers
+                         for param in layer.experts.trainable_params()}
+        self.is_expert = tuple(id(param) in expert_params for param in network.trainable_params())
         self.all_reduce = ops.AllReduce() if group.world_size > 1 else None
         self.all_gather = ops.AllGather() if self.replicas > 1 else None
 

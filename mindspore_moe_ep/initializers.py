@@ -18,6 +18,13 @@ class TensorId(enum.IntEnum):
     SHARED_GATE_UP = 3
     SHARED_DOWN = 4
     SHARED_GATE = 5
+    # The language model around the MoE layers (mindspore_moe_ep.models); key (seed, id, layer).
+    EMBEDDING = 10
+    ATTENTION_QKV = 11
+    ATTENTION_OUT = 12
+    DENSE_GATE_UP = 13
+    DENSE_DOWN = 14
+    LM_HEAD = 15
 
 
 def normal_array(shape, std, key):

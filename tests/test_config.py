@@ -88,6 +88,21 @@ SHIPPED_VALUES = {
         "norm_topk_prob": True, "routed_scaling_factor": 2.5, "expert_bias": True,
         "expert_parallel": 256, "max_tokens_per_rank": 256, "mode": "graph", "dtype": "bfloat16",
     },
+    "lm_tiny.yaml": {
+        "hidden_size": 32, "num_experts": 8, "expert_ffn_size": 32, "top_k": 2,
+        "score_func": "sigmoid", "expert_bias": True, "aux_loss_type": "seq",
+        "num_layers": 3, "dense_layers": 1, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+        "max_seq_len": 64, "max_batch_size": 4, "steps": 40, "global_batch_size": 8,
+        "seq_len": 32, "mode": "pynative",
+    },
+    "lm_deepseek_v3_mini_4cpu.yaml": {
+        "hidden_size": 256, "num_experts": 64, "expert_ffn_size": 128, "num_shared_experts": 1,
+        "top_k": 8, "score_func": "sigmoid", "num_groups": 8, "topk_groups": 4,
+        "routed_scaling_factor": 2.5, "expert_bias": True, "expert_parallel": 4,
+        "num_layers": 6, "dense_layers": 1, "num_heads": 8, "num_kv_heads": 4, "head_dim": 32,
+        "max_seq_len": 256, "steps": 100, "global_batch_size": 16, "seq_len": 128,
+        "mode": "graph",
+    },
 }
 
 

@@ -8,10 +8,11 @@ Pure Python (PyYAML only), so it imports quickly and without mindspore.
 from .errors import ConfigError
 from .hf import config_from_hf
 from .loader import load_config
-from .schema import (DispatchConfig, ModelConfig, MoEConfig, ParallelConfig, RouterConfig,
-                     RuntimeConfig, WorkloadConfig)
+from .schema import (DispatchConfig, LanguageModelConfig, ModelConfig, MoEConfig, ParallelConfig,
+                     RouterConfig, RuntimeConfig, TrainConfig, WorkloadConfig)
 
 __all__ = [
-    "ConfigError", "DispatchConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
-    "RouterConfig", "RuntimeConfig", "WorkloadConfig", "config_from_hf", "load_config",
+    "ConfigError", "DispatchConfig", "LanguageModelConfig", "ModelConfig", "MoEConfig",
+    "ParallelConfig", "RouterConfig", "RuntimeConfig", "TrainConfig", "WorkloadConfig",
+    "config_from_hf", "load_config",
 ]

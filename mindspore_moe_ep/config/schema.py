@@ -385,6 +385,95 @@ class WorkloadConfig(_Section):
                                   default=1e-3, gt=0)
 
 
+@dataclass(frozen=True)
+class LanguageModelConfig(_Section):
+    """The decoder-only language model built around MoE layers (`mindspore_moe_ep.models`)."""
+
+    SECTION: ClassVar[str] = "lm"
+
+    vocab_size: int = option(
+        "Tokens in the vocabulary; 256 for the byte-level corpus (token = byte; byte 0 ends a "
+        "document and is the end-of-sequence token).", default=256, gt=0)
+    num_layers: int = option("Decoder layers (attention + FFN each).", default=2, gt=0)
+    dense_layers: int = option(
+        "The first `dense_layers` layers use a dense SwiGLU FFN, the others (at least one) "
+        "MoELayer (DeepSeek-V3: 3 of 61).", default=1, ge=0)
+    dense_ffn_size: Optional[int] = option(
+        "Intermediate size of the dense SwiGLU FFN; null means `model.expert_ffn_size * "
+        "(router.top_k + model.num_shared_experts)`, the MoE layer's active width "
+        "(DeepSeek-V3: 18432 = 2048 * 9).", default=None, gt=0)
+    num_heads: int = option("Attention (query) heads.", default=4, gt=0)
+    num_kv_heads: Optional[int] = option(
+        "Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query "
+        "heads); null means num_heads.", default=None, gt=0)
+    head_dim: int = option(
+        "Width of one attention head (even: rotary embedding rotates pairs); independent of "
+        "model.hidden_size, as in Qwen3 and DeepSeek-V3.", default=16, gt=0)
+    max_seq_len: int = option(
+        "Longest sequence, prompt plus generated tokens: the length of the static KV cache and "
+        "of the rotary tables.", default=128, gt=0)
+    max_batch_size: int = option(
+        "Sequences per rank in one generation batch: the rows of the static KV cache.",
+        default=4, gt=0)
+    rope_theta: float = option("Base of the rotary position embedding's frequencies.",
+                               default=10000.0, gt=0)
+    norm_eps: float = option("Epsilon of the RMSNorm layers.", default=1e-6, gt=0)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads, with null resolved to ``num_heads``."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def _check_consistency(self) -> None:
+        _require(self.dense_layers < self.num_layers,
+                 f"lm.dense_layers = {self.dense_layers} leaves no MoE layer in lm.num_layers = "
+                 f"{self.num_layers}; use fewer dense layers")
+        _require(self.kv_heads <= self.num_heads and self.num_heads % self.kv_heads == 0,
+                 f"lm.num_heads = {self.num_heads} is not a multiple of lm.num_kv_heads = "
+                 f"{self.kv_heads}; each key/value head serves the same number of query heads")
+        _require(self.head_dim % 2 == 0,
+                 f"lm.head_dim = {self.head_dim} is odd; rotary embedding needs an even width")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Language-model training (`scripts/train.py`): batch, AdamW, schedule, checkpoints."""
+
+    SECTION: ClassVar[str] = "train"
+
+    steps: int = option("Optimiser steps.", default=100, ge=0)
+    global_batch_size: int = option(
+        "Sequences per step over all ranks, split evenly between them (a multiple of the world "
+        "size).", default=16, gt=0)
+    seq_len: int = option("Tokens per training sequence (at most lm.max_seq_len).",
+                          default=128, gt=0)
+    max_learning_rate: float = option("Learning rate after warm-up.", default=3.0e-3, gt=0)
+    min_learning_rate: float = option("Learning rate at the end of the cosine decay.",
+                                      default=3.0e-4, ge=0)
+    warmup_steps: int = option("Steps of linear warm-up from 0 to max_learning_rate.",
+                               default=10, ge=0)
+    weight_decay: float = option("AdamW's decoupled weight decay (not on norms and biases).",
+                                 default=0.1, ge=0)
+    grad_clip_norm: Optional[float] = option(
+        "Clip the global gradient norm (over every rank's experts) to this; null = no clipping.",
+        default=1.0, gt=0)
+    log_every: int = option("Steps between progress lines (and metrics.jsonl records).",
+                            default=10, gt=0)
+    eval_every: int = option("Steps between validation losses (and at the last step).",
+                             default=50, gt=0)
+    eval_sequences: int = option(
+        "Held-out sequences in one validation loss, over all ranks (a multiple of the world "
+        "size).", default=16, gt=0)
+    checkpoint_every: Optional[int] = option(
+        "Steps between checkpoints (one is always saved at the end); null = only at the end.",
+        default=None, gt=0)
+
+    def _check_consistency(self) -> None:
+        _require(self.min_learning_rate <= self.max_learning_rate,
+                 f"train.min_learning_rate = {self.min_learning_rate} exceeds "
+                 f"train.max_learning_rate = {self.max_learning_rate}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole configuration
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +488,8 @@ class MoEConfig:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -427,6 +518,9 @@ class MoEConfig:
                  f"runtime.recompute_experts = true needs a dropless layer, but "
                  f"router.capacity_factor = {router.capacity_factor}; set one of them to "
                  f"false / null")
+        _require(self.train.seq_len <= self.lm.max_seq_len,
+                 f"train.seq_len = {self.train.seq_len} exceeds lm.max_seq_len = "
+                 f"{self.lm.max_seq_len}")
         ranks = self.parallel.expert_parallel
         _require(experts % ranks == 0,
                  f"model.num_experts = {experts} is not divisible by parallel.expert_parallel = "
