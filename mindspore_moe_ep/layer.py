@@ -160,13 +160,10 @@ class MoELayer(nn.Cell):
 
     def __call__(self, x, *args, **kwargs):
         """Checks ``x`` and ``phase`` before any work (see :meth:`check_input`); under expert
-        parallelism a refused input also fails the window's next step, so that the peers waiting in it raise
-        at once with this rank's reason instead of after ``dispatch.timeout_s``."""
+        parallelism a refused input also fails the window's next step, so that the peers waiting
+        in it raise at once with this rank's reason instead of after ``dispatch.timeout_s``."""
         try:
-            self.check_input(x.shape, x.dtype)
-            num_tokens = 1
-            for size in x.shape[:-1]:
-                num_tokens *= size
+            num_tokens = self.check_input(x.shape, x.dtype)
             self._dispatcher_for(num_tokens, args[0] if args else kwargs.get("phase"))
         except (TypeError, ValueError) as error:
             if self._window is not None:
@@ -177,7 +174,8 @@ class MoELayer(nn.Cell):
     def check_input(self, shape, dtype):
         """Raises if ``layer(x)`` cannot take an ``x`` of this shape and dtype: [tokens, H] or
         [batch, seq, H] with H = model.hidden_size, a float dtype, and at most
-        ``dispatch.max_tokens_per_rank`` tokens (the pre-allocated buffers' rows)."""
+        ``dispatch.max_tokens_per_rank`` tokens (the pre-allocated buffers' rows). Returns the
+        number of tokens."""
         if len(shape) not in (2, 3) or shape[-1] != self.hidden_size:
             raise ValueError(f"MoELayer: x has shape {tuple(shape)}; expected [tokens, "
                              f"{self.hidden_size}] or [batch, seq, {self.hidden_size}] "
@@ -189,6 +187,7 @@ class MoELayer(nn.Cell):
         for size in shape[:-1]:
             num_tokens *= size
         check_tokens_fit(num_tokens, self.config.dispatch.max_tokens_per_rank)
+        return num_tokens
 
     def construct(self, x, phase=None):
         """x: [B, S, H] or [T, H] -> same shape.

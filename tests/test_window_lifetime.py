@@ -64,9 +64,10 @@ def test_killed_creator_leaves_no_segment():
             os.unlink(path)
 
 
-def test_normal_open_stops_the_watcher():
-    """A group of one (no watcher) and the watcher's end after a successful attach are covered
-    by the distributed suites; here: the watcher leaves a live creator's segment alone."""
+def test_watcher_leaves_a_live_creators_segment_alone():
+    """While the creator lives and waits for its peers, its watcher must not unlink the segment
+    (its end after a successful attach is covered by the distributed suites, which leave nothing
+    in /dev/shm)."""
     token = secrets.token_hex(16)
     path = os.path.join(SHM_DIR, "moe-ep-" + token)
     creator = subprocess.Popen([sys.executable, "-c", CREATOR, token],

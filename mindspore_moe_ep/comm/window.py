@@ -45,7 +45,6 @@ WINDOW_TRANSPORT_VARIABLE = "MOE_EP_WINDOW_TRANSPORT"
 # "auto": single copy where every rank can read its peers' memory, else slots (decided per
 # receiving rank when the window opens); "slots": always through the slots.
 WINDOW_TRANSPORTS = ("auto", "slots")
-SHARED_MEMORY_DIRECTORY = "/dev/shm"
 SEGMENT_NAME_PREFIX = "moe-ep-"  # segments appear as /dev/shm/moe-ep-<32 hex digits>
 JOB_TOKEN_BYTES = 16
 
@@ -81,24 +80,6 @@ def _window_library() -> ctypes.CDLL:
 def open_window_count() -> int:
     """How many communication windows are open in this process (see :meth:`CommWindow.close`)."""
     return int(_window_library().MoeEpOpenWindowCount())
-
-
-def _require_free_shared_memory(needed: int, world_size: int, slot_bytes: int) -> None:
-    """Every rank of a host checks what rank 0 will reserve, so that a window too large for
-    /dev/shm fails at once on every rank (not only on rank 0, with its peers waiting for a
-    segment that never comes)."""
-    try:
-        status = os.statvfs(SHARED_MEMORY_DIRECTORY)
-    except OSError:
-        return  # cannot tell; rank 0's reservation will
-    available = status.f_bavail * status.f_frsize
-    if needed > available:
-        raise CommWindowError(
-            f"the communication window needs {needed} bytes ({needed >> 20} MiB) of "
-            f"{SHARED_MEMORY_DIRECTORY} (world size {world_size}, slot_bytes {slot_bytes}) but "
-            f"only {available} bytes ({available >> 20} MiB) are available; lower dispatch.window_slot_bytes in the config (smaller slots move large "
-            f"payloads in more chunks) or enlarge {SHARED_MEMORY_DIRECTORY} (e.g. docker run "
-            f"--shm-size)")
 
 
 def _close_window(window_id: int) -> None:
@@ -214,9 +195,6 @@ class CommWindow:
             raise ValueError(f"window transport must be one of {WINDOW_TRANSPORTS} (argument "
                              f"window_transport or ${WINDOW_TRANSPORT_VARIABLE}), got "
                              f"{window_transport!r}")
-        if len(group_ranks) > 1:
-            _require_free_shared_memory(cls.segment_bytes(len(group_ranks), slot_bytes),
-                                        len(group_ranks), slot_bytes)
         if job_token is None:
             if len(group_ranks) == 1:
                 job_token = secrets.token_bytes(JOB_TOKEN_BYTES).hex()

@@ -33,7 +33,7 @@ def resident_bytes():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def shm_used_bytes():
+def mapped_window_bytes():
     """Bytes of communication-window segments this process still maps (/proc/self/maps; the
     segments' names are unlinked once every rank attached, so /dev/shm itself lists nothing)."""
     mapped = 0
@@ -71,7 +71,7 @@ def main():
     layer.close()
     del layer
     gc.collect()
-    windows_before, shm_before = open_window_count(), shm_used_bytes()
+    windows_before, shm_before = open_window_count(), mapped_window_bytes()
     for _ in range(args.rebuilds):
         layer = mee.MoELayer(config)
         layer.set_train(False)
@@ -85,7 +85,7 @@ def main():
         "same_output": bool(np.array_equal(first, last)),
         "rss_after_warmup": rss_after_warmup, "rss_after_steps": rss_after_steps,
         "windows_before_rebuilds": windows_before, "windows_after_rebuilds": open_window_count(),
-        "shm_before_rebuilds": shm_before, "shm_after_rebuilds": shm_used_bytes(),
+        "shm_before_rebuilds": shm_before, "shm_after_rebuilds": mapped_window_bytes(),
         "seconds": round(time.monotonic() - started, 2)})
 
 
