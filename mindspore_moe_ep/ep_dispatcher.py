@@ -127,8 +127,8 @@ class SparseAllToAllDispatcher(nn.Cell):
         """Step 4's return: partial [R*C, H], one row per received token (this rank's weighted
         sum over its experts) -> y [T, H], each token's returned rows summed at its source."""
         token_slot, slot_token = route
-        returned, _ = self.exchange_rows(partial, row_counts)                    # [R*C, H]
-        return self.gather_rows(returned, token_slot, slot_token)                # [T, H]
+        returned, sent_counts = self.exchange_rows(partial, row_counts)          # [R*C, H]
+        return self.gather_rows(returned, token_slot, slot_token, sent_counts)   # [T, H]
 
     def experts_combine(self, rows, local_ids, weights, row_counts, route, gate_up_weight,
                         down_weight):
@@ -151,14 +151,15 @@ class SparseAllToAllDispatcher(nn.Cell):
         capacity = (ops.zeros((1,), ms.int32) if self.capacity_factor is None
                     else self._group_capacity(x.shape[0]))                       # [1] int32
         rows, positions, tokens_per_expert, num_dropped = self.local_dispatch(
-            recv_rows, recv_local_ids, capacity)            # [R*C*K, H], [R*C, K], [L], [1]
+            recv_rows, recv_local_ids, capacity, recv_counts)  # [R*C*K, H], [R*C, K], [L], [1]
         handle = (positions, recv_weights, recv_counts, route)
         return rows, tokens_per_expert, num_dropped, handle
 
     def combine(self, expert_out, handle):
         """expert_out: [R*C*K, H] -> y [T, H]."""
         positions, recv_weights, recv_counts, route = handle
-        partial = self.local_combine(expert_out, positions, recv_weights)        # [R*C, H]
+        partial = self.local_combine(expert_out, positions, recv_weights,
+                                     recv_counts)                                # [R*C, H]
         return self.return_rows(partial, recv_counts, route)
 
 

@@ -12,7 +12,7 @@ import textwrap
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from thread_counts import assert_same_bits_for_thread_counts
 from mindspore_moe_ep.ops import (CombineKernel, DispatchKernel, ExpertsWeightedSum,
@@ -153,29 +153,36 @@ GRAD_TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
 
 
 @pytest.mark.parametrize("dtype_name", sorted(GRAD_TOLERANCE))
-def test_gradients_recompute_the_experts(mode, dtype_name):
+def test_gradients_recompute_the_experts(mode, dtype_name, monkeypatch):
     """The gradient kernel recomputes the experts expert by expert; every gradient matches
-    numpy, with an expert of several chunks, and unused rows (whose ids must be ignored) get
-    zero gradients."""
+    numpy, with an expert of several chunks; unused rows (whose ids must be ignored) get zero
+    weight gradients, and their row gradients are unspecified like their outputs (never written:
+    NaN under the test aid MOE_EP_POISON_UNUSED_ROWS=1)."""
+    monkeypatch.setenv("MOE_EP_POISON_UNUSED_ROWS", "1")
     rng = np.random.default_rng(4)
     inputs, used = make_inputs(rng, [600, 590], 600, dtype_name, hot_expert_rows=1190)
     inputs["rows"][~used] = 1e3                         # finite, but must not matter
     rows, ids, weights, counts, gate_up, down = tensors(inputs, dtype_name)
     d_out = rounded(rng.standard_normal(inputs["rows"].shape), dtype_name)
-    d_out_tensor = Tensor(d_out.astype(np.float32)).astype(DTYPES[dtype_name])
     kernel = ExpertsWeightedSum()
-    used_mask = Tensor(used.astype(np.float32)).reshape(-1, 1)
+    # Only the used rows reach MindSpore's arithmetic (the others hold NaN).
+    used_rows, unused_rows = (Tensor(np.nonzero(mask)[0].astype(np.int32)) for mask in
+                              (used, ~used))
+    d_out_used = Tensor(d_out[used].astype(np.float32))
 
     def loss(rows_in, weights_in, gate_up_in, down_in):
         out, _ = kernel(rows_in, ids, weights_in, counts, gate_up_in, down_in)
-        return (out.astype(ms.float32) * used_mask * d_out_tensor.astype(ms.float32)).sum()
+        return (ops.gather(out.astype(ms.float32), used_rows, 0) * d_out_used).sum()
 
     got = ms.grad(loss, grad_position=(0, 1, 2, 3))(rows, weights, gate_up, down)
     expected = numpy_gradients(inputs, used, d_out)
-    for name, value in zip(("rows", "weights", "gate_up", "down"), got):
+    d_rows_used = ops.gather(got[0].astype(ms.float32), used_rows, 0).asnumpy()
+    assert_close(d_rows_used.astype(np.float64), expected["rows"][used],
+                 GRAD_TOLERANCE[dtype_name], f"d rows ({dtype_name})")
+    assert np.isnan(ops.gather(got[0].astype(ms.float32), unused_rows, 0).asnumpy()).all()
+    for name, value in zip(("weights", "gate_up", "down"), got[1:]):
         assert_close(value.astype(ms.float32).asnumpy().astype(np.float64), expected[name],
                      GRAD_TOLERANCE[dtype_name], f"d {name} ({dtype_name})")
-    assert not got[0].astype(ms.float32).asnumpy()[~used].any()
     assert not got[1].asnumpy()[~used].any()
 
 

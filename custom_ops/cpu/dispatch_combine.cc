@@ -5,14 +5,26 @@
 //                         tokens_per_expert [E] int32, num_dropped [1] int32
 //                      Rows of grouped_x past sum(tokens_per_expert) are unspecified (not
 //                      written): the buffer is worst-case sized and no consumer reads them.
+//                      Optional 4th input block_counts [R] int32 (x in R blocks of T/R rows,
+//                      the first block_counts[r] of block r used): not read here; MindSpore
+//                      hands it to the gradient, which then writes only the used rows of dx.
 //   MoeEpCombine       expert_out [N, H], positions [T, K] int32, weights [T, K] float32
-//                      -> y [T, H]
-//   MoeEpGatherSum     rows [N, H], positions [T, K] int32 -> y [T, H]
-//                      (an unweighted combine; the gradient of dispatch)
+//                      [, block_counts [R] int32] -> y [T, H]
+//   MoeEpGatherSum     rows [N, H], positions [T, K] int32 [, block_counts [R] int32]
+//                      -> y [T, H]  (an unweighted combine; the gradient of dispatch)
+//                      With block_counts, y is R blocks of T/R rows and only the first
+//                      block_counts[r] rows of block r are written (the slot layout of the
+//                      expert-parallel exchange: the rest are unspecified, NaN with
+//                      MOE_EP_POISON_UNUSED_ROWS=1), so a step touches only the rows it uses.
 //   MoeEpCombineGrad   dy [T, H], expert_out [N, H], positions [T, K] int32,
-//                      weights [T, K] float32 -> d_expert_out [N, H], d_weights [T, K] float32
+//                      weights [T, K] float32 [, block_counts [R] int32]
+//                      -> d_expert_out [N, H], d_weights [T, K] float32
 //                      (rows of d_expert_out that no position refers to are zero: the exact
-//                      gradient, whatever expert_out holds there)
+//                      gradient, whatever expert_out holds there. With block_counts, the
+//                      gradient of the combine into the slot layout, whose expert_out is a
+//                      grouped buffer: rows past the last row a position refers to are its
+//                      unspecified tail and their gradient is too, so that a step touches only
+//                      the rows it uses)
 //
 // E (the number of experts) is read from the shape of the tokens_per_expert output. Combine,
 // GatherSum and CombineGrad read only the rows that positions refers to, so an unspecified tail
@@ -50,6 +62,21 @@ void CheckPositions(const TensorArg &positions, int64_t num_tokens, int64_t num_
   positions.RequireDtype("int32");
   positions.RequireDim(0, num_tokens, "the number of tokens");
   RequireIndicesInRange(positions, -1, num_rows);
+}
+
+// Checks block_counts [R] int32 against `num_rows` rows in R equal blocks, each count in
+// [0, rows per block]; returns the rows per block.
+int64_t CheckBlockCounts(const TensorArg &block_counts, int64_t num_rows) {
+  block_counts.RequireRank(1);
+  block_counts.RequireDtype("int32");
+  const int64_t blocks = block_counts.dim(0);
+  if (blocks <= 0 || num_rows % blocks != 0) {
+    Fail(kInvalidArgument, "block_counts has ", blocks, " blocks, which must divide the ",
+         num_rows, " rows");
+  }
+  const int64_t block_rows = num_rows / blocks;
+  RequireIndicesInRange(block_counts, 0, block_rows + 1);
+  return block_rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,10 +306,13 @@ MOE_EP_AVX2 void SumTokenRowsAvx2(const TokenRows<T> &token, int64_t hidden, boo
 
 // y[t] = sum over k (in order, skipping -1) of weights[t, k] * row_at(positions[t, k]),
 // accumulated in float32. A null `weights` means all weights are 1.
+// With `block_counts` (R values), y is R blocks of num_tokens / R rows and rows past
+// block_counts[r] in block r are skipped (unspecified).
 template <typename T, typename RowAt>
 void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
                        const float *weights, int64_t num_tokens, int64_t top_k, T *y,
-                       bool streaming_stores) {
+                       bool streaming_stores, const int32_t *block_counts = nullptr,
+                       int64_t block_rows = 0) {
   const bool use_avx2 = CpuHasAvx2F16c();
   const bool streaming = use_avx2 && (streaming_stores || PreferStreamingStores(
                                           num_tokens * hidden * static_cast<int64_t>(sizeof(T))));
@@ -293,6 +323,7 @@ void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
     token.weights.reserve(top_k);
     std::vector<float> sum(use_avx2 ? 0 : hidden);  // [hidden], the row-wise accumulator
     for (int64_t t = token_begin; t < token_end; ++t) {
+      if (block_counts != nullptr && t % block_rows >= block_counts[t / block_rows]) continue;
       token.rows.clear();
       token.weights.clear();
       for (int64_t k = 0; k < top_k; ++k) {
@@ -315,7 +346,7 @@ void WeightedGatherSum(RowAt row_at, int64_t hidden, const int32_t *positions,
 
 // Shared by Combine (with weights) and GatherSum (weights == nullptr); see gather_sum.h.
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
-               const TensorArg &y, bool streaming_stores) {
+               const TensorArg &y, bool streaming_stores, const TensorArg *block_counts) {
   rows.RequireRank(2);
   y.RequireRank(2);
   y.RequireSameDtype(rows);
@@ -331,12 +362,25 @@ void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorAr
     weights->RequireDim(1, top_k, "top_k");
     weight_data = weights->data_as<const float>();
   }
+  const int32_t *count_data = nullptr;
+  int64_t block_rows = 0;
+  if (block_counts != nullptr) {
+    block_rows = CheckBlockCounts(*block_counts, num_tokens);
+    count_data = block_counts->data_as<const int32_t>();
+  }
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
     const T *row_data = rows.data_as<const T>();
+    T *y_data = y.data_as<T>();
     WeightedGatherSum([&](int32_t row) { return row_data + row * hidden; }, hidden,
                       positions.data_as<const int32_t>(), weight_data, num_tokens, top_k,
-                      y.data_as<T>(), streaming_stores);
+                      y_data, streaming_stores, count_data, block_rows);
+    if (count_data != nullptr && PoisonUnusedRows()) {
+      for (int64_t block = 0; block * block_rows < num_tokens; ++block) {
+        FillWithNaN(y_data + (block * block_rows + count_data[block]) * hidden,
+                    (block_rows - count_data[block]) * hidden);
+      }
+    }
   });
 }
 
@@ -407,13 +451,14 @@ MOE_EP_AVX2 float ScaleRowAndDotAvx2(const T *dy, const T *value, float weight, 
   return dot + ScaleRowAndDotScalar(dy, value, weight, h, hidden, grad);
 }
 
-// d_expert_out[positions[t, k]] = weights[t, k] * dy[t]   (rows no position refers to: 0)
+// d_expert_out[positions[t, k]] = weights[t, k] * dy[t]   (rows no position refers to: 0; with
+// `unspecified_tail`, only up to the last row one refers to)
 // d_weights[t, k] = <dy[t], expert_out[positions[t, k]]>   (0 where positions[t, k] = -1)
 template <typename T>
 void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t hidden,
                      const int32_t *positions, const float *weights, int64_t num_tokens,
-                     int64_t top_k, const std::vector<bool> &row_is_used, T *d_expert_out,
-                     float *d_weights) {
+                     int64_t top_k, const std::vector<bool> &row_is_used, bool unspecified_tail,
+                     T *d_expert_out, float *d_weights) {
   const bool use_avx2 = CpuHasAvx2F16c();
   const bool streaming =
       use_avx2 && PreferStreamingStores(num_rows * hidden * static_cast<int64_t>(sizeof(T)));
@@ -439,20 +484,32 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
     }
     if (streaming) StreamingStoreFence();
   });
-  // Zero the rows no position refers to, one memset per run of them (usually one tail).
+  // Zero the rows no position refers to, one memset per run of them; with `unspecified_tail`
+  // only up to the last row one refers to (the tail stays unspecified, like grouped_x's, and
+  // NaN with MOE_EP_POISON_UNUSED_ROWS=1: writing it would touch every page of a worst-case
+  // buffer in every step, however few rows the step uses).
   const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(T);
-  for (int64_t row = 0; row < num_rows;) {
+  int64_t used_end = num_rows;
+  if (unspecified_tail) {
+    while (used_end > 0 && !row_is_used[used_end - 1]) --used_end;
+    if (PoisonUnusedRows()) {
+      FillWithNaN(d_expert_out + used_end * hidden, (num_rows - used_end) * hidden);
+    }
+  }
+  for (int64_t row = 0; row < used_end;) {
     if (row_is_used[row]) {
       ++row;
       continue;
     }
     const int64_t run_start = row;
-    while (row < num_rows && !row_is_used[row]) ++row;
+    while (row < used_end && !row_is_used[row]) ++row;
     std::memset(d_expert_out + run_start * hidden, 0, (row - run_start) * row_bytes);
   }
 }
 
-void CombineGrad(const std::vector<TensorArg> &args) {
+// args: dy, expert_out, positions, weights, d_expert_out, d_weights; `in_blocks`: the
+// gradient of the combine into the slot layout (see the header comment).
+void CombineGrad(const std::vector<TensorArg> &args, bool in_blocks) {
   const TensorArg &dy = args[0], &expert_out = args[1], &positions = args[2];
   const TensorArg &weights = args[3], &d_expert_out = args[4], &d_weights = args[5];
 
@@ -493,7 +550,8 @@ void CombineGrad(const std::vector<TensorArg> &args) {
     using T = decltype(element);
     CombineBackward(dy.data_as<const T>(), expert_out.data_as<const T>(), num_rows, hidden,
                     position_data, weights.data_as<const float>(), num_tokens, top_k,
-                    row_is_used, d_expert_out.data_as<T>(), d_weights.data_as<float>());
+                    row_is_used, in_blocks, d_expert_out.data_as<T>(),
+                    d_weights.data_as<float>());
   });
 }
 
@@ -507,17 +565,29 @@ using moe_ep::TensorArg;
 MOE_EP_EXPORT int MoeEpDispatch(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpDispatch", [&] {
+    // The optional block_counts input is only for the gradient (see the header comment).
     const std::vector<TensorArg> args =
-        BindArgs(nparam, params, ndims, shapes, dtypes,
-                 {"x", "expert_ids", "capacity", "grouped_x", "positions", "tokens_per_expert",
-                  "num_dropped"});
-    moe_ep::Dispatch(args);
+        nparam == 8 ? BindArgs(nparam, params, ndims, shapes, dtypes,
+                               {"x", "expert_ids", "capacity", "block_counts", "grouped_x",
+                                "positions", "tokens_per_expert", "num_dropped"})
+                    : BindArgs(nparam, params, ndims, shapes, dtypes,
+                               {"x", "expert_ids", "capacity", "grouped_x", "positions",
+                                "tokens_per_expert", "num_dropped"});
+    moe_ep::Dispatch(nparam == 8 ? std::vector<TensorArg>{args[0], args[1], args[2], args[4],
+                                                          args[5], args[6], args[7]}
+                                 : args);
   });
 }
 
 MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **shapes,
                                const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombine", [&] {
+    if (nparam == 5) {
+      const std::vector<TensorArg> args =
+          BindArgs(nparam, params, ndims, shapes, dtypes,
+                   {"expert_out", "positions", "weights", "block_counts", "y"});
+      return moe_ep::GatherSum(args[0], args[1], &args[2], args[4], false, &args[3]);
+    }
     const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
                                            {"expert_out", "positions", "weights", "y"});
     moe_ep::GatherSum(args[0], args[1], &args[2], args[3]);
@@ -527,6 +597,11 @@ MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **
 MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t **shapes,
                                  const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGatherSum", [&] {
+    if (nparam == 4) {
+      const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
+                                                   {"rows", "positions", "block_counts", "y"});
+      return moe_ep::GatherSum(args[0], args[1], nullptr, args[3], false, &args[2]);
+    }
     const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes, {"rows", "positions", "y"});
     moe_ep::GatherSum(args[0], args[1], nullptr, args[2]);
@@ -536,9 +611,18 @@ MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t 
 MOE_EP_EXPORT int MoeEpCombineGrad(int nparam, void **params, int *ndims, int64_t **shapes,
                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombineGrad", [&] {
+    if (nparam == 7) {  // with block_counts: dy's rows past them are never read (positions -1)
+      const std::vector<TensorArg> args =
+          BindArgs(nparam, params, ndims, shapes, dtypes,
+                   {"dy", "expert_out", "positions", "weights", "block_counts", "d_expert_out",
+                    "d_weights"});
+      moe_ep::CheckBlockCounts(args[4], args[0].dim(0));
+      return moe_ep::CombineGrad({args[0], args[1], args[2], args[3], args[5], args[6]},
+                                 /*in_blocks=*/true);
+    }
     const std::vector<TensorArg> args =
         BindArgs(nparam, params, ndims, shapes, dtypes,
                  {"dy", "expert_out", "positions", "weights", "d_expert_out", "d_weights"});
-    moe_ep::CombineGrad(args);
+    moe_ep::CombineGrad(args, /*in_blocks=*/false);
   });
 }

@@ -18,8 +18,9 @@
 //     d_out [N, H], then the six inputs above
 //     -> d_rows [N, H], d_weights [N, K] float32, d_gate_up_weight [L, H, 2F],
 //        d_down_weight [L, F, H]
-//   The gradient of sum(out * d_out), recomputing the experts' forward. d_rows and d_weights are
-//   zero where no pair is (unused rows included).
+//   The gradient of sum(out * d_out), recomputing the experts' forward. d_weights is zero where
+//   no pair is, d_rows in used rows without a pair; d_rows' unused rows (past row_counts) are
+//   unspecified, like out's (NaN with MOE_EP_POISON_UNUSED_ROWS=1).
 //
 // Why: the grouped path (dispatch -> grouped GEMM -> SwiGLU -> grouped GEMM -> combine) keeps four
 // buffers with one row per pair, sized for the worst case (R * C * K rows under expert
@@ -309,10 +310,14 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const PairsPerExpert &pairs,
                      float *d_weights, T *d_gate_up_weight, T *d_down_weight) {
   const int64_t hidden = shapes.hidden, f = shapes.ffn;
   std::fill(d_weights, d_weights + shapes.num_rows * shapes.top_k, 0.0f);
-  // Unused rows get zero gradients; the used rows are the sums (zeroed by RowSums).
-  ForEachBlock(shapes, [&](int64_t, int64_t used_end, int64_t end) {
-    std::fill(d_rows + used_end * hidden, d_rows + end * hidden, FromFloat<T>(0.0f));
-  });
+  // Unused rows' gradients are unspecified (NaN with MOE_EP_POISON_UNUSED_ROWS=1; writing them
+  // would touch a worst-case buffer in every step); the used rows are the sums (zeroed by
+  // RowSums).
+  if (PoisonUnusedRows()) {
+    ForEachBlock(shapes, [&](int64_t, int64_t used_end, int64_t end) {
+      FillWithNaN(d_rows + used_end * hidden, (end - used_end) * hidden);
+    });
+  }
   const RowSums<T> d_row_sums(shapes, d_rows);
   std::vector<ExpertBackward<T>> slots(
       std::min<int64_t>(shapes.num_experts, std::max(1, KernelThreadCount())));

@@ -722,10 +722,18 @@ MOE_EP_EXPORT int MoeEpFusedCombine(int nparam, void **params, int *ndims, int64
   });
 }
 
-// GatherSum with an extra (unused) input: the inverse index that the gradient needs.
+// GatherSum with extra inputs that only the gradient reads: the inverse index, and optionally
+// the block counts of `rows` (rows in R blocks, the first rows_block_counts[r] of block r used),
+// so that the gradient writes only those rows.
 MOE_EP_EXPORT int MoeEpGatherRows(int nparam, void **params, int *ndims, int64_t **shapes,
                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpGatherRows", [&] {
+    if (nparam == 5) {
+      std::vector<moe_ep::TensorArg> args =
+          moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
+                           {"rows", "index", "inverse_index", "rows_block_counts", "out"});
+      return moe_ep::GatherSum(args[0], args[1], nullptr, args[4]);
+    }
     std::vector<moe_ep::TensorArg> args = moe_ep::BindArgs(
         nparam, params, ndims, shapes, dtypes, {"rows", "index", "inverse_index", "out"});
     moe_ep::GatherSum(args[0], args[1], nullptr, args[3]);

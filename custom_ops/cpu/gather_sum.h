@@ -14,8 +14,12 @@ namespace moe_ep {
 // rows [N, H], positions [T, K] int32, weights [T, K] float32, y [T, H] (dtype of rows).
 // y is written with non-temporal stores where it is larger than half the last-level cache, or
 // whatever its size with `streaming_stores` (for a y the calling core will not read soon).
+// With `block_counts` [R] int32, y is R blocks of T / R rows of which only the first
+// block_counts[r] of block r are written (the rest unspecified; NaN with
+// MOE_EP_POISON_UNUSED_ROWS=1): the slot layout of the expert-parallel exchange.
 void GatherSum(const TensorArg &rows, const TensorArg &positions, const TensorArg *weights,
-               const TensorArg &y, bool streaming_stores = false);
+               const TensorArg &y, bool streaming_stores = false,
+               const TensorArg *block_counts = nullptr);
 
 // The same without weights, with the rows in blocks of `block_rows` rows that lie apart: position p
 // names row p % block_rows of blocks[p / block_rows] (dtype and hidden size of y). The fused Return

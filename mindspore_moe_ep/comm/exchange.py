@@ -81,7 +81,8 @@ class ExchangeRows(KernelCell):
     recv_counts [R] int32)`` with R = ``window.world_size`` and C = ``capacity_per_peer``.
     Counts outside [0, C] fail with a message naming the value. Differentiable w.r.t. send_rows
     (reverse exchange) in PYNATIVE and GRAPH_MODE. ``zero_tail=False``: rows past
-    ``recv_counts[s]`` in block s are unspecified (module doc).
+    ``recv_counts[s]`` in block s are unspecified (module doc), and so are the gradient's rows
+    past ``send_counts``.
     """
 
     def __init__(self, window: CommWindow, capacity_per_peer: int, zero_tail: bool = True):
@@ -91,8 +92,11 @@ class ExchangeRows(KernelCell):
         self.capacity_per_peer = capacity_per_peer
         self.zero_tail = bool(zero_tail)
         self._window_id = window.id_tensor  # [1] int32, read by the kernel
-        # The reverse exchange zeroes its tails: they are the gradient of unsent send rows (0).
-        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
+        # With zero_tail, the reverse exchange zeroes its tails too: the gradient of unsent send
+        # rows (0). Without, they stay unspecified like the forward's: a step then touches only
+        # the rows it sends, whatever the buffers' worst-case size.
+        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer,
+                                           zero_tail=self.zero_tail)
 
         def bprop(send_rows, send_counts, window_id, out, dout):
             recv_rows, recv_counts = out

@@ -18,7 +18,7 @@ from mindspore.common import dtype as mstype
 
 from ..comm.exchange import exchange_kernel
 from .kernel_library import KernelCell, custom_op
-from .local_kernels import experts_weighted_sum_grad_op, gather_sum_op
+from .local_kernels import experts_weighted_sum_grad_op, gather_sum_in_blocks_op, gather_sum_op
 
 
 def _int32_scalar(value):
@@ -49,22 +49,38 @@ class GatherRows(KernelCell):
 
     ``inverse`` lists, for every row n, the output rows that read it (-1 padded); the gradient is
     ``GatherRows(d_out, inverse)``. Requires each row to be read at most once per output row.
+    ``rows_block_counts`` (optional int32 [R]): rows are R blocks of N/R of which the first
+    ``rows_block_counts[r]`` are used (the slot layout of the exchange); the gradient then
+    writes only those rows.
     """
 
     def __init__(self):
         super().__init__()
         gather_sum = gather_sum_op()
+        gather_sum_in_blocks = gather_sum_in_blocks_op()
 
         def bprop(rows, index, inverse, out, dout):
             return gather_sum(dout, inverse), ops.zeros_like(index), ops.zeros_like(inverse)
+
+        def bprop_in_blocks(rows, index, inverse, rows_block_counts, out, dout):
+            return (gather_sum_in_blocks(dout, inverse, rows_block_counts),
+                    ops.zeros_like(index), ops.zeros_like(inverse),
+                    ops.zeros_like(rows_block_counts))
 
         self._gather = custom_op(
             "MoeEpGatherRows",
             out_shape=lambda rows, index, inverse: [index[0], rows[1]],
             out_dtype=lambda rows, index, inverse: rows, bprop=bprop)
+        self._gather_in_blocks = custom_op(
+            "MoeEpGatherRows",
+            out_shape=lambda rows, index, inverse, counts: [index[0], rows[1]],
+            out_dtype=lambda rows, index, inverse, counts: rows, bprop=bprop_in_blocks,
+            shape_key={"in_blocks": True})
 
-    def construct(self, rows, index, inverse):
-        return self._gather(rows, index, inverse)
+    def construct(self, rows, index, inverse, rows_block_counts=None):
+        if rows_block_counts is None:
+            return self._gather(rows, index, inverse)
+        return self._gather_in_blocks(rows, index, inverse, rows_block_counts)
 
 
 class FusedDispatch(KernelCell):
@@ -183,15 +199,21 @@ class DeliverRows(KernelCell):
         super().__init__()
         self._window_id = window.id_tensor
         gather_sum = gather_sum_op()
-        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
+        # The rows' gradient keeps unspecified tails (only gather_sum reads it, at the sent
+        # rows); the notes' is zeroed past the counts (MindSpore's element-wise ops read it).
+        reverse_exchange_rows = exchange_kernel(window.world_size, capacity_per_peer,
+                                                zero_tail=False)
+        reverse_exchange_notes = exchange_kernel(window.world_size, capacity_per_peer)
 
         def bprop(x, send_token_index, send_counts, token_slot, notes, window_id, out, dout):
             recv_rows, recv_notes, recv_counts = out
             d_recv_rows = ops.depend(dout[0], recv_rows)  # after the forward exchange
-            d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)  # [R*C, H]
+            d_send_rows, _ = reverse_exchange_rows(d_recv_rows, recv_counts,
+                                                   window_id)                        # [R*C, H]
             d_x = gather_sum(d_send_rows, token_slot)                                # [T, H]
             d_recv_notes = ops.depend(dout[1], d_send_rows)  # the same order on every rank
-            d_notes, _ = reverse_exchange(d_recv_notes, recv_counts, window_id)     # [R*C, M]
+            d_notes, _ = reverse_exchange_notes(d_recv_notes, recv_counts,
+                                                window_id)                           # [R*C, M]
             return (d_x, ops.zeros_like(send_token_index), ops.zeros_like(send_counts),
                     ops.zeros_like(token_slot), d_notes, ops.zeros_like(window_id))
 
@@ -230,16 +252,17 @@ class ExpertsCombine(KernelCell):
                              f"source block), got {round_rows}")
         self._window_id = window.id_tensor
         self._round_rows = _int32_scalar(round_rows)
-        gather_sum = gather_sum_op()
-        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer)
+        gather_sum_in_blocks = gather_sum_in_blocks_op()
+        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer,
+                                           zero_tail=False)  # read at the counted rows only
         experts_grad = experts_weighted_sum_grad_op()
 
         def bprop(rows, local_ids, weights, row_counts, gate_up_weight, down_weight, token_slot,
                   slot_token, round_rows, window_id, out, dout):
             d_y = ops.depend(dout[0], out[0])  # after the forward's exchanges
-            d_returned = gather_sum(d_y, slot_token)                             # [R*C, H]
             sent_counts = (token_slot >= 0).astype(mstype.float32).sum(axis=0).astype(
                 mstype.int32)                                                    # [R]
+            d_returned = gather_sum_in_blocks(d_y, slot_token, sent_counts)      # [R*C, H]
             d_partial, _ = reverse_exchange(d_returned, sent_counts, window_id)  # [R*C, H]
             d_rows, d_weights, d_gate_up, d_down = experts_grad(
                 d_partial, rows, local_ids, weights, row_counts, gate_up_weight, down_weight)

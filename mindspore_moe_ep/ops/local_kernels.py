@@ -55,20 +55,40 @@ def gather_sum_op() -> ops.Custom:
 
 
 @functools.lru_cache(maxsize=None)
-def _combine_grad_op() -> ops.Custom:
-    """(dy [T, H], expert_out [N, H], positions, weights) -> d_expert_out [N, H], d_weights [T, K].
+def gather_sum_in_blocks_op() -> ops.Custom:
+    """:func:`gather_sum_op` into the slot layout of the expert-parallel exchange.
+
+    ``(rows [N, H], positions [R*C, K] int32, block_counts [R] int32) -> [R*C, H]``: only the
+    first ``block_counts[r]`` rows of each block of C are written, the rest are unspecified
+    (NaN with MOE_EP_POISON_UNUSED_ROWS=1). A step then touches the rows it uses, not the
+    worst-case buffer (pages never written are never faulted in).
+    """
+    return custom_op("MoeEpGatherSum",
+                   out_shape=lambda rows, positions, counts: [positions[0], rows[1]],
+                   out_dtype=lambda rows, positions, counts: rows,
+                   shape_key={"in_blocks": True})
+
+
+@functools.lru_cache(maxsize=None)
+def _combine_grad_op(in_blocks: bool = False) -> ops.Custom:
+    """(dy [T, H], expert_out [N, H], positions, weights[, block_counts]) -> d_expert_out [N, H],
+    d_weights [T, K].
 
     d_expert_out[positions[t, k]] = weights[t, k] * dy[t] (rows no position names: 0), and
     d_weights[t, k] = <dy[t], expert_out[positions[t, k]]> in float32 (0 where dropped; on AVX2
     CPUs summed over H in 16 partial sums, so it may differ from a sequential sum by rounding).
+    ``in_blocks`` (the gradient of the combine into the slot layout, with block_counts): rows
+    of d_expert_out past the last one a position names are unspecified, like the tail of the
+    grouped buffer that expert_out is there.
     """
-    def output_shapes(dy, expert_out, positions, weights):
+    def output_shapes(dy, expert_out, positions, weights, *block_counts):
         return expert_out, weights
 
-    def output_dtypes(dy, expert_out, positions, weights):
+    def output_dtypes(dy, expert_out, positions, weights, *block_counts):
         return expert_out, mstype.float32
 
-    return custom_op("MoeEpCombineGrad", out_shape=output_shapes, out_dtype=output_dtypes)
+    return custom_op("MoeEpCombineGrad", out_shape=output_shapes, out_dtype=output_dtypes,
+                     shape_key={"in_blocks": in_blocks})
 
 
 def _grouped_matmul_output_shape(transpose_b: bool):
@@ -107,6 +127,10 @@ class DispatchKernel(KernelCell):
     ``grouped_x`` holding token t for its k-th expert, or -1 if dropped by ``capacity``
     (0 = dropless; a call may pass its own ``capacity`` tensor, e.g. one derived from the token
     count). Gradient: ``dx[t] = sum_k d_grouped_x[positions[t, k]]``.
+
+    ``block_counts`` (optional int32 [R]): x is R blocks of T/R rows of which the first
+    ``block_counts[r]`` are used (the received slots of the expert-parallel exchange; the
+    others have expert ids -1); then the gradient writes only those rows of dx.
     """
 
     def __init__(self, num_experts: int, capacity: int = 0):
@@ -119,12 +143,20 @@ class DispatchKernel(KernelCell):
         self.capacity = capacity = int(capacity)
         self._capacity = Tensor([capacity], mstype.int32)  # [1], read by the kernel
         gather_sum = gather_sum_op()
+        gather_sum_in_blocks = gather_sum_in_blocks_op()
 
         def bprop(x, expert_ids, capacity_tensor, out, dout):
             positions = out[1]
             d_grouped_x = dout[0]
             return (gather_sum(d_grouped_x, positions), ops.zeros_like(expert_ids),
                     ops.zeros_like(capacity_tensor))
+
+        def bprop_in_blocks(x, expert_ids, capacity_tensor, block_counts, out, dout):
+            positions = out[1]
+            d_grouped_x = dout[0]
+            return (gather_sum_in_blocks(d_grouped_x, positions, block_counts),
+                    ops.zeros_like(expert_ids), ops.zeros_like(capacity_tensor),
+                    ops.zeros_like(block_counts))
 
         def output_shapes(x, expert_ids, capacity_tensor):
             tokens, hidden = x
@@ -137,12 +169,19 @@ class DispatchKernel(KernelCell):
         self._dispatch = custom_op("MoeEpDispatch", out_shape=output_shapes,
                                  out_dtype=output_dtypes, bprop=bprop,
                                  shape_key={"num_experts": num_experts})
+        self._dispatch_in_blocks = custom_op(
+            "MoeEpDispatch",
+            out_shape=lambda x, ids, capacity, counts: output_shapes(x, ids, capacity),
+            out_dtype=lambda x, ids, capacity, counts: output_dtypes(x, ids, capacity),
+            bprop=bprop_in_blocks, shape_key={"num_experts": num_experts, "in_blocks": True})
 
-    def construct(self, x, expert_ids, capacity=None):
+    def construct(self, x, expert_ids, capacity=None, block_counts=None):
         """``capacity``: an optional int32 [1] tensor replacing the constructor's value."""
         if capacity is None:
             capacity = self._capacity
-        return self._dispatch(x, expert_ids, capacity)
+        if block_counts is None:
+            return self._dispatch(x, expert_ids, capacity)
+        return self._dispatch_in_blocks(x, expert_ids, capacity, block_counts)
 
     def extend_repr(self):
         return f"num_experts={self.num_experts}, capacity={self.capacity}"
@@ -155,24 +194,44 @@ class CombineKernel(KernelCell):
     ``y[t] = sum_k weights[t, k] * expert_out[positions[t, k]]`` (skipping -1), accumulated in
     float32 in k order. Reads only the rows ``positions`` names. Gradients flow to
     ``expert_out`` (zero for rows no position names) and ``weights``.
+
+    ``block_counts`` (optional int32 [R]): y is R blocks of T/R rows (the received slots of the
+    expert-parallel exchange) and only the first ``block_counts[r]`` rows of each are written;
+    ``expert_out`` is then taken to be a grouped buffer: the gradient of its rows past the last
+    one a position names is unspecified, like those rows.
     """
 
     def __init__(self):
         super().__init__()
         combine_grad = _combine_grad_op()
+        combine_grad_in_blocks = _combine_grad_op(in_blocks=True)
 
         def bprop(expert_out, positions, weights, out, dout):
             d_expert_out, d_weights = combine_grad(dout, expert_out, positions, weights)
             return d_expert_out, ops.zeros_like(positions), d_weights
+
+        def bprop_in_blocks(expert_out, positions, weights, block_counts, out, dout):
+            d_expert_out, d_weights = combine_grad_in_blocks(dout, expert_out, positions,
+                                                             weights, block_counts)
+            return (d_expert_out, ops.zeros_like(positions), d_weights,
+                    ops.zeros_like(block_counts))
 
         self._combine = custom_op(
             "MoeEpCombine",
             out_shape=lambda expert_out, positions, weights: [positions[0], expert_out[1]],
             out_dtype=lambda expert_out, positions, weights: expert_out,
             bprop=bprop)
+        self._combine_in_blocks = custom_op(
+            "MoeEpCombine",
+            out_shape=lambda expert_out, positions, weights, counts: [positions[0],
+                                                                      expert_out[1]],
+            out_dtype=lambda expert_out, positions, weights, counts: expert_out,
+            bprop=bprop_in_blocks, shape_key={"in_blocks": True})
 
-    def construct(self, expert_out, positions, weights):
-        return self._combine(expert_out, positions, weights)
+    def construct(self, expert_out, positions, weights, block_counts=None):
+        if block_counts is None:
+            return self._combine(expert_out, positions, weights)
+        return self._combine_in_blocks(expert_out, positions, weights, block_counts)
 
 
 class GroupedMatmul(KernelCell):
