@@ -186,5 +186,10 @@ def msrun_reports(script: str, worker_num: int, args: Sequence[str] = (),
 
 
 def remove_launch_files(result: LaunchResult) -> None:
-    """Deletes a launch's temporary directory (logs and reports)."""
-    shutil.rmtree(os.path.dirname(result.log_dir), ignore_errors=True)
+    """Deletes a launch's temporary directory (logs and reports): the parent of its log_dir,
+    never the system's temporary directory itself."""
+    work_dir = os.path.dirname(os.path.abspath(result.log_dir))
+    if os.path.realpath(work_dir) == os.path.realpath(tempfile.gettempdir()):
+        raise ValueError(f"remove_launch_files: log_dir {result.log_dir} lies directly in the "
+                         f"temporary directory; its launch directory must be one level below")
+    shutil.rmtree(work_dir, ignore_errors=True)
