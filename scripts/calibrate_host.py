@@ -141,7 +141,7 @@ def main(argv=None):
         inter_node_gbps=round(tcp_gbps, 2), inter_node_latency_us=round(tcp_latency, 2),
         device_memory_gib=round(memory_gib / args.ranks, 2), memory_gbps=round(memcpy, 2),
         operator_overhead_us=round(overhead, 1), tflops_float32=round(tflops, 4),
-        compute_sharing="per_node",
+        compute_sharing="per_node", shared_memory_window=True,
         source=f"scripts/calibrate_host.py on {time.strftime('%Y-%m-%d %H:%M')}, load "
                f"{os.getloadavg()[0]:.1f}")
     save_cluster(spec, args.out, header=(

@@ -60,6 +60,9 @@ class ClusterSpec:
     compute_sharing: ComputeSharing = option(
         "per_card: each card has the throughput above; per_node: the node's ranks share it "
         "(a CPU host running several ranks on the same cores).", default="per_card")
+    shared_memory_window: bool = option(
+        "The ranks of a node exchange through this library's shared-memory window (CPU hosts): "
+        "its R(R-1) slots count in the memory per rank.", default=False)
     source: str = option("Where the figures come from (vendor documents, a paper, or the "
                          "calibration command that measured them).", default="")
 

@@ -232,7 +232,9 @@ def memory_per_rank(shape: LayerShape, ep: int, tokens: int, capacity: int, clus
         "expert_activations": int(tokens * shape.top_k * 3 * shape.expert_ffn * 4),
     }
     node_ranks = min(ep, cluster.cards_per_node)
-    items["window"] = node_ranks * (node_ranks - 1) * options.window_slot_bytes if ep > 1 else 0
+    slot = min(capacity * shape.hidden * element, options.window_slot_bytes)  # as MoELayer sizes it
+    items["window"] = (node_ranks * (node_ranks - 1) * slot
+                       if ep > 1 and cluster.shared_memory_window else 0)
     if options.hccl_soc:
         from ..ascend.cann_limits import hccl_buffsize_mb
         items["hccl_buffsize"] = hccl_buffsize_mb(options.hccl_soc, min(capacity, 512), ep,
