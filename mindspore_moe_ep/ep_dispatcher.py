@@ -1,7 +1,7 @@
 """Expert-parallel token dispatchers: one per phase, as in Ascend's design (MindIE's dynamic EP
 for prefill, CANN's fused Dispatch / Combine for decode; see docs/architecture.md).
 
-Both follow the dispatcher interface of ``token_dispatcher.py`` (``dispatch`` / ``combine``) and
+Both follow the dispatcher contract of ``dispatcher.py`` (its notation: T, H, K, L, R, C) and
 give the same numbers; they differ in how the rows travel.
 
 ``SparseAllToAllDispatcher`` (prefill and training, "dynamic EP"):
@@ -33,17 +33,21 @@ give the same numbers; they differ in how the rows travel.
       sum at the source) around the grouped experts.
 """
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 import mindspore as ms
 
+from .dispatcher import (DispatcherCapabilities, TokenDispatcher, check_tokens_fit,
+                         expert_capacity)
 from .ops import CombineKernel, DispatchKernel
 from .ops.ep_kernels import (DeliverRows, ExpertParallelLayout, ExpertsCombine, FusedCombine,
                              FusedDeliver, FusedDispatch, FusedReturn, GatherRows)
-from .token_dispatcher import check_tokens_fit, expert_capacity
 
 
-class SparseAllToAllDispatcher(nn.Cell):
-    """Dynamic-EP dispatcher: sparse all-to-all-v of token rows, differentiable end to end."""
+class SparseAllToAllDispatcher(TokenDispatcher):
+    """Dynamic-EP dispatcher: sparse all-to-all-v of token rows, differentiable end to end.
+
+    Serves both contracts; ``experts_combine`` over the shared-memory window where the fused
+    kernel holds less memory than the unfused path (``combine_round_rows`` not None)."""
 
     def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange,
                  combine_round_rows=None):
@@ -51,7 +55,7 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.group_size = group.size  # R, the ranks of the expert-parallel group
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        self.max_tokens = max_tokens_per_rank
+        self.max_tokens_per_rank = max_tokens_per_rank  # C
         self.layout = ExpertParallelLayout(group.size, max_tokens_per_rank, group.experts_per_rank)
         self.gather_rows = GatherRows()
         self.exchange = exchange                 # zeroed tails: metadata, token counts
@@ -67,6 +71,9 @@ class SparseAllToAllDispatcher(nn.Cell):
         self.experts_combine_kernel = (
             ExpertsCombine(window, max_tokens_per_rank, combine_round_rows)
             if window is not None and combine_round_rows is not None else None)
+        self.capabilities = DispatcherCapabilities(
+            grouped=True, rowwise=True, experts_combine=self.experts_combine_kernel is not None,
+            differentiable=True)
         if capacity_factor is not None:
             # Capacity of every possible group batch size (0 .. R*C tokens), as a single process
             # computes it (exact, unlike a float32 ceil in the graph).
@@ -82,10 +89,10 @@ class SparseAllToAllDispatcher(nn.Cell):
         small extra exchange, only with a capacity factor): every expert then keeps as many rows
         as in a single process over the concatenated batch, whichever rank holds it.
         """
-        slots = self.group_size * self.max_tokens
+        slots = self.group_size * self.max_tokens_per_rank
         count_rows = ops.full((slots, 1), tokens, dtype=ms.float32)                # [R*C, 1]
         received, _ = self.exchange(count_rows, self._one_row_per_rank)
-        group_tokens = received.reshape(self.group_size, self.max_tokens)[:, 0].sum()
+        group_tokens = received.reshape(self.group_size, self.max_tokens_per_rank)[:, 0].sum()
         return ops.gather(self._capacity_table, group_tokens.astype(ms.int32).reshape(1), 0)
 
     def deliver(self, x, expert_ids, routing_weights):
@@ -97,8 +104,8 @@ class SparseAllToAllDispatcher(nn.Cell):
         none here) and routing weights; ``route`` is what :meth:`return_rows` needs.
         """
         tokens = x.shape[0]
-        check_tokens_fit(tokens, self.max_tokens)
-        slots = self.group_size * self.max_tokens
+        check_tokens_fit(tokens, self.max_tokens_per_rank)
+        slots = self.group_size * self.max_tokens_per_rank
         # The layout has no gradient (integer routing); without stop_gradient PYNATIVE's
         # backward fails on it ("Illegal primitive Custom's bprop not defined").
         send_token_index, send_counts, token_slot, send_local_ids = self.layout(
@@ -142,8 +149,8 @@ class SparseAllToAllDispatcher(nn.Cell):
 
     def dispatch(self, x, expert_ids, routing_weights):
         """x: [T, H] -> ``(rows [R*C*K, H] grouped by local expert, tokens_per_expert [L],
-        num_dropped [1], handle)``; handle = (positions [R*C, K], recv_weights [R*C, K],
-        recv_counts [R], route) for :meth:`combine`."""
+        num_dropped [1], handle)``; handle (GroupedHandle layout) = (positions [R*C, K],
+        recv_weights [R*C, K], recv_counts [R], route) for :meth:`combine`."""
         recv_rows, recv_local_ids, recv_weights, recv_counts, route = self.deliver(
             x, expert_ids, routing_weights)
         # Received slots are in (source rank, source token) order: the group's global token
@@ -163,7 +170,7 @@ class SparseAllToAllDispatcher(nn.Cell):
         return self.return_rows(partial, recv_counts, route)
 
 
-class FusedDecodeDispatcher(nn.Cell):
+class FusedDecodeDispatcher(TokenDispatcher):
     """Decode dispatcher: the fused Dispatch and Combine operators (inference only).
 
     Two pairs, one kernel each way: ``dispatch`` / ``combine`` hand the experts one row per
@@ -173,9 +180,12 @@ class FusedDecodeDispatcher(nn.Cell):
     ``dispatch.decode_layout: grouped``.
     """
 
+    capabilities = DispatcherCapabilities(grouped=True, rowwise=True, experts_combine=False,
+                                          differentiable=False)
+
     def __init__(self, group, top_k, max_tokens_per_rank, window):
         super().__init__()
-        self.max_tokens = max_tokens_per_rank
+        self.max_tokens_per_rank = max_tokens_per_rank  # C
         self.fused_dispatch = FusedDispatch(group.size, max_tokens_per_rank,
                                             group.experts_per_rank, top_k, window)
         self.fused_combine = FusedCombine(window)
@@ -186,7 +196,7 @@ class FusedDecodeDispatcher(nn.Cell):
     def deliver(self, x, expert_ids, routing_weights):
         """x: [T, H] -> ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
         route)``, as :meth:`SparseAllToAllDispatcher.deliver` (no gradient)."""
-        check_tokens_fit(x.shape[0], self.max_tokens)
+        check_tokens_fit(x.shape[0], self.max_tokens_per_rank)
         return self.fused_deliver(x, expert_ids, routing_weights)  # route: token_slot [T, R]
 
     def return_rows(self, partial, row_counts, route):
@@ -196,9 +206,9 @@ class FusedDecodeDispatcher(nn.Cell):
     def dispatch(self, x, expert_ids, routing_weights):
         """x: [T, H] -> ``(expand_x [R*C*min(K, L), H], tokens_per_expert [L], num_dropped [1]
         (always 0), handle)``: expand_x holds the received rows grouped by local expert (rows
-        past the counts unspecified); handle = (positions [R*C, K], recv_weights [R*C, K],
-        recv_counts [R], token_slot [T, R]) for :meth:`combine`."""
-        check_tokens_fit(x.shape[0], self.max_tokens)
+        past the counts unspecified); handle (GroupedHandle layout) = (positions [R*C, K],
+        recv_weights [R*C, K], recv_counts [R], token_slot [T, R]) for :meth:`combine`."""
+        check_tokens_fit(x.shape[0], self.max_tokens_per_rank)
         expand_x, tokens_per_expert, *handle = self.fused_dispatch(x, expert_ids,
                                                                    routing_weights)
         no_drops = ops.zeros((1,), ms.int32)

@@ -1,4 +1,10 @@
-"""MoELayer: router -> dispatcher -> experts -> combine (+ shared expert), as one Cell."""
+"""MoELayer: router -> dispatcher -> experts -> combine (+ shared expert), as one Cell.
+
+Each step follows a :class:`StepPlan` (``layer.plan(num_tokens, phase)``): which dispatcher and
+which experts path; ``construct`` runs the plan's path through one short method per path.
+"""
+from dataclasses import dataclass
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -9,43 +15,13 @@ from .router import TopKRouter
 from .runtime import ascend_backend_active, mindspore_dtype
 from .state_dict import export_hf_moe_state_dict, load_hf_moe_state_dict
 from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
-from .token_dispatcher import LocalTokenDispatcher, check_tokens_fit
+from .dispatcher import check_tokens_fit
+from .token_dispatcher import LocalTokenDispatcher
 
-
-def _window_slot_bytes(config):
-    """Shared memory per ordered rank pair: by default one full step of the largest message.
-
-    Without fused decode operators the slot holds at most DEFAULT_SLOT_BYTES: large payloads
-    travel by single copy (or, where the kernel forbids it, in slot-sized chunks), so a larger
-    slot would only cost /dev/shm. With them (a dropless layer), the slot holds a whole step of
-    the partial sums that the fused Return (or Combine, with ``decode_layout: grouped``) sends
-    back, up to SHARED_ROWS_MAX_SLOT_BYTES: the source then sums its peers' rows where they lie
-    in the window instead of copying them (ShareRows).
-    """
-    if config.dispatch.window_slot_bytes is not None:
-        return config.dispatch.window_slot_bytes
-    from .comm.window import DEFAULT_SLOT_BYTES, SHARED_ROWS_MAX_SLOT_BYTES
-    element_bytes = 4 if config.runtime.dtype == "float32" else 2
-    top_k, capacity = config.router.top_k, config.dispatch.max_tokens_per_rank
-    # token row + top_k local ids (int32) + top_k routing weights (float32): the fused decode
-    # operators' packed message (where they pull, only the ids and weights travel as notes)
-    largest_row = config.model.hidden_size * element_bytes + 2 * top_k * 4
-    whole_step = capacity * largest_row
-    return_step = capacity * config.model.hidden_size * element_bytes  # one partial sum per row
-    if config.router.capacity_factor is None and return_step <= SHARED_ROWS_MAX_SLOT_BYTES:
-        return max(return_step, min(whole_step, DEFAULT_SLOT_BYTES))
-    return min(whole_step, DEFAULT_SLOT_BYTES)
-
-
-def _combine_round_rows(config, world_size):
-    """Rows per source in one round of the fused experts + combine, or None where the unfused
-    path holds less: the fused kernel's buffers (a round's partial sums to send and returned
-    rows, R x B rows each, and the output, C rows) against the unfused partial sums (R x C)."""
-    capacity = config.dispatch.max_tokens_per_rank
-    round_rows = min(config.dispatch.combine_round_tokens, capacity)
-    if 2 * world_size * round_rows + capacity >= world_size * capacity:
-        return None
-    return round_rows
+# Experts paths (StepPlan.experts_path):
+GROUPED = "grouped"                  # dispatch -> grouped GEMMs -> combine
+ROWWISE = "rowwise"                  # deliver -> experts.weighted_sum -> return_rows
+EXPERTS_COMBINE = "experts_combine"  # deliver -> experts + return in one kernel
 
 
 def _build_dispatchers(config, group):
@@ -65,20 +41,39 @@ def _build_dispatchers(config, group):
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,
                                     router.capacity_factor), None, None
     from .comm.exchange import make_exchange
+    from .comm.window_sizing import combine_round_rows, window_slot_bytes
     from .ep_dispatcher import FusedDecodeDispatcher, SparseAllToAllDispatcher
     dispatch = config.dispatch
     exchange = make_exchange(dispatch.max_tokens_per_rank, transport=dispatch.transport,
                              group_ranks=list(group.group_ranks), rank=group.rank,
-                             slot_bytes=_window_slot_bytes(config), timeout_s=dispatch.timeout_s,
+                             slot_bytes=window_slot_bytes(config), timeout_s=dispatch.timeout_s,
                              attach_timeout_s=dispatch.attach_timeout_s)
     prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor,
                                        dispatch.max_tokens_per_rank, exchange,
-                                       _combine_round_rows(config, group.size))
+                                       combine_round_rows(config, group.size))
     window = getattr(exchange, "window", None)
     decode = None
     if window is not None and router.capacity_factor is None:
         decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window)
     return prefill, decode, window
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step runs (decided at compile time: shapes are static).
+
+    - ``phase``: "prefill" or "decode" (after resolving None);
+    - ``dispatcher``: "prefill" (``layer.prefill_dispatcher``: the sparse all-to-all-v, or the
+      local dispatcher at EP = 1) or "decode" (``layer.decode_dispatcher``: the fused decode
+      operators);
+    - ``experts_path``: "grouped", "rowwise" or "experts_combine" (module constants);
+    - ``quantized``: whether token rows travel quantized (always False for now).
+    """
+
+    phase: str
+    dispatcher: str
+    experts_path: str
+    quantized: bool = False
 
 
 class AuxLossScaler(nn.Cell):
@@ -128,23 +123,19 @@ class MoELayer(nn.Cell):
                                            gated=model.shared_expert_gate)
                               if model.num_shared_experts > 0 else None)
         self.aux_loss_scaler = AuxLossScaler()
-        # Row-wise steps, without per-pair buffers: the dispatcher (any with ``deliver``: the
-        # local one at EP = 1, the sparse all-to-all-v, the fused decode pair) delivers rows and
-        # one kernel runs the experts and sums. In prefill: always in inference, in training with
-        # runtime.recompute_experts; dropless only (capacity drops belong to the grouping step).
-        self.rowwise_supported = (router.capacity_factor is None
-                                  and self.experts.weighted_sum_kernel is not None
-                                  and hasattr(self.prefill_dispatcher, "deliver"))
-        # Inference over the shared-memory window: experts, return and sum in one kernel.
-        self.experts_combine_supported = self.rowwise_supported and getattr(
-            self.prefill_dispatcher, "experts_combine_kernel", None) is not None
-        # Decode with the fused row-wise pair (FusedDeliver / FusedReturn) around the row-wise
-        # experts, unless the config asks for the grouped pair.
-        self.decode_rowwise = (self.rowwise_supported
-                               and config.dispatch.decode_layout == "rowwise"
-                               and hasattr(self.decode_dispatcher, "deliver"))
+        # What the step plans can choose from (asked of the dispatchers' capabilities once).
+        # Row-wise steps, without per-pair buffers, need the row-wise experts kernel (CPU) and a
+        # dropless layer (capacity drops belong to the grouping step).
+        rowwise_experts = (router.capacity_factor is None
+                           and self.experts.weighted_sum_kernel is not None)
+        prefill_can = self.prefill_dispatcher.capabilities
+        self.prefill_rowwise = rowwise_experts and prefill_can.rowwise
+        self.prefill_experts_combine = self.prefill_rowwise and prefill_can.experts_combine
+        self.decode_rowwise = (rowwise_experts and self.decode_dispatcher is not None
+                               and self.decode_dispatcher.capabilities.rowwise
+                               and config.dispatch.decode_layout == "rowwise")
         self.recompute_experts = config.runtime.recompute_experts
-        if self.recompute_experts and not self.rowwise_supported:
+        if self.recompute_experts and not self.prefill_rowwise:
             raise ValueError("runtime.recompute_experts = true needs the CPU kernels' fused "
                              "experts (ExpertsWeightedSum); this device has none: set it to false")
 
@@ -164,7 +155,7 @@ class MoELayer(nn.Cell):
         in it raise at once with this rank's reason instead of after ``dispatch.timeout_s``."""
         try:
             num_tokens = self.check_input(x.shape, x.dtype)
-            self._dispatcher_for(num_tokens, args[0] if args else kwargs.get("phase"))
+            self._plan_fields(num_tokens, args[0] if args else kwargs.get("phase"))
         except (TypeError, ValueError) as error:
             if self._window is not None:
                 self._window.abandon(f"{type(error).__name__}: {error}")
@@ -196,7 +187,7 @@ class MoELayer(nn.Cell):
         grouped by expert when training, and row by row without per-pair buffers in inference
         or with ``runtime.recompute_experts``; in inference over the shared-memory window, where
         it holds less memory, the experts, the return and the sum run as one kernel, see
-        ``_dispatcher_for``), "decode" (inference only: the fused decode operators, FusedDeliver
+        :meth:`plan`), "decode" (inference only: the fused decode operators, FusedDeliver
         / FusedReturn around the row-wise experts, or FusedDispatch / FusedCombine with
         ``dispatch.decode_layout: grouped``; the prefill path where the layer has none) or None:
         decode when the Cell is not training and this rank has at most
@@ -213,24 +204,19 @@ class MoELayer(nn.Cell):
 
         expert_ids, routing_weights, aux_loss, z_loss, routed_per_expert = self.router(
             tokens, num_sequences)                                                 # [T, K]
-        dispatcher, path = self._dispatcher_for(tokens.shape[0], phase)
-        if path == "grouped":
-            rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
-                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
-            expert_out = self.experts(rows, tokens_per_expert)                     # [N, H]
-            output = dispatcher.combine(expert_out, handle)                        # [T, H]
+        _, dispatcher_name, path = self._plan_fields(tokens.shape[0], phase)
+        dispatcher = (self.decode_dispatcher if dispatcher_name == "decode"
+                      else self.prefill_dispatcher)
+        routed_input = tokens.astype(self.compute_dtype)                           # [T, H]
+        if path == GROUPED:
+            output, tokens_per_expert, num_dropped = self._grouped_step(
+                dispatcher, routed_input, expert_ids, routing_weights)
+        elif path == EXPERTS_COMBINE:
+            output, tokens_per_expert, num_dropped = self._experts_combine_step(
+                dispatcher, routed_input, expert_ids, routing_weights)
         else:
-            rows, local_ids, weights, row_counts, route = dispatcher.deliver(
-                tokens.astype(self.compute_dtype), expert_ids, routing_weights)   # [N, H]
-            if path == "experts_combine":
-                output, tokens_per_expert = dispatcher.experts_combine(
-                    rows, local_ids, weights, row_counts, route, self.experts.gate_up_weight,
-                    self.experts.down_weight)                                      # [T, H]
-            else:
-                partial, tokens_per_expert = self.experts.weighted_sum(
-                    rows, local_ids, weights, row_counts)                          # [N, H]
-                output = dispatcher.return_rows(partial, row_counts, route)        # [T, H]
-            num_dropped = ops.zeros((1,), ms.int32)
+            output, tokens_per_expert, num_dropped = self._rowwise_step(
+                dispatcher, routed_input, expert_ids, routing_weights)
         output = output.astype(ms.float32)
         if self.shared_expert is not None:
             output = output + self.shared_expert(tokens)
@@ -243,19 +229,52 @@ class MoELayer(nn.Cell):
         ops.assign(self.last_z_loss, z_loss)
         return output.reshape(input_shape).astype(x.dtype)
 
-    def _dispatcher_for(self, num_tokens, phase):
-        """(dispatcher, experts path) of this step (decided at compile time: shapes are static).
+    def _grouped_step(self, dispatcher, x, expert_ids, routing_weights):
+        """dispatch -> grouped experts -> combine: (y [T, H], tokens_per_expert, num_dropped)."""
+        rows, tokens_per_expert, num_dropped, handle = dispatcher.dispatch(
+            x, expert_ids, routing_weights)                                        # [N, H]
+        expert_out = self.experts(rows, tokens_per_expert)                         # [N, H]
+        return dispatcher.combine(expert_out, handle), tokens_per_expert, num_dropped
 
-        Paths: "grouped" (dispatch -> grouped experts -> combine: training, capacity factors,
-        devices without the row-wise experts kernel (Ascend), the decode operators with
-        ``dispatch.decode_layout: grouped``), "rowwise" (the dispatcher's deliver / return_rows
-        around ``experts.weighted_sum``: decode through the fused row-wise operators, training
-        with ``runtime.recompute_experts``, and prefill inference at EP = 1, without a
-        shared-memory window or where the fused kernel would hold more) and "experts_combine"
-        (prefill inference over the window: deliver, then the experts, return and sum in one
-        kernel, in rounds). "decode" goes through the prefill dispatcher where the layer has no
-        decode dispatcher (EP = 1, a capacity factor, no shared-memory window, or outside CANN's
-        limits on Ascend)."""
+    def _rowwise_step(self, dispatcher, x, expert_ids, routing_weights):
+        """deliver -> experts.weighted_sum -> return_rows (dropless)."""
+        rows, local_ids, weights, row_counts, route = dispatcher.deliver(
+            x, expert_ids, routing_weights)                                        # [N, H]
+        partial, tokens_per_expert = self.experts.weighted_sum(
+            rows, local_ids, weights, row_counts)                                  # [N, H]
+        output = dispatcher.return_rows(partial, row_counts, route)                # [T, H]
+        return output, tokens_per_expert, ops.zeros((1,), ms.int32)
+
+    def _experts_combine_step(self, dispatcher, x, expert_ids, routing_weights):
+        """deliver -> the experts and the return in one kernel (inference, dropless)."""
+        rows, local_ids, weights, row_counts, route = dispatcher.deliver(
+            x, expert_ids, routing_weights)                                        # [N, H]
+        output, tokens_per_expert = dispatcher.experts_combine(
+            rows, local_ids, weights, row_counts, route, self.experts.gate_up_weight,
+            self.experts.down_weight)                                              # [T, H]
+        return output, tokens_per_expert, ops.zeros((1,), ms.int32)
+
+    def plan(self, num_tokens, phase=None) -> StepPlan:
+        """How a step of ``num_tokens`` tokens per rank in ``phase`` runs, in the Cell's current
+        training mode: the dispatcher and experts path of every step, from one rule.
+
+        - "grouped": training (unless ``runtime.recompute_experts``), capacity factors, devices
+          without the row-wise experts kernel (Ascend), and the decode operators with
+          ``dispatch.decode_layout: grouped``;
+        - "rowwise": decode through the fused row-wise operators, training with
+          ``runtime.recompute_experts``, and prefill inference at EP = 1, without a
+          shared-memory window, or where the fused kernel would hold more memory;
+        - "experts_combine": prefill inference over the shared-memory window.
+
+        "decode" goes through the prefill dispatcher where the layer has none for decode (EP = 1,
+        a capacity factor, no shared-memory window, or outside CANN's limits on Ascend).
+        Raises ValueError for a phase that is not "prefill", "decode" or None, and for "decode"
+        in training."""
+        return StepPlan(*self._plan_fields(num_tokens, phase))
+
+    def _plan_fields(self, num_tokens, phase):
+        """(phase, dispatcher, experts path) as plain values, for ``construct`` (GRAPH_MODE
+        cannot build dataclasses) and :meth:`plan`."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
@@ -266,25 +285,21 @@ class MoELayer(nn.Cell):
                              "no gradient): call layer.set_train(False), or use phase='prefill' "
                              "or None in training")
         if phase == "decode" and self.decode_dispatcher is not None:
-            if self.decode_rowwise:
-                return self.decode_dispatcher, "rowwise"
-            return self.decode_dispatcher, "grouped"
-        if not self.rowwise_supported or (self.training and not self.recompute_experts):
-            return self.prefill_dispatcher, "grouped"
-        if not self.training and self.experts_combine_supported:
-            return self.prefill_dispatcher, "experts_combine"
-        return self.prefill_dispatcher, "rowwise"
+            return phase, "decode", ROWWISE if self.decode_rowwise else GROUPED
+        if not self.prefill_rowwise or (self.training and not self.recompute_experts):
+            return phase, "prefill", GROUPED
+        if not self.training and self.prefill_experts_combine:
+            return phase, "prefill", EXPERTS_COMBINE
+        return phase, "prefill", ROWWISE
 
     def dispatcher_for(self, num_tokens, phase=None):
-        """The dispatcher a step of ``num_tokens`` tokens per rank in ``phase`` goes through (in
-        the Cell's current training mode): ``prefill_dispatcher`` or ``decode_dispatcher``."""
-        return self._dispatcher_for(num_tokens, phase)[0]
+        """The dispatcher Cell of :meth:`plan`: ``prefill_dispatcher`` or ``decode_dispatcher``."""
+        name = self.plan(num_tokens, phase).dispatcher
+        return self.decode_dispatcher if name == "decode" else self.prefill_dispatcher
 
     def experts_path(self, num_tokens, phase=None):
-        """How a step of ``num_tokens`` tokens per rank in ``phase`` runs the routed experts
-        (in the Cell's current training mode): "grouped", "rowwise" or "experts_combine" (see
-        ``_dispatcher_for``)."""
-        return self._dispatcher_for(num_tokens, phase)[1]
+        """The experts path of :meth:`plan`: "grouped", "rowwise" or "experts_combine"."""
+        return self.plan(num_tokens, phase).experts_path
 
     def close(self):
         """Releases this rank's shared-memory window now (idempotent; it is also released when

@@ -66,7 +66,7 @@ def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynativ
     layer.load_hf_state_dict({prefix + k: v for k, v in params.items()}, prefix=prefix)
     layer.set_train(experts_path != "rowwise")
     grouped = ref_cfg.capacity_factor is not None or experts_path == "grouped"
-    assert layer._dispatcher_for(16, "prefill")[1] == ("grouped" if grouped else "rowwise")
+    assert layer.plan(16, "prefill").experts_path == ("grouped" if grouped else "rowwise")
     return layer
 
 

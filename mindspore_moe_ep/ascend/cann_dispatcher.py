@@ -12,15 +12,18 @@ The arguments come from :func:`~mindspore_moe_ep.ascend.cann_limits.cann_dispatc
 the handle carries the outputs of Dispatch that Combine must receive unchanged (expand_idx,
 ep_recv_counts and, on A2, expand_scales). Inference only (the fused operators have no gradient).
 """
-from mindspore import nn, ops
+from mindspore import ops
 import mindspore as ms
 
-from ..token_dispatcher import check_tokens_fit
+from ..dispatcher import DispatcherCapabilities, TokenDispatcher, check_tokens_fit
 from .cann_limits import CannDispatchArguments
 
 
-class CannDecodeDispatcher(nn.Cell):
-    """Fused Dispatch / Combine of CANN for the decode phase."""
+class CannDecodeDispatcher(TokenDispatcher):
+    """Fused Dispatch / Combine of CANN for the decode phase (the grouped contract)."""
+
+    capabilities = DispatcherCapabilities(grouped=True, rowwise=False, experts_combine=False,
+                                          differentiable=False)
 
     def __init__(self, arguments: CannDispatchArguments):
         super().__init__()
@@ -54,12 +57,14 @@ class CannDecodeDispatcher(nn.Cell):
         ep_recv_counts, expand_scales = outputs[4], outputs[6]
         tokens_per_expert = expert_token_nums.astype(ms.int32)
         no_drops = ops.zeros((1,), ms.int32)
-        handle = (expert_ids, expand_idx, ep_recv_counts, routing_weights, expand_scales)
+        # GroupedHandle layout: (positions, weights, row_counts, route)
+        handle = (expand_idx, routing_weights, ep_recv_counts, (expert_ids, expand_scales))
         return expand_x, tokens_per_expert, no_drops, handle
 
     def combine(self, expert_out, handle):
         """expert_out [A, H] -> y [T, H]: sum over k of routing_weights[t, k] * expert output."""
-        expert_ids, expand_idx, ep_recv_counts, routing_weights, expand_scales = handle
+        expand_idx, routing_weights, ep_recv_counts, route = handle
+        expert_ids, expand_scales = route
         expand_scales = expand_scales if self._scales_in_dispatch else None
         return self._combine_op(
             expert_out, expert_ids, expand_idx, ep_recv_counts, routing_weights,

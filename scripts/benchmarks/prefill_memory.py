@@ -98,15 +98,15 @@ def layer_config(tokens, hidden, ffn, recompute_experts=False):
 
 def layer_slot_bytes(tokens, hidden):
     """The window slot MoELayer sizes for this layer (its default rule)."""
-    from mindspore_moe_ep.layer import _window_slot_bytes
-    return _window_slot_bytes(layer_config(tokens, hidden, ffn=1))
+    from mindspore_moe_ep.comm.window_sizing import window_slot_bytes
+    return window_slot_bytes(layer_config(tokens, hidden, ffn=1))
 
 
 def layer_round_rows(tokens, hidden):
     """Rows per source in one round of MoELayer's fused experts + combine (its default rule;
     None: the layer runs the unfused steps, which then hold less)."""
-    from mindspore_moe_ep.layer import _combine_round_rows
-    return _combine_round_rows(layer_config(tokens, hidden, ffn=1), WORLD)
+    from mindspore_moe_ep.comm.window_sizing import combine_round_rows
+    return combine_round_rows(layer_config(tokens, hidden, ffn=1), WORLD)
 
 
 def scratch_bytes(hidden, ffn):
