@@ -50,10 +50,10 @@ def build_ascend_dispatchers(config, group, soc: Optional[str] = None):
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,
                                     router.capacity_factor), None
     from .hccl_exchange import HcclExchangeRows, ensure_hccl_group
-    max_tokens = config.dispatch.max_tokens_per_rank
-    exchange = HcclExchangeRows(group.group_ranks, max_tokens)
-    prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor, max_tokens,
-                                       exchange)
+    max_tokens_per_rank = config.dispatch.max_tokens_per_rank
+    exchange = HcclExchangeRows(group.group_ranks, max_tokens_per_rank)
+    prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor,
+                                       max_tokens_per_rank, exchange)
     soc = soc or detect_soc()
     if soc is None:
         logger.warning("decode uses the HCCL all-to-all-v: the NPU is neither Atlas A2 nor A3, "

@@ -27,14 +27,14 @@ from mindspore.communication import GlobalComm, create_group, get_group_size
 class AlltoAllVPacking(nn.Cell):
     """Index arithmetic between the static [R*C] block layout and AlltoAllV's segments."""
 
-    def __init__(self, group_size: int, capacity_per_peer: int):
+    def __init__(self, group_size: int, max_tokens_per_rank: int):
         super().__init__()
         self.group_size = group_size
-        self.capacity = capacity_per_peer
-        slots = group_size * capacity_per_peer
+        self.capacity = max_tokens_per_rank
+        slots = group_size * max_tokens_per_rank
         # Static per-slot coordinates of the [R*C] layout: block (rank) and row inside it.
-        self._slot_block = ops.arange(slots, dtype=ms.int32) // capacity_per_peer       # [R*C]
-        self._slot_row = ops.arange(slots, dtype=ms.int32) % capacity_per_peer          # [R*C]
+        self._slot_block = ops.arange(slots, dtype=ms.int32) // max_tokens_per_rank       # [R*C]
+        self._slot_row = ops.arange(slots, dtype=ms.int32) % max_tokens_per_rank          # [R*C]
         self._compact_row = ops.arange(slots + group_size, dtype=ms.int32)              # [R*C+R]
 
     def segment_lengths(self, counts):
@@ -76,9 +76,9 @@ class AlltoAllVPacking(nn.Cell):
 class _OneWayRows(nn.Cell):
     """(send_rows [R*C, ...], send_counts [R], recv_counts [R]) -> recv_rows [R*C, ...]."""
 
-    def __init__(self, group: str, group_size: int, capacity_per_peer: int):
+    def __init__(self, group: str, group_size: int, max_tokens_per_rank: int):
         super().__init__()
-        self.packing = AlltoAllVPacking(group_size, capacity_per_peer)
+        self.packing = AlltoAllVPacking(group_size, max_tokens_per_rank)
         self.all_to_all_v = ops.AlltoAllV(group=group, block_size=1)
         # AlltoAllV reads its split sizes on the host; MindFormers moves them there with MoveTo,
         # which exists in GRAPH_MODE only (PyNative passes device tensors directly).
@@ -147,22 +147,23 @@ class HcclExchangeRows(nn.Cell):
     """All-to-all-v of rows over HCCL: AlltoAll of counts, then AlltoAllV of the counted rows.
 
     ``(send_rows [R*C, ...], send_counts [R] int32) -> (recv_rows [R*C, ...], recv_counts [R])``
-    with R = ``len(group_ranks)`` and C = ``capacity_per_peer``. Differentiable w.r.t. send_rows
+    with R = ``len(group_ranks)`` and C = ``max_tokens_per_rank``. Differentiable w.r.t. send_rows
     (reverse exchange). Ascend only; build after ``mindspore.communication.init()``.
     """
 
-    def __init__(self, group_ranks: Sequence[int], capacity_per_peer: int):
+    def __init__(self, group_ranks: Sequence[int], max_tokens_per_rank: int):
         super().__init__()
-        if not isinstance(capacity_per_peer, int) or capacity_per_peer <= 0:
-            raise ValueError(f"capacity_per_peer must be a positive int, got {capacity_per_peer!r}")
+        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank <= 0:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got "
+                             f"{max_tokens_per_rank!r}")
         self.group_ranks = tuple(group_ranks)
-        self.capacity_per_peer = capacity_per_peer
+        self.max_tokens_per_rank = max_tokens_per_rank
         group = exchange_group_name(self.group_ranks)
         if group != GlobalComm.WORLD_COMM_GROUP:
             ensure_hccl_group(group, self.group_ranks)
         size = len(self.group_ranks)
         self._counts = ops.AlltoAll(split_count=size, split_dim=0, concat_dim=0, group=group)
-        self._rows = _ReversibleRows(_OneWayRows(group, size, capacity_per_peer))
+        self._rows = _ReversibleRows(_OneWayRows(group, size, max_tokens_per_rank))
 
     def construct(self, send_rows, send_counts):
         recv_counts = self._counts(send_counts)
@@ -173,4 +174,4 @@ class HcclExchangeRows(nn.Cell):
         return self
 
     def extend_repr(self):
-        return f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}"
+        return f"group_ranks={self.group_ranks}, max_tokens_per_rank={self.max_tokens_per_rank}"

@@ -5,8 +5,8 @@ Both transports have the same interface::
     recv_rows, recv_counts = exchange(send_rows, send_counts)
 
 ``send_rows`` [R*C, ...] holds, for every destination rank d of the group, a block of C rows
-(C = ``capacity_per_peer``) of which the first ``send_counts[d]`` are sent. ``recv_rows`` [R*C, ...]
-holds, in block s, the rows received from source rank s (``recv_counts[s]`` of them) and, after
+(C = ``max_tokens_per_rank``) of which the first ``send_counts[d]`` are sent. ``recv_rows``
+[R*C, ...] holds, in block s, the rows received from source rank s (``recv_counts[s]`` of them) and, after
 them, zeros. The gradient is the reverse exchange: ``d send_rows = exchange(d recv_rows,
 recv_counts)[0]``.
 
@@ -46,12 +46,12 @@ from .window import (DEFAULT_SLOT_BYTES, CommWindow, group_shares_memory, world_
 TRANSPORTS = ("auto", "shm", "allgather")
 
 
-def _check_capacity(capacity_per_peer: int) -> None:
-    if not isinstance(capacity_per_peer, int) or capacity_per_peer < 0:
-        raise ValueError(f"capacity_per_peer must be an int >= 0, got {capacity_per_peer!r}")
+def _check_max_tokens_per_rank(max_tokens_per_rank: int) -> None:
+    if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 0:
+        raise ValueError(f"max_tokens_per_rank must be an int >= 0, got {max_tokens_per_rank!r}")
 
 
-def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
+def exchange_kernel(world_size: int, max_tokens_per_rank: int, bprop=None,
                     zero_tail: bool = True) -> ops.Custom:
     """The exchange Custom op: (send_rows, send_counts, window_id) -> (rows, counts).
 
@@ -60,9 +60,9 @@ def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
 
     def output_shapes(send_rows, send_counts, window_id):
         rows = send_rows[0]
-        if rows >= 0 and rows != world_size * capacity_per_peer:
-            raise ValueError(f"send_rows has {rows} rows; expected world_size * capacity_per_peer "
-                             f"= {world_size} * {capacity_per_peer}")
+        if rows >= 0 and rows != world_size * max_tokens_per_rank:
+            raise ValueError(f"send_rows has {rows} rows; expected world_size * "
+                             f"max_tokens_per_rank = {world_size} * {max_tokens_per_rank}")
         return list(send_rows), [world_size]
 
     kernel_name = "MoeEpExchangeRows" if zero_tail else "MoeEpExchangeRowsKeepTail"
@@ -70,7 +70,7 @@ def exchange_kernel(world_size: int, capacity_per_peer: int, bprop=None,
                      out_dtype=lambda send_rows, send_counts, window_id:
                      (send_rows, mstype.int32),
                      bprop=bprop, shape_key={"world_size": world_size,
-                                             "capacity_per_peer": capacity_per_peer},
+                                             "max_tokens_per_rank": max_tokens_per_rank},
                      side_effect=True)  # never pruned, never reordered (module doc)
 
 
@@ -78,24 +78,24 @@ class ExchangeRows(KernelCell):
     """All-to-all-v of rows through a shared-memory window (ranks of one host).
 
     ``(send_rows [R*C, ...] any dtype, send_counts [R] int32) -> (recv_rows [R*C, ...],
-    recv_counts [R] int32)`` with R = ``window.world_size`` and C = ``capacity_per_peer``.
+    recv_counts [R] int32)`` with R = ``window.world_size`` and C = ``max_tokens_per_rank``.
     Counts outside [0, C] fail with a message naming the value. Differentiable w.r.t. send_rows
     (reverse exchange) in PYNATIVE and GRAPH_MODE. ``zero_tail=False``: rows past
     ``recv_counts[s]`` in block s are unspecified (module doc), and so are the gradient's rows
     past ``send_counts``.
     """
 
-    def __init__(self, window: CommWindow, capacity_per_peer: int, zero_tail: bool = True):
+    def __init__(self, window: CommWindow, max_tokens_per_rank: int, zero_tail: bool = True):
         super().__init__()
-        _check_capacity(capacity_per_peer)
+        _check_max_tokens_per_rank(max_tokens_per_rank)
         self.window = window
-        self.capacity_per_peer = capacity_per_peer
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.zero_tail = bool(zero_tail)
         self._window_id = window.id_tensor  # [1] int32, read by the kernel
         # With zero_tail, the reverse exchange zeroes its tails too: the gradient of unsent send
         # rows (0). Without, they stay unspecified like the forward's: a step then touches only
         # the rows it sends, whatever the buffers' worst-case size.
-        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer,
+        reverse_exchange = exchange_kernel(window.world_size, max_tokens_per_rank,
                                            zero_tail=self.zero_tail)
 
         def bprop(send_rows, send_counts, window_id, out, dout):
@@ -104,7 +104,7 @@ class ExchangeRows(KernelCell):
             d_send_rows, _ = reverse_exchange(d_recv_rows, recv_counts, window_id)
             return d_send_rows, ops.zeros_like(send_counts), ops.zeros_like(window_id)
 
-        self._exchange = exchange_kernel(window.world_size, capacity_per_peer, bprop,
+        self._exchange = exchange_kernel(window.world_size, max_tokens_per_rank, bprop,
                                          self.zero_tail)
 
     def construct(self, send_rows, send_counts):
@@ -112,10 +112,10 @@ class ExchangeRows(KernelCell):
 
     def keep_tail(self) -> "ExchangeRows":
         """The same exchange (same window, same step sequence) with unspecified tails."""
-        return ExchangeRows(self.window, self.capacity_per_peer, zero_tail=False)
+        return ExchangeRows(self.window, self.max_tokens_per_rank, zero_tail=False)
 
     def extend_repr(self):
-        return (f"window={self.window!r}, capacity_per_peer={self.capacity_per_peer}, "
+        return (f"window={self.window!r}, max_tokens_per_rank={self.max_tokens_per_rank}, "
                 f"zero_tail={self.zero_tail}")
 
 
@@ -123,12 +123,12 @@ class _GroupAllGather(nn.Cell):
     """Base of the two halves of AllGatherExchangeRows: a world AllGather plus the group layout."""
 
     def __init__(self, world_size: int, group_ranks: Sequence[int], group_rank: int,
-                 capacity_per_peer: int):
+                 max_tokens_per_rank: int):
         super().__init__()
         self._world_size = world_size
         self._group_size = len(group_ranks)
         self._group_rank = group_rank
-        self._capacity = capacity_per_peer
+        self._max_tokens_per_rank = max_tokens_per_rank
         self._sources = Tensor(list(group_ranks), mstype.int32)  # [R] world ranks of the group
         self._all_gather = ops.AllGather(group=GlobalComm.WORLD_COMM_GROUP)
 
@@ -142,7 +142,7 @@ class _AllGatherCounts(_GroupAllGather):
 
     def construct(self, send_counts):
         all_counts = self._all_gather(send_counts).reshape(self._world_size, self._group_size)
-        in_range = ops.logical_and(all_counts >= 0, all_counts <= self._capacity).all()
+        in_range = ops.logical_and(all_counts >= 0, all_counts <= self._max_tokens_per_rank).all()
         self._require_in_range(in_range, [all_counts])
         return ops.gather(all_counts, self._sources, 0)[:, self._group_rank]
 
@@ -161,20 +161,22 @@ class _AllGatherRows(_GroupAllGather):
         self._zero_tail = zero_tail
 
     def construct(self, send_rows, recv_counts):
-        world, group_size, capacity = self._world_size, self._group_size, self._capacity
+        world, group_size, rows_per_rank = (self._world_size, self._group_size,
+                                             self._max_tokens_per_rank)
         payload_dtype = send_rows.dtype
         rows = ops.depend(send_rows, recv_counts)
         if payload_dtype == mstype.bfloat16:
             rows = rows.astype(mstype.float32)
         row_shape = rows.shape[1:]
         gathered = self._all_gather(rows)  # [world*R*C, ...]
-        blocks = gathered.reshape((world, group_size, capacity) + row_shape)
+        blocks = gathered.reshape((world, group_size, rows_per_rank) + row_shape)
         blocks = ops.gather(blocks, self._sources, 0)[:, self._group_rank]  # [R, C, ...]
         if self._zero_tail:
-            keep = ops.arange(capacity).reshape(1, capacity) < recv_counts.reshape(group_size, 1)
-            keep = keep.reshape((group_size, capacity) + (1,) * len(row_shape))  # [R, C, 1...]
+            keep = (ops.arange(rows_per_rank).reshape(1, rows_per_rank)
+                    < recv_counts.reshape(group_size, 1))
+            keep = keep.reshape((group_size, rows_per_rank) + (1,) * len(row_shape))  # [R,C,1..]
             blocks = ops.where(keep, blocks, ops.zeros_like(blocks))
-        recv_rows = blocks.reshape((group_size * capacity,) + row_shape)
+        recv_rows = blocks.reshape((group_size * rows_per_rank,) + row_shape)
         if payload_dtype == mstype.bfloat16:
             recv_rows = recv_rows.astype(mstype.bfloat16)
         return recv_rows
@@ -216,21 +218,21 @@ class AllGatherExchangeRows(nn.Cell):
     rows past ``recv_counts[s]`` in block s are unspecified (module doc).
     """
 
-    def __init__(self, capacity_per_peer: int, group_ranks: Optional[Sequence[int]] = None,
+    def __init__(self, max_tokens_per_rank: int, group_ranks: Optional[Sequence[int]] = None,
                  rank: Optional[int] = None, zero_tail: bool = True):
         super().__init__()
-        _check_capacity(capacity_per_peer)
+        _check_max_tokens_per_rank(max_tokens_per_rank)
         world_group = GlobalComm.WORLD_COMM_GROUP
         world_size = get_group_size(world_group)
         rank = get_rank(world_group) if rank is None else rank
         group_ranks = list(range(world_size)) if group_ranks is None else list(group_ranks)
         if rank not in group_ranks:
             raise ValueError(f"group_ranks {group_ranks} must contain rank {rank}")
-        self.capacity_per_peer = capacity_per_peer
+        self.max_tokens_per_rank = max_tokens_per_rank
         self.group_ranks = tuple(group_ranks)
         self.rank = rank
         self.zero_tail = bool(zero_tail)
-        layout = (world_size, group_ranks, group_ranks.index(rank), capacity_per_peer)
+        layout = (world_size, group_ranks, group_ranks.index(rank), max_tokens_per_rank)
         self._counts = _AllGatherCounts(*layout)
         self._rows = _ReversibleRows(self._counts,
                                      _AllGatherRows(*layout, zero_tail=self.zero_tail),
@@ -242,7 +244,7 @@ class AllGatherExchangeRows(nn.Cell):
 
     def keep_tail(self) -> "AllGatherExchangeRows":
         """The same exchange (same group) with unspecified tails."""
-        return AllGatherExchangeRows(self.capacity_per_peer, self.group_ranks, self.rank,
+        return AllGatherExchangeRows(self.max_tokens_per_rank, self.group_ranks, self.rank,
                                      zero_tail=False)
 
     def __call__(self, *args, **kwargs):
@@ -252,11 +254,11 @@ class AllGatherExchangeRows(nn.Cell):
             if "assert failed" not in str(error):
                 raise
             raise KernelError(f"AllGatherExchangeRows: a send_counts value on some rank is outside "
-                              f"[0, {self.capacity_per_peer}] (capacity_per_peer); MindSpore's "
+                              f"[0, {self.max_tokens_per_rank}] (max_tokens_per_rank); MindSpore's "
                               f"Assert printed the gathered counts [world, R] above") from error
 
     def extend_repr(self):
-        return (f"group_ranks={self.group_ranks}, capacity_per_peer={self.capacity_per_peer}, "
+        return (f"group_ranks={self.group_ranks}, max_tokens_per_rank={self.max_tokens_per_rank}, "
                 f"zero_tail={self.zero_tail}")
 
 
@@ -266,7 +268,7 @@ def _every_group_shares_memory(group_ranks: Sequence[int]) -> bool:
     return bool(world_all_gather([int(own_group_local)]).all())
 
 
-def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
+def make_exchange(max_tokens_per_rank: int, *, transport: str = "auto",
                   group_ranks: Optional[Sequence[int]] = None, rank: Optional[int] = None,
                   slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 60.0,
                   attach_timeout_s: float = 300.0,
@@ -283,7 +285,7 @@ def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    _check_capacity(capacity_per_peer)
+    _check_max_tokens_per_rank(max_tokens_per_rank)
     world_group = GlobalComm.WORLD_COMM_GROUP
     rank = get_rank(world_group) if rank is None else rank
     if group_ranks is None:
@@ -298,5 +300,5 @@ def make_exchange(capacity_per_peer: int, *, transport: str = "auto",
         window = CommWindow.open(group_ranks, rank, slot_bytes, timeout_s, attach_timeout_s,
                                  timeout_setting=timeout_setting,
                                  window_transport=window_transport)
-        return ExchangeRows(window, capacity_per_peer, zero_tail)
-    return AllGatherExchangeRows(capacity_per_peer, group_ranks, rank, zero_tail)
+        return ExchangeRows(window, max_tokens_per_rank, zero_tail)
+    return AllGatherExchangeRows(max_tokens_per_rank, group_ranks, rank, zero_tail)

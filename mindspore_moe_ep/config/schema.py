@@ -352,8 +352,8 @@ class RuntimeConfig(_Section):
     host_blocking_run: bool = option(
         "CPU: run MindSpore's host tasks on the calling thread (sets MS_DEV_HOST_BLOCKING_RUN=1) "
         "instead of a worker thread that the caller busy-waits for. With several ranks per "
-        "host the busy wait takes the cores of the ranks that compute (measured: 2.5x faster "
-        "training steps at EP 4 on 2 cores). Already set when the package is imported "
+        "host the busy wait takes the cores of the ranks that compute (figures: "
+        "docs/performance.md). Already set when the package is imported "
         "(host_defaults.py; MOE_EP_HOST_DEFAULTS=0 turns that off); false makes setup_runtime "
         "undo the import's setting (effective before MindSpore first queues work). An "
         "MS_DEV_HOST_BLOCKING_RUN already in the environment wins.", default=True)
@@ -362,9 +362,8 @@ class RuntimeConfig(_Section):
         "expert) pair, as inference always does, and recompute them in the backward pass. The "
         "forward pass then keeps only the delivered token rows for backward, instead of four "
         "per-pair buffers sized for the worst case (R * max_tokens_per_rank * top_k rows); the "
-        "experts' forward runs twice (measured on one CPU process, T=2048, hidden 2048: 1.37x "
-        "the time of a forward + backward). Needs a dropless layer (router.capacity_factor "
-        "null) and the CPU kernels.", default=False)
+        "experts' forward runs twice (its cost: docs/performance.md). Needs a dropless layer "
+        "(router.capacity_factor null) and the CPU kernels.", default=False)
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,16 @@ class ExpertParallelLayout(KernelCell):
     """``expert_ids [T, K]`` -> ``(send_token_index [R, C], send_counts [R], token_slot [T, R],
     send_local_ids [R, C, K])``; see the kernel's header comment."""
 
-    def __init__(self, world_size, capacity_per_rank, experts_per_rank):
+    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank):
         super().__init__()
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._layout = custom_op(
             "MoeEpExpertParallelLayout",
-            out_shape=lambda ids, epr: ([world_size, capacity_per_rank], [world_size],
+            out_shape=lambda ids, epr: ([world_size, max_tokens_per_rank], [world_size],
                                         [ids[0], world_size],
-                                        [world_size, capacity_per_rank, ids[1]]),
+                                        [world_size, max_tokens_per_rank, ids[1]]),
             out_dtype=lambda ids, epr: (mstype.int32,) * 4,
-            shape_key={"world_size": world_size, "capacity_per_rank": capacity_per_rank})
+            shape_key={"world_size": world_size, "max_tokens_per_rank": max_tokens_per_rank})
 
     def construct(self, expert_ids):
         return self._layout(expert_ids, self._experts_per_rank)
@@ -94,10 +94,10 @@ class FusedDispatch(KernelCell):
     Combine needs (see the kernel's header comment).
     """
 
-    def __init__(self, world_size, capacity_per_rank, experts_per_rank, top_k, window):
+    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, top_k, window):
         super().__init__()
-        rows = world_size * capacity_per_rank * min(top_k, experts_per_rank)
-        slots = world_size * capacity_per_rank
+        rows = world_size * max_tokens_per_rank * min(top_k, experts_per_rank)
+        slots = world_size * max_tokens_per_rank
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._window_id = window.id_tensor
         self._dispatch = custom_op(
@@ -146,9 +146,9 @@ class FusedDeliver(KernelCell):
     here) and routing weights; the experts then run row by row (``ExpertsWeightedSum``).
     """
 
-    def __init__(self, world_size, capacity_per_rank, experts_per_rank, window):
+    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, window):
         super().__init__()
-        slots = world_size * capacity_per_rank
+        slots = world_size * max_tokens_per_rank
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._window_id = window.id_tensor
         self._deliver = custom_op(
@@ -195,15 +195,15 @@ class DeliverRows(KernelCell):
     then the sum of each token's returned row gradients.
     """
 
-    def __init__(self, window, capacity_per_peer):
+    def __init__(self, window, max_tokens_per_rank):
         super().__init__()
         self._window_id = window.id_tensor
         gather_sum = gather_sum_op()
         # The rows' gradient keeps unspecified tails (only gather_sum reads it, at the sent
         # rows); the notes' is zeroed past the counts (MindSpore's element-wise ops read it).
-        reverse_exchange_rows = exchange_kernel(window.world_size, capacity_per_peer,
+        reverse_exchange_rows = exchange_kernel(window.world_size, max_tokens_per_rank,
                                                 zero_tail=False)
-        reverse_exchange_notes = exchange_kernel(window.world_size, capacity_per_peer)
+        reverse_exchange_notes = exchange_kernel(window.world_size, max_tokens_per_rank)
 
         def bprop(x, send_token_index, send_counts, token_slot, notes, window_id, out, dout):
             recv_rows, recv_notes, recv_counts = out
@@ -245,15 +245,15 @@ class ExpertsCombine(KernelCell):
     differentiable.
     """
 
-    def __init__(self, window, capacity_per_peer, round_rows):
+    def __init__(self, window, max_tokens_per_rank, round_rows):
         super().__init__()
-        if not 1 <= round_rows <= max(capacity_per_peer, 1):
-            raise ValueError(f"round_rows must be in [1, {max(capacity_per_peer, 1)}] (rows per "
+        if not 1 <= round_rows <= max(max_tokens_per_rank, 1):
+            raise ValueError(f"round_rows must be in [1, {max(max_tokens_per_rank, 1)}] (rows per "
                              f"source block), got {round_rows}")
         self._window_id = window.id_tensor
         self._round_rows = _int32_scalar(round_rows)
         gather_sum_in_blocks = gather_sum_in_blocks_op()
-        reverse_exchange = exchange_kernel(window.world_size, capacity_per_peer,
+        reverse_exchange = exchange_kernel(window.world_size, max_tokens_per_rank,
                                            zero_tail=False)  # read at the counted rows only
         experts_grad = experts_weighted_sum_grad_op()
 
