@@ -79,11 +79,21 @@ def target_rows(results):
                      f"(float32 grouped: {fmt(s['ratio_f32'])}x)", ">= 3x",
                      fmt(s["ratio_bf16"]) + "x", verdict(s["met"])])
     if "end_to_end" in results:
-        s = results["end_to_end"]["summary"]
-        cpu = (f" (CPU time per step: {fmt(s['cpu_time_ratio'])}x less)"
-               if s.get("cpu_time_ratio") else "")
-        rows.append(["end_to_end", f"MoE layer fwd+bwd tokens/s at EP 4 vs {s.get('peer')}{cpu}",
-                     ">= 2x", fmt(s["ratio"]) + "x", verdict(s["met"])])
+        what = {"train_vs_fairscale": "training step vs fairscale MOELayer",
+                "train_vs_torch_ep": "training step vs PyTorch index-based EP",
+                "train_of_bound": "training step / its compute bound",
+                "prefill_vs_torch_ep": "prefill vs PyTorch index-based EP",
+                "decode_vs_torch_ep": "decode vs PyTorch index-based EP"}
+        for target, name in what.items():
+            verdicts = [v for v in results["end_to_end"]["summary"]["verdicts"]
+                        if v["target"] == target]
+            if not verdicts:
+                continue
+            values = ", ".join(f"{fmt(v['value'])} (T={v['tokens_per_rank']})"
+                               for v in verdicts)
+            rows.append(["end_to_end", f"{name}, EP 4, as a user runs it",
+                         verdicts[0]["goal"], values,
+                         verdict(all(v["met"] for v in verdicts))])
     return rows
 
 
@@ -208,19 +218,17 @@ def details(results):
     if "end_to_end" in results:
         r = results["end_to_end"]
         c = r["config"]
-        res = r["results"]
-        def row(name, side):
-            cpu_s = side.get("cpu_s")
-            return [name, fmt(side["step_s"] * 1e3, 0), fmt(side["tokens_per_s"], 0),
-                    fmt(cpu_s, 2) if cpu_s is not None else "-"]
-        rows = [row("mindspore_moe_ep MoELayer", res["mindspore_moe_ep"])]
-        if "peer" in res:
-            rows.append(row(res["peer"]["implementation"], res["peer"]))
+        rows = [[row["phase"], row["tokens_per_rank"], fmt(row["ours_ms"], 1),
+                 fmt(row["torch_ep_ms"], 1), fmt(row["fairscale_ms"], 1),
+                 fmt(row["vs_torch_ep"]), fmt(row["vs_fairscale"]),
+                 fmt(row["compute_bound_ms"], 1), fmt(row["of_bound"])] for row in r["rows"]]
         parts.append(f"### end_to_end\n\nEP {c['ranks']}, {c['experts']} experts, top-"
-                     f"{c['top_k']}, T={c['tokens_per_rank']}/rank, H={c['hidden']}, "
-                     f"F={c['ffn']}, forward + backward.\n\n"
-                     + bc.table(["implementation", "step ms", "tokens/s (4 ranks)",
-                                 "CPU s per step (4 ranks)"], rows))
+                     f"{c['top_k']}, H={c['hidden']}, F={c['ffn']}, {c['dtype']}; ours: "
+                     f"{c['ours']}; PyTorch {c['torch_threads_per_process']} thread per "
+                     f"process. Milliseconds per step (slowest rank's best).\n\n"
+                     + bc.table(["phase", "T/rank", "ours ms", "PyTorch EP ms",
+                                 "fairscale ms", "x PyTorch EP", "x fairscale", "bound ms",
+                                 "of bound"], rows))
     return "\n\n".join(parts)
 
 
