@@ -148,6 +148,11 @@ class MoELayer(nn.Cell):
         self.last_num_dropped = statistic("last_num_dropped", np.zeros(1, np.int32))
         self.last_aux_loss = statistic("last_aux_loss", np.zeros((), np.float32))
         self.last_z_loss = statistic("last_z_loss", np.zeros((), np.float32))
+        # The expert-load window (load_stats): row s % W holds forward s's routed_per_expert.
+        self.load_window = config.parallel.load_window_steps
+        self.load_history = statistic("load_history", np.zeros(
+            (self.load_window, model.num_experts), np.float32))                       # [W, E]
+        self.load_steps = statistic("load_steps", np.zeros(1, np.int32))   # forwards since reset
 
     def __call__(self, x, *args, **kwargs):
         """Checks ``x`` and ``phase`` before any work (see :meth:`check_input`); under expert
@@ -227,7 +232,15 @@ class MoELayer(nn.Cell):
         ops.assign(self.last_num_dropped, num_dropped)
         ops.assign(self.last_aux_loss, aux_loss)
         ops.assign(self.last_z_loss, z_loss)
+        self._record_load(routed_per_expert)
         return output.reshape(input_shape).astype(x.dtype)
+
+    def _record_load(self, routed_per_expert):
+        """Writes this forward's routed_per_expert [E] into the load window's next row (no
+        communication: the ranks are summed by :meth:`load_stats`)."""
+        slot = self.load_steps % self.load_window                                 # [1]
+        ops.scatter_update(self.load_history, slot, routed_per_expert.reshape(1, -1))
+        ops.assign_add(self.load_steps, ops.ones((1,), ms.int32))
 
     def _grouped_step(self, dispatcher, x, expert_ids, routing_weights):
         """dispatch -> grouped experts -> combine: (y [T, H], tokens_per_expert, num_dropped)."""
@@ -330,6 +343,40 @@ class MoELayer(nn.Cell):
             "aux_loss": float(self.last_aux_loss.asnumpy()),
             "z_loss": float(self.last_z_loss.asnumpy()),
         }
+
+    def load_stats(self):
+        """Expert load over the last ``parallel.load_window_steps`` forwards, summed over every
+        rank of the world (the expert-parallel group and its data-parallel replicas).
+
+        Under msrun a collective: every rank must call it together (same as
+        :meth:`update_expert_bias`); the step itself records without communication. Returns
+        the dict of :func:`mindspore_moe_ep.load_balancing.load_stats_from_window`:
+        ``tokens_per_expert`` [E], ``tokens_per_expert_per_step`` [S, E] (oldest first),
+        ``rank_loads`` [R] (expert e lives on rank e // L), their max/mean
+        (``rank_load_max_over_mean``, ``expert_load_max_over_mean``), ``window_steps``,
+        ``window_capacity``, ``total_steps``, this rank's ``local_tokens_per_expert`` [E],
+        ``expert_parallel`` and ``data_parallel``. Forwards in eval mode count too.
+        """
+        from .load_balancing import load_stats_from_window
+        local = np.rint(self.load_history.asnumpy()).astype(np.int64)               # [W, E]
+        steps = int(self.load_steps.asnumpy()[0])
+        total = local
+        if self.group.world_size > 1:
+            from .comm.window import world_all_gather
+            gathered = world_all_gather(np.concatenate([[steps], local.reshape(-1)]))
+            if (gathered[:, 0] != steps).any():  # the same on every rank: all raise together
+                raise RuntimeError(f"load_stats: the ranks recorded different numbers of "
+                                   f"forwards {gathered[:, 0].tolist()} since the last reset; "
+                                   f"call the layer and reset_load_stats on every rank")
+            total = gathered[:, 1:].sum(axis=0).reshape(local.shape)
+        return load_stats_from_window(total, local, steps, self.group.size,
+                                      self.group.world_size // self.group.size)
+
+    def reset_load_stats(self):
+        """Empties the load window (this rank only; call it on every rank, e.g. after each
+        :meth:`load_stats`, for windows that do not overlap)."""
+        self.load_history.set_data(Tensor(np.zeros(self.load_history.shape, np.float32)))
+        self.load_steps.set_data(Tensor(np.zeros(1, np.int32)))
 
     def update_expert_bias(self, tokens_per_expert=None):
         """One aux-loss-free balancing step from observed load.

@@ -12,7 +12,10 @@ Under msrun (the prompts are spread round-robin over the ranks; every rank holds
 fused Dispatch/Combine), greedy or sampled (--temperature, --top-p, --seed), until byte 0 (end of
 sequence) or --max-new-tokens. Prints each prompt's text and the serving timings: time to first
 token, time per output token, decode tokens/s, and the dispatcher and experts path of each phase;
---json prints everything as one JSON object instead. A first, untimed pass on the same shapes
+--json prints everything as one JSON object instead; --load-stats FILE writes each MoE layer's
+expert load over the timed generation (``layer.load_stats()``: its prefill and decode steps, up to
+``parallel.load_window_steps`` of them) as ``{"layers": [stats, ...]}`` (plot it with
+scripts/plot_expert_load.py). A first, untimed pass on the same shapes
 compiles the graphs (GRAPH_MODE) and warms up the kernels (--no-warmup skips it).
 """
 import json
@@ -48,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--with-logits", action="store_true",
                         help="include each prompt's first-token logits in the JSON")
     parser.add_argument("--no-warmup", action="store_true", help="time the first pass too")
+    parser.add_argument("--load-stats", default=None, metavar="FILE",
+                        help="write the MoE layers' expert load of the timed generation here "
+                             "(JSON, rank 0)")
     return parser.parse_args(argv)
 
 
@@ -79,6 +85,15 @@ def gather_results(result, ids, world_size):
     words = world_all_gather(padded.view(np.int32))                    # [W, n]
     return [json.loads(words[rank].view(np.uint8)[:sizes[rank]].tobytes())
             for rank in range(world_size)]
+
+
+def write_load_stats(model, path, rank):
+    """Every MoE layer's load_stats() (a collective) to ``path`` as JSON (rank 0 writes)."""
+    from mindspore_moe_ep.load_balancing import load_stats_to_json
+    layers = [load_stats_to_json(layer.load_stats()) for layer in model.moe_layers()]
+    if rank == 0:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"layers": layers}, handle)
 
 
 def phase_paths(model, tokens, phase):
@@ -129,7 +144,11 @@ def main(argv=None):
     local_prompts = [prompts[index] for index in ids]
     if not args.no_warmup:  # compile (GRAPH_MODE) and warm up on the same shapes, untimed
         generator.generate(local_prompts, min(args.max_new_tokens, 2), sampling, longest, ids)
+    for layer in model.moe_layers():
+        layer.reset_load_stats()    # the load window covers the timed generation only
     result = generator.generate(local_prompts, args.max_new_tokens, sampling, longest, ids)
+    if args.load_stats:
+        write_load_stats(model, args.load_stats, rank)
     per_rank = gather_results(result, ids, world_size)
 
     by_id = {}

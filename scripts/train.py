@@ -12,7 +12,10 @@ Under msrun (DP x EP; --expert-parallel defaults to the worker count), see scrip
 
 Prints one line per logged step (loss, validation loss when computed, learning rate, gradient
 norm, tokens/s, per-MoE-layer expert load max/mean and dropped tokens) and writes the same to
-``OUT/metrics.jsonl``, one JSON object per logged step. Checkpoints go to ``OUT/step_NNNNNN``
+``OUT/metrics.jsonl``, one JSON object per logged step, and each MoE layer's expert-load window
+since the previous logged step (``layer.load_stats()``, training forwards only) to
+``OUT/expert_load.jsonl``, ``{"step": N, "layers": [stats, ...]}`` per logged step (plot it with
+scripts/plot_expert_load.py). Checkpoints go to ``OUT/step_NNNNNN``
 every ``train.checkpoint_every`` steps and at the end; ``--resume DIR`` continues from DIR's
 latest checkpoint (bit-exactly at the same EP size; at another, the experts are resharded).
 """
@@ -67,11 +70,26 @@ def format_record(record, steps):
     return "  ".join(parts)
 
 
-def metrics_file(out_dir, start_step, rank):
-    """OUT/metrics.jsonl for appending (rank 0), keeping only records up to ``start_step``."""
+def window_load_record(model, step):
+    """{"step", "layers": [each MoE layer's load_stats() as JSON]} (a collective), then empties
+    the windows."""
+    from mindspore_moe_ep.load_balancing import load_stats_to_json
+    layers = [load_stats_to_json(layer.load_stats()) for layer in model.moe_layers()]
+    reset_load_windows(model)
+    return {"step": step, "layers": layers}
+
+
+def reset_load_windows(model):
+    for layer in model.moe_layers():
+        layer.reset_load_stats()
+
+
+def metrics_file(out_dir, start_step, rank, name="metrics.jsonl"):
+    """OUT/<name> (JSON lines with a "step") for appending (rank 0), keeping only records up to
+    ``start_step``."""
     if rank != 0:
         return None
-    path = os.path.join(out_dir, "metrics.jsonl")
+    path = os.path.join(out_dir, name)
     kept = []
     if start_step and os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
@@ -128,6 +146,7 @@ def main(argv=None):
                 f"{meta['expert_parallel']})", PREFIX)
     os.makedirs(args.out, exist_ok=True)
     metrics = metrics_file(args.out, start_step, rank)
+    load_file = metrics_file(args.out, start_step, rank, "expert_load.jsonl")
 
     def evaluate():
         """Mean validation loss over all ranks, in chunks of a training step's sequences."""
@@ -165,8 +184,13 @@ def main(argv=None):
                       "tokens_per_s": train.global_batch_size * train.seq_len / elapsed,
                       "load_max_over_mean": [load for load, _ in loads],
                       "dropped_tokens": [dropped for _, dropped in loads]}
+            load_record = window_load_record(model, done)
             if evaluate_now:
                 record["val_loss"] = evaluate()
+                reset_load_windows(model)   # the windows count training forwards only
+            if load_file:
+                load_file.write(json.dumps(load_record) + "\n")
+                load_file.flush()
             run.log(format_record(record, train.steps), PREFIX)
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
@@ -178,8 +202,9 @@ def main(argv=None):
                      "last_record": record}
             path = save_checkpoint(args.out, done, model, step_cell.optimizer, config, extra)
             run.log(f"checkpoint {path}", PREFIX)
-    if metrics:
-        metrics.close()
+    for handle in (metrics, load_file):
+        if handle:
+            handle.close()
     if "val_loss" in record:
         run.log(f"final validation loss {record['val_loss']:.4f} nats/byte after {train.steps} "
                 f"steps (a uniform guess: ln 256 = {math.log(256):.3f})", PREFIX)

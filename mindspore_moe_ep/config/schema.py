@@ -276,6 +276,11 @@ class ParallelConfig(_Section):
     data_parallel: Optional[int] = option(
         "Number of expert-parallel groups; null means world_size / expert_parallel, decided at "
         "run time.", default=None, ge=1)
+    load_window_steps: int = option(
+        "Forward steps each MoE layer keeps in its expert-load window: a ring buffer of the "
+        "tokens per expert of the last load_window_steps forwards, updated in the step without "
+        "communication and summed over all ranks only by layer.load_stats() (a collective; "
+        "docs/load_balancing.md).", default=100, ge=1)
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` ranks, checking that the sizes fit."""

@@ -49,9 +49,11 @@ def step_directory_name(step):
 
 
 def is_model_state(name):
-    """Whether a Parameter is saved: not a KV cache, not a layer's last-forward statistic."""
+    """Whether a Parameter is saved: not a KV cache, not a layer's statistic (last forward,
+    load window)."""
     leaf = name.rsplit(".", 1)[-1]
-    return leaf not in ("k_cache", "v_cache") and not leaf.startswith("last_")
+    return (leaf not in ("k_cache", "v_cache", "load_history", "load_steps")
+            and not leaf.startswith("last_"))
 
 
 def _base_name(name):
