@@ -12,7 +12,8 @@ rank holds; R * S >= E, and R * S - E of them are redundant), H ranks per host.
    This greedy order minimises the largest load per replica for the given number of slots.
 2. **Pack.** The replicas, in descending load (ties: expert id), each go to the eligible rank
    with the least expected load so far (ties: rank index). Eligible: a free slot, no replica of
-   the same expert yet. With ``ranks_per_host`` a rank on a host that has no replica of the
+   the same expert yet (if no rank is, :func:`_make_room` moves one replica to make one). With
+   ``ranks_per_host`` a rank on a host that has no replica of the
    expert yet comes first, whatever its load, whenever one is eligible: replicas spread over
    as many hosts as slots allow, so each host can serve the hot experts' tokens itself.
 
@@ -165,6 +166,8 @@ def _pack(loads, replicas, num_ranks, slots_per_rank, ranks_per_host):
         hosts_with_expert = {host_of[rank] for rank in range(num_ranks) if expert in held[rank]}
         eligible = [rank for rank in range(num_ranks)
                     if len(held[rank]) < slots_per_rank and expert not in held[rank]]
+        if not eligible:
+            eligible = [_make_room(expert, held, rank_load, slots_per_rank, loads, replicas)]
         # Host rule first (only with ranks_per_host), then load, then rank index.
         rank = min(eligible, key=lambda r: (ranks_per_host is not None
                                             and host_of[r] in hosts_with_expert,
@@ -172,6 +175,26 @@ def _pack(loads, replicas, num_ranks, slots_per_rank, ranks_per_host):
         held[rank].append(expert)
         rank_load[rank] += load
     return np.concatenate([sorted(experts) for experts in held]).astype(np.int64)
+
+
+def _make_room(expert, held, rank_load, slots_per_rank, loads, replicas):
+    """A dead end of pass 2: every rank with a free slot already holds ``expert``. Moves one
+    replica from the least loaded rank r without ``expert`` to the least loaded rank q with a
+    free slot (the lightest replica of r that q lacks; one exists, since r holds S replicas and
+    q fewer) and returns r, which then takes ``expert``. Ties: rank index, expert id."""
+    num_ranks = len(held)
+    free = min((rank for rank in range(num_ranks) if len(held[rank]) < slots_per_rank),
+               key=lambda rank: (rank_load[rank], rank))
+    source = min((rank for rank in range(num_ranks) if expert not in held[rank]),
+                 key=lambda rank: (rank_load[rank], rank))
+    moved = min((other for other in held[source] if other not in held[free]),
+                key=lambda other: (loads[other] / replicas[other], other))
+    held[source].remove(moved)
+    held[free].append(moved)
+    share = loads[moved] / replicas[moved]
+    rank_load[source] -= share
+    rank_load[free] += share
+    return source
 
 
 def plan_placement(expert_loads: Sequence[float], num_ranks: int, slots_per_rank: int,
