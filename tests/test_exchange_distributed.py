@@ -172,7 +172,7 @@ def test_no_segment_is_left_after_kill_9(fault_run):
 # ---- segment validation (this process) --------------------------------------------------------
 
 SEGMENT_MAGIC = 0x4E49575045454F4D  # "MOEEPWIN"
-LAYOUT_VERSION = 4  # comm_window.cc kLayoutVersion
+LAYOUT_VERSION = 4  # comm_window_segment.h kLayoutVersion
 SLOT_BYTES = 4096
 
 
@@ -197,7 +197,8 @@ def plant_segment(token: str, size: int, header: bytes = b"") -> str:
 
 
 def segment_header(world_size: int, token: bytes, magic: int = SEGMENT_MAGIC) -> bytes:
-    """The SegmentHeader of comm_window.cc: magic, version, world size, token, slot size, ready."""
+    """The SegmentHeader (comm_window_segment.h): magic, version, world size, token, slot size,
+    ready."""
     return struct.pack("<QII16sQI", magic, LAYOUT_VERSION, world_size, token, SLOT_BYTES, 1)
 
 

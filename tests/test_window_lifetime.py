@@ -3,7 +3,7 @@ creating rank dies before its peers attached.
 
 - A killed creator (kill -9 while a peer has not attached yet: msrun stopping a job while a rank
   is still compiling) leaves no /dev/shm segment: the creator's watcher unlinks it within a
-  fraction of a second (comm_window.cc, StartSegmentReaper).
+  fraction of a second (comm_window_lifecycle.cc, StartSegmentReaper).
 - Rebuilding a layer many times (the recovery after a failed step) does not accumulate windows:
   a layer's windows close when it is garbage-collected or on ``layer.close()``.
 """

@@ -35,7 +35,7 @@
 // a few milliseconds, after which the rank checks on its peers, so a waiting rank gives its
 // core away without losing failure detection.
 //
-// Life cycle (see SharedMemoryWindow in comm_window.cc):
+// Life cycle (see comm_window_lifecycle.h):
 //   - rank 0 of the group creates the segment /dev/shm/moe-ep-<job token> (mode 0600) and
 //     writes a header (magic, version, world size, job token, slot size); the job token is
 //     128 random bits drawn once per window and shared by the Python side;
@@ -51,7 +51,20 @@
 // reported an error, and a peer that makes no progress within `timeout_s`.
 //
 // Python opens and closes windows through the C functions MoeEpWindowOpen / MoeEpWindowClose
-// (comm_window.cc); kernels find an open window by its integer id with FindCommWindow().
+// (comm_window_c_api.cc); kernels find an open window by its integer id with FindCommWindow().
+//
+// The implementation, one concept per file (internal headers: comm_window_*.h):
+//   comm_window_segment.h       the segment's layout: header, rank records, slots
+//   comm_window_lifecycle.*     creating, attaching to and unlinking the segment; the watcher
+//                               ("reaper") and rank 0's creation-failure notice
+//   comm_window_peers.*         watching peers (pidfds), doorbell waits, timeouts and the
+//                               errors naming ranks, message checks
+//   comm_window_single_copy.cc  the transport agreement and reads of a peer's memory
+//   comm_window_shared_memory.h SharedMemoryWindow and what its steps share
+//                               (comm_window_steps.cc)
+//   comm_window_exchange.cc, comm_window_pull.cc, comm_window_share.cc   the three protocols
+//   comm_window_registry.*      opening windows and the registry of open ones
+//   comm_window_c_api.cc        the exported MoeEpWindow... functions
 #ifndef MOE_EP_COMM_WINDOW_H_
 #define MOE_EP_COMM_WINDOW_H_
 

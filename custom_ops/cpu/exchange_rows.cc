@@ -46,37 +46,44 @@ int64_t ElementBytes(const TensorArg &tensor) {
   Fail(kInvalidArgument, tensor.name, " has unsupported dtype ", dtype);
 }
 
-// Checks the tensors of one call and describes the exchange they ask for.
-RowExchange DescribeExchange(const std::vector<TensorArg> &args, int world_size) {
-  const TensorArg &send_rows = args[0];
-  const TensorArg &send_counts = args[1];
-  const TensorArg &recv_rows = args[3];
-  const TensorArg &recv_counts = args[4];
+// The tensors of MoeEpExchangeRows and MoeEpExchangeRowsKeepTail, named in the order MindSpore
+// passes them.
+struct ExchangeRowsArgs {
+  static constexpr const char *kNames[] = {
+      "send_rows", "send_counts", "window_id",
+      "recv_rows", "recv_counts"};
+  TensorArg send_rows, send_counts, window_id;  // inputs
+  TensorArg recv_rows, recv_counts;  // outputs
+};
 
-  if (send_rows.rank < 1 || send_rows.dim(0) % world_size != 0) {
-    Fail(kInvalidArgument, "send_rows has shape ", send_rows.ShapeString(),
+// Checks the tensors of one call and describes the exchange they ask for.
+RowExchange DescribeExchange(const ExchangeRowsArgs &args, int world_size) {
+  if (args.send_rows.rank < 1 || args.send_rows.dim(0) % world_size != 0) {
+    Fail(kInvalidArgument, "send_rows has shape ", args.send_rows.ShapeString(),
          "; its first dimension must be world_size * capacity_per_peer (world_size = ",
          world_size, ")");
   }
-  recv_rows.RequireSameDtype(send_rows);
-  recv_rows.RequireRank(send_rows.rank);
-  for (int axis = 0; axis < send_rows.rank; ++axis) {
-    recv_rows.RequireDim(axis, send_rows.dim(axis), "the same dimension of send_rows");
+  args.recv_rows.RequireSameDtype(args.send_rows);
+  args.recv_rows.RequireRank(args.send_rows.rank);
+  for (int axis = 0; axis < args.send_rows.rank; ++axis) {
+    args.recv_rows.RequireDim(axis, args.send_rows.dim(axis), "the same dimension of send_rows");
   }
-  for (const TensorArg *counts : {&send_counts, &recv_counts}) {
+  for (const TensorArg *counts : {&args.send_counts, &args.recv_counts}) {
     counts->RequireDtype("int32");
     counts->RequireRank(1);
     counts->RequireDim(0, world_size, "the world size of the communication window");
   }
 
   RowExchange exchange;
-  exchange.send = send_rows.data_as<const uint8_t>();
-  exchange.send_counts = send_counts.data_as<const int32_t>();
-  exchange.recv = recv_rows.data_as<uint8_t>();
-  exchange.recv_counts = recv_counts.data_as<int32_t>();
-  exchange.capacity = send_rows.dim(0) / world_size;
+  exchange.send = args.send_rows.data_as<const uint8_t>();
+  exchange.send_counts = args.send_counts.data_as<const int32_t>();
+  exchange.recv = args.recv_rows.data_as<uint8_t>();
+  exchange.recv_counts = args.recv_counts.data_as<int32_t>();
+  exchange.capacity = args.send_rows.dim(0) / world_size;
   exchange.row_bytes =
-      exchange.capacity == 0 ? 0 : send_rows.numel() / send_rows.dim(0) * ElementBytes(send_rows);
+      exchange.capacity == 0
+          ? 0
+          : args.send_rows.numel() / args.send_rows.dim(0) * ElementBytes(args.send_rows);
   return exchange;
 }
 
@@ -84,14 +91,12 @@ RowExchange DescribeExchange(const std::vector<TensorArg> &args, int world_size)
 int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void **params,
                       int *ndims, int64_t **shapes, const char **dtypes) {
   return RunKernel(kernel_name, [&] {
-    const std::vector<TensorArg> args =
-        BindArgs(nparam, params, ndims, shapes, dtypes,
-                 {"send_rows", "send_counts", "window_id", "recv_rows", "recv_counts"});
-    const TensorArg &window_id = args[2];
-    window_id.RequireDtype("int32");
-    window_id.RequireRank(1);
-    window_id.RequireDim(0, 1, "1");
-    const std::shared_ptr<CommWindow> window = FindCommWindow(window_id.data_as<const int32_t>()[0]);
+    const auto args = BindArgsAs<ExchangeRowsArgs>(nparam, params, ndims, shapes, dtypes);
+    args.window_id.RequireDtype("int32");
+    args.window_id.RequireRank(1);
+    args.window_id.RequireDim(0, 1, "1");
+    const std::shared_ptr<CommWindow> window =
+        FindCommWindow(args.window_id.data_as<const int32_t>()[0]);
     RowExchange exchange =
         AbandonOnFailure(*window, [&] { return DescribeExchange(args, window->world_size()); });
     exchange.zero_tail = zero_tail;
@@ -102,55 +107,65 @@ int RunExchangeKernel(const char *kernel_name, bool zero_tail, int nparam, void 
 
 constexpr char kDeliverRowsOperation[] = "DeliverRows (prefill)";
 
-void DeliverRows(const std::vector<TensorArg> &args) {
-  const TensorArg &x = args[0], &send_token_index = args[1], &send_counts = args[2];
-  const TensorArg &notes = args[4], &recv_rows = args[6], &recv_notes = args[7];
-  const TensorArg &recv_counts = args[8];
-  const std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[5]));
+// The tensors of MoeEpDeliverRows, named in the order MindSpore passes them; token_slot is read
+// only by the gradient.
+struct DeliverRowsArgs {
+  static constexpr const char *kNames[] = {
+      "x", "send_token_index", "send_counts", "token_slot", "notes", "window_id",
+      "recv_rows", "recv_notes", "recv_counts"};
+  TensorArg x, send_token_index, send_counts, token_slot, notes, window_id;  // inputs
+  TensorArg recv_rows, recv_notes, recv_counts;  // outputs
+};
+
+void DeliverRows(const DeliverRowsArgs &args) {
+  const std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   AbandonOnFailure(*window, [&] {
-    x.RequireRank(2);
-    send_token_index.RequireDtype("int32");
-    send_token_index.RequireRank(2);
-    send_token_index.RequireDim(0, world_size, "the world size of the communication window");
-    notes.RequireDtype("float32");
-    notes.RequireRank(2);
-    notes.RequireDim(0, world_size * send_token_index.dim(1), "send_token_index's R * C slots");
-    recv_rows.RequireSameDtype(x);
-    recv_rows.RequireDim(0, notes.dim(0), "notes.shape[0] (R * C slots)");
-    recv_rows.RequireDim(1, x.dim(1), "x.shape[1] (hidden)");
-    recv_notes.RequireSameDtype(notes);
-    for (const TensorArg *counts : {&send_counts, &recv_counts}) {
+    args.x.RequireRank(2);
+    args.send_token_index.RequireDtype("int32");
+    args.send_token_index.RequireRank(2);
+    args.send_token_index.RequireDim(0, world_size,
+                                     "the world size of the communication window");
+    args.notes.RequireDtype("float32");
+    args.notes.RequireRank(2);
+    args.notes.RequireDim(0, world_size * args.send_token_index.dim(1),
+                          "send_token_index's R * C slots");
+    args.recv_rows.RequireSameDtype(args.x);
+    args.recv_rows.RequireDim(0, args.notes.dim(0), "notes.shape[0] (R * C slots)");
+    args.recv_rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+    args.recv_notes.RequireSameDtype(args.notes);
+    for (const TensorArg *counts : {&args.send_counts, &args.recv_counts}) {
       counts->RequireDtype("int32");
       counts->RequireRank(1);
       counts->RequireDim(0, world_size, "the world size of the communication window");
     }
-    const int32_t *counts = send_counts.data_as<const int32_t>();
-    const int32_t *tokens = send_token_index.data_as<const int32_t>();
+    const int32_t *counts = args.send_counts.data_as<const int32_t>();
+    const int32_t *tokens = args.send_token_index.data_as<const int32_t>();
     for (int64_t rank = 0; rank < world_size; ++rank) {
       for (int64_t i = 0; i < counts[rank]; ++i) {  // counts are checked by the window
-        const int64_t index = rank * send_token_index.dim(1) + i;
-        if (i >= send_token_index.dim(1) || tokens[index] < 0 || tokens[index] >= x.dim(0)) {
-          Fail(kOutOfRange, "send_token_index", send_token_index.IndexString(index), " = ",
-               i < send_token_index.dim(1) ? tokens[index] : -1, " is not a token of x (",
-               x.dim(0), " rows), or send_counts[", rank, "] = ", counts[rank], " exceeds ",
-               send_token_index.dim(1));
+        const int64_t index = rank * args.send_token_index.dim(1) + i;
+        if (i >= args.send_token_index.dim(1) || tokens[index] < 0 ||
+            tokens[index] >= args.x.dim(0)) {
+          Fail(kOutOfRange, "send_token_index", args.send_token_index.IndexString(index), " = ",
+               i < args.send_token_index.dim(1) ? tokens[index] : -1, " is not a token of x (",
+               args.x.dim(0), " rows), or send_counts[", rank, "] = ", counts[rank], " exceeds ",
+               args.send_token_index.dim(1));
         }
       }
     }
     return 0;
   });
-  const int64_t capacity = send_token_index.dim(1);
-  const int64_t row_bytes = x.dim(1) * ElementBytes(x);
-  const int64_t note_bytes = notes.dim(1) * static_cast<int64_t>(sizeof(float));
-  const int32_t *tokens = send_token_index.data_as<const int32_t>();
-  const int32_t *counts = send_counts.data_as<const int32_t>();
-  const uint8_t *x_bytes = x.data_as<const uint8_t>();
-  uint8_t *rows_out = recv_rows.data_as<uint8_t>();
-  int32_t *received = recv_counts.data_as<int32_t>();
-  const RowExchange note_exchange{notes.data_as<const uint8_t>(), counts,
-                                  recv_notes.data_as<uint8_t>(), received, capacity, note_bytes,
-                                  /*zero_tail=*/true, kDeliverRowsOperation};
+  const int64_t capacity = args.send_token_index.dim(1);
+  const int64_t row_bytes = args.x.dim(1) * ElementBytes(args.x);
+  const int64_t note_bytes = args.notes.dim(1) * static_cast<int64_t>(sizeof(float));
+  const int32_t *tokens = args.send_token_index.data_as<const int32_t>();
+  const int32_t *counts = args.send_counts.data_as<const int32_t>();
+  const uint8_t *x_bytes = args.x.data_as<const uint8_t>();
+  uint8_t *rows_out = args.recv_rows.data_as<uint8_t>();
+  int32_t *received = args.recv_counts.data_as<int32_t>();
+  const RowExchange note_exchange{args.notes.data_as<const uint8_t>(), counts,
+                                  args.recv_notes.data_as<uint8_t>(), received, capacity,
+                                  note_bytes, /*zero_tail=*/true, kDeliverRowsOperation};
   if (!PullDisabled() && window->CanPullRows(capacity, note_bytes)) {
     auto plan = [&](std::vector<std::vector<RowCopy>> &copies) {
       for (int64_t source = 0; source < world_size; ++source) {
@@ -160,11 +175,12 @@ void DeliverRows(const std::vector<TensorArg> &args) {
         }
       }
     };
-    window->PullRows(RowPull{note_exchange, tokens, x_bytes, x.dim(0), row_bytes, plan, nullptr});
+    window->PullRows(
+        RowPull{note_exchange, tokens, x_bytes, args.x.dim(0), row_bytes, plan, nullptr});
     // A pull leaves the tails unspecified; the caller reads a zero note as "no expert". The
     // test aid MOE_EP_POISON_UNUSED_ROWS=1 fills the row tails with all-ones bytes (NaN), as
     // the exchange of the packing way does.
-    uint8_t *notes_out = recv_notes.data_as<uint8_t>();
+    uint8_t *notes_out = args.recv_notes.data_as<uint8_t>();
     const bool poison_rows = PoisonUnusedRows();
     for (int64_t source = 0; source < world_size; ++source) {
       const int64_t first_unused = source * capacity + received[source];
@@ -213,9 +229,7 @@ MOE_EP_EXPORT int MoeEpExchangeRowsKeepTail(int nparam, void **params, int *ndim
 MOE_EP_EXPORT int MoeEpDeliverRows(int nparam, void **params, int *ndims, int64_t **shapes,
                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpDeliverRows", [&] {
-    moe_ep::DeliverRows(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"x", "send_token_index", "send_counts", "token_slot", "notes", "window_id", "recv_rows",
-         "recv_notes", "recv_counts"}));
+    moe_ep::DeliverRows(
+        moe_ep::BindArgsAs<moe_ep::DeliverRowsArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }

@@ -127,25 +127,33 @@ inline int32_t LocalExpertAt(const int32_t *ids, int64_t flat, int64_t rank,
                                               : kNone;
 }
 
-void ExpertParallelLayout(const std::vector<TensorArg> &args) {
-  const TensorArg &expert_ids = args[0], &send_token_index = args[2], &send_counts = args[3],
-                  &token_slot = args[4], &send_local_ids = args[5];
-  const int64_t world_size = send_token_index.dim(0), capacity = send_token_index.dim(1);
-  const int64_t experts_per_rank = CheckRouting(expert_ids, args[1], world_size);
-  const int64_t tokens = expert_ids.dim(0), top_k = expert_ids.dim(1);
-  token_slot.RequireDim(0, tokens, "the number of tokens");
-  const int32_t *ids = expert_ids.data_as<const int32_t>();
+// The tensors of MoeEpExpertParallelLayout, named in the order MindSpore passes them.
+struct ExpertParallelLayoutArgs {
+  static constexpr const char *kNames[] = {
+      "expert_ids", "experts_per_rank",
+      "send_token_index", "send_counts", "token_slot", "send_local_ids"};
+  TensorArg expert_ids, experts_per_rank;  // inputs
+  TensorArg send_token_index, send_counts, token_slot, send_local_ids;  // outputs
+};
+
+void ExpertParallelLayout(const ExpertParallelLayoutArgs &args) {
+  const int64_t world_size = args.send_token_index.dim(0);
+  const int64_t capacity = args.send_token_index.dim(1);
+  const int64_t experts_per_rank = CheckRouting(args.expert_ids, args.experts_per_rank, world_size);
+  const int64_t tokens = args.expert_ids.dim(0), top_k = args.expert_ids.dim(1);
+  args.token_slot.RequireDim(0, tokens, "the number of tokens");
+  const int32_t *ids = args.expert_ids.data_as<const int32_t>();
   const SendPlan plan(ids, tokens, top_k, experts_per_rank, world_size, capacity);
 
-  int32_t *slot_token = send_token_index.data_as<int32_t>();
-  int32_t *slot_of = token_slot.data_as<int32_t>();
-  int32_t *local_ids = send_local_ids.data_as<int32_t>();
+  int32_t *slot_token = args.send_token_index.data_as<int32_t>();
+  int32_t *slot_of = args.token_slot.data_as<int32_t>();
+  int32_t *local_ids = args.send_local_ids.data_as<int32_t>();
   std::fill(slot_token, slot_token + world_size * capacity, kNone);
   std::fill(slot_of, slot_of + tokens * world_size, kNone);
   std::fill(local_ids, local_ids + world_size * capacity * top_k, kNone);
   for (int64_t rank = 0; rank < world_size; ++rank) {
     const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
-    send_counts.data_as<int32_t>()[rank] = static_cast<int32_t>(sent.size());
+    args.send_counts.data_as<int32_t>()[rank] = static_cast<int32_t>(sent.size());
     for (int64_t i = 0; i < static_cast<int64_t>(sent.size()); ++i) {
       const int64_t slot = rank * capacity + i, t = sent[i];
       slot_token[slot] = static_cast<int32_t>(t);
@@ -360,27 +368,35 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
   return messages;
 }
 
-void FusedDispatch(const std::vector<TensorArg> &args) {
-  const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
-  const TensorArg &expand_x = args[5], &tokens_per_local_expert = args[6];
-  const TensorArg &positions = args[7], &recv_weights = args[8], &recv_counts = args[9];
-  const TensorArg &token_slot = args[10];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[4]));
+// The tensors of MoeEpFusedDispatch, named in the order MindSpore passes them.
+struct FusedDispatchArgs {
+  static constexpr const char *kNames[] = {
+      "x", "expert_ids", "weights", "experts_per_rank", "window_id",
+      "expand_x", "tokens_per_local_expert", "positions", "recv_weights", "recv_counts",
+      "token_slot"};
+  TensorArg x, expert_ids, weights, experts_per_rank, window_id;  // inputs
+  // outputs
+  TensorArg expand_x, tokens_per_local_expert, positions, recv_weights, recv_counts, token_slot;
+};
+
+void FusedDispatch(const FusedDispatchArgs &args) {
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   DecodeMessages messages = PrepareDecodeMessages(
-      *window, x, expert_ids, weights, args[3], positions.dim(0) / world_size, token_slot,
+      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank,
+      args.positions.dim(0) / world_size, args.token_slot,
       [&](int64_t experts_per_rank) {
-        expand_x.RequireSameDtype(x);
-        recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
-        tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
+        args.expand_x.RequireSameDtype(args.x);
+        args.recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+        args.tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
       });
   messages.operation = "FusedDispatch (decode)";
-  const int64_t hidden = x.dim(1), token_bytes = messages.token_bytes;
-  const int64_t capacity = messages.capacity, capacity_rows = expand_x.dim(0);
-  int32_t *positions_data = positions.data_as<int32_t>();
-  float *pair_weights = recv_weights.data_as<float>();
-  int32_t *expert_counts = tokens_per_local_expert.data_as<int32_t>();
-  uint8_t *out = expand_x.data_as<uint8_t>();
+  const int64_t hidden = args.x.dim(1), token_bytes = messages.token_bytes;
+  const int64_t capacity = messages.capacity, capacity_rows = args.expand_x.dim(0);
+  int32_t *positions_data = args.positions.data_as<int32_t>();
+  float *pair_weights = args.recv_weights.data_as<float>();
+  int32_t *expert_counts = args.tokens_per_local_expert.data_as<int32_t>();
+  uint8_t *out = args.expand_x.data_as<uint8_t>();
   const ReceivedMessages received = messages.Received();
   int64_t total = 0;  // rows of expand_x filled
   if (messages.pull) {
@@ -420,8 +436,8 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
       }
     };
     window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
-                             x.data_as<const uint8_t>(), x.dim(0), token_bytes, plan_copies,
-                             copy_on});
+                             args.x.data_as<const uint8_t>(), args.x.dim(0), token_bytes,
+                             plan_copies, copy_on});
     StreamingStoreFence();
   } else {
     window->ExchangeRows(messages.Exchange());
@@ -433,12 +449,13 @@ void FusedDispatch(const std::vector<TensorArg> &args) {
   }
   // The rows of expand_x past `total` stay unspecified (the worst-case buffer is mostly tail).
   if (PoisonUnusedRows()) {
-    VisitFloatType(x, [&](auto element) {
+    VisitFloatType(args.x, [&](auto element) {
       using T = decltype(element);
-      FillWithNaN(expand_x.data_as<T>() + total * hidden, (capacity_rows - total) * hidden);
+      FillWithNaN(args.expand_x.data_as<T>() + total * hidden, (capacity_rows - total) * hidden);
     });
   }
-  std::copy(messages.received.begin(), messages.received.end(), recv_counts.data_as<int32_t>());
+  std::copy(messages.received.begin(), messages.received.end(),
+            args.recv_counts.data_as<int32_t>());
 }
 
 // Copies the notes of the received message rows into local_ids [R*C, K] and recv_weights
@@ -463,28 +480,35 @@ void UnpackNotes(const ReceivedMessages &received, int32_t *local_ids, float *re
   }
 }
 
-void FusedDeliver(const std::vector<TensorArg> &args) {
-  const TensorArg &x = args[0], &expert_ids = args[1], &weights = args[2];
-  const TensorArg &rows = args[5], &local_ids = args[6], &recv_weights = args[7];
-  const TensorArg &recv_counts = args[8], &token_slot = args[9];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[4]));
+// The tensors of MoeEpFusedDeliver, named in the order MindSpore passes them.
+struct FusedDeliverArgs {
+  static constexpr const char *kNames[] = {
+      "x", "expert_ids", "weights", "experts_per_rank", "window_id",
+      "rows", "local_ids", "recv_weights", "recv_counts", "token_slot"};
+  TensorArg x, expert_ids, weights, experts_per_rank, window_id;  // inputs
+  TensorArg rows, local_ids, recv_weights, recv_counts, token_slot;  // outputs
+};
+
+void FusedDeliver(const FusedDeliverArgs &args) {
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   DecodeMessages messages = PrepareDecodeMessages(
-      *window, x, expert_ids, weights, args[3], rows.dim(0) / world_size, token_slot,
+      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank,
+      args.rows.dim(0) / world_size, args.token_slot,
       [&](int64_t) {
-        rows.RequireSameDtype(x);
-        rows.RequireDim(1, x.dim(1), "x.shape[1] (hidden)");
-        local_ids.RequireDim(1, expert_ids.dim(1), "top_k");
-        recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
+        args.rows.RequireSameDtype(args.x);
+        args.rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+        args.local_ids.RequireDim(1, args.expert_ids.dim(1), "top_k");
+        args.recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
       });
   messages.operation = "FusedDeliver (decode)";
   const int64_t token_bytes = messages.token_bytes, capacity = messages.capacity;
-  uint8_t *out = rows.data_as<uint8_t>();
+  uint8_t *out = args.rows.data_as<uint8_t>();
   const ReceivedMessages received = messages.Received();
   if (messages.pull) {
     // Each received row is read from its source once, straight into its row of `rows`.
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
-      UnpackNotes(received, local_ids.data_as<int32_t>(), recv_weights.data_as<float>());
+      UnpackNotes(received, args.local_ids.data_as<int32_t>(), args.recv_weights.data_as<float>());
       for (int64_t source = 0; source < world_size; ++source) {
         for (int64_t i = 0; i < received.counts[source]; ++i) {
           copies[source].push_back({i, out + (source * capacity + i) * token_bytes, 0});
@@ -492,11 +516,11 @@ void FusedDeliver(const std::vector<TensorArg> &args) {
       }
     };
     window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
-                             x.data_as<const uint8_t>(), x.dim(0), token_bytes, plan_copies,
-                             nullptr});
+                             args.x.data_as<const uint8_t>(), args.x.dim(0), token_bytes,
+                             plan_copies, nullptr});
   } else {
     window->ExchangeRows(messages.Exchange());
-    UnpackNotes(received, local_ids.data_as<int32_t>(), recv_weights.data_as<float>());
+    UnpackNotes(received, args.local_ids.data_as<int32_t>(), args.recv_weights.data_as<float>());
     for (int64_t source = 0; source < world_size; ++source) {
       for (int64_t i = 0; i < received.counts[source]; ++i) {
         const int64_t j = source * capacity + i;
@@ -507,16 +531,17 @@ void FusedDeliver(const std::vector<TensorArg> &args) {
   }
   // Rows past each block's count stay unspecified.
   if (PoisonUnusedRows()) {
-    VisitFloatType(x, [&](auto element) {
+    VisitFloatType(args.x, [&](auto element) {
       using T = decltype(element);
       for (int64_t source = 0; source < world_size; ++source) {
         const int64_t used = received.counts[source];
-        FillWithNaN(rows.data_as<T>() + (source * capacity + used) * x.dim(1),
-                    (capacity - used) * x.dim(1));
+        FillWithNaN(args.rows.data_as<T>() + (source * capacity + used) * args.x.dim(1),
+                    (capacity - used) * args.x.dim(1));
       }
     });
   }
-  std::copy(messages.received.begin(), messages.received.end(), recv_counts.data_as<int32_t>());
+  std::copy(messages.received.begin(), messages.received.end(),
+            args.recv_counts.data_as<int32_t>());
 }
 
 // Checks recv_counts [R] (each in [0, capacity]: it comes from the matching dispatch) and
@@ -595,79 +620,112 @@ void ReturnAndSum(CommWindow &window, const char *operation, const int32_t *coun
   GatherSum(returned_rows, token_slot, nullptr, y);
 }
 
-void FusedCombine(const std::vector<TensorArg> &args) {
-  const TensorArg &expert_out = args[0], &positions = args[1], &recv_weights = args[2];
-  const TensorArg &recv_counts = args[3], &token_slot = args[4], &y = args[6];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[5]));
+// The tensors of MoeEpFusedCombine, named in the order MindSpore passes them.
+struct FusedCombineArgs {
+  static constexpr const char *kNames[] = {
+      "expert_out", "positions", "recv_weights", "recv_counts", "token_slot", "window_id",
+      "y"};
+  TensorArg expert_out, positions, recv_weights, recv_counts, token_slot, window_id;  // inputs
+  TensorArg y;  // outputs
+};
+
+void FusedCombine(const FusedCombineArgs &args) {
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
-  const int64_t hidden = expert_out.dim(1);
-  const int64_t row_bytes = hidden * (expert_out.dtype == "float32" ? 4 : 2);
+  const int64_t hidden = args.expert_out.dim(1);
+  const int64_t row_bytes = hidden * (args.expert_out.dtype == "float32" ? 4 : 2);
   int64_t capacity = 0, top_k = 0;
   AbandonOnFailure(*window, [&] {
-    expert_out.RequireRank(2);
-    positions.RequireRank(2);
-    positions.RequireDtype("int32");
-    recv_weights.RequireDtype("float32");
-    recv_weights.RequireRank(2);
-    recv_weights.RequireDim(0, positions.dim(0), "the rows of positions");
-    recv_weights.RequireDim(1, positions.dim(1), "top_k");
-    y.RequireSameDtype(expert_out);
-    if (positions.dim(0) % world_size != 0) {
-      Fail(kInvalidArgument, "positions has ", positions.dim(0), " rows, not a multiple of the "
-           "world size ", world_size, ": it does not come from the matching dispatch");
+    args.expert_out.RequireRank(2);
+    args.positions.RequireRank(2);
+    args.positions.RequireDtype("int32");
+    args.recv_weights.RequireDtype("float32");
+    args.recv_weights.RequireRank(2);
+    args.recv_weights.RequireDim(0, args.positions.dim(0), "the rows of positions");
+    args.recv_weights.RequireDim(1, args.positions.dim(1), "top_k");
+    args.y.RequireSameDtype(args.expert_out);
+    if (args.positions.dim(0) % world_size != 0) {
+      Fail(kInvalidArgument, "positions has ", args.positions.dim(0), " rows, not a multiple of "
+           "the world size ", world_size, ": it does not come from the matching dispatch");
     }
-    capacity = positions.dim(0) / world_size;
-    top_k = positions.dim(1);
-    CheckReturnHandle(recv_counts, token_slot, world_size, capacity);
+    capacity = args.positions.dim(0) / world_size;
+    top_k = args.positions.dim(1);
+    CheckReturnHandle(args.recv_counts, args.token_slot, world_size, capacity);
     return 0;
   });
 
   // At the expert rank: one weighted partial sum per received token, over this rank's experts
   // in k order (the local combine's arithmetic). GatherSum checks the positions.
-  const int32_t *counts = recv_counts.data_as<const int32_t>();
+  const int32_t *counts = args.recv_counts.data_as<const int32_t>();
   const auto write_partial_sums = [&](int64_t source, uint8_t *destination) {
     const int64_t block = source * capacity;
     const int64_t block_positions_shape[2] = {counts[source], top_k};
     const int64_t partial_shape[2] = {counts[source], hidden};
-    const TensorArg block_positions{"positions", positions.data_as<int32_t>() + block * top_k, 2,
+    const TensorArg block_positions{"positions",
+                                    args.positions.data_as<int32_t>() + block * top_k, 2,
                                     block_positions_shape, "int32"};
-    const TensorArg block_weights{"recv_weights", recv_weights.data_as<float>() + block * top_k,
-                                  2, block_positions_shape, "float32"};
-    const TensorArg partial{"partial", destination, 2, partial_shape, expert_out.dtype};
+    const TensorArg block_weights{"recv_weights",
+                                  args.recv_weights.data_as<float>() + block * top_k, 2,
+                                  block_positions_shape, "float32"};
+    const TensorArg partial{"partial", destination, 2, partial_shape, args.expert_out.dtype};
     // Streaming stores: the sums are read by another rank (or after all blocks are written).
-    GatherSum(expert_out, block_positions, &block_weights, partial, /*streaming_stores=*/true);
+    GatherSum(args.expert_out, block_positions, &block_weights, partial,
+              /*streaming_stores=*/true);
   };
-  ReturnAndSum(*window, "FusedCombine (decode)", counts, capacity, row_bytes, token_slot, y,
-               write_partial_sums);
+  ReturnAndSum(*window, "FusedCombine (decode)", counts, capacity, row_bytes, args.token_slot,
+               args.y, write_partial_sums);
 }
 
-void FusedReturn(const std::vector<TensorArg> &args) {
-  const TensorArg &partial = args[0], &recv_counts = args[1], &token_slot = args[2];
-  const TensorArg &y = args[4];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[3]));
+// The tensors of MoeEpFusedReturn, named in the order MindSpore passes them.
+struct FusedReturnArgs {
+  static constexpr const char *kNames[] = {
+      "partial", "recv_counts", "token_slot", "window_id",  // inputs
+      "y"};                                                 // outputs
+  TensorArg partial, recv_counts, token_slot, window_id;  // inputs
+  TensorArg y;  // outputs
+};
+
+void FusedReturn(const FusedReturnArgs &args) {
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
-  const int64_t row_bytes = partial.dim(1) * (partial.dtype == "float32" ? 4 : 2);
-  const int64_t capacity = partial.dim(0) / world_size;
+  const int64_t row_bytes = args.partial.dim(1) * (args.partial.dtype == "float32" ? 4 : 2);
+  const int64_t capacity = args.partial.dim(0) / world_size;
   AbandonOnFailure(*window, [&] {
-    partial.RequireRank(2);
-    y.RequireSameDtype(partial);
-    if (partial.dim(0) % world_size != 0) {
-      Fail(kInvalidArgument, "partial has ", partial.dim(0), " rows, not a multiple of the "
+    args.partial.RequireRank(2);
+    args.y.RequireSameDtype(args.partial);
+    if (args.partial.dim(0) % world_size != 0) {
+      Fail(kInvalidArgument, "partial has ", args.partial.dim(0), " rows, not a multiple of the "
            "world size ", world_size, ": it does not come from the matching deliver");
     }
-    CheckReturnHandle(recv_counts, token_slot, world_size, capacity);
+    CheckReturnHandle(args.recv_counts, args.token_slot, world_size, capacity);
     return 0;
   });
-  const int32_t *counts = recv_counts.data_as<const int32_t>();
-  const uint8_t *blocks = partial.data_as<const uint8_t>();
+  const int32_t *counts = args.recv_counts.data_as<const int32_t>();
+  const uint8_t *blocks = args.partial.data_as<const uint8_t>();
   const auto copy_block = [&](int64_t source, uint8_t *destination) {
     // Streaming stores: another rank reads the rows.
     CopyStreaming(destination, blocks + source * capacity * row_bytes, counts[source] * row_bytes);
     StreamingStoreFence();
   };
-  ReturnAndSum(*window, "FusedReturn (decode)", counts, capacity, row_bytes, token_slot, y,
-               copy_block, blocks);
+  ReturnAndSum(*window, "FusedReturn (decode)", counts, capacity, row_bytes, args.token_slot,
+               args.y, copy_block, blocks);
 }
+
+// The tensors of MoeEpGatherRows, named in the order MindSpore passes them; inverse_index (and
+// rows_block_counts) only its gradient reads.
+struct GatherRowsArgs {
+  static constexpr const char *kNames[] = {"rows", "index", "inverse_index",  // inputs
+                                           "out"};                            // outputs
+  TensorArg rows, index, inverse_index;
+  TensorArg out;
+};
+struct GatherRowsOfBlocksArgs {
+  static constexpr const char *kNames[] = {
+      "rows", "index", "inverse_index", "rows_block_counts",  // inputs
+      "out"};                                                 // outputs
+  TensorArg rows, index, inverse_index, rows_block_counts;
+  TensorArg out;
+};
 
 }  // namespace
 }  // namespace moe_ep
@@ -676,49 +734,40 @@ MOE_EP_EXPORT int MoeEpExpertParallelLayout(int nparam, void **params, int *ndim
                                             int64_t **shapes, const char **dtypes,
                                             void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpExpertParallelLayout", [&] {
-    moe_ep::ExpertParallelLayout(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"expert_ids", "experts_per_rank", "send_token_index", "send_counts", "token_slot",
-         "send_local_ids"}));
+    moe_ep::ExpertParallelLayout(moe_ep::BindArgsAs<moe_ep::ExpertParallelLayoutArgs>(
+        nparam, params, ndims, shapes, dtypes));
   });
 }
 
 MOE_EP_EXPORT int MoeEpFusedDispatch(int nparam, void **params, int *ndims, int64_t **shapes,
                                      const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpFusedDispatch", [&] {
-    moe_ep::FusedDispatch(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"x", "expert_ids", "weights", "experts_per_rank", "window_id", "expand_x",
-         "tokens_per_local_expert", "positions", "recv_weights", "recv_counts", "token_slot"}));
+    moe_ep::FusedDispatch(
+        moe_ep::BindArgsAs<moe_ep::FusedDispatchArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
 MOE_EP_EXPORT int MoeEpFusedDeliver(int nparam, void **params, int *ndims, int64_t **shapes,
                                     const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpFusedDeliver", [&] {
-    moe_ep::FusedDeliver(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"x", "expert_ids", "weights", "experts_per_rank", "window_id", "rows", "local_ids",
-         "recv_weights", "recv_counts", "token_slot"}));
+    moe_ep::FusedDeliver(
+        moe_ep::BindArgsAs<moe_ep::FusedDeliverArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
 MOE_EP_EXPORT int MoeEpFusedReturn(int nparam, void **params, int *ndims, int64_t **shapes,
                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpFusedReturn", [&] {
-    moe_ep::FusedReturn(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
-                                         {"partial", "recv_counts", "token_slot", "window_id",
-                                          "y"}));
+    moe_ep::FusedReturn(
+        moe_ep::BindArgsAs<moe_ep::FusedReturnArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
 MOE_EP_EXPORT int MoeEpFusedCombine(int nparam, void **params, int *ndims, int64_t **shapes,
                                     const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpFusedCombine", [&] {
-    moe_ep::FusedCombine(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"expert_out", "positions", "recv_weights", "recv_counts", "token_slot", "window_id",
-         "y"}));
+    moe_ep::FusedCombine(
+        moe_ep::BindArgsAs<moe_ep::FusedCombineArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
@@ -729,13 +778,12 @@ MOE_EP_EXPORT int MoeEpGatherRows(int nparam, void **params, int *ndims, int64_t
                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpGatherRows", [&] {
     if (nparam == 5) {
-      std::vector<moe_ep::TensorArg> args =
-          moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
-                           {"rows", "index", "inverse_index", "rows_block_counts", "out"});
-      return moe_ep::GatherSum(args[0], args[1], nullptr, args[4]);
+      const auto args = moe_ep::BindArgsAs<moe_ep::GatherRowsOfBlocksArgs>(nparam, params, ndims,
+                                                                           shapes, dtypes);
+      return moe_ep::GatherSum(args.rows, args.index, nullptr, args.out);
     }
-    std::vector<moe_ep::TensorArg> args = moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes, {"rows", "index", "inverse_index", "out"});
-    moe_ep::GatherSum(args[0], args[1], nullptr, args[3]);
+    const auto args =
+        moe_ep::BindArgsAs<moe_ep::GatherRowsArgs>(nparam, params, ndims, shapes, dtypes);
+    moe_ep::GatherSum(args.rows, args.index, nullptr, args.out);
   });
 }

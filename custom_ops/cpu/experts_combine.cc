@@ -60,16 +60,28 @@ void CheckTokenSlots(const TensorArg &token_slot, int64_t world_size, int64_t ca
   }
 }
 
+// The tensors of MoeEpExpertsCombine, named in the order MindSpore passes them; slot_token is
+// read only by the gradient.
+struct ExpertsCombineArgs {
+  static constexpr const char *kNames[] = {
+      "rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight", "token_slot",
+      "slot_token", "round_rows", "window_id",
+      "y", "tokens_per_expert"};
+  // inputs
+  TensorArg rows, local_ids, weights, row_counts, gate_up_weight, down_weight, token_slot,
+      slot_token, round_rows, window_id;
+  TensorArg y, tokens_per_expert;  // outputs
+};
+
 template <typename T>
-void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
+void ExpertsCombine(const ExpertsCombineArgs &args, CommWindow &window,
                     const ExpertsShapes &shapes, int64_t round_rows) {
-  const TensorArg &rows = args[0], &local_ids = args[1], &token_slot = args[6], &y = args[10];
   const int64_t world_size = shapes.num_blocks, capacity = shapes.block_rows;
-  const int64_t hidden = shapes.hidden, tokens = token_slot.dim(0);
+  const int64_t hidden = shapes.hidden, tokens = args.token_slot.dim(0);
   const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
   const int64_t rounds = capacity == 0 ? 0 : (capacity + round_rows - 1) / round_rows;
-  const float *weights = args[2].data_as<const float>();
-  const int32_t *slots = token_slot.data_as<const int32_t>();
+  const float *weights = args.weights.data_as<const float>();
+  const int32_t *slots = args.token_slot.data_as<const int32_t>();
 
   // A round's buffers: partial sums to send [R*B, H], returned rows [R*B, H], and for 16-bit
   // types the partial sums in float32 (for float32 they are the send rows themselves).
@@ -77,7 +89,7 @@ void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
   std::unique_ptr<T[]> send(new T[round_elements]), recv(new T[round_elements]);
   std::unique_ptr<float[]> own_partial, own_sums;
   float *partial = reinterpret_cast<float *>(send.get());
-  float *sums = reinterpret_cast<float *>(y.data_as<T>());
+  float *sums = reinterpret_cast<float *>(args.y.data_as<T>());
   if constexpr (!std::is_same_v<T, float>) {
     own_partial.reset(new float[round_elements]);
     partial = own_partial.get();
@@ -102,8 +114,8 @@ void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
                 partial + (source * round_rows + count) * hidden, 0.0f);
     }
     // At the expert rank: the round's partial sums, row (s, offset + i) at send row s * B + i.
-    AddExpertOutputs(shapes, rows, args[4], args[5],
-                     PairsByExpert(local_ids, ranges, shapes.num_experts), weights,
+    AddExpertOutputs(shapes, args.rows, args.gate_up_weight, args.down_weight,
+                     PairsByExpert(args.local_ids, ranges, shapes.num_experts), weights,
                      [&](int64_t row) {
                        const int64_t source = row / capacity;
                        return partial + (source * round_rows + row % capacity - offset) * hidden;
@@ -128,9 +140,9 @@ void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
         const int64_t rank = index % world_size;
         const int64_t i = slots[index] - rank * capacity - offset;
         if (slots[index] != -1 && i >= 0 && i < round_rows && i >= returned[rank]) {
-          Fail(kInternalError, "token_slot", token_slot.IndexString(index), " = ", slots[index],
-               " names a row that rank ", rank, " did not return in round ", round, " (",
-               returned[rank], " rows from slot ", rank * capacity + offset, ")");
+          Fail(kInternalError, "token_slot", args.token_slot.IndexString(index), " = ",
+               slots[index], " names a row that rank ", rank, " did not return in round ", round,
+               " (", returned[rank], " rows from slot ", rank * capacity + offset, ")");
         }
       }
       return 0;
@@ -150,46 +162,47 @@ void ExpertsCombine(const std::vector<TensorArg> &args, CommWindow &window,
   if constexpr (!std::is_same_v<T, float>) {
     ParallelFor(tokens, min_rows_per_thread, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        RoundRow(sums + t * hidden, hidden, y.data_as<T>() + t * hidden);
+        RoundRow(sums + t * hidden, hidden, args.y.data_as<T>() + t * hidden);
       }
     });
   }
 }
 
-void RunExpertsCombine(const std::vector<TensorArg> &args) {
-  const TensorArg &rows = args[0], &local_ids = args[1], &row_counts = args[3];
-  const TensorArg &token_slot = args[6], &y = args[10], &tokens_per_expert = args[11];
-  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args[9]));
+void RunExpertsCombine(const ExpertsCombineArgs &args) {
+  std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   // Every check before the first exchange: a failure abandons the window, so the peers
   // waiting in this step get the reason at once instead of a timeout.
   int64_t round_rows = 0;
   const ExpertsShapes shapes = AbandonOnFailure(*window, [&] {
     const ExpertsShapes checked =
-        CheckExpertsInputs(rows, local_ids, args[2], row_counts, args[4], args[5]);
-    row_counts.RequireDim(0, world_size, "the expert-parallel world size");
-    CheckTokenSlots(token_slot, world_size, checked.block_rows);
-    round_rows = ScalarInput(args[8]);
+        CheckExpertsInputs(args.rows, args.local_ids, args.weights, args.row_counts,
+                           args.gate_up_weight, args.down_weight);
+    args.row_counts.RequireDim(0, world_size, "the expert-parallel world size");
+    CheckTokenSlots(args.token_slot, world_size, checked.block_rows);
+    round_rows = ScalarInput(args.round_rows);
     if (round_rows < 1 || round_rows > std::max<int64_t>(checked.block_rows, 1)) {
       Fail(kInvalidArgument, "round_rows = ", round_rows, "; expected 1 to ",
            std::max<int64_t>(checked.block_rows, 1), " (rows per source block)");
     }
-    y.RequireSameDtype(rows);
-    y.RequireRank(2);
-    y.RequireDim(0, token_slot.dim(0), "token_slot.shape[0] (tokens)");
-    y.RequireDim(1, checked.hidden, "rows.shape[1] (hidden)");
-    tokens_per_expert.RequireDtype("int32");
-    tokens_per_expert.RequireRank(1);
-    tokens_per_expert.RequireDim(0, checked.num_experts, "gate_up_weight.shape[0] (experts)");
+    args.y.RequireSameDtype(args.rows);
+    args.y.RequireRank(2);
+    args.y.RequireDim(0, args.token_slot.dim(0), "token_slot.shape[0] (tokens)");
+    args.y.RequireDim(1, checked.hidden, "rows.shape[1] (hidden)");
+    args.tokens_per_expert.RequireDtype("int32");
+    args.tokens_per_expert.RequireRank(1);
+    args.tokens_per_expert.RequireDim(0, checked.num_experts,
+                                      "gate_up_weight.shape[0] (experts)");
     // Checks every local id, and counts the pairs of each expert.
     const PairsPerExpert pairs =
-        PairsByExpert(local_ids, UsedRows(checked), checked.num_experts);
+        PairsByExpert(args.local_ids, UsedRows(checked), checked.num_experts);
     for (int64_t expert = 0; expert < checked.num_experts; ++expert) {
-      tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
+      args.tokens_per_expert.data_as<int32_t>()[expert] =
+          static_cast<int32_t>(pairs[expert].size());
     }
     return checked;
   });
-  VisitFloatType(rows, [&](auto element) {
+  VisitFloatType(args.rows, [&](auto element) {
     ExpertsCombine<decltype(element)>(args, *window, shapes, round_rows);
   });
 }
@@ -200,9 +213,7 @@ void RunExpertsCombine(const std::vector<TensorArg> &args) {
 MOE_EP_EXPORT int MoeEpExpertsCombine(int nparam, void **params, int *ndims, int64_t **shapes,
                                       const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpExpertsCombine", [&] {
-    moe_ep::RunExpertsCombine(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight",
-         "token_slot", "slot_token", "round_rows", "window_id", "y", "tokens_per_expert"}));
+    moe_ep::RunExpertsCombine(
+        moe_ep::BindArgsAs<moe_ep::ExpertsCombineArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }

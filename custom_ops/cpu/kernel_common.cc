@@ -92,16 +92,19 @@ int32_t ScalarInput(const TensorArg &scalar) {
 
 std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, std::initializer_list<const char *> names) {
-  if (nparam != static_cast<int>(names.size())) {
-    Fail(kInvalidArgument, "expected ", names.size(), " tensors (inputs and outputs), got ",
-         nparam);
+  return BindArgs(nparam, params, ndims, shapes, dtypes, names.begin(), names.size());
+}
+
+std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, const char *const *names, size_t count) {
+  if (nparam != static_cast<int>(count)) {
+    Fail(kInvalidArgument, "expected ", count, " tensors (inputs and outputs), got ", nparam);
   }
   std::vector<TensorArg> args;
-  args.reserve(names.size());
-  int index = 0;
-  for (const char *name : names) {
-    args.push_back(TensorArg{name, params[index], ndims[index], shapes[index], dtypes[index]});
-    ++index;
+  args.reserve(count);
+  for (size_t index = 0; index < count; ++index) {
+    args.push_back(TensorArg{names[index], params[index], ndims[index], shapes[index],
+                             dtypes[index]});
   }
   return args;
 }

@@ -15,11 +15,13 @@
 #include <cstring>
 #include <exception>
 #include <initializer_list>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel_for.h"
@@ -68,9 +70,9 @@ template <typename... Parts>
 void RecordError(const char *kernel_name, const char *message, bool peers_informed = false);
 
 // Called with "<kernel>: <message>" whenever a kernel of this process fails without its peers
-// having been told. The communication windows set it (comm_window.cc): a rank whose kernel
-// failed will not reach its next exchange, so its peers are told at once instead of waiting
-// for the exchange timeout.
+// having been told. The communication windows set it (comm_window_registry.cc): a rank whose
+// kernel failed will not reach its next exchange, so its peers are told at once instead of
+// waiting for the exchange timeout.
 using KernelFailureListener = void (*)(const std::string &reason);
 void SetKernelFailureListener(KernelFailureListener listener);
 
@@ -126,6 +128,26 @@ int32_t ScalarInput(const TensorArg &scalar);
 // Throws if the number of tensors differs from the number of names.
 std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, std::initializer_list<const char *> names);
+std::vector<TensorArg> BindArgs(int nparam, void **params, int *ndims, int64_t **shapes,
+                                const char **dtypes, const char *const *names, size_t count);
+
+// `Args` built from its members in order (see BindArgsAs).
+template <typename Args, size_t... index>
+Args ArgsFromTensors(std::vector<TensorArg> &tensors, std::index_sequence<index...>) {
+  return Args{std::move(tensors[index])...};
+}
+
+// The inputs and outputs of one kernel call as the struct `Args`, whose TensorArg members are
+// declared in the order of its `kNames` (inputs, then outputs, as MindSpore passes them): a
+// kernel names its tensors in one place and reads them by name. Throws like BindArgs.
+template <typename Args>
+Args BindArgsAs(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  constexpr size_t count = std::size(Args::kNames);
+  static_assert(sizeof(Args) == count * sizeof(TensorArg), "one TensorArg member per name");
+  std::vector<TensorArg> tensors =
+      BindArgs(nparam, params, ndims, shapes, dtypes, Args::kNames, count);
+  return ArgsFromTensors<Args>(tensors, std::make_index_sequence<count>{});
+}
 
 // ---------------------------------------------------------------------------------------------
 // Element types
