@@ -1,7 +1,9 @@
 """Expert parallelism under msrun (2 and 4 CPU workers) against single-process results.
 
 One msrun launch per world size runs every case of distributed/ep_layer_worker.py (PYNATIVE_MODE,
-plus a representative GRAPH_MODE subset); the tests below read the per-rank reports:
+plus a representative GRAPH_MODE subset), which runs the subject workers in sequence (routing,
+forward, gradients, dp_ep, bad input: distributed/ep_layer_*_worker.py, each also runnable alone
+under msrun); the tests below read the per-rank reports:
 
 - both dispatchers, driven directly on payload rows encoding (source rank, token, column):
   grouped rows and counts bitwise, combine after a fake expert, over many seeded random
