@@ -82,6 +82,7 @@ def plot(out, steps, tokens, ranks, title):
     heat.set_title(title)
     figure.colorbar(image, ax=heat, label="tokens")
     bars.bar(np.arange(ranks.size), ranks)
+    bars.set_xticks(np.arange(ranks.size))
     bars.axhline(ranks.mean(), color="black", linestyle="--", label="mean")
     bars.set_xlabel("expert-parallel rank")
     bars.set_ylabel("tokens")

@@ -13,9 +13,9 @@ rank holds; R * S >= E, and R * S - E of them are redundant), H ranks per host.
 2. **Pack.** The replicas, in descending load (ties: expert id), each go to the eligible rank
    with the least expected load so far (ties: rank index). Eligible: a free slot, no replica of
    the same expert yet (if no rank is, :func:`_make_room` moves one replica to make one). With
-   ``ranks_per_host`` a rank on a host that has no replica of the
-   expert yet comes first, whatever its load, whenever one is eligible: replicas spread over
-   as many hosts as slots allow, so each host can serve the hot experts' tokens itself.
+   ``ranks_per_host`` an eligible rank on a host without a replica of the expert comes first,
+   whatever its load, whenever one exists: replicas spread over as many hosts as the free slots
+   allow (not always all hosts), so more hosts can serve a hot expert's tokens themselves.
 
 Since every rank ends with exactly S replicas, pass 2 is list scheduling (LPT) with a
 cardinality constraint and a conflict rule. **Bound** (without ``ranks_per_host``; p_max = the
