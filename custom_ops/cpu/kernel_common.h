@@ -2,6 +2,12 @@
 // floating-point element types (float32 / float16 / bfloat16). The parallel loop is in
 // parallel_for.h (included here, since most kernels use it).
 //
+// Notation of every kernel's shape comments (mindspore_moe_ep/dispatcher.py): T tokens on this
+// rank, H hidden, K experts per token, E experts, L local experts, R ranks of the expert-parallel
+// group, C = max_tokens_per_rank (rows per source rank of the static buffers: the "slot layout"
+// is R blocks of C rows, the first counts[r] of block r used); "capacity" only means the expert
+// drop limit.
+//
 // Every kernel entry point has MindSpore's AOT signature
 //   extern "C" int Name(int nparam, void **params, int *ndims, int64_t **shapes,
 //                       const char **dtypes, void *stream, void *extra);
