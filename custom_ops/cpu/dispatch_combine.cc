@@ -56,6 +56,69 @@ void RequireIndicesInRange(const TensorArg &ids, int64_t lowest, int64_t limit) 
   }
 }
 
+// The tensors of each kernel, in MindSpore's order (inputs, then outputs); the "InBlocks" forms
+// carry the optional block_counts input (see the header comment).
+struct DispatchArgs {
+  static constexpr const char *kNames[] = {"x", "expert_ids", "capacity", "grouped_x",
+                                           "positions", "tokens_per_expert", "num_dropped"};
+  TensorArg x, expert_ids, capacity;                              // inputs
+  TensorArg grouped_x, positions, tokens_per_expert, num_dropped;  // outputs
+};
+
+struct DispatchInBlocksArgs {
+  static constexpr const char *kNames[] = {"x", "expert_ids", "capacity", "block_counts",
+                                           "grouped_x", "positions", "tokens_per_expert",
+                                           "num_dropped"};
+  TensorArg x, expert_ids, capacity, block_counts;                // inputs
+  TensorArg grouped_x, positions, tokens_per_expert, num_dropped;  // outputs
+  // The forward does not read block_counts (only the gradient's gather-sum does).
+  DispatchArgs WithoutBlockCounts() const {
+    return {x, expert_ids, capacity, grouped_x, positions, tokens_per_expert, num_dropped};
+  }
+};
+
+struct CombineArgs {
+  static constexpr const char *kNames[] = {"expert_out", "positions", "weights", "y"};
+  TensorArg expert_out, positions, weights;  // inputs
+  TensorArg y;                               // output
+};
+
+struct CombineInBlocksArgs {
+  static constexpr const char *kNames[] = {"expert_out", "positions", "weights",
+                                           "block_counts", "y"};
+  TensorArg expert_out, positions, weights, block_counts;  // inputs
+  TensorArg y;                                             // output
+};
+
+struct GatherSumArgs {
+  static constexpr const char *kNames[] = {"rows", "positions", "y"};
+  TensorArg rows, positions;  // inputs
+  TensorArg y;                // output
+};
+
+struct GatherSumInBlocksArgs {
+  static constexpr const char *kNames[] = {"rows", "positions", "block_counts", "y"};
+  TensorArg rows, positions, block_counts;  // inputs
+  TensorArg y;                              // output
+};
+
+struct CombineGradArgs {
+  static constexpr const char *kNames[] = {"dy", "expert_out", "positions", "weights",
+                                           "d_expert_out", "d_weights"};
+  TensorArg dy, expert_out, positions, weights;  // inputs
+  TensorArg d_expert_out, d_weights;             // outputs
+};
+
+struct CombineGradInBlocksArgs {
+  static constexpr const char *kNames[] = {"dy", "expert_out", "positions", "weights",
+                                           "block_counts", "d_expert_out", "d_weights"};
+  TensorArg dy, expert_out, positions, weights, block_counts;  // inputs
+  TensorArg d_expert_out, d_weights;                           // outputs
+  CombineGradArgs WithoutBlockCounts() const {
+    return {dy, expert_out, positions, weights, d_expert_out, d_weights};
+  }
+};
+
 // Checks that positions [T, K] refers to rows of a [num_rows, H] tensor, -1 meaning "none".
 void CheckPositions(const TensorArg &positions, int64_t num_tokens, int64_t num_rows) {
   positions.RequireRank(2);
@@ -160,10 +223,10 @@ void PackRows(const T *x, int64_t num_tokens, int64_t top_k, int64_t hidden,
   }
 }
 
-void Dispatch(const std::vector<TensorArg> &args) {
-  const TensorArg &x = args[0], &expert_ids = args[1], &capacity = args[2];
-  const TensorArg &grouped_x = args[3], &positions = args[4];
-  const TensorArg &tokens_per_expert = args[5], &num_dropped = args[6];
+void Dispatch(const DispatchArgs &args) {
+  const TensorArg &x = args.x, &expert_ids = args.expert_ids, &capacity = args.capacity;
+  const TensorArg &grouped_x = args.grouped_x, &positions = args.positions;
+  const TensorArg &tokens_per_expert = args.tokens_per_expert, &num_dropped = args.num_dropped;
 
   x.RequireRank(2);
   expert_ids.RequireRank(2);
@@ -507,11 +570,11 @@ void CombineBackward(const T *dy, const T *expert_out, int64_t num_rows, int64_t
   }
 }
 
-// args: dy, expert_out, positions, weights, d_expert_out, d_weights; `in_blocks`: the
-// gradient of the combine into the slot layout (see the header comment).
-void CombineGrad(const std::vector<TensorArg> &args, bool in_blocks) {
-  const TensorArg &dy = args[0], &expert_out = args[1], &positions = args[2];
-  const TensorArg &weights = args[3], &d_expert_out = args[4], &d_weights = args[5];
+// `in_blocks`: the gradient of the combine into the slot layout (see the header comment).
+void CombineGrad(const CombineGradArgs &args, bool in_blocks) {
+  const TensorArg &dy = args.dy, &expert_out = args.expert_out, &positions = args.positions;
+  const TensorArg &weights = args.weights, &d_expert_out = args.d_expert_out;
+  const TensorArg &d_weights = args.d_weights;
 
   dy.RequireRank(2);
   expert_out.RequireRank(2);
@@ -558,24 +621,17 @@ void CombineGrad(const std::vector<TensorArg> &args, bool in_blocks) {
 }  // namespace
 }  // namespace moe_ep
 
-using moe_ep::BindArgs;
+using moe_ep::BindArgsAs;
 using moe_ep::RunKernel;
-using moe_ep::TensorArg;
 
 MOE_EP_EXPORT int MoeEpDispatch(int nparam, void **params, int *ndims, int64_t **shapes,
                                 const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpDispatch", [&] {
-    // The optional block_counts input is only for the gradient (see the header comment).
-    const std::vector<TensorArg> args =
-        nparam == 8 ? BindArgs(nparam, params, ndims, shapes, dtypes,
-                               {"x", "expert_ids", "capacity", "block_counts", "grouped_x",
-                                "positions", "tokens_per_expert", "num_dropped"})
-                    : BindArgs(nparam, params, ndims, shapes, dtypes,
-                               {"x", "expert_ids", "capacity", "grouped_x", "positions",
-                                "tokens_per_expert", "num_dropped"});
-    moe_ep::Dispatch(nparam == 8 ? std::vector<TensorArg>{args[0], args[1], args[2], args[4],
-                                                          args[5], args[6], args[7]}
-                                 : args);
+    if (nparam == 8) {
+      return moe_ep::Dispatch(BindArgsAs<moe_ep::DispatchInBlocksArgs>(
+          nparam, params, ndims, shapes, dtypes).WithoutBlockCounts());
+    }
+    moe_ep::Dispatch(BindArgsAs<moe_ep::DispatchArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
@@ -583,14 +639,13 @@ MOE_EP_EXPORT int MoeEpCombine(int nparam, void **params, int *ndims, int64_t **
                                const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombine", [&] {
     if (nparam == 5) {
-      const std::vector<TensorArg> args =
-          BindArgs(nparam, params, ndims, shapes, dtypes,
-                   {"expert_out", "positions", "weights", "block_counts", "y"});
-      return moe_ep::GatherSum(args[0], args[1], &args[2], args[4], false, &args[3]);
+      const auto args =
+          BindArgsAs<moe_ep::CombineInBlocksArgs>(nparam, params, ndims, shapes, dtypes);
+      return moe_ep::GatherSum(args.expert_out, args.positions, &args.weights, args.y,
+                               /*streaming_stores=*/false, &args.block_counts);
     }
-    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
-                                           {"expert_out", "positions", "weights", "y"});
-    moe_ep::GatherSum(args[0], args[1], &args[2], args[3]);
+    const auto args = BindArgsAs<moe_ep::CombineArgs>(nparam, params, ndims, shapes, dtypes);
+    moe_ep::GatherSum(args.expert_out, args.positions, &args.weights, args.y);
   });
 }
 
@@ -598,13 +653,13 @@ MOE_EP_EXPORT int MoeEpGatherSum(int nparam, void **params, int *ndims, int64_t 
                                  const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGatherSum", [&] {
     if (nparam == 4) {
-      const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
-                                                   {"rows", "positions", "block_counts", "y"});
-      return moe_ep::GatherSum(args[0], args[1], nullptr, args[3], false, &args[2]);
+      const auto args =
+          BindArgsAs<moe_ep::GatherSumInBlocksArgs>(nparam, params, ndims, shapes, dtypes);
+      return moe_ep::GatherSum(args.rows, args.positions, nullptr, args.y,
+                               /*streaming_stores=*/false, &args.block_counts);
     }
-    const std::vector<TensorArg> args =
-        BindArgs(nparam, params, ndims, shapes, dtypes, {"rows", "positions", "y"});
-    moe_ep::GatherSum(args[0], args[1], nullptr, args[2]);
+    const auto args = BindArgsAs<moe_ep::GatherSumArgs>(nparam, params, ndims, shapes, dtypes);
+    moe_ep::GatherSum(args.rows, args.positions, nullptr, args.y);
   });
 }
 
@@ -612,17 +667,13 @@ MOE_EP_EXPORT int MoeEpCombineGrad(int nparam, void **params, int *ndims, int64_
                                    const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpCombineGrad", [&] {
     if (nparam == 7) {  // with block_counts: dy's rows past them are never read (positions -1)
-      const std::vector<TensorArg> args =
-          BindArgs(nparam, params, ndims, shapes, dtypes,
-                   {"dy", "expert_out", "positions", "weights", "block_counts", "d_expert_out",
-                    "d_weights"});
-      moe_ep::CheckBlockCounts(args[4], args[0].dim(0));
-      return moe_ep::CombineGrad({args[0], args[1], args[2], args[3], args[5], args[6]},
-                                 /*in_blocks=*/true);
+      const auto args =
+          BindArgsAs<moe_ep::CombineGradInBlocksArgs>(nparam, params, ndims, shapes, dtypes);
+      moe_ep::CheckBlockCounts(args.block_counts, args.dy.dim(0));
+      return moe_ep::CombineGrad(args.WithoutBlockCounts(), /*in_blocks=*/true);
     }
-    const std::vector<TensorArg> args =
-        BindArgs(nparam, params, ndims, shapes, dtypes,
-                 {"dy", "expert_out", "positions", "weights", "d_expert_out", "d_weights"});
-    moe_ep::CombineGrad(args, /*in_blocks=*/false);
+    moe_ep::CombineGrad(BindArgsAs<moe_ep::CombineGradArgs>(nparam, params, ndims, shapes,
+                                                             dtypes),
+                        /*in_blocks=*/false);
   });
 }

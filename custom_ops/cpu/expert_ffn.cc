@@ -343,11 +343,30 @@ void WeightedSumGrad(const ExpertsShapes &shapes, const PairsPerExpert &pairs,
   d_row_sums.Finish();
 }
 
-void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
-  const TensorArg &rows = args[0], &local_ids = args[1], &weights = args[2];
-  const ExpertsShapes shapes =
-      CheckExpertsInputs(rows, local_ids, weights, args[3], args[4], args[5]);
-  const TensorArg &out = args[6], &tokens_per_expert = args[7];
+// The tensors of MoeEpExpertsWeightedSum, in MindSpore's order (inputs, then outputs).
+struct ExpertsWeightedSumArgs {
+  static constexpr const char *kNames[] = {"rows", "local_ids", "weights", "row_counts",
+                                           "gate_up_weight", "down_weight",
+                                           "out", "tokens_per_expert"};
+  TensorArg rows, local_ids, weights, row_counts, gate_up_weight, down_weight;  // inputs
+  TensorArg out, tokens_per_expert;                                               // outputs
+};
+
+// The tensors of MoeEpExpertsWeightedSumGrad.
+struct ExpertsWeightedSumGradArgs {
+  static constexpr const char *kNames[] = {"d_out", "rows", "local_ids", "weights", "row_counts",
+                                           "gate_up_weight", "down_weight",
+                                           "d_rows", "d_weights", "d_gate_up_weight",
+                                           "d_down_weight"};
+  TensorArg d_out, rows, local_ids, weights, row_counts, gate_up_weight, down_weight;  // inputs
+  TensorArg d_rows, d_weights, d_gate_up_weight, d_down_weight;                      // outputs
+};
+
+void RunExpertsWeightedSum(const ExpertsWeightedSumArgs &args) {
+  const TensorArg &rows = args.rows, &local_ids = args.local_ids, &weights = args.weights;
+  const ExpertsShapes shapes = CheckExpertsInputs(rows, local_ids, weights, args.row_counts,
+                                                  args.gate_up_weight, args.down_weight);
+  const TensorArg &out = args.out, &tokens_per_expert = args.tokens_per_expert;
   RequireLike(out, rows);
   tokens_per_expert.RequireDtype("int32");
   tokens_per_expert.RequireRank(1);
@@ -359,8 +378,8 @@ void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
   }
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    const ExpertFFN<T> ffn{rows.data_as<const T>(), args[4].data_as<const T>(),
-                           args[5].data_as<const T>(), shapes.hidden, shapes.ffn};
+    const ExpertFFN<T> ffn{rows.data_as<const T>(), args.gate_up_weight.data_as<const T>(),
+                           args.down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
     const RowSums<T> sums(shapes, out.data_as<T>());
     AddExpertOutputsOfType<T>(shapes, pairs, ffn, weights.data_as<const float>(),
                               [&](int64_t row) { return sums.row(row); });
@@ -374,23 +393,25 @@ void RunExpertsWeightedSum(const std::vector<TensorArg> &args) {
   });
 }
 
-void RunExpertsWeightedSumGrad(const std::vector<TensorArg> &args) {
-  const TensorArg &d_out = args[0], &rows = args[1], &local_ids = args[2], &weights = args[3];
-  const ExpertsShapes shapes =
-      CheckExpertsInputs(rows, local_ids, weights, args[4], args[5], args[6]);
-  RequireLike(d_out, rows);
-  RequireLike(args[7], rows);
-  RequireLike(args[8], weights);
-  RequireLike(args[9], args[5]);
-  RequireLike(args[10], args[6]);
-  const PairsPerExpert pairs = PairsByExpert(local_ids, UsedRows(shapes), shapes.num_experts);
+void RunExpertsWeightedSumGrad(const ExpertsWeightedSumGradArgs &args) {
+  const TensorArg &rows = args.rows, &weights = args.weights;
+  const ExpertsShapes shapes = CheckExpertsInputs(rows, args.local_ids, weights, args.row_counts,
+                                                  args.gate_up_weight, args.down_weight);
+  RequireLike(args.d_out, rows);
+  RequireLike(args.d_rows, rows);
+  RequireLike(args.d_weights, weights);
+  RequireLike(args.d_gate_up_weight, args.gate_up_weight);
+  RequireLike(args.d_down_weight, args.down_weight);
+  const PairsPerExpert pairs =
+      PairsByExpert(args.local_ids, UsedRows(shapes), shapes.num_experts);
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    const ExpertFFN<T> ffn{rows.data_as<const T>(), args[5].data_as<const T>(),
-                           args[6].data_as<const T>(), shapes.hidden, shapes.ffn};
-    WeightedSumGrad(shapes, pairs, ffn, weights.data_as<const float>(), d_out.data_as<const T>(),
-                    args[7].data_as<T>(), args[8].data_as<float>(), args[9].data_as<T>(),
-                    args[10].data_as<T>());
+    const ExpertFFN<T> ffn{rows.data_as<const T>(), args.gate_up_weight.data_as<const T>(),
+                           args.down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
+    WeightedSumGrad(shapes, pairs, ffn, weights.data_as<const float>(),
+                    args.d_out.data_as<const T>(), args.d_rows.data_as<T>(),
+                    args.d_weights.data_as<float>(), args.d_gate_up_weight.data_as<T>(),
+                    args.d_down_weight.data_as<T>());
   });
 }
 
@@ -490,10 +511,8 @@ MOE_EP_EXPORT int MoeEpExpertsWeightedSum(int nparam, void **params, int *ndims,
                                           int64_t **shapes, const char **dtypes,
                                           void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpExpertsWeightedSum", [&] {
-    moe_ep::RunExpertsWeightedSum(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight", "out",
-         "tokens_per_expert"}));
+    moe_ep::RunExpertsWeightedSum(moe_ep::BindArgsAs<moe_ep::ExpertsWeightedSumArgs>(
+        nparam, params, ndims, shapes, dtypes));
   });
 }
 
@@ -501,9 +520,7 @@ MOE_EP_EXPORT int MoeEpExpertsWeightedSumGrad(int nparam, void **params, int *nd
                                               int64_t **shapes, const char **dtypes,
                                               void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpExpertsWeightedSumGrad", [&] {
-    moe_ep::RunExpertsWeightedSumGrad(moe_ep::BindArgs(
-        nparam, params, ndims, shapes, dtypes,
-        {"d_out", "rows", "local_ids", "weights", "row_counts", "gate_up_weight", "down_weight",
-         "d_rows", "d_weights", "d_gate_up_weight", "d_down_weight"}));
+    moe_ep::RunExpertsWeightedSumGrad(moe_ep::BindArgsAs<moe_ep::ExpertsWeightedSumGradArgs>(
+        nparam, params, ndims, shapes, dtypes));
   });
 }

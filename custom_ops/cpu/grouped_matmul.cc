@@ -134,9 +134,23 @@ void GroupedWeightGrad(const T *a, int64_t p_size, const T *b, int64_t q_size,
   });
 }
 
-void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
-  const TensorArg &rows = args[0], &weights = args[1], &tokens_per_expert = args[2];
-  const TensorArg &out = args[3];
+// The tensors of MoeEpGroupedMatmul(TransposedB) and of MoeEpGroupedMatmulWeightGrad, in
+// MindSpore's order (inputs, then outputs).
+struct GroupedMatmulArgs {
+  static constexpr const char *kNames[] = {"rows", "weights", "tokens_per_expert", "out"};
+  TensorArg rows, weights, tokens_per_expert;  // inputs
+  TensorArg out;                               // output
+};
+
+struct GroupedWeightGradArgs {
+  static constexpr const char *kNames[] = {"a", "b", "tokens_per_expert", "out"};
+  TensorArg a, b, tokens_per_expert;  // inputs
+  TensorArg out;                      // output
+};
+
+void RunGroupedMatmul(const GroupedMatmulArgs &args, bool transpose_b) {
+  const TensorArg &rows = args.rows, &weights = args.weights;
+  const TensorArg &tokens_per_expert = args.tokens_per_expert, &out = args.out;
   rows.RequireRank(2);
   weights.RequireRank(3);
   weights.RequireSameDtype(rows);
@@ -164,8 +178,9 @@ void RunGroupedMatmul(const std::vector<TensorArg> &args, bool transpose_b) {
   });
 }
 
-void RunGroupedWeightGrad(const std::vector<TensorArg> &args) {
-  const TensorArg &a = args[0], &b = args[1], &tokens_per_expert = args[2], &out = args[3];
+void RunGroupedWeightGrad(const GroupedWeightGradArgs &args) {
+  const TensorArg &a = args.a, &b = args.b, &tokens_per_expert = args.tokens_per_expert;
+  const TensorArg &out = args.out;
   a.RequireRank(2);
   b.RequireRank(2);
   b.RequireSameDtype(a);
@@ -190,16 +205,15 @@ void RunGroupedWeightGrad(const std::vector<TensorArg> &args) {
 }  // namespace
 }  // namespace moe_ep
 
-using moe_ep::BindArgs;
+using moe_ep::BindArgsAs;
 using moe_ep::RunKernel;
-using moe_ep::TensorArg;
 
 MOE_EP_EXPORT int MoeEpGroupedMatmul(int nparam, void **params, int *ndims, int64_t **shapes,
                                      const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmul", [&] {
-    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
-                                           {"rows", "weights", "tokens_per_expert", "out"});
-    moe_ep::RunGroupedMatmul(args, /*transpose_b=*/false);
+    moe_ep::RunGroupedMatmul(
+        BindArgsAs<moe_ep::GroupedMatmulArgs>(nparam, params, ndims, shapes, dtypes),
+        /*transpose_b=*/false);
   });
 }
 
@@ -207,9 +221,9 @@ MOE_EP_EXPORT int MoeEpGroupedMatmulTransposedB(int nparam, void **params, int *
                                                 int64_t **shapes, const char **dtypes,
                                                 void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmulTransposedB", [&] {
-    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
-                                           {"rows", "weights", "tokens_per_expert", "out"});
-    moe_ep::RunGroupedMatmul(args, /*transpose_b=*/true);
+    moe_ep::RunGroupedMatmul(
+        BindArgsAs<moe_ep::GroupedMatmulArgs>(nparam, params, ndims, shapes, dtypes),
+        /*transpose_b=*/true);
   });
 }
 
@@ -217,8 +231,7 @@ MOE_EP_EXPORT int MoeEpGroupedMatmulWeightGrad(int nparam, void **params, int *n
                                                int64_t **shapes, const char **dtypes,
                                                void * /*stream*/, void * /*extra*/) {
   return RunKernel("MoeEpGroupedMatmulWeightGrad", [&] {
-    const std::vector<TensorArg> args = BindArgs(nparam, params, ndims, shapes, dtypes,
-                                           {"a", "b", "tokens_per_expert", "out"});
-    moe_ep::RunGroupedWeightGrad(args);
+    moe_ep::RunGroupedWeightGrad(
+        BindArgsAs<moe_ep::GroupedWeightGradArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }

@@ -188,8 +188,23 @@ int64_t FfnSize(const TensorArg &gate_up) {
   return gate_up.dim(1) / 2;
 }
 
-void SwiGLU(const std::vector<TensorArg> &args) {
-  const TensorArg &gate_up = args[0], &tokens_per_expert = args[1], &hidden = args[2];
+// The tensors of MoeEpSwiGLU and MoeEpSwiGLUGrad, in MindSpore's order (inputs, then outputs).
+struct SwiGLUArgs {
+  static constexpr const char *kNames[] = {"gate_up", "tokens_per_expert", "hidden"};
+  TensorArg gate_up, tokens_per_expert;  // inputs
+  TensorArg hidden;                      // output
+};
+
+struct SwiGLUGradArgs {
+  static constexpr const char *kNames[] = {"d_hidden", "gate_up", "tokens_per_expert",
+                                           "d_gate_up"};
+  TensorArg d_hidden, gate_up, tokens_per_expert;  // inputs
+  TensorArg d_gate_up;                             // output
+};
+
+void SwiGLU(const SwiGLUArgs &args) {
+  const TensorArg &gate_up = args.gate_up, &tokens_per_expert = args.tokens_per_expert;
+  const TensorArg &hidden = args.hidden;
   const int64_t ffn = FfnSize(gate_up);
   hidden.RequireSameDtype(gate_up);
   hidden.RequireRank(2);
@@ -207,9 +222,9 @@ void SwiGLU(const std::vector<TensorArg> &args) {
   });
 }
 
-void SwiGLUGrad(const std::vector<TensorArg> &args) {
-  const TensorArg &d_hidden = args[0], &gate_up = args[1], &tokens_per_expert = args[2];
-  const TensorArg &d_gate_up = args[3];
+void SwiGLUGrad(const SwiGLUGradArgs &args) {
+  const TensorArg &d_hidden = args.d_hidden, &gate_up = args.gate_up;
+  const TensorArg &tokens_per_expert = args.tokens_per_expert, &d_gate_up = args.d_gate_up;
   const int64_t ffn = FfnSize(gate_up);
   d_hidden.RequireSameDtype(gate_up);
   d_hidden.RequireRank(2);
@@ -256,16 +271,15 @@ MOE_EP_INSTANTIATE_SWIGLU_ROWS(Float16)
 MOE_EP_EXPORT int MoeEpSwiGLU(int nparam, void **params, int *ndims, int64_t **shapes,
                               const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpSwiGLU", [&] {
-    moe_ep::SwiGLU(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
-                                    {"gate_up", "tokens_per_expert", "hidden"}));
+    moe_ep::SwiGLU(
+        moe_ep::BindArgsAs<moe_ep::SwiGLUArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
 
 MOE_EP_EXPORT int MoeEpSwiGLUGrad(int nparam, void **params, int *ndims, int64_t **shapes,
                                   const char **dtypes, void * /*stream*/, void * /*extra*/) {
   return moe_ep::RunKernel("MoeEpSwiGLUGrad", [&] {
-    moe_ep::SwiGLUGrad(moe_ep::BindArgs(nparam, params, ndims, shapes, dtypes,
-                                        {"d_hidden", "gate_up", "tokens_per_expert",
-                                         "d_gate_up"}));
+    moe_ep::SwiGLUGrad(
+        moe_ep::BindArgsAs<moe_ep::SwiGLUGradArgs>(nparam, params, ndims, shapes, dtypes));
   });
 }
