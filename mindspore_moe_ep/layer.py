@@ -210,8 +210,7 @@ class MoELayer(nn.Cell):
         expert_ids, routing_weights, aux_loss, z_loss, routed_per_expert = self.router(
             tokens, num_sequences)                                                 # [T, K]
         _, dispatcher_name, path = self._plan_fields(tokens.shape[0], phase)
-        dispatcher = (self.decode_dispatcher if dispatcher_name == "decode"
-                      else self.prefill_dispatcher)
+        dispatcher = self._dispatcher_named(dispatcher_name)
         routed_input = tokens.astype(self.compute_dtype)                           # [T, H]
         if path == GROUPED:
             output, tokens_per_expert, num_dropped = self._grouped_step(
@@ -307,7 +306,10 @@ class MoELayer(nn.Cell):
 
     def dispatcher_for(self, num_tokens, phase=None):
         """The dispatcher Cell of :meth:`plan`: ``prefill_dispatcher`` or ``decode_dispatcher``."""
-        name = self.plan(num_tokens, phase).dispatcher
+        return self._dispatcher_named(self.plan(num_tokens, phase).dispatcher)
+
+    def _dispatcher_named(self, name):
+        """StepPlan.dispatcher ("prefill" or "decode") -> the dispatcher Cell."""
         return self.decode_dispatcher if name == "decode" else self.prefill_dispatcher
 
     def experts_path(self, num_tokens, phase=None):

@@ -94,7 +94,7 @@ def run_two_nodes(timeout_s=300.0):
 def two_node_run():
     available, reason = private_shm_prefix()
     if not available:
-        pytest.skip(reason)
+        pytest.skip(f"two hosts with private /dev/shm cannot be simulated here: {reason}")
     result = run_two_nodes()
     try:
         assert result.returncode == 0 and len(result.results) == NODES * WORKERS_PER_NODE, \

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kernel_abi import call_kernel
-from mindspore_moe_ep.ops.kernel_library import library_path
+from mindspore_moe_ep.ops.kernel_library import library_path, take_kernel_errors
 
 SENTINEL = np.float32(12345.0)
 BLOCKS, BLOCK_ROWS, TOP_K, HIDDEN = 3, 6, 2, 40
@@ -25,13 +25,6 @@ BLOCK_COUNTS = np.array([6, 2, 0], np.int32)  # a full, a partial and an empty b
 @pytest.fixture(scope="module")
 def library():
     return ctypes.CDLL(library_path())
-
-
-def kernel_error(library):
-    library.MoeEpFirstError.restype = ctypes.c_char_p
-    message = library.MoeEpFirstError().decode()
-    library.MoeEpClearLastError()
-    return message
 
 
 def slot_layout(rng, num_rows):
@@ -70,7 +63,7 @@ def test_sums_into_the_slot_layout_write_only_the_counted_rows(library, weighted
     y = np.full((positions.shape[0], HIDDEN), SENTINEL, np.float32)
     arguments = (rows, positions, weights) if weighted else (rows, positions)
     name = "MoeEpCombine" if weighted else "MoeEpGatherSum"
-    assert call_kernel(library, name, *arguments, BLOCK_COUNTS, y) == 0, kernel_error(library)
+    assert call_kernel(library, name, *arguments, BLOCK_COUNTS, y) == 0, take_kernel_errors()
     np.testing.assert_allclose(y[used], reference_sum(rows, positions, weights)[used],
                                rtol=1e-6, atol=1e-6)
     assert not y[1].any()  # a used slot whose pairs were all dropped: zeros
@@ -104,7 +97,7 @@ def test_combine_gradient_leaves_the_grouped_tail_alone_only_in_the_slot_layout(
     d_weights = np.full(positions.shape, SENTINEL, np.float32)
     extra = (BLOCK_COUNTS,) if in_blocks else ()
     assert call_kernel(library, "MoeEpCombineGrad", dy, expert_out, positions, weights, *extra,
-                       d_expert_out, d_weights) == 0, kernel_error(library)
+                       d_expert_out, d_weights) == 0, take_kernel_errors()
     expected = np.zeros_like(expert_out)
     for (slot, k), row in np.ndenumerate(positions):
         if row >= 0:
@@ -124,5 +117,5 @@ def test_block_counts_beyond_a_block_are_refused(library):
     y = np.zeros((BLOCKS * BLOCK_ROWS, HIDDEN), np.float32)
     counts = np.array([6, BLOCK_ROWS + 1, 0], np.int32)
     assert call_kernel(library, "MoeEpGatherSum", rows, positions, counts, y) != 0
-    message = kernel_error(library)
+    message = take_kernel_errors()
     assert "block_counts" in message and str(BLOCK_ROWS + 1) in message, message

@@ -231,7 +231,7 @@ def torch_worker(quick):
         fairscale = MOELayer(Top2Gate(HIDDEN, EXPERTS), torch_swiglu_experts(torch,
                                                                              EXPERTS // world))
     except ImportError:
-        fairscale = None
+        fairscale = timings["fairscale"] = None
     for tokens in plan["train"]:
         x = torch.from_numpy(inputs(rank, tokens)).requires_grad_(True)
 
@@ -255,8 +255,7 @@ def torch_worker(quick):
                 timings["torch_ep"][phase][tokens] = time_step(lambda: ep(x), repeats,
                                                                dist.barrier)
     dist.destroy_process_group()
-    bc.write_worker_result({"rank": rank, **timings, "fairscale": timings["fairscale"]
-                            if fairscale is not None else None})
+    bc.write_worker_result({"rank": rank, **timings})
 
 
 # ---- the comparison --------------------------------------------------------------------------
