@@ -88,6 +88,7 @@ class TokenDispatcher(nn.Cell):
 
     capabilities = DispatcherCapabilities(grouped=False, rowwise=False, experts_combine=False,
                                           differentiable=False)
+    quantized = False  # whether token rows travel to the experts as per-token int8
 
     def dispatch(self, x, expert_ids, routing_weights):
         raise NotImplementedError(f"{type(self).__name__} does not serve the grouped contract")

@@ -19,6 +19,9 @@ give the same numbers; they differ in how the rows travel.
     In inference over the shared-memory window, :meth:`~SparseAllToAllDispatcher.experts_combine`
     runs step 4 and the experts in one kernel, in rounds, so that no buffer holds every partial
     sum (the prefill memory saving of dynamic EP).
+    With ``dispatch.quant: int8`` the token rows of step 2 travel as per-token int8 (quantized
+    once at the source, dequantized as they land: ``ops/quantized_rows.py``); the return of
+    step 4 stays in the compute dtype, and the gradient is straight-through.
 
 ``FusedDecodeDispatcher`` (decode, inference): one kernel each way, no separate collective for
     counts, exactly the arithmetic of steps 1-4 above. Two pairs:
@@ -41,6 +44,7 @@ from .dispatcher import (DispatcherCapabilities, TokenDispatcher, check_tokens_f
 from .ops import CombineKernel, DispatchKernel
 from .ops.ep_kernels import (DeliverRows, ExpertParallelLayout, ExpertsCombine, FusedCombine,
                              FusedDeliver, FusedDispatch, FusedReturn, GatherRows)
+from .ops.quantized_rows import QuantizedRowExchange
 
 
 class SparseAllToAllDispatcher(TokenDispatcher):
@@ -50,7 +54,7 @@ class SparseAllToAllDispatcher(TokenDispatcher):
     kernel holds less memory than the unfused path (``combine_round_rows`` not None)."""
 
     def __init__(self, group, top_k, capacity_factor, max_tokens_per_rank, exchange,
-                 combine_round_rows=None):
+                 combine_round_rows=None, quant="none", hidden_size=None, row_dtype=None):
         super().__init__()
         self.group_size = group.size  # R, the ranks of the expert-parallel group
         self.top_k = top_k
@@ -66,8 +70,12 @@ class SparseAllToAllDispatcher(TokenDispatcher):
         # the sources' x, and inference may fuse the experts with the return, in rounds of
         # ``combine_round_rows`` rows per source (the same on every rank; None: unfused).
         window = getattr(exchange, "window", None)
-        self.deliver_rows = (DeliverRows(window, max_tokens_per_rank) if window is not None
-                             else None)
+        self.quantized = quant == "int8"
+        self.deliver_rows = (DeliverRows(window, max_tokens_per_rank, quant)
+                             if window is not None else None)
+        # int8 rows through collectives (no window): quantized at the source, dequantized here.
+        self.quantized_rows = (QuantizedRowExchange(self.exchange_rows, hidden_size, row_dtype)
+                               if quant == "int8" and window is None else None)
         self.experts_combine_kernel = (
             ExpertsCombine(window, max_tokens_per_rank, combine_round_rows)
             if window is not None and combine_round_rows is not None else None)
@@ -122,6 +130,15 @@ class SparseAllToAllDispatcher(TokenDispatcher):
         if self.deliver_rows is not None:
             recv_rows, recv_metadata, recv_counts = self.deliver_rows(
                 x, send_token_index, send_counts, token_slot, metadata)          # [R*C, H]
+        elif self.quantized_rows is not None:
+            # A row int8 cannot carry (NaN, infinity) must fail every rank, not leave the peers
+            # waiting in the collective: its rank sends counts out of range, which every rank's
+            # check of the gathered counts refuses (AllGatherExchangeRows names the cause).
+            finite = ops.stop_gradient(ops.isfinite(x.astype(ms.float32)).all())
+            send_counts = ops.where(finite, send_counts, ops.full_like(send_counts, -1))
+            recv_metadata, recv_counts = self.exchange(metadata, send_counts)    # [R*C, 2K]
+            recv_rows = self.quantized_rows(x, slot_token, token_slot, send_counts,
+                                            recv_counts)                         # [R*C, H]
         else:
             send_rows = self.gather_rows(x, slot_token, token_slot)              # [R*C, H]
             recv_rows, recv_counts = self.exchange_rows(send_rows, send_counts)  # [R*C, H]
@@ -183,14 +200,15 @@ class FusedDecodeDispatcher(TokenDispatcher):
     capabilities = DispatcherCapabilities(grouped=True, rowwise=True, experts_combine=False,
                                           differentiable=False)
 
-    def __init__(self, group, top_k, max_tokens_per_rank, window):
+    def __init__(self, group, top_k, max_tokens_per_rank, window, quant="none"):
         super().__init__()
         self.max_tokens_per_rank = max_tokens_per_rank  # C
+        self.quantized = quant == "int8"
         self.fused_dispatch = FusedDispatch(group.size, max_tokens_per_rank,
-                                            group.experts_per_rank, top_k, window)
+                                            group.experts_per_rank, top_k, window, quant)
         self.fused_combine = FusedCombine(window)
         self.fused_deliver = FusedDeliver(group.size, max_tokens_per_rank,
-                                          group.experts_per_rank, window)
+                                          group.experts_per_rank, window, quant)
         self.fused_return = FusedReturn(window)
 
     def deliver(self, x, expert_ids, routing_weights):

@@ -36,10 +36,10 @@ def _build_dispatchers(config, group):
     if ascend_backend_active():
         from .ascend import build_ascend_dispatchers
         return (*build_ascend_dispatchers(config, group), None)
-    router = config.router
+    router, quant = config.router, config.dispatch.quant
     if group.size == 1:
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,
-                                    router.capacity_factor), None, None
+                                    router.capacity_factor, quant), None, None
     from .comm.exchange import make_exchange
     from .comm.window_sizing import combine_round_rows, window_slot_bytes
     from .ep_dispatcher import FusedDecodeDispatcher, SparseAllToAllDispatcher
@@ -50,11 +50,14 @@ def _build_dispatchers(config, group):
                              attach_timeout_s=dispatch.attach_timeout_s)
     prefill = SparseAllToAllDispatcher(group, router.top_k, router.capacity_factor,
                                        dispatch.max_tokens_per_rank, exchange,
-                                       combine_round_rows(config, group.size))
+                                       combine_round_rows(config, group.size), quant=quant,
+                                       hidden_size=config.model.hidden_size,
+                                       row_dtype=mindspore_dtype(config.runtime.dtype))
     window = getattr(exchange, "window", None)
     decode = None
     if window is not None and router.capacity_factor is None:
-        decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window)
+        decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window,
+                                       quant)
     return prefill, decode, window
 
 
@@ -67,7 +70,8 @@ class StepPlan:
       local dispatcher at EP = 1) or "decode" (``layer.decode_dispatcher``: the fused decode
       operators);
     - ``experts_path``: "grouped", "rowwise" or "experts_combine" (module constants);
-    - ``quantized``: whether token rows travel quantized (always False for now).
+    - ``quantized``: whether token rows travel to the experts as per-token int8
+      (``dispatch.quant: int8``; every path, both phases).
     """
 
     phase: str
@@ -209,7 +213,7 @@ class MoELayer(nn.Cell):
 
         expert_ids, routing_weights, aux_loss, z_loss, routed_per_expert = self.router(
             tokens, num_sequences)                                                 # [T, K]
-        _, dispatcher_name, path = self._plan_fields(tokens.shape[0], phase)
+        _, dispatcher_name, path, _ = self._plan_fields(tokens.shape[0], phase)
         dispatcher = self._dispatcher_named(dispatcher_name)
         routed_input = tokens.astype(self.compute_dtype)                           # [T, H]
         if path == GROUPED:
@@ -285,8 +289,8 @@ class MoELayer(nn.Cell):
         return StepPlan(*self._plan_fields(num_tokens, phase))
 
     def _plan_fields(self, num_tokens, phase):
-        """(phase, dispatcher, experts path) as plain values, for ``construct`` (GRAPH_MODE
-        cannot build dataclasses) and :meth:`plan`."""
+        """(phase, dispatcher, experts path, quantized) as plain values, for ``construct``
+        (GRAPH_MODE cannot build dataclasses) and :meth:`plan`."""
         if phase is None:
             phase = ("decode" if not self.training and num_tokens <= self.decode_token_threshold
                      else "prefill")
@@ -297,12 +301,14 @@ class MoELayer(nn.Cell):
                              "no gradient): call layer.set_train(False), or use phase='prefill' "
                              "or None in training")
         if phase == "decode" and self.decode_dispatcher is not None:
-            return phase, "decode", ROWWISE if self.decode_rowwise else GROUPED
+            return (phase, "decode", ROWWISE if self.decode_rowwise else GROUPED,
+                    self.decode_dispatcher.quantized)
+        quantized = self.prefill_dispatcher.quantized
         if not self.prefill_rowwise or (self.training and not self.recompute_experts):
-            return phase, "prefill", GROUPED
+            return phase, "prefill", GROUPED, quantized
         if not self.training and self.prefill_experts_combine:
-            return phase, "prefill", EXPERTS_COMBINE
-        return phase, "prefill", ROWWISE
+            return phase, "prefill", EXPERTS_COMBINE, quantized
+        return phase, "prefill", ROWWISE, quantized
 
     def dispatcher_for(self, num_tokens, phase=None):
         """The dispatcher Cell of :meth:`plan`: ``prefill_dispatcher`` or ``decode_dispatcher``."""

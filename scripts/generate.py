@@ -97,11 +97,13 @@ def write_load_stats(model, path, rank):
 
 
 def phase_paths(model, tokens, phase):
-    """Which dispatcher and experts path the first MoE layer takes for a step."""
+    """Which dispatcher and experts path the first MoE layer takes for a step, and whether its
+    token rows travel as int8 (dispatch.quant)."""
     layer = model.moe_layers()[0]
+    plan = layer.plan(tokens, phase)
     return {"phase": phase, "tokens_per_rank": tokens,
             "dispatcher": type(layer.dispatcher_for(tokens, phase)).__name__,
-            "experts_path": layer.experts_path(tokens, phase)}
+            "experts_path": plan.experts_path, "quantized": plan.quantized}
 
 
 def main(argv=None):
@@ -210,7 +212,8 @@ def print_report(summary, run):
     for name in ("prefill", "decode"):
         path = paths[name]
         run.log(f"{name:7s}: MoE phase {path['phase']!r}, {path['tokens_per_rank']} tokens/rank, "
-                f"{path['dispatcher']}, experts {path['experts_path']}", PREFIX)
+                f"{path['dispatcher']}, experts {path['experts_path']}"
+                f"{', rows int8' if path['quantized'] else ''}", PREFIX)
 
 
 if __name__ == "__main__":

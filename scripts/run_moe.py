@@ -33,6 +33,8 @@ def parse_args(argv=None):
                         help="override runtime.mode")
     parser.add_argument("--transport", choices=["auto", "shm", "allgather"], default=None,
                         help="override dispatch.transport (allgather: the multi-host fallback)")
+    parser.add_argument("--quant", choices=["none", "int8"], default=None,
+                        help="override dispatch.quant (int8: token rows travel as per-token int8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per phase")
     parser.add_argument("--json", default=None, help="write a JSON summary here (rank 0)")
     parser.add_argument("--no-check", action="store_true",
@@ -89,6 +91,8 @@ def main(argv=None):
         overrides["mode"] = args.mode
     if args.transport is not None:
         overrides["transport"] = args.transport
+    if args.quant is not None:
+        overrides["quant"] = args.quant
     config = mee.load_config(args.config, **overrides)
     mee.setup_runtime(config)
     rank = 0
@@ -137,6 +141,7 @@ def main(argv=None):
         first, median, y = timed(lambda: layer(x, phase), args.repeats)
         stats = layer.stats()
         result = {"phase": phase, "experts_path": layer.experts_path(tokens, phase),
+                  "quantized": layer.plan(tokens, phase).quantized,
                   "dispatcher": type(layer.dispatcher_for(tokens, phase)).__name__,
                   "tokens_per_rank": tokens, "first_call_s": first,
                   "latency_ms": median * 1e3, "tokens_per_s": tokens * world_size / median,
@@ -146,7 +151,7 @@ def main(argv=None):
                   f"tokens/s {result['tokens_per_s']:10.1f}  (first call {first:.2f} s)  "
                   f"load max/mean {result['load_max_over_mean']:.2f}  "
                   f"dropped {stats['num_dropped']}  {result['dispatcher']}, experts "
-                  f"{result['experts_path']}")
+                  f"{result['experts_path']}{', rows int8' if result['quantized'] else ''}")
         if check:
             result["max_abs_diff_vs_single_process"] = check_against_single_process(
                 name, x_np.reshape(-1, hidden), y.reshape(-1, hidden))
@@ -179,8 +184,10 @@ def main(argv=None):
             if config.router.expert_bias:
                 layer.update_expert_bias()
             elapsed = time.perf_counter() - start
-            summary["phases"][f"train{step}"] = {"loss": float(loss.asnumpy()), "step_s": elapsed,
-                                                 "tokens_per_s": tokens * world_size / elapsed}
+            summary["phases"][f"train{step}"] = {
+                "loss": float(loss.asnumpy()), "step_s": elapsed,
+                "tokens_per_s": tokens * world_size / elapsed,
+                "quantized": layer.plan(tokens, "prefill").quantized}
             log(rank, f"train    step {step}: loss {float(loss.asnumpy()):.6f}  {elapsed:.2f} s "
                       f"(step 0 includes compile)  aux loss {layer.stats()['aux_loss']:.3e}")
 

@@ -48,15 +48,17 @@ EXPERT_PATHS = ["rowwise", "grouped", "recompute"]
 
 
 def build_layer(ref_cfg, params, *, shared=False, dtype="float32", mode="pynative", prefix="",
-                experts_path="rowwise"):
+                experts_path="rowwise", **config_overrides):
     """An MoELayer with the same routing settings as ``ref_cfg``, loaded with ``params``.
 
     ``shared``: False, True (DeepSeek: added as is) or "gated" (Qwen2-MoE: scaled by a sigmoid
     gate; its weights are then loaded under Qwen's ``shared_expert.`` names).
-    ``experts_path``: one of EXPERT_PATHS; the layer is checked to take it."""
+    ``experts_path``: one of EXPERT_PATHS; the layer is checked to take it.
+    ``config_overrides``: further config fields (e.g. ``quant="int8"``)."""
     overrides = {k: v for k, v in dataclasses.asdict(ref_cfg).items() if v is not None}
     overrides.update(hidden_size=H, expert_ffn_size=F, num_shared_experts=1 if shared else 0,
                      dtype=dtype, mode=mode, recompute_experts=experts_path == "recompute")
+    overrides.update(config_overrides)
     if shared:
         overrides["shared_expert_ffn_size"] = FS
     if shared == "gated":

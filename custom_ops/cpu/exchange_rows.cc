@@ -13,7 +13,7 @@
 //
 //   MoeEpDeliverRows   x [T, H], send_token_index [R, C] int32, send_counts [R] int32,
 //                      token_slot [T, R] int32 (read only by the gradient, see ep_kernels.py),
-//                      notes [R*C, M] float32, window_id [1] int32
+//                      notes [R*C, M] float32, quant_mode [1] int32, window_id [1] int32
 //                      -> recv_rows [R*C, H] (x's dtype), recv_notes [R*C, M] float32,
 //                         recv_counts [R] int32
 //
@@ -25,11 +25,15 @@
 // once. Otherwise (or with MOE_EP_DISPATCH_PULL=0 on every rank) the rows are packed and
 // exchanged (two steps, rows then notes). recv_rows' rows past the counts are unspecified;
 // recv_notes' are zero (a zero note reads as "no local expert" to the caller).
+// quant_mode 2 (int8 per token, int8_rows.h): the source quantizes each row of x once, the
+// quantized rows travel (pulled or packed) and each receiver dequantizes them into recv_rows as
+// they land (a pull batch at a time, while in cache).
 #include <algorithm>
 #include <cstring>
 #include <memory>
 
 #include "comm_window.h"
+#include "int8_rows.h"
 #include "kernel_common.h"
 
 namespace moe_ep {
@@ -111,9 +115,9 @@ constexpr char kDeliverRowsOperation[] = "DeliverRows (prefill)";
 // only by the gradient.
 struct DeliverRowsArgs {
   static constexpr const char *kNames[] = {
-      "x", "send_token_index", "send_counts", "token_slot", "notes", "window_id",
+      "x", "send_token_index", "send_counts", "token_slot", "notes", "quant_mode", "window_id",
       "recv_rows", "recv_notes", "recv_counts"};
-  TensorArg x, send_token_index, send_counts, token_slot, notes, window_id;  // inputs
+  TensorArg x, send_token_index, send_counts, token_slot, notes, quant_mode, window_id;  // inputs
   TensorArg recv_rows, recv_notes, recv_counts;  // outputs
 };
 
@@ -155,55 +159,84 @@ void DeliverRows(const DeliverRowsArgs &args) {
     }
     return 0;
   });
+  // The rows as they travel (x, or its rows quantized once here: a bad row fails the step on
+  // every rank before anything is sent).
+  const TravellingRows source = AbandonOnFailure(
+      *window, [&] { return RowsToSend(args.x, QuantModeInput(args.quant_mode)); });
   const int64_t capacity = args.send_token_index.dim(1);
-  const int64_t row_bytes = args.x.dim(1) * ElementBytes(args.x);
+  const int64_t row_bytes = source.landed_row_bytes(), travel_bytes = source.row_bytes;
   const int64_t note_bytes = args.notes.dim(1) * static_cast<int64_t>(sizeof(float));
   const int32_t *tokens = args.send_token_index.data_as<const int32_t>();
   const int32_t *counts = args.send_counts.data_as<const int32_t>();
-  const uint8_t *x_bytes = args.x.data_as<const uint8_t>();
   uint8_t *rows_out = args.recv_rows.data_as<uint8_t>();
+  // Quantized rows land in scratch first and are dequantized from there into rows_out.
+  uint8_t *landing = source.quantized ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                                                         world_size * capacity * travel_bytes)
+                                      : rows_out;
   int32_t *received = args.recv_counts.data_as<int32_t>();
   const RowExchange note_exchange{args.notes.data_as<const uint8_t>(), counts,
                                   args.recv_notes.data_as<uint8_t>(), received, capacity,
                                   note_bytes, /*zero_tail=*/true, kDeliverRowsOperation};
   if (!PullDisabled() && window->CanPullRows(capacity, note_bytes)) {
     auto plan = [&](std::vector<std::vector<RowCopy>> &copies) {
-      for (int64_t source = 0; source < world_size; ++source) {
-        for (int64_t i = 0; i < received[source]; ++i) {
-          const int64_t slot = source * capacity + i;
-          copies[source].push_back(RowCopy{i, rows_out + slot * row_bytes, slot});
+      for (int64_t source_rank = 0; source_rank < world_size; ++source_rank) {
+        for (int64_t i = 0; i < received[source_rank]; ++i) {
+          const int64_t slot = source_rank * capacity + i;
+          copies[source_rank].push_back(RowCopy{i, landing + slot * travel_bytes, slot});
         }
       }
     };
-    window->PullRows(
-        RowPull{note_exchange, tokens, x_bytes, args.x.dim(0), row_bytes, plan, nullptr});
+    std::function<void(const RowCopy *, const RowCopy *)> dequantize;
+    if (source.quantized) {
+      dequantize = [&](const RowCopy *begin, const RowCopy *end) {
+        for (const RowCopy *copy = begin; copy != end; ++copy) {
+          source.Land(copy->destination, rows_out + copy->tag * row_bytes);
+        }
+      };
+    }
+    window->PullRows(RowPull{note_exchange, tokens, source.rows, source.count, travel_bytes,
+                             plan, dequantize});
     // A pull leaves the tails unspecified; the caller reads a zero note as "no expert". The
     // test aid MOE_EP_POISON_UNUSED_ROWS=1 fills the row tails with all-ones bytes (NaN), as
     // the exchange of the packing way does.
     uint8_t *notes_out = args.recv_notes.data_as<uint8_t>();
     const bool poison_rows = PoisonUnusedRows();
-    for (int64_t source = 0; source < world_size; ++source) {
-      const int64_t first_unused = source * capacity + received[source];
-      const int64_t unused = capacity - received[source];
+    for (int64_t source_rank = 0; source_rank < world_size; ++source_rank) {
+      const int64_t first_unused = source_rank * capacity + received[source_rank];
+      const int64_t unused = capacity - received[source_rank];
       std::memset(notes_out + first_unused * note_bytes, 0, unused * note_bytes);
       if (poison_rows) std::memset(rows_out + first_unused * row_bytes, 0xff, unused * row_bytes);
     }
     return;
   }
   // Pack the rows each peer gets, then exchange rows and notes.
-  std::unique_ptr<uint8_t[]> packed(new uint8_t[world_size * capacity * row_bytes]);
+  std::unique_ptr<uint8_t[]> packed(new uint8_t[world_size * capacity * travel_bytes]);
   AbandonOnFailure(*window, [&] {
     for (int64_t rank = 0; rank < world_size; ++rank) {
       for (int64_t i = 0; i < counts[rank]; ++i) {
         const int64_t slot = rank * capacity + i;
-        std::memcpy(packed.get() + slot * row_bytes, x_bytes + tokens[slot] * row_bytes,
-                    row_bytes);
+        std::memcpy(packed.get() + slot * travel_bytes, source.rows + tokens[slot] * travel_bytes,
+                    travel_bytes);
       }
     }
     return 0;
   });
-  window->ExchangeRows(RowExchange{packed.get(), counts, rows_out, received, capacity,
-                                   row_bytes, /*zero_tail=*/false, kDeliverRowsOperation});
+  window->ExchangeRows(RowExchange{packed.get(), counts, landing, received, capacity,
+                                   travel_bytes, /*zero_tail=*/false, kDeliverRowsOperation});
+  if (source.quantized) {  // (the exchange poisoned the landing's tails, if asked)
+    const bool poison_rows = PoisonUnusedRows();
+    for (int64_t source_rank = 0; source_rank < world_size; ++source_rank) {
+      for (int64_t i = 0; i < received[source_rank]; ++i) {
+        const int64_t slot = source_rank * capacity + i;
+        source.Land(landing + slot * travel_bytes, rows_out + slot * row_bytes);
+      }
+      const int64_t first_unused = source_rank * capacity + received[source_rank];
+      if (poison_rows) {
+        std::memset(rows_out + first_unused * row_bytes, 0xff,
+                    (capacity - received[source_rank]) * row_bytes);
+      }
+    }
+  }
   std::vector<int32_t> notes_received(world_size);
   RowExchange notes_step = note_exchange;
   notes_step.recv_counts = notes_received.data();

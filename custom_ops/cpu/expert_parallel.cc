@@ -11,7 +11,7 @@
 //     from the output shapes; C is dispatch.max_tokens_per_rank).
 //
 //   MoeEpFusedDispatch  x [T, H], expert_ids [T, K] int32, weights [T, K] float32,
-//                       experts_per_rank [1] int32, window_id [1] int32
+//                       experts_per_rank [1] int32, quant_mode [1] int32, window_id [1] int32
 //       -> expand_x [N, H]                  received rows grouped by local expert; rows from
 //                                           sum(tokens_per_local_expert) on are unspecified
 //          tokens_per_local_expert [L] int32
@@ -41,7 +41,7 @@
 // row by row, MoeEpExpertsWeightedSum, between the two):
 //
 //   MoeEpFusedDeliver   x [T, H], expert_ids [T, K] int32, weights [T, K] float32,
-//                       experts_per_rank [1] int32, window_id [1] int32
+//                       experts_per_rank [1] int32, quant_mode [1] int32, window_id [1] int32
 //       -> rows [R*C, H]                    received token rows, block s from rank s in its
 //                                           token order; rows past recv_counts[s] unspecified
 //          local_ids [R*C, K] int32         local expert of row j's k-th choice, -1 if elsewhere
@@ -50,6 +50,10 @@
 //     The fused Dispatch without the grouping: each token row arrives once per rank that holds
 //     one of its experts (~3.7 rows per token at top-8 of 64 on 4 ranks, against 8 grouped
 //     rows), read straight from the source's x where the ranks read each other's memory.
+//
+// quant_mode 2 (both operators): token rows travel as per-token int8 rows (int8_rows.h),
+// quantized once at the source and dequantized into expand_x / rows as they land; the Combine
+// and the Return move their partial sums in the compute dtype.
 //
 //   MoeEpFusedReturn    partial [R*C, H] (one row per received row, e.g. the experts' weighted
 //                       sum over this rank's experts), recv_counts [R], token_slot [T, R],
@@ -66,6 +70,7 @@
 
 #include "comm_window.h"
 #include "gather_sum.h"
+#include "int8_rows.h"
 #include "kernel_common.h"
 
 namespace moe_ep {
@@ -283,7 +288,8 @@ int64_t GroupByLocalExpert(const ReceivedMessages &messages, int64_t experts_per
 // the slot for small messages). Pack (otherwise): the messages carry the token rows. The
 // source records where each token went (token_slot).
 struct DecodeMessages {
-  int64_t world_size = 0, capacity = 0, top_k = 0, experts_per_rank = 0, token_bytes = 0;
+  int64_t world_size = 0, capacity = 0, top_k = 0, experts_per_rank = 0;
+  TravellingRows source;               // x's rows as they travel (quantized or not)
   bool pull = false;
   MessageLayout layout{0, 0};
   StagingBuffers *staging = nullptr;   // send: the message rows; recv: the received ones
@@ -310,7 +316,8 @@ struct DecodeMessages {
 template <typename CheckOutputs>
 DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
                                      const TensorArg &expert_ids, const TensorArg &weights,
-                                     const TensorArg &experts_per_rank, int64_t capacity,
+                                     const TensorArg &experts_per_rank,
+                                     const TensorArg &quant_mode, int64_t capacity,
                                      const TensorArg &token_slot, CheckOutputs &&check_outputs) {
   DecodeMessages messages;
   messages.world_size = window.world_size();
@@ -329,22 +336,24 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
   });
   const int64_t tokens = x.dim(0), top_k = expert_ids.dim(1);
   messages.top_k = top_k;
-  messages.token_bytes = x.dim(1) * (x.dtype == "float32" ? 4 : 2);
   const int32_t *ids = expert_ids.data_as<const int32_t>();
   const SendPlan plan = AbandonOnFailure(window, [&] {
     return SendPlan(ids, tokens, top_k, messages.experts_per_rank, world_size, capacity);
   });
+  // Quantized once here, before anything is sent: a bad row fails the step on every rank.
+  messages.source = AbandonOnFailure(window, [&] { return RowsToSend(x, QuantModeInput(quant_mode)); });
 
   const MessageLayout notes_layout{0, 2 * top_k};
   messages.pull = !PullDisabled() && window.CanPullRows(capacity, notes_layout.row_bytes());
-  messages.layout = messages.pull ? notes_layout : MessageLayout{messages.token_bytes, 2 * top_k};
+  messages.layout =
+      messages.pull ? notes_layout : MessageLayout{messages.source.row_bytes, 2 * top_k};
   const int64_t row_bytes = messages.layout.row_bytes();
   const int64_t payload_bytes = messages.layout.payload_bytes;
   messages.staging = &StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   messages.send_counts.assign(world_size, 0);
   messages.received.assign(world_size, 0);
   messages.offered_token.assign(world_size * capacity, kNone);
-  const uint8_t *x_bytes = x.data_as<const uint8_t>();
+  const uint8_t *x_bytes = messages.source.rows;
   const float *weight_data = weights.data_as<const float>();
   int32_t *slot_of = token_slot.data_as<int32_t>();
   std::fill(slot_of, slot_of + tokens * world_size, kNone);
@@ -371,10 +380,10 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
 // The tensors of MoeEpFusedDispatch, named in the order MindSpore passes them.
 struct FusedDispatchArgs {
   static constexpr const char *kNames[] = {
-      "x", "expert_ids", "weights", "experts_per_rank", "window_id",
+      "x", "expert_ids", "weights", "experts_per_rank", "quant_mode", "window_id",
       "expand_x", "tokens_per_local_expert", "positions", "recv_weights", "recv_counts",
       "token_slot"};
-  TensorArg x, expert_ids, weights, experts_per_rank, window_id;  // inputs
+  TensorArg x, expert_ids, weights, experts_per_rank, quant_mode, window_id;  // inputs
   // outputs
   TensorArg expand_x, tokens_per_local_expert, positions, recv_weights, recv_counts, token_slot;
 };
@@ -383,7 +392,7 @@ void FusedDispatch(const FusedDispatchArgs &args) {
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   DecodeMessages messages = PrepareDecodeMessages(
-      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank,
+      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank, args.quant_mode,
       args.positions.dim(0) / world_size, args.token_slot,
       [&](int64_t experts_per_rank) {
         args.expand_x.RequireSameDtype(args.x);
@@ -391,7 +400,9 @@ void FusedDispatch(const FusedDispatchArgs &args) {
         args.tokens_per_local_expert.RequireDim(0, experts_per_rank, "experts per rank");
       });
   messages.operation = "FusedDispatch (decode)";
-  const int64_t hidden = args.x.dim(1), token_bytes = messages.token_bytes;
+  const TravellingRows &source_rows = messages.source;
+  const int64_t hidden = args.x.dim(1), token_bytes = source_rows.landed_row_bytes();
+  const int64_t travel_bytes = source_rows.row_bytes;
   const int64_t capacity = messages.capacity, capacity_rows = args.expand_x.dim(0);
   int32_t *positions_data = args.positions.data_as<int32_t>();
   float *pair_weights = args.recv_weights.data_as<float>();
@@ -408,7 +419,14 @@ void FusedDispatch(const FusedDispatchArgs &args) {
     // The other expand_x rows of received row j: more_rows[more_begin[j], more_begin[j + 1]).
     // Rows are visited in increasing j and a row's pairs one after another, so a row's first
     // pair is the one whose j differs from the last, and its other rows are contiguous here.
+    // Quantized rows land in scratch (row j at landing + j * travel_bytes) and are dequantized
+    // into their first expand_x row, first_row[j].
     std::vector<int64_t> more_rows, more_begin(world_size * capacity + 1, 0);
+    std::vector<int64_t> first_row(source_rows.quantized ? world_size * capacity : 0);
+    uint8_t *landing = source_rows.quantized
+                           ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                                              world_size * capacity * travel_bytes)
+                           : nullptr;
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
       int64_t last_row = kNone;
       auto deliver = [&](int64_t source, int64_t j, const uint8_t *, int64_t expand_row) {
@@ -418,7 +436,12 @@ void FusedDispatch(const FusedDispatchArgs &args) {
         }
         for (int64_t next = last_row + 1; next <= j; ++next) more_begin[next] = more_rows.size();
         last_row = j;
-        copies[source].push_back({j - source * capacity, out + expand_row * token_bytes, j});
+        if (source_rows.quantized) {
+          first_row[j] = expand_row;
+          copies[source].push_back({j - source * capacity, landing + j * travel_bytes, j});
+        } else {
+          copies[source].push_back({j - source * capacity, out + expand_row * token_bytes, j});
+        }
       };
       total = GroupByLocalExpert(received, messages.experts_per_rank, capacity_rows,
                                  positions_data, pair_weights, expert_counts, deliver);
@@ -428,21 +451,27 @@ void FusedDispatch(const FusedDispatchArgs &args) {
     };
     auto copy_on = [&](const RowCopy *begin, const RowCopy *end) {
       for (const RowCopy *copy = begin; copy != end; ++copy) {
+        const uint8_t *first = copy->destination;
+        if (source_rows.quantized) {
+          uint8_t *dequantized = out + first_row[copy->tag] * token_bytes;
+          source_rows.Land(copy->destination, dequantized);
+          first = dequantized;
+        }
         for (int64_t i = more_begin[copy->tag]; i < more_begin[copy->tag + 1]; ++i) {
           // Non-temporal stores: expand_x is far larger than the caches, and ordinary stores
           // would first read every destination line from memory.
-          CopyStreaming(out + more_rows[i] * token_bytes, copy->destination, token_bytes);
+          CopyStreaming(out + more_rows[i] * token_bytes, first, token_bytes);
         }
       }
     };
     window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
-                             args.x.data_as<const uint8_t>(), args.x.dim(0), token_bytes,
-                             plan_copies, copy_on});
+                             source_rows.rows, source_rows.count, travel_bytes, plan_copies,
+                             copy_on});
     StreamingStoreFence();
   } else {
     window->ExchangeRows(messages.Exchange());
     auto deliver = [&](int64_t, int64_t, const uint8_t *row, int64_t expand_row) {
-      std::memcpy(out + expand_row * token_bytes, row, token_bytes);
+      source_rows.Land(row, out + expand_row * token_bytes);
     };
     total = GroupByLocalExpert(received, messages.experts_per_rank, capacity_rows,
                                positions_data, pair_weights, expert_counts, deliver);
@@ -483,9 +512,9 @@ void UnpackNotes(const ReceivedMessages &received, int32_t *local_ids, float *re
 // The tensors of MoeEpFusedDeliver, named in the order MindSpore passes them.
 struct FusedDeliverArgs {
   static constexpr const char *kNames[] = {
-      "x", "expert_ids", "weights", "experts_per_rank", "window_id",
+      "x", "expert_ids", "weights", "experts_per_rank", "quant_mode", "window_id",
       "rows", "local_ids", "recv_weights", "recv_counts", "token_slot"};
-  TensorArg x, expert_ids, weights, experts_per_rank, window_id;  // inputs
+  TensorArg x, expert_ids, weights, experts_per_rank, quant_mode, window_id;  // inputs
   TensorArg rows, local_ids, recv_weights, recv_counts, token_slot;  // outputs
 };
 
@@ -493,7 +522,7 @@ void FusedDeliver(const FusedDeliverArgs &args) {
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
   DecodeMessages messages = PrepareDecodeMessages(
-      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank,
+      *window, args.x, args.expert_ids, args.weights, args.experts_per_rank, args.quant_mode,
       args.rows.dim(0) / world_size, args.token_slot,
       [&](int64_t) {
         args.rows.RequireSameDtype(args.x);
@@ -502,30 +531,45 @@ void FusedDeliver(const FusedDeliverArgs &args) {
         args.recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
       });
   messages.operation = "FusedDeliver (decode)";
-  const int64_t token_bytes = messages.token_bytes, capacity = messages.capacity;
+  const TravellingRows &source_rows = messages.source;
+  const int64_t token_bytes = source_rows.landed_row_bytes(), capacity = messages.capacity;
+  const int64_t travel_bytes = source_rows.row_bytes;
   uint8_t *out = args.rows.data_as<uint8_t>();
   const ReceivedMessages received = messages.Received();
   if (messages.pull) {
-    // Each received row is read from its source once, straight into its row of `rows`.
+    // Each received row is read from its source once, straight into its row of `rows` (or,
+    // quantized, into scratch, and dequantized into `rows` a batch at a time).
+    uint8_t *landing = source_rows.quantized
+                           ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                                              world_size * capacity * travel_bytes)
+                           : out;
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
       UnpackNotes(received, args.local_ids.data_as<int32_t>(), args.recv_weights.data_as<float>());
       for (int64_t source = 0; source < world_size; ++source) {
         for (int64_t i = 0; i < received.counts[source]; ++i) {
-          copies[source].push_back({i, out + (source * capacity + i) * token_bytes, 0});
+          const int64_t j = source * capacity + i;
+          copies[source].push_back({i, landing + j * travel_bytes, j});
         }
       }
     };
+    std::function<void(const RowCopy *, const RowCopy *)> dequantize;
+    if (source_rows.quantized) {
+      dequantize = [&](const RowCopy *begin, const RowCopy *end) {
+        for (const RowCopy *copy = begin; copy != end; ++copy) {
+          source_rows.Land(copy->destination, out + copy->tag * token_bytes);
+        }
+      };
+    }
     window->PullRows(RowPull{messages.Exchange(), messages.offered_token.data(),
-                             args.x.data_as<const uint8_t>(), args.x.dim(0), token_bytes,
-                             plan_copies, nullptr});
+                             source_rows.rows, source_rows.count, travel_bytes, plan_copies,
+                             dequantize});
   } else {
     window->ExchangeRows(messages.Exchange());
     UnpackNotes(received, args.local_ids.data_as<int32_t>(), args.recv_weights.data_as<float>());
     for (int64_t source = 0; source < world_size; ++source) {
       for (int64_t i = 0; i < received.counts[source]; ++i) {
         const int64_t j = source * capacity + i;
-        std::memcpy(out + j * token_bytes, received.rows + j * received.layout.row_bytes(),
-                    token_bytes);
+        source_rows.Land(received.rows + j * received.layout.row_bytes(), out + j * token_bytes);
       }
     }
   }

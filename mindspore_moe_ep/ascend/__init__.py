@@ -46,6 +46,10 @@ def build_ascend_dispatchers(config, group, soc: Optional[str] = None):
     from ..ep_dispatcher import SparseAllToAllDispatcher
     from ..token_dispatcher import LocalTokenDispatcher
     router = config.router
+    if config.dispatch.quant == "int8":
+        logger.warning("dispatch.quant: int8 on Ascend: decode through CANN's fused operators "
+                       "quantizes (quant mode 2); the HCCL prefill exchange and expert "
+                       "parallelism 1 move rows unquantized (StepPlan.quantized says which)")
     if group.size == 1:
         return LocalTokenDispatcher(config.model.num_experts, router.top_k,
                                     router.capacity_factor), None

@@ -11,6 +11,8 @@ The dispatcher interface of ``token_dispatcher.py``:
 The arguments come from :func:`~mindspore_moe_ep.ascend.cann_limits.cann_dispatch_arguments`;
 the handle carries the outputs of Dispatch that Combine must receive unchanged (expand_idx,
 ep_recv_counts and, on A2, expand_scales). Inference only (the fused operators have no gradient).
+With ``dispatch.quant: int8`` Dispatch runs in quant mode 2: ``expand_x`` arrives as int8 with
+one scale per row (``dynamic_scales``), dequantized here into the input's dtype for the experts.
 """
 from mindspore import ops
 import mindspore as ms
@@ -40,6 +42,8 @@ class CannDecodeDispatcher(TokenDispatcher):
         self._global_bs = arguments.global_bs
         self._shared_expert_num = arguments.shared_expert_num
         self._scales_in_dispatch = arguments.expert_scales_in_dispatch
+        self._quant_mode = arguments.quant_mode
+        self.quantized = arguments.quant_mode == 2
         # The keyword arguments below spell out CannDispatchArguments.dispatch_kwargs() /
         # combine_kwargs(); tests/test_cann_arguments.py checks the two stay equal.
 
@@ -51,9 +55,12 @@ class CannDecodeDispatcher(TokenDispatcher):
             x, expert_ids, self._ep_world_size, self._ep_rank_id, self._moe_expert_num,
             expert_scales=expert_scales, group_ep=self._group_ep, tp_world_size=0, tp_rank_id=0,
             expert_shard_type=0, shared_expert_num=self._shared_expert_num,
-            shared_expert_rank_num=0, quant_mode=0, global_bs=self._global_bs,
+            shared_expert_rank_num=0, quant_mode=self._quant_mode, global_bs=self._global_bs,
             expert_token_nums_type=1)
         expand_x, expand_idx, expert_token_nums = outputs[0], outputs[2], outputs[3]
+        if self._quant_mode == 2:  # int8 rows, dynamic_scales [A]: one scale per row
+            dynamic_scales = outputs[1].astype(ms.float32).reshape(-1, 1)
+            expand_x = (expand_x.astype(ms.float32) * dynamic_scales).astype(x.dtype)
         ep_recv_counts, expand_scales = outputs[4], outputs[6]
         tokens_per_expert = expert_token_nums.astype(ms.int32)
         no_drops = ops.zeros((1,), ms.int32)

@@ -29,6 +29,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 SOCS = ("A2", "A3")
 SOC_NAMES = {"A2": "Atlas A2 (Ascend910B)", "A3": "Atlas A3 (Ascend910_93)"}
 DEFAULT_HCCL_BUFFSIZE_MB = 200   # CANN's default when HCCL_BUFFSIZE is unset
+# dispatch.quant -> moe_distribute_dispatch's quant_mode (2: dynamic quantization, one int8
+# scale per token, returned as dynamic_scales; the window formulas below assume 16-bit rows,
+# an upper bound for int8 ones)
+CANN_QUANT_MODES = {"none": 0, "int8": 2}
 _MIB = 1024 * 1024
 
 
@@ -82,6 +86,7 @@ class CannDispatchArguments:
     expand_rows: int             # A = global_bs * min(local_expert_num, top_k): rows of expand_x
     shared_expert_num: int       # A2: 0 ("unsupported, pass 0"); A3: 1 with no shared-expert ranks
     hccl_buffsize_mb: int        # the least HCCL_BUFFSIZE that fits (see hccl_buffsize_mb)
+    quant_mode: int = 0          # 0: none; 2: dynamic per-token int8 (dispatch.quant: int8)
 
     @property
     def expert_scales_in_dispatch(self) -> bool:
@@ -95,7 +100,7 @@ class CannDispatchArguments:
     def dispatch_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``moe_distribute_dispatch`` after (x, expert_ids, ep_world_size,
         ep_rank_id, moe_expert_num)."""
-        return dict(self._common_kwargs(), shared_expert_rank_num=0, quant_mode=0,
+        return dict(self._common_kwargs(), shared_expert_rank_num=0, quant_mode=self.quant_mode,
                     expert_token_nums_type=1)    # 1: per-expert counts, not prefix sums
 
     def combine_kwargs(self) -> Dict[str, Any]:
@@ -215,7 +220,8 @@ def cann_dispatch_arguments(config, group, soc: str,
         max_bs=max_bs, global_bs=max_bs * ep, expand_rows=max_bs * ep * min(local_experts, top_k),
         shared_expert_num=1 if soc == "A3" else 0,
         hccl_buffsize_mb=hccl_buffsize_mb(soc, max_bs, ep, local_experts, top_k,
-                                          config.model.hidden_size))
+                                          config.model.hidden_size),
+        quant_mode=CANN_QUANT_MODES[config.dispatch.quant])
 
 
 class HcclBufferTooSmallError(ValueError):

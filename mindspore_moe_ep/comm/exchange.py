@@ -255,7 +255,9 @@ class AllGatherExchangeRows(nn.Cell):
                 raise
             raise KernelError(f"AllGatherExchangeRows: a send_counts value on some rank is outside "
                               f"[0, {self.max_tokens_per_rank}] (max_tokens_per_rank); MindSpore's "
-                              f"Assert printed the gathered counts [world, R] above") from error
+                              f"Assert printed the gathered counts [world, R] above. Counts of "
+                              f"-1 on every destination: that rank's layer input holds NaN or "
+                              f"infinity, which dispatch.quant: int8 refuses") from error
 
     def extend_repr(self):
         return (f"group_ranks={self.group_ranks}, max_tokens_per_rank={self.max_tokens_per_rank}, "

@@ -24,6 +24,7 @@ AuxLossType = Literal["none", "switch", "seq"]
 GroupScore = Literal["top2_sum", "max"]
 Transport = Literal["auto", "shm", "allgather"]
 DecodeLayout = Literal["rowwise", "grouped"]
+DispatchQuant = Literal["none", "int8"]
 ExecutionMode = Literal["graph", "pynative"]
 DType = Literal["float32", "float16", "bfloat16"]
 HFWeightNames = Literal["deepseek", "qwen", "mixtral"]
@@ -340,6 +341,13 @@ class DispatchConfig(_Section):
         "smaller. Smaller rounds hold less memory; larger ones give the experts' GEMMs more "
         "rows (about expert_parallel x this x top_k / num_experts per expert and round).",
         default=512, gt=0)
+    quant: DispatchQuant = option(
+        "How token rows travel to the experts: none (in runtime.dtype) or int8 (per token: "
+        "symmetric int8 with one float32 scale max|x| / 127 per row, quantized once at the "
+        "source and dequantized into the experts' input; CANN's quant mode 2). Every dispatch "
+        "path, both phases; the return trip (combine) stays in runtime.dtype. Training gets a "
+        "straight-through gradient (the backward exchange is not quantized). A row holding NaN "
+        "or infinity is refused. Error and speed: docs/quantization.md.", default="none")
 
 
 @dataclass(frozen=True)

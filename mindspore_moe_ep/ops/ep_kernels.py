@@ -25,6 +25,15 @@ def _int32_scalar(value):
     return Tensor([int(value)], mstype.int32)
 
 
+QUANT_MODES = {"none": 0, "int8": 2}  # dispatch.quant -> the kernels' quant_mode (CANN's numbers)
+
+
+def _quant_mode(quant):
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {sorted(QUANT_MODES)}, got {quant!r}")
+    return _int32_scalar(QUANT_MODES[quant])
+
+
 class ExpertParallelLayout(KernelCell):
     """``expert_ids [T, K]`` -> ``(send_token_index [R, C], send_counts [R], token_slot [T, R],
     send_local_ids [R, C, K])``; see the kernel's header comment."""
@@ -91,28 +100,32 @@ class FusedDispatch(KernelCell):
     N = R * C * min(K, L) is the worst case of rows one rank can receive (C =
     dispatch.max_tokens_per_rank, L = experts per rank); rows of ``expand_x`` past
     ``sum(tokens_per_local_expert)`` are unspecified. The last four outputs are the handle the
-    Combine needs (see the kernel's header comment).
+    Combine needs (see the kernel's header comment). ``quant="int8"``: the rows travel as
+    per-token int8 and land dequantized (``dispatch.quant``).
     """
 
-    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, top_k, window):
+    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, top_k, window,
+                 quant="none"):
         super().__init__()
         rows = world_size * max_tokens_per_rank * min(top_k, experts_per_rank)
         slots = world_size * max_tokens_per_rank
         self._experts_per_rank = _int32_scalar(experts_per_rank)
+        self._quant_mode = _quant_mode(quant)
         self._window_id = window.id_tensor
         self._dispatch = custom_op(
             "MoeEpFusedDispatch",
-            out_shape=lambda x, ids, weights, epr, window_id: (
+            out_shape=lambda x, ids, weights, epr, quant_mode, window_id: (
                 [rows, x[1]], [experts_per_rank], [slots, ids[1]], [slots, ids[1]],
                 [world_size], [x[0], world_size]),
-            out_dtype=lambda x, ids, weights, epr, window_id: (
+            out_dtype=lambda x, ids, weights, epr, quant_mode, window_id: (
                 x, mstype.int32, mstype.int32, mstype.float32, mstype.int32, mstype.int32),
             shape_key={"rows": rows, "slots": slots, "experts_per_rank": experts_per_rank,
                        "world_size": world_size},
             side_effect=True)
 
     def construct(self, x, expert_ids, weights):
-        return self._dispatch(x, expert_ids, weights, self._experts_per_rank, self._window_id)
+        return self._dispatch(x, expert_ids, weights, self._experts_per_rank, self._quant_mode,
+                              self._window_id)
 
 
 class FusedCombine(KernelCell):
@@ -144,25 +157,28 @@ class FusedDeliver(KernelCell):
     rank holding one of its experts (block s of ``rows`` from rank s, its first
     ``recv_counts[s]`` rows used, the rest unspecified), with its local expert ids (-1: none
     here) and routing weights; the experts then run row by row (``ExpertsWeightedSum``).
+    ``quant="int8"``: the rows travel as per-token int8 and land dequantized.
     """
 
-    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, window):
+    def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, window, quant="none"):
         super().__init__()
         slots = world_size * max_tokens_per_rank
         self._experts_per_rank = _int32_scalar(experts_per_rank)
+        self._quant_mode = _quant_mode(quant)
         self._window_id = window.id_tensor
         self._deliver = custom_op(
             "MoeEpFusedDeliver",
-            out_shape=lambda x, ids, weights, epr, window_id: (
+            out_shape=lambda x, ids, weights, epr, quant_mode, window_id: (
                 [slots, x[1]], [slots, ids[1]], [slots, ids[1]], [world_size],
                 [x[0], world_size]),
-            out_dtype=lambda x, ids, weights, epr, window_id: (
+            out_dtype=lambda x, ids, weights, epr, quant_mode, window_id: (
                 x, mstype.int32, mstype.float32, mstype.int32, mstype.int32),
             shape_key={"slots": slots, "world_size": world_size},
             side_effect=True)
 
     def construct(self, x, expert_ids, weights):
-        return self._deliver(x, expert_ids, weights, self._experts_per_rank, self._window_id)
+        return self._deliver(x, expert_ids, weights, self._experts_per_rank, self._quant_mode,
+                             self._window_id)
 
 
 class FusedReturn(KernelCell):
@@ -192,12 +208,15 @@ class DeliverRows(KernelCell):
     x: no packed send buffer (see the kernel's header comment). Rows of ``recv_rows`` past the
     counts are unspecified, notes there are zero. ``token_slot`` (the inverse of
     ``send_token_index``) is read only by the gradient: the reverse exchanges of both outputs,
-    then the sum of each token's returned row gradients.
+    then the sum of each token's returned row gradients. ``quant="int8"``: the rows travel as
+    per-token int8 and land dequantized; the gradient is then straight-through (the reverse
+    exchange moves the rows' gradient unquantized).
     """
 
-    def __init__(self, window, max_tokens_per_rank):
+    def __init__(self, window, max_tokens_per_rank, quant="none"):
         super().__init__()
         self._window_id = window.id_tensor
+        self._quant_mode = _quant_mode(quant)
         gather_sum = gather_sum_op()
         # The rows' gradient keeps unspecified tails (only gather_sum reads it, at the sent
         # rows); the notes' is zeroed past the counts (MindSpore's element-wise ops read it).
@@ -205,7 +224,8 @@ class DeliverRows(KernelCell):
                                                 zero_tail=False)
         reverse_exchange_notes = exchange_kernel(window.world_size, max_tokens_per_rank)
 
-        def bprop(x, send_token_index, send_counts, token_slot, notes, window_id, out, dout):
+        def bprop(x, send_token_index, send_counts, token_slot, notes, quant_mode, window_id, out,
+                  dout):
             recv_rows, recv_notes, recv_counts = out
             d_recv_rows = ops.depend(dout[0], recv_rows)  # after the forward exchange
             d_send_rows, _ = reverse_exchange_rows(d_recv_rows, recv_counts,
@@ -215,19 +235,20 @@ class DeliverRows(KernelCell):
             d_notes, _ = reverse_exchange_notes(d_recv_notes, recv_counts,
                                                 window_id)                           # [R*C, M]
             return (d_x, ops.zeros_like(send_token_index), ops.zeros_like(send_counts),
-                    ops.zeros_like(token_slot), d_notes, ops.zeros_like(window_id))
+                    ops.zeros_like(token_slot), d_notes, ops.zeros_like(quant_mode),
+                    ops.zeros_like(window_id))
 
         self._deliver = custom_op(
             "MoeEpDeliverRows",
-            out_shape=lambda x, index, counts, slots, notes, window_id: (
+            out_shape=lambda x, index, counts, slots, notes, quant_mode, window_id: (
                 [notes[0], x[1]], list(notes), list(counts)),
-            out_dtype=lambda x, index, counts, slots, notes, window_id: (
+            out_dtype=lambda x, index, counts, slots, notes, quant_mode, window_id: (
                 x, mstype.float32, mstype.int32),
             bprop=bprop, side_effect=True)
 
     def construct(self, x, send_token_index, send_counts, token_slot, notes):
         return self._deliver(x, send_token_index, send_counts, token_slot, notes,
-                             self._window_id)
+                             self._quant_mode, self._window_id)
 
 
 class ExpertsCombine(KernelCell):

@@ -304,8 +304,17 @@ def _flatten_input(x):
 # Layer forward
 # ----------------------------------------------------------------------------------------------
 
-def moe_forward(params, x, cfg):
-    """Layer output y (same shape as x) and a stats dict.
+def _experts_input(expert_input, x2):
+    """The rows the routed experts read: x itself, or e.g. its int8 round trip (dispatch.quant:
+    int8, see numpy_quant.py); routing and the shared expert always read x."""
+    if expert_input is None:
+        return x2
+    return np.asarray(expert_input, dtype=np.float64).reshape(x2.shape)
+
+
+def moe_forward(params, x, cfg, expert_input=None):
+    """Layer output y (same shape as x) and a stats dict. ``expert_input``: the rows the routed
+    experts read instead of x (e.g. after an int8 round trip).
 
     stats: ``tokens_per_expert`` [E] (kept), ``num_dropped``, ``aux_loss``, ``z_loss``,
     ``expert_ids`` [T,K], ``weights`` [T,K], ``keep`` [T,K].
@@ -316,11 +325,12 @@ def moe_forward(params, x, cfg):
     ids, w = r["expert_ids"], r["weights"]                                 # [T, K]
     keep, tokens_per_expert, num_dropped = apply_capacity(ids, cfg.num_experts,
                                                           cfg.capacity_factor)
+    routed_x = _experts_input(expert_input, x2)                            # [T, H]
     y = np.zeros_like(x2)                                                  # [T, H]
     for e in range(cfg.num_experts):
         rows, ks = np.nonzero((ids == e) & keep)                          # pairs routed to e
         if len(rows):
-            out = swiglu(x2[rows], *_expert_weights(params, e))            # [n_e, H]
+            out = swiglu(routed_x[rows], *_expert_weights(params, e))      # [n_e, H]
             np.add.at(y, rows, w[rows, ks][:, None] * out)
     shared = _shared_weights(params)
     if shared is not None:
@@ -366,8 +376,11 @@ def _swiglu_backward(v, w_gate, w_up, w_down, d_out):
     return out, d_v, d_gate, d_up, d_down
 
 
-def moe_loss_and_grads(params, x, grad_out, cfg):
+def moe_loss_and_grads(params, x, grad_out, cfg, expert_input=None):
     """L = sum(y * grad_out) + aux + z and its gradients (analytic backprop, float64).
+
+    ``expert_input``: the rows the routed experts read instead of x (as in :func:`moe_forward`);
+    their gradient is added to x's unchanged (straight-through, as for a quantized dispatch).
 
     Returns (L, grads) with grads["x"] shaped like x and grads[name] for ``gate.weight``, every
     expert weight and the shared-expert weights (not for the expert bias, which is not trained).
@@ -380,6 +393,7 @@ def moe_loss_and_grads(params, x, grad_out, cfg):
     r = route(x2, params, cfg)
     logits, scores, ids, w = r["logits"], r["scores"], r["expert_ids"], r["weights"]
     keep, _, _ = apply_capacity(ids, cfg.num_experts, cfg.capacity_factor)
+    routed_x = _experts_input(expert_input, x2)                            # [T, H]
 
     grads = {"x": np.zeros_like(x2)}
     y = np.zeros_like(x2)
@@ -395,7 +409,8 @@ def moe_loss_and_grads(params, x, grad_out, cfg):
                 grads[pre + name + ".weight"] = np.zeros_like(ref)
             continue
         w_rows = w[rows, ks][:, None]                                      # [n_e, 1]
-        out, d_v, d_g, d_u, d_d = _swiglu_backward(x2[rows], wg, wu, wd, w_rows * g_out[rows])
+        out, d_v, d_g, d_u, d_d = _swiglu_backward(routed_x[rows], wg, wu, wd,
+                                                   w_rows * g_out[rows])
         np.add.at(y, rows, w_rows * out)
         np.add.at(grads["x"], rows, d_v)
         d_w[rows, ks] = (g_out[rows] * out).sum(axis=-1)

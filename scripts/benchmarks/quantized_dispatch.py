@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Quantized dispatch: token rows as float32, bfloat16 and int8 (``dispatch.quant: int8``) through
+the prefill exchange and the decode round trip, EP 2 and 4.
+
+    python scripts/benchmarks/quantized_dispatch.py [--quick] [--out DIR] [--ranks 2,4]
+
+msrun workers (expert parallelism R = 2 and 4), 64 experts, top-8 routing drawn at random, hidden
+2048 and 7168, ``MoELayer`` built as a user builds it (shared-memory window, defaults), one
+layer per (hidden, rows):
+
+- ``float32``: runtime.dtype float32, rows travel as float32 (4 bytes per value);
+- ``bfloat16``: runtime.dtype bfloat16 (2 bytes per value);
+- ``int8``: runtime.dtype float32 with ``dispatch.quant: int8`` (1 byte per value + a 4-byte
+  scale per row; quantized at the source, dequantized to float32 where the rows land).
+
+Measured, GRAPH_MODE, several calls per launch (chained with ``ops.depend``):
+
+- ``prefill exchange``: ``layer.prefill_dispatcher.deliver`` at 512 tokens per rank (the sparse
+  all-to-all-v of the token rows: DeliverRows, each token row once per rank holding one of its
+  experts, ~3.7 of 4 ranks at top-8 of 64);
+- ``decode round trip``: ``layer.decode_dispatcher.deliver`` + ``return_rows`` at 128 tokens per
+  rank (FusedDeliver + FusedReturn with identity experts; the return is in the compute dtype).
+
+Time = the slowest rank's best repetition (each starts after a barrier). Effective payload GB/s =
+rows delivered to this rank x hidden x bytes per value of the compute dtype / time (the bytes the
+experts receive). Targets (same run): int8 prefill exchange >= 2.5x faster than float32 and
+>= 1.5x faster than bfloat16 at hidden 7168; int8 decode round trip >= 1.5x faster than float32 at
+128 tokens per rank.
+"""
+import sys
+import time
+
+import numpy as np
+
+import bench_common as bc
+
+NAME = "quantized_dispatch"
+EXPERTS, TOP_K = 64, 8
+PREFILL_TOKENS, DECODE_TOKENS = 512, 128
+VARIANTS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
+            "int8": ("float32", "int8")}
+TARGETS = {"prefill_int8_vs_float32": 2.5, "prefill_int8_vs_bfloat16": 1.5,
+           "decode_int8_vs_float32": 1.5}
+
+
+def settings(quick):
+    """(hiddens, repeats, calls per launch)."""
+    return ([7168], 3, 2) if quick else ([2048, 7168], 5, 4)
+
+
+def ms_worker(quick):
+    from mindspore import Tensor, nn, ops
+    from mindspore.communication import get_group_size
+    import mindspore_moe_ep as mee
+    from mindspore_moe_ep.comm.window import world_all_gather
+    from mindspore_moe_ep.runtime import mindspore_dtype
+
+    rank = bc.start_mindspore("graph", distributed=True)
+    world = get_group_size()
+    hiddens, repeats, calls = settings(quick)
+
+    def barrier():
+        world_all_gather(np.zeros(1, np.int32))
+
+    class Deliver(nn.Cell):
+        """``calls`` prefill deliveries; returns the received counts."""
+
+        def __init__(self, dispatcher):
+            super().__init__()
+            self.dispatcher = dispatcher
+
+        def construct(self, x, ids, weights):
+            counts = None
+            for _ in range(calls):
+                rows, _, _, counts, _ = self.dispatcher.deliver(x, ids, weights)
+                x = ops.depend(x, rows)
+            return counts
+
+    class RoundTrip(nn.Cell):
+        """``calls`` decode round trips with identity experts."""
+
+        def __init__(self, dispatcher):
+            super().__init__()
+            self.dispatcher = dispatcher
+
+        def construct(self, x, ids, weights):
+            y = x
+            for _ in range(calls):
+                rows, _, _, counts, route = self.dispatcher.deliver(x, ids, weights)
+                y = self.dispatcher.return_rows(rows, counts, route)
+                x = ops.depend(x, y)
+            return y
+
+    def timed(cell, inputs):
+        out = cell(*inputs).asnumpy()  # compile
+        samples = []
+        for _ in range(repeats):
+            barrier()
+            start = time.perf_counter()
+            cell(*inputs).asnumpy()
+            samples.append((time.perf_counter() - start) / calls)
+        return min(samples), float(np.median(samples)), out
+
+    results = []
+    for hidden in hiddens:
+        for variant, (dtype, quant) in VARIANTS.items():
+            layer = mee.MoELayer(mee.MoEConfig.from_dict({
+                "model": {"hidden_size": hidden, "num_experts": EXPERTS, "expert_ffn_size": 64},
+                "router": {"top_k": TOP_K},
+                "parallel": {"expert_parallel": world},
+                "dispatch": {"max_tokens_per_rank": PREFILL_TOKENS,
+                             "decode_token_threshold": DECODE_TOKENS, "quant": quant},
+                "runtime": {"mode": "graph", "dtype": dtype}}))
+            layer.set_train(False)
+            assert layer.plan(PREFILL_TOKENS, "prefill").quantized == (quant == "int8")
+            value_bytes = 4 if dtype == "float32" else 2
+            for what, tokens, cell in (
+                    ("prefill exchange", PREFILL_TOKENS, Deliver(layer.prefill_dispatcher)),
+                    ("decode round trip", DECODE_TOKENS, RoundTrip(layer.decode_dispatcher))):
+                ids, weights = bc.random_routing(tokens, TOP_K, EXPERTS, seed=1000 * rank + tokens)
+                x = Tensor(np.random.default_rng(rank).standard_normal(
+                    (tokens, hidden), dtype=np.float32)).astype(mindspore_dtype(dtype))
+                best, median, out = timed(cell, (x, Tensor(ids), Tensor(weights)))
+                if what == "prefill exchange":
+                    received_rows = int(out.sum())
+                else:  # each token row goes once to every rank holding one of its experts
+                    received_rows = None
+                results.append({"what": what, "rows": variant, "hidden": hidden,
+                                "tokens": tokens, "min_s": best, "median_s": median,
+                                "received_rows": received_rows, "value_bytes": value_bytes})
+            layer.close()
+            del layer
+    bc.write_worker_result({"rank": rank, "results": results})
+
+
+def merge(reports):
+    """Per (what, rows, hidden): the slowest rank's best time, and rank 0's received rows."""
+    merged = {}
+    for report in reports:
+        for entry in report["results"]:
+            key = (entry["what"], entry["rows"], entry["hidden"])
+            current = merged.setdefault(key, dict(entry))
+            current["min_s"] = max(current["min_s"], entry["min_s"])
+            current["median_s"] = max(current["median_s"], entry["median_s"])
+            if entry["received_rows"] is not None:
+                current["received_rows"] = max(current["received_rows"] or 0,
+                                               entry["received_rows"])
+    return merged
+
+
+def main(argv=None):
+    parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
+    parser.add_argument("--ranks", default="2,4", help="comma-separated worker counts")
+    args = parser.parse_args(argv)
+    if args.role == "ms":
+        return ms_worker(args.quick)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print(f"[{NAME}] {bc.describe_machine(bc.machine_info())}", flush=True)
+    progress = bc.Progress(NAME, len(ranks))
+    rows, entries = [], []
+    worker_args = ["--role", "ms"] + (["--quick"] if args.quick else [])
+    for world in ranks:
+        threads = bc.threads_per_process(world)
+        merged = merge(bc.launch_msrun(__file__, world, worker_args,
+                                       env={"MOE_EP_NUM_THREADS": str(threads),
+                                            "OMP_NUM_THREADS": str(threads)}))
+        progress.step(f"{world} msrun workers")
+        for (what, variant, hidden), entry in sorted(merged.items()):
+            float32 = merged[(what, "float32", hidden)]["min_s"]
+            bfloat16 = merged[(what, "bfloat16", hidden)]["min_s"]
+            delivered = entry["received_rows"]
+            gbps = (delivered * hidden * entry["value_bytes"] / entry["min_s"] / 1e9
+                    if delivered else None)
+            entries.append({"ranks": world, "what": what, "rows": variant, "hidden": hidden,
+                            "tokens_per_rank": entry["tokens"], "time_s": entry["min_s"],
+                            "median_s": entry["median_s"], "payload_gbps": gbps,
+                            "speedup_vs_float32": float32 / entry["min_s"],
+                            "speedup_vs_bfloat16": bfloat16 / entry["min_s"]})
+            rows.append([world, what, hidden, variant, entry["tokens"], entry["min_s"] * 1e3,
+                         gbps, float32 / entry["min_s"], bfloat16 / entry["min_s"]])
+    print(bc.table(["ranks", "what", "hidden", "rows", "tokens/rank", "ms", "payload GB/s",
+                    "x float32", "x bfloat16"], rows))
+
+    def worst(what, hidden, versus):
+        values = [e[f"speedup_vs_{versus}"] for e in entries
+                  if e["what"] == what and e["rows"] == "int8" and e["hidden"] == hidden]
+        return min(values) if values else None
+    largest = max(e["hidden"] for e in entries)
+    measured = {"prefill_int8_vs_float32": worst("prefill exchange", largest, "float32"),
+                "prefill_int8_vs_bfloat16": worst("prefill exchange", largest, "bfloat16"),
+                "decode_int8_vs_float32": worst("decode round trip", largest, "float32")}
+    summary = {name: {"target": f">= {TARGETS[name]}x", "worst_over_ranks": value,
+                      "met": bool(value is not None and value >= TARGETS[name])}
+               for name, value in measured.items()}
+    summary["hidden"] = largest
+    for name, item in summary.items():
+        if name != "hidden":
+            print(f"[{NAME}] {name} at hidden {largest}: {item['worst_over_ranks']:.2f}x "
+                  f"(target {item['target']}) {'met' if item['met'] else 'NOT met'}", flush=True)
+    bc.write_results(args.out, NAME, {
+        "config": {"ranks": ranks, "experts": EXPERTS, "top_k": TOP_K, "quick": args.quick,
+                   "prefill_tokens_per_rank": PREFILL_TOKENS,
+                   "decode_tokens_per_rank": DECODE_TOKENS, "mode": "GRAPH_MODE"},
+        "method": __doc__.split("\n\n", 2)[2], "rows": entries, "summary": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
