@@ -28,9 +28,11 @@ grouped (Megatron-Core's dispatch / combine; CANN's fused operators):
     experts' outputs.
 
 row-wise (no buffer with a row per (token, expert) pair):
-    ``deliver(x, expert_ids, routing_weights) -> delivery`` in the :class:`Delivery` layout:
-    each token row once per rank holding one of its experts, with its local expert ids (-1:
-    none here) and weights.
+    ``deliver(x, expert_ids, routing_weights, keep_quantized=False) -> delivery`` in the
+    :class:`Delivery` layout: each token row once per rank holding one of its experts, with its
+    local expert ids (-1: none here) and weights. ``keep_quantized`` (a dispatcher with
+    ``quantized`` rows, inference): the rows may stay int8 where they land (int32 [N, W], see
+    ``ops/quantized_rows.py``), for the row-wise experts, which dequantize as they read.
     ``return_rows(partial [N, H], row_counts, route) -> y [T, H]``: one weighted sum per
     delivered row back to its token, summed at the source.
     ``experts_combine(rows, local_ids, weights, row_counts, route, gate_up_weight,
@@ -96,7 +98,7 @@ class TokenDispatcher(nn.Cell):
     def combine(self, expert_out, handle):
         raise NotImplementedError(f"{type(self).__name__} does not serve the grouped contract")
 
-    def deliver(self, x, expert_ids, routing_weights):
+    def deliver(self, x, expert_ids, routing_weights, keep_quantized=False):
         raise NotImplementedError(f"{type(self).__name__} does not serve the row-wise contract")
 
     def return_rows(self, partial, row_counts, route):

@@ -103,13 +103,16 @@ class SparseAllToAllDispatcher(TokenDispatcher):
         group_tokens = received.reshape(self.group_size, self.max_tokens_per_rank)[:, 0].sum()
         return ops.gather(self._capacity_table, group_tokens.astype(ms.int32).reshape(1), 0)
 
-    def deliver(self, x, expert_ids, routing_weights):
+    def deliver(self, x, expert_ids, routing_weights, keep_quantized=False):
         """Steps 1-2: each token row goes once to every rank holding one of its experts.
 
         x: [T, H] -> ``(rows [R*C, H], local_ids [R*C, K] int32, weights [R*C, K] float32,
         row_counts [R] int32, route)``: the rows this rank received, in R blocks of C (block r
         from rank r, its first row_counts[r] rows used), each with its local expert ids (-1:
         none here) and routing weights; ``route`` is what :meth:`return_rows` needs.
+        ``keep_quantized`` (int8 dispatch, inference): over the window, rows stay quantized
+        where they land (int32 [R*C, W], for the row-wise experts); elsewhere they land
+        dequantized.
         """
         tokens = x.shape[0]
         check_tokens_fit(tokens, self.max_tokens_per_rank)
@@ -129,7 +132,8 @@ class SparseAllToAllDispatcher(TokenDispatcher):
         # -1, so nothing downstream reads them.
         if self.deliver_rows is not None:
             recv_rows, recv_metadata, recv_counts = self.deliver_rows(
-                x, send_token_index, send_counts, token_slot, metadata)          # [R*C, H]
+                x, send_token_index, send_counts, token_slot, metadata,
+                keep_quantized and self.quantized)                               # [R*C, H]
         elif self.quantized_rows is not None:
             # A row int8 cannot carry (NaN, infinity) must fail every rank, not leave the peers
             # waiting in the collective: its rank sends counts out of range, which every rank's
@@ -211,11 +215,12 @@ class FusedDecodeDispatcher(TokenDispatcher):
                                           group.experts_per_rank, window, quant)
         self.fused_return = FusedReturn(window)
 
-    def deliver(self, x, expert_ids, routing_weights):
+    def deliver(self, x, expert_ids, routing_weights, keep_quantized=False):
         """x: [T, H] -> ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
         route)``, as :meth:`SparseAllToAllDispatcher.deliver` (no gradient)."""
         check_tokens_fit(x.shape[0], self.max_tokens_per_rank)
-        return self.fused_deliver(x, expert_ids, routing_weights)  # route: token_slot [T, R]
+        return self.fused_deliver(x, expert_ids, routing_weights,
+                                  keep_quantized and self.quantized)  # route: token_slot [T, R]
 
     def return_rows(self, partial, row_counts, route):
         """partial [R*C, H], one row per delivered row -> y [T, H]."""

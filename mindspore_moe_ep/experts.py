@@ -79,10 +79,11 @@ class GroupedSwiGLUExperts(nn.Cell):
     def weighted_sum(self, rows, local_ids, weights, row_counts):
         """Each row's weighted sum of its local experts' outputs, in one kernel.
 
-        rows: [N, H] in blocks (``row_counts[b]`` used rows each); local_ids, weights: [N, K]
-        (-1: no local expert) -> ``(out [N, H], tokens_per_expert [E_local] int32)``. No buffer
-        holds a row per (token, expert) pair; the gradient recomputes the experts (see
-        ExpertsWeightedSum).
+        rows: [N, H] in blocks (``row_counts[b]`` used rows each), or quantized rows (int32 [N,
+        W], ``dispatch.quant: int8`` in inference: dequantized as the experts read them, no
+        gradient); local_ids, weights: [N, K] (-1: no local expert) -> ``(out [N, H],
+        tokens_per_expert [E_local] int32)``. No buffer holds a row per (token, expert) pair;
+        the gradient recomputes the experts (see ExpertsWeightedSum).
         """
         return self.weighted_sum_kernel(rows, local_ids, weights, row_counts,
                                         self.gate_up_weight, self.down_weight)

@@ -253,18 +253,20 @@ class MoELayer(nn.Cell):
         return dispatcher.combine(expert_out, handle), tokens_per_expert, num_dropped
 
     def _rowwise_step(self, dispatcher, x, expert_ids, routing_weights):
-        """deliver -> experts.weighted_sum -> return_rows (dropless)."""
+        """deliver -> experts.weighted_sum -> return_rows (dropless). In inference, int8 rows
+        stay quantized until the experts read them."""
         rows, local_ids, weights, row_counts, route = dispatcher.deliver(
-            x, expert_ids, routing_weights)                                        # [N, H]
+            x, expert_ids, routing_weights, not self.training)                     # [N, H]
         partial, tokens_per_expert = self.experts.weighted_sum(
             rows, local_ids, weights, row_counts)                                  # [N, H]
         output = dispatcher.return_rows(partial, row_counts, route)                # [T, H]
         return output, tokens_per_expert, ops.zeros((1,), ms.int32)
 
     def _experts_combine_step(self, dispatcher, x, expert_ids, routing_weights):
-        """deliver -> the experts and the return in one kernel (inference, dropless)."""
+        """deliver -> the experts and the return in one kernel (inference, dropless; int8 rows
+        stay quantized until the experts read them)."""
         rows, local_ids, weights, row_counts, route = dispatcher.deliver(
-            x, expert_ids, routing_weights)                                        # [N, H]
+            x, expert_ids, routing_weights, not self.training)                     # [N, H]
         output, tokens_per_expert = dispatcher.experts_combine(
             rows, local_ids, weights, row_counts, route, self.experts.gate_up_weight,
             self.experts.down_weight)                                              # [T, H]

@@ -45,7 +45,7 @@ class LocalTokenDispatcher(TokenDispatcher):
         positions, routing_weights, _, _ = handle
         return self.combine_kernel(expert_out, positions, routing_weights)
 
-    def deliver(self, x, expert_ids, routing_weights):
+    def deliver(self, x, expert_ids, routing_weights, keep_quantized=False):
         """Every token is local: its row, expert ids and weights as they are (one block)."""
         row_counts = ops.full((1,), x.shape[0], dtype=ms.int32)                   # [1]
         if self.quantized:

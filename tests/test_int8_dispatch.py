@@ -109,6 +109,37 @@ def test_quantize_rows_match_numpy_under_every_isa(dtype):
         set_cpu_isa("avx512")
 
 
+def test_quantize_matches_numpy_on_many_rows_near_the_rounding_boundaries():
+    """The vector path multiplies by 1 / scale and divides only near a half-integer: thousands
+    of rows of every magnitude, and rows whose quotients sit within a few ulp of k + 0.5, give
+    exactly the division's values."""
+    rng = np.random.default_rng(7)
+    magnitudes = 10.0 ** rng.uniform(-35, 35, (3000, 1))
+    random_rows = rng.standard_normal((3000, WIDE)) * magnitudes
+    # x / scale = k + 0.5 + a few ulp, with power-of-two scales (exact quotients) and with
+    # arbitrary ones (scale = fl(max / 127), x = fl((k + 0.5) * scale): quotients off by an ulp)
+    halves = rng.integers(-126, 126, (2000, WIDE)) + 0.5
+    jitter = rng.integers(-4, 5, (2000, WIDE)) * 2.0 ** -22 * np.abs(halves)
+    powers = 2.0 ** rng.integers(-20, 20, (1000, 1))
+    exact = np.concatenate([127 * powers, ((halves + jitter)[:1000, 1:]) * powers], axis=1)
+    maxima = (rng.uniform(0.5, 2.0, (1000, 1)) * 10.0 ** rng.uniform(-5, 5, (1000, 1))).astype(
+        np.float32)
+    scales = maxima / np.float32(127)
+    inexact = np.concatenate([maxima, (halves[1000:, 1:] * scales).astype(np.float32)], axis=1)
+    near_ties = np.concatenate([exact, inexact])
+    x = np.concatenate([random_rows, near_ties]).astype(np.float32)
+    expected_q, expected_scale = quantize_int8_per_token(x)
+    slots = Tensor(np.arange(len(x), dtype=np.int32).reshape(-1, 1))
+    try:
+        for isa in runnable_isas():
+            set_cpu_isa(isa)
+            q, scale = unpack(QuantizeRows()(Tensor(x), slots), WIDE)
+            np.testing.assert_array_equal(q, expected_q, err_msg=isa)
+            np.testing.assert_array_equal(scale, expected_scale, err_msg=isa)
+    finally:
+        set_cpu_isa("avx512")
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_dequantize_and_round_trip_match_numpy_under_every_isa(dtype):
     x = ref.round_to_dtype(rows_to_test(1), dtype)
@@ -150,6 +181,32 @@ def test_dequantize_refuses_counts_outside_the_blocks():
     words = Tensor(np.zeros((8, int8_row_words(16)), np.int32))
     with pytest.raises(KernelError, match=r"row_counts\[1\] = 5 is outside \[0, 4\]"):
         DequantizeRows(16, ms.float32)(words, Tensor(np.array([2, 5], np.int32)))
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_row_wise_experts_read_quantized_rows_as_their_dequantized_form(dtype):
+    """Rows that stay int8 where they land (inference under EP) give the row-wise experts the
+    same numbers, bit for bit, as the same rows dequantized first; their gradient is refused
+    with a clear error (training delivers rows dequantized)."""
+    from mindspore_moe_ep.ops import ExpertsWeightedSum
+    from test_experts_weighted_sum import make_inputs, tensors
+    inputs, used = make_inputs(np.random.default_rng(3), [40, 17, 0], 40, dtype)
+    inputs["rows"][~used] = 0.0                       # quantized tails: any bytes, never read
+    rows, ids, weights, counts, gate_up, down = tensors(inputs, dtype)
+    block_slots = Tensor(np.arange(len(inputs["rows"]), dtype=np.int32).reshape(-1, 1))
+    quantized = QuantizeRows()(rows, block_slots)                                  # [N, W]
+    dequantized = DequantizeRows(rows.shape[1], DTYPES[dtype])(quantized, counts)  # [N, H]
+    expected, expected_counts = ExpertsWeightedSum()(dequantized, ids, weights, counts, gate_up,
+                                                     down)
+    out, tokens_per_expert = ExpertsWeightedSum()(quantized, ids, weights, counts, gate_up, down)
+    assert out.dtype == DTYPES[dtype]
+    np.testing.assert_array_equal(to_numpy(out)[used], to_numpy(expected)[used])
+    np.testing.assert_array_equal(tokens_per_expert.asnumpy(), expected_counts.asnumpy())
+    from mindspore_moe_ep.ops import explain_kernel_errors
+    from mindspore_moe_ep.ops.local_kernels import experts_weighted_sum_grad_op
+    with pytest.raises(KernelError, match="rows are quantized"), explain_kernel_errors():
+        experts_weighted_sum_grad_op()(out, quantized, ids, weights, counts, gate_up,
+                                       down)[0].asnumpy()
 
 
 # ---- the layer at EP 1 -----------------------------------------------------------------------------

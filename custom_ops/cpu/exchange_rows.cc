@@ -124,7 +124,7 @@ struct DeliverRowsArgs {
 void DeliverRows(const DeliverRowsArgs &args) {
   const std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
-  AbandonOnFailure(*window, [&] {
+  const bool keep_quantized = AbandonOnFailure(*window, [&] {
     args.x.RequireRank(2);
     args.send_token_index.RequireDtype("int32");
     args.send_token_index.RequireRank(2);
@@ -134,9 +134,15 @@ void DeliverRows(const DeliverRowsArgs &args) {
     args.notes.RequireRank(2);
     args.notes.RequireDim(0, world_size * args.send_token_index.dim(1),
                           "send_token_index's R * C slots");
-    args.recv_rows.RequireSameDtype(args.x);
     args.recv_rows.RequireDim(0, args.notes.dim(0), "notes.shape[0] (R * C slots)");
-    args.recv_rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+    const bool keep = HoldsInt8Rows(args.recv_rows, args.x.dim(1));
+    if (keep && QuantModeInput(args.quant_mode) != QuantMode::kInt8PerToken) {
+      Fail(kInvalidArgument, "recv_rows of int32 (quantized rows) need quant_mode 2");
+    }
+    if (!keep) {
+      args.recv_rows.RequireSameDtype(args.x);
+      args.recv_rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+    }
     args.recv_notes.RequireSameDtype(args.notes);
     for (const TensorArg *counts : {&args.send_counts, &args.recv_counts}) {
       counts->RequireDtype("int32");
@@ -157,22 +163,25 @@ void DeliverRows(const DeliverRowsArgs &args) {
         }
       }
     }
-    return 0;
+    return keep;
   });
   // The rows as they travel (x, or its rows quantized once here: a bad row fails the step on
   // every rank before anything is sent).
   const TravellingRows source = AbandonOnFailure(
       *window, [&] { return RowsToSend(args.x, QuantModeInput(args.quant_mode)); });
   const int64_t capacity = args.send_token_index.dim(1);
-  const int64_t row_bytes = source.landed_row_bytes(), travel_bytes = source.row_bytes;
+  const int64_t row_bytes = source.LandedBytes(keep_quantized), travel_bytes = source.row_bytes;
+  const bool dequantize_on_landing = source.quantized && !keep_quantized;
   const int64_t note_bytes = args.notes.dim(1) * static_cast<int64_t>(sizeof(float));
   const int32_t *tokens = args.send_token_index.data_as<const int32_t>();
   const int32_t *counts = args.send_counts.data_as<const int32_t>();
   uint8_t *rows_out = args.recv_rows.data_as<uint8_t>();
-  // Quantized rows land in scratch first and are dequantized from there into rows_out.
-  uint8_t *landing = source.quantized ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
-                                                         world_size * capacity * travel_bytes)
-                                      : rows_out;
+  // Quantized rows land in scratch first and are dequantized from there into rows_out, unless
+  // rows_out keeps them quantized (int32 rows, for experts that dequantize as they read).
+  uint8_t *landing = dequantize_on_landing
+                         ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                                            world_size * capacity * travel_bytes)
+                         : rows_out;
   int32_t *received = args.recv_counts.data_as<int32_t>();
   const RowExchange note_exchange{args.notes.data_as<const uint8_t>(), counts,
                                   args.recv_notes.data_as<uint8_t>(), received, capacity,
@@ -187,7 +196,7 @@ void DeliverRows(const DeliverRowsArgs &args) {
       }
     };
     std::function<void(const RowCopy *, const RowCopy *)> dequantize;
-    if (source.quantized) {
+    if (dequantize_on_landing) {
       dequantize = [&](const RowCopy *begin, const RowCopy *end) {
         for (const RowCopy *copy = begin; copy != end; ++copy) {
           source.Land(copy->destination, rows_out + copy->tag * row_bytes);
@@ -223,7 +232,7 @@ void DeliverRows(const DeliverRowsArgs &args) {
   });
   window->ExchangeRows(RowExchange{packed.get(), counts, landing, received, capacity,
                                    travel_bytes, /*zero_tail=*/false, kDeliverRowsOperation});
-  if (source.quantized) {  // (the exchange poisoned the landing's tails, if asked)
+  if (dequantize_on_landing) {  // (the exchange poisoned the landing's tails, if asked)
     const bool poison_rows = PoisonUnusedRows();
     for (int64_t source_rank = 0; source_rank < world_size; ++source_rank) {
       for (int64_t i = 0; i < received[source_rank]; ++i) {

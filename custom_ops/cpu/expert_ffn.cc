@@ -56,6 +56,7 @@
 
 #include "expert_ffn.h"
 #include "gemm_backend.h"
+#include "int8_rows.h"
 #include "kernel_common.h"
 #include "row_sums.h"
 #include "swiglu.h"
@@ -187,15 +188,29 @@ void RunInWaves(int64_t count, Compute &&compute, Finish &&finish) {
 
 // The FFN forward of `count` pairs of `expert`: gathered rows [count, H], gate_up [count, 2F]
 // and hidden [count, F] (in the caller's buffers), then the output [count, H] into `out`.
+// Quantized rows (int8_rows) are dequantized as they are gathered.
 template <typename T>
 struct ExpertFFN {
   const T *rows, *gate_up_weight, *down_weight;
   int64_t hidden, ffn;
+  const uint8_t *int8_rows = nullptr;  // instead of rows: [N, Int8RowBytes(H)]
+
+  ExpertFFN(const ExpertsShapes &shapes, const TensorArg &rows_arg,
+            const TensorArg &gate_up_weight_arg, const TensorArg &down_weight_arg)
+      : rows(shapes.int8_rows ? nullptr : rows_arg.data_as<const T>()),
+        gate_up_weight(gate_up_weight_arg.data_as<const T>()),
+        down_weight(down_weight_arg.data_as<const T>()), hidden(shapes.hidden), ffn(shapes.ffn),
+        int8_rows(shapes.int8_rows ? rows_arg.data_as<const uint8_t>() : nullptr) {}
 
   void Forward(int64_t expert, const ExpertPair *pairs, int64_t count, T *gathered, T *gate_up,
                T *activated, T *out) const {
     for (int64_t i = 0; i < count; ++i) {
-      std::memcpy(gathered + i * hidden, rows + pairs[i].row * hidden, hidden * sizeof(T));
+      if (int8_rows != nullptr) {
+        DequantizeRowInt8(int8_rows + pairs[i].row * Int8RowBytes(hidden), hidden,
+                          RowDtypeFor<T>(), gathered + i * hidden);
+      } else {
+        std::memcpy(gathered + i * hidden, rows + pairs[i].row * hidden, hidden * sizeof(T));
+      }
     }
     Gemm(ContiguousGemm(count, 2 * ffn, hidden), gathered,
          gate_up_weight + expert * hidden * 2 * ffn, gate_up);                // [count, 2F]
@@ -367,7 +382,10 @@ void RunExpertsWeightedSum(const ExpertsWeightedSumArgs &args) {
   const ExpertsShapes shapes = CheckExpertsInputs(rows, local_ids, weights, args.row_counts,
                                                   args.gate_up_weight, args.down_weight);
   const TensorArg &out = args.out, &tokens_per_expert = args.tokens_per_expert;
-  RequireLike(out, rows);
+  out.RequireSameDtype(args.gate_up_weight);
+  out.RequireRank(2);
+  out.RequireDim(0, shapes.num_rows, "rows.shape[0]");
+  out.RequireDim(1, shapes.hidden, "the hidden size");
   tokens_per_expert.RequireDtype("int32");
   tokens_per_expert.RequireRank(1);
   tokens_per_expert.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
@@ -376,10 +394,9 @@ void RunExpertsWeightedSum(const ExpertsWeightedSumArgs &args) {
   for (int64_t expert = 0; expert < shapes.num_experts; ++expert) {
     tokens_per_expert.data_as<int32_t>()[expert] = static_cast<int32_t>(pairs[expert].size());
   }
-  VisitFloatType(rows, [&](auto element) {
+  VisitFloatType(args.gate_up_weight, [&](auto element) {
     using T = decltype(element);
-    const ExpertFFN<T> ffn{rows.data_as<const T>(), args.gate_up_weight.data_as<const T>(),
-                           args.down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
+    const ExpertFFN<T> ffn(shapes, rows, args.gate_up_weight, args.down_weight);
     const RowSums<T> sums(shapes, out.data_as<T>());
     AddExpertOutputsOfType<T>(shapes, pairs, ffn, weights.data_as<const float>(),
                               [&](int64_t row) { return sums.row(row); });
@@ -397,6 +414,11 @@ void RunExpertsWeightedSumGrad(const ExpertsWeightedSumGradArgs &args) {
   const TensorArg &rows = args.rows, &weights = args.weights;
   const ExpertsShapes shapes = CheckExpertsInputs(rows, args.local_ids, weights, args.row_counts,
                                                   args.gate_up_weight, args.down_weight);
+  if (shapes.int8_rows) {
+    Fail(kInvalidArgument, "rows are quantized (int32): the experts' gradient needs rows of the "
+         "compute dtype (training delivers them dequantized; int8 rows stay quantized only in "
+         "inference)");
+  }
   RequireLike(args.d_out, rows);
   RequireLike(args.d_rows, rows);
   RequireLike(args.d_weights, weights);
@@ -406,8 +428,7 @@ void RunExpertsWeightedSumGrad(const ExpertsWeightedSumGradArgs &args) {
       PairsByExpert(args.local_ids, UsedRows(shapes), shapes.num_experts);
   VisitFloatType(rows, [&](auto element) {
     using T = decltype(element);
-    const ExpertFFN<T> ffn{rows.data_as<const T>(), args.gate_up_weight.data_as<const T>(),
-                           args.down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
+    const ExpertFFN<T> ffn(shapes, rows, args.gate_up_weight, args.down_weight);
     WeightedSumGrad(shapes, pairs, ffn, weights.data_as<const float>(),
                     args.d_out.data_as<const T>(), args.d_rows.data_as<T>(),
                     args.d_weights.data_as<float>(), args.d_gate_up_weight.data_as<T>(),
@@ -422,8 +443,10 @@ ExpertsShapes CheckExpertsInputs(const TensorArg &rows, const TensorArg &local_i
                                  const TensorArg &gate_up_weight, const TensorArg &down_weight) {
   ExpertsShapes shapes{};
   rows.RequireRank(2);
+  gate_up_weight.RequireRank(3);
   shapes.num_rows = rows.dim(0);
-  shapes.hidden = rows.dim(1);
+  shapes.int8_rows = HoldsInt8Rows(rows, gate_up_weight.dim(1));
+  shapes.hidden = shapes.int8_rows ? gate_up_weight.dim(1) : rows.dim(1);
   local_ids.RequireRank(2);
   local_ids.RequireDtype("int32");
   local_ids.RequireDim(0, shapes.num_rows, "rows.shape[0]");
@@ -447,8 +470,7 @@ ExpertsShapes CheckExpertsInputs(const TensorArg &rows, const TensorArg &local_i
            shapes.block_rows, " (rows per block)");
     }
   }
-  gate_up_weight.RequireRank(3);
-  gate_up_weight.RequireSameDtype(rows);
+  if (!shapes.int8_rows) gate_up_weight.RequireSameDtype(rows);
   gate_up_weight.RequireDim(1, shapes.hidden, "rows.shape[1] (hidden)");
   shapes.num_experts = gate_up_weight.dim(0);
   if (gate_up_weight.dim(2) % 2 != 0) {
@@ -457,7 +479,7 @@ ExpertsShapes CheckExpertsInputs(const TensorArg &rows, const TensorArg &local_i
   }
   shapes.ffn = gate_up_weight.dim(2) / 2;
   down_weight.RequireRank(3);
-  down_weight.RequireSameDtype(rows);
+  down_weight.RequireSameDtype(gate_up_weight);
   down_weight.RequireDim(0, shapes.num_experts, "gate_up_weight.shape[0] (experts)");
   down_weight.RequireDim(1, shapes.ffn, "expert_ffn_size (half of gate_up_weight.shape[2])");
   down_weight.RequireDim(2, shapes.hidden, "rows.shape[1] (hidden)");
@@ -497,10 +519,9 @@ void AddExpertOutputs(const ExpertsShapes &shapes, const TensorArg &rows,
                       const TensorArg &gate_up_weight, const TensorArg &down_weight,
                       const PairsPerExpert &pairs, const float *weights,
                       const std::function<float *(int64_t row)> &sum_row) {
-  VisitFloatType(rows, [&](auto element) {
+  VisitFloatType(gate_up_weight, [&](auto element) {
     using T = decltype(element);
-    const ExpertFFN<T> ffn{rows.data_as<const T>(), gate_up_weight.data_as<const T>(),
-                           down_weight.data_as<const T>(), shapes.hidden, shapes.ffn};
+    const ExpertFFN<T> ffn(shapes, rows, gate_up_weight, down_weight);
     AddExpertOutputsOfType<T>(shapes, pairs, ffn, weights, sum_row);
   });
 }

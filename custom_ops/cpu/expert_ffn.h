@@ -14,10 +14,12 @@ namespace moe_ep {
 
 // The shapes of one call, checked: rows [N, H] in B blocks of N / B rows (block b's first
 // counts[b] rows used), local_ids / weights [N, K], gate_up_weight [L, H, 2F],
-// down_weight [L, F, H].
+// down_weight [L, F, H]. Rows are in the weights' dtype, or quantized (int8_rows.h: int32
+// [N, Int8RowWords(H)], dispatch.quant: int8 in inference), dequantized as the experts read them.
 struct ExpertsShapes {
   int64_t num_rows, hidden, top_k, num_experts, ffn, num_blocks, block_rows;
   const int32_t *counts;  // [B]
+  bool int8_rows;
 };
 
 // Checks the six inputs of the row-wise experts (throws KernelError naming the tensor).

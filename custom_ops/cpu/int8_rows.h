@@ -45,6 +45,18 @@ enum class RowDtype { kFloat32, kFloat16, kBFloat16 };
 // `tensor`'s dtype as a RowDtype; throws naming the tensor for any other dtype.
 RowDtype RowDtypeOf(const TensorArg &tensor);
 inline int64_t RowDtypeBytes(RowDtype dtype) { return dtype == RowDtype::kFloat32 ? 4 : 2; }
+// The RowDtype of a storage type (float, Float16, BFloat16).
+template <typename T>
+constexpr RowDtype RowDtypeFor() {
+  if constexpr (std::is_same_v<T, float>) return RowDtype::kFloat32;
+  if constexpr (std::is_same_v<T, Float16>) return RowDtype::kFloat16;
+  return RowDtype::kBFloat16;
+}
+
+// Whether `rows` holds quantized rows (int32 [N, Int8RowWords(hidden)]: the rows stay int8
+// where they land, for kernels that dequantize as they read them) rather than rows of a float
+// dtype; throws naming the tensor for an int32 tensor of another width.
+bool HoldsInt8Rows(const TensorArg &rows, int64_t hidden);
 
 // Quantizes rows [first, last) of `rows` (rows of `hidden` elements of `dtype`, back to back)
 // into `out` (row i at out + (i - first) * Int8RowBytes(hidden)). `what` names the rows in the
@@ -75,6 +87,11 @@ struct TravellingRows {
   int64_t landed_row_bytes() const { return hidden * RowDtypeBytes(dtype); }
   // Writes a travelled row (row_bytes at `travelled`) to `destination` in x's dtype.
   void Land(const uint8_t *travelled, uint8_t *destination) const;
+  // The bytes of a row where it lands: landed_row_bytes(), or row_bytes where quantized rows
+  // land as they travelled (`keep_quantized`).
+  int64_t LandedBytes(bool keep_quantized) const {
+    return keep_quantized ? row_bytes : landed_row_bytes();
+  }
 };
 
 // x [T, H]'s rows to send under `mode`; throws (naming the token) for a row int8 cannot carry.

@@ -18,6 +18,7 @@ from mindspore.common import dtype as mstype
 
 from ..comm.exchange import exchange_kernel
 from .kernel_library import KernelCell, custom_op
+from .quantized_rows import int8_row_words
 from .local_kernels import experts_weighted_sum_grad_op, gather_sum_in_blocks_op, gather_sum_op
 
 
@@ -157,7 +158,9 @@ class FusedDeliver(KernelCell):
     rank holding one of its experts (block s of ``rows`` from rank s, its first
     ``recv_counts[s]`` rows used, the rest unspecified), with its local expert ids (-1: none
     here) and routing weights; the experts then run row by row (``ExpertsWeightedSum``).
-    ``quant="int8"``: the rows travel as per-token int8 and land dequantized.
+    ``quant="int8"``: the rows travel as per-token int8 and land dequantized, or, with
+    ``keep_quantized``, stay quantized (``rows`` int32 [R*C, int8_row_words(H)], which the
+    row-wise experts dequantize as they read them).
     """
 
     def __init__(self, world_size, max_tokens_per_rank, experts_per_rank, window, quant="none"):
@@ -166,19 +169,29 @@ class FusedDeliver(KernelCell):
         self._experts_per_rank = _int32_scalar(experts_per_rank)
         self._quant_mode = _quant_mode(quant)
         self._window_id = window.id_tensor
-        self._deliver = custom_op(
-            "MoeEpFusedDeliver",
-            out_shape=lambda x, ids, weights, epr, quant_mode, window_id: (
-                [slots, x[1]], [slots, ids[1]], [slots, ids[1]], [world_size],
-                [x[0], world_size]),
-            out_dtype=lambda x, ids, weights, epr, quant_mode, window_id: (
-                x, mstype.int32, mstype.float32, mstype.int32, mstype.int32),
-            shape_key={"slots": slots, "world_size": world_size},
-            side_effect=True)
 
-    def construct(self, x, expert_ids, weights):
-        return self._deliver(x, expert_ids, weights, self._experts_per_rank, self._quant_mode,
-                             self._window_id)
+        def deliver_op(keep_quantized):
+            def rows_shape(x):
+                return [slots, int8_row_words(x[1]) if keep_quantized else x[1]]
+            return custom_op(
+                "MoeEpFusedDeliver",
+                out_shape=lambda x, ids, weights, epr, quant_mode, window_id: (
+                    rows_shape(x), [slots, ids[1]], [slots, ids[1]], [world_size],
+                    [x[0], world_size]),
+                out_dtype=lambda x, ids, weights, epr, quant_mode, window_id: (
+                    mstype.int32 if keep_quantized else x, mstype.int32, mstype.float32,
+                    mstype.int32, mstype.int32),
+                shape_key={"slots": slots, "world_size": world_size,
+                           "keep_quantized": keep_quantized},
+                side_effect=True)
+
+        self._deliver = deliver_op(False)
+        self._deliver_quantized = deliver_op(True) if quant == "int8" else None
+
+    def construct(self, x, expert_ids, weights, keep_quantized=False):
+        deliver = self._deliver_quantized if keep_quantized else self._deliver
+        return deliver(x, expert_ids, weights, self._experts_per_rank, self._quant_mode,
+                       self._window_id)
 
 
 class FusedReturn(KernelCell):
@@ -210,7 +223,9 @@ class DeliverRows(KernelCell):
     ``send_token_index``) is read only by the gradient: the reverse exchanges of both outputs,
     then the sum of each token's returned row gradients. ``quant="int8"``: the rows travel as
     per-token int8 and land dequantized; the gradient is then straight-through (the reverse
-    exchange moves the rows' gradient unquantized).
+    exchange moves the rows' gradient unquantized). With ``keep_quantized`` (inference) they stay
+    quantized where they land: ``recv_rows`` int32 [R*C, int8_row_words(H)], read by the row-wise
+    experts (no gradient).
     """
 
     def __init__(self, window, max_tokens_per_rank, quant="none"):
@@ -245,10 +260,19 @@ class DeliverRows(KernelCell):
             out_dtype=lambda x, index, counts, slots, notes, quant_mode, window_id: (
                 x, mstype.float32, mstype.int32),
             bprop=bprop, side_effect=True)
+        self._deliver_quantized = custom_op(
+            "MoeEpDeliverRows",
+            out_shape=lambda x, index, counts, slots, notes, quant_mode, window_id: (
+                [notes[0], int8_row_words(x[1])], list(notes), list(counts)),
+            out_dtype=lambda x, index, counts, slots, notes, quant_mode, window_id: (
+                mstype.int32, mstype.float32, mstype.int32),
+            shape_key={"keep_quantized": True}, side_effect=True) if quant == "int8" else None
 
-    def construct(self, x, send_token_index, send_counts, token_slot, notes):
-        return self._deliver(x, send_token_index, send_counts, token_slot, notes,
-                             self._quant_mode, self._window_id)
+    def construct(self, x, send_token_index, send_counts, token_slot, notes,
+                  keep_quantized=False):
+        deliver = self._deliver_quantized if keep_quantized else self._deliver
+        return deliver(x, send_token_index, send_counts, token_slot, notes, self._quant_mode,
+                       self._window_id)
 
 
 class ExpertsCombine(KernelCell):
@@ -294,9 +318,9 @@ class ExpertsCombine(KernelCell):
         self._experts_combine = custom_op(
             "MoeEpExpertsCombine",
             out_shape=lambda rows, ids, weights, counts, gate_up, down, slots, *scalars: (
-                [slots[0], rows[1]], [gate_up[0]]),
+                [slots[0], gate_up[1]], [gate_up[0]]),
             out_dtype=lambda rows, ids, weights, counts, gate_up, down, slots, *scalars: (
-                rows, mstype.int32),
+                gate_up, mstype.int32),
             bprop=bprop, side_effect=True)
 
     def construct(self, rows, local_ids, weights, row_counts, token_slot, slot_token,

@@ -316,8 +316,9 @@ class ExpertsWeightedSum(KernelCell):
 
         self._weighted_sum = custom_op(
             "MoeEpExpertsWeightedSum",
-            out_shape=lambda rows, ids, weights, counts, gate_up, down: (rows, [gate_up[0]]),
-            out_dtype=lambda rows, ids, weights, counts, gate_up, down: (rows, mstype.int32),
+            out_shape=lambda rows, ids, weights, counts, gate_up, down: (
+                [rows[0], gate_up[1]], [gate_up[0]]),
+            out_dtype=lambda rows, ids, weights, counts, gate_up, down: (gate_up, mstype.int32),
             bprop=bprop)
 
     def construct(self, rows, local_ids, weights, row_counts, gate_up_weight, down_weight):

@@ -11,15 +11,18 @@ layer per (hidden, rows):
 - ``float32``: runtime.dtype float32, rows travel as float32 (4 bytes per value);
 - ``bfloat16``: runtime.dtype bfloat16 (2 bytes per value);
 - ``int8``: runtime.dtype float32 with ``dispatch.quant: int8`` (1 byte per value + a 4-byte
-  scale per row; quantized at the source, dequantized to float32 where the rows land).
+  scale per row, quantized at the source; as in the layer's inference, the rows stay int8 where
+  they land and the experts dequantize them as they read them).
 
 Measured, GRAPH_MODE, several calls per launch (chained with ``ops.depend``):
 
-- ``prefill exchange``: ``layer.prefill_dispatcher.deliver`` at 512 tokens per rank (the sparse
-  all-to-all-v of the token rows: DeliverRows, each token row once per rank holding one of its
-  experts, ~3.7 of 4 ranks at top-8 of 64);
-- ``decode round trip``: ``layer.decode_dispatcher.deliver`` + ``return_rows`` at 128 tokens per
-  rank (FusedDeliver + FusedReturn with identity experts; the return is in the compute dtype).
+- ``prefill exchange``: ``layer.prefill_dispatcher.deliver`` as the layer calls it in inference,
+  at 512 tokens per rank (the sparse all-to-all-v of the token rows: DeliverRows, each token row
+  once per rank holding one of its experts, ~3.7 of 4 ranks at top-8 of 64);
+- ``decode round trip``: ``layer.decode_dispatcher.deliver`` (as in inference) + ``return_rows``
+  of one partial sum per delivered row (a fixed tensor in the compute dtype: the experts'
+  output, which the return moves unquantized) at 128 tokens per rank (FusedDeliver +
+  FusedReturn).
 
 Time = the slowest rank's best repetition (each starts after a barrier). Effective payload GB/s =
 rows delivered to this rank x hidden x bytes per value of the compute dtype / time (the bytes the
@@ -69,10 +72,10 @@ def ms_worker(quick):
             super().__init__()
             self.dispatcher = dispatcher
 
-        def construct(self, x, ids, weights):
+        def construct(self, x, ids, weights, partial):
             counts = None
             for _ in range(calls):
-                rows, _, _, counts, _ = self.dispatcher.deliver(x, ids, weights)
+                rows, _, _, counts, _ = self.dispatcher.deliver(x, ids, weights, True)
                 x = ops.depend(x, rows)
             return counts
 
@@ -83,11 +86,11 @@ def ms_worker(quick):
             super().__init__()
             self.dispatcher = dispatcher
 
-        def construct(self, x, ids, weights):
+        def construct(self, x, ids, weights, partial):
             y = x
             for _ in range(calls):
-                rows, _, _, counts, route = self.dispatcher.deliver(x, ids, weights)
-                y = self.dispatcher.return_rows(rows, counts, route)
+                rows, _, _, counts, route = self.dispatcher.deliver(x, ids, weights, True)
+                y = self.dispatcher.return_rows(ops.depend(partial, rows), counts, route)
                 x = ops.depend(x, y)
             return y
 
@@ -120,7 +123,10 @@ def ms_worker(quick):
                 ids, weights = bc.random_routing(tokens, TOP_K, EXPERTS, seed=1000 * rank + tokens)
                 x = Tensor(np.random.default_rng(rank).standard_normal(
                     (tokens, hidden), dtype=np.float32)).astype(mindspore_dtype(dtype))
-                best, median, out = timed(cell, (x, Tensor(ids), Tensor(weights)))
+                partial = Tensor(np.random.default_rng(rank).standard_normal(
+                    (world * PREFILL_TOKENS, hidden), dtype=np.float32)).astype(
+                        mindspore_dtype(dtype))
+                best, median, out = timed(cell, (x, Tensor(ids), Tensor(weights), partial))
                 if what == "prefill exchange":
                     received_rows = int(out.sum())
                 else:  # each token row goes once to every rank holding one of its experts
