@@ -17,7 +17,8 @@ import bench_common as bc
 
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 ORDER = ["local_kernels", "prefill_exchange", "decode_latency", "prefill_memory",
-         "expert_compute", "end_to_end", "bound_independence", "lm_decode"]
+         "expert_compute", "end_to_end", "bound_independence", "lm_decode",
+         "quantized_dispatch"]
 
 
 def load(out_dir):
@@ -115,6 +116,20 @@ def target_rows(results):
                          f"({', '.join(heavy['set'])}, {heavy['sequences_per_rank']} sequences "
                          f"per rank)", ">= 1.2x", fmt(heavy["fused_over_prefill_path"]) + "x",
                          verdict(heavy["target_met"])])
+    if "quantized_dispatch" in results:
+        summary = results["quantized_dispatch"]["summary"]
+        goals = {"prefill_int8_vs_float32": "int8 prefill exchange vs float32 rows",
+                 "prefill_int8_vs_bfloat16": "int8 prefill exchange vs bfloat16 rows "
+                                             "(bfloat16 layer)",
+                 "decode_int8_vs_float32": "int8 decode round trip vs float32 rows"}
+        for name, item in summary.items():
+            if name == "hidden" or item["worst_over_ranks"] is None:
+                continue
+            transport = "AllGather" if name.endswith("_allgather") else "shared memory"
+            goal = goals[name.replace("_allgather", "")]
+            rows.append(["quantized_dispatch", f"{goal}, {transport}, hidden "
+                         f"{summary['hidden']} (worst of EP 2 / 4)", item["target"],
+                         fmt(item["worst_over_ranks"]) + "x", verdict(item["met"])])
     return rows
 
 

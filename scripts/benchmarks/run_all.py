@@ -16,7 +16,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ["local_kernels", "prefill_exchange", "decode_latency", "prefill_memory",
-              "expert_compute", "end_to_end", "bound_independence", "lm_decode"]
+              "expert_compute", "end_to_end", "bound_independence", "lm_decode",
+              "quantized_dispatch"]
 
 
 def main(argv=None):
