@@ -13,6 +13,9 @@
 // The rows come in B blocks of N / B rows (one per source rank under expert parallelism, B = 1
 // locally); block b's first row_counts[b] rows are used, the rest are neither read nor written
 // (out's rows there are unspecified). tokens_per_expert[e] counts the pairs expert e computed.
+// rows may also be quantized rows (int32 [N, W], int8_rows.h; dispatch.quant: int8 in
+// inference): each is dequantized into the weights' dtype as it is gathered, which gives the
+// numbers of dequantizing first; out is in the weights' dtype. The gradient refuses them.
 //
 //   MoeEpExpertsWeightedSumGrad
 //     d_out [N, H], then the six inputs above

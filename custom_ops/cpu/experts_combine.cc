@@ -9,7 +9,9 @@
 //     token_slot [T, R] int32 (slot s*C + i of this rank's token t at rank s, -1 if not sent),
 //     slot_token [R*C, 1] int32 (its inverse: read only by the gradient, see ep_kernels.py),
 //     round_rows [1] int32 (B below, in [1, C]; the same on every rank), window_id [1] int32
-//     -> y [T, H] (rows' dtype), tokens_per_expert [L] int32
+//     -> y [T, H] (the weights' dtype), tokens_per_expert [L] int32
+//   rows may be int8 rows (int32 [R*C, W], dispatch.quant: int8): the experts dequantize each
+//   as they gather it (expert_ffn.h).
 //
 //   y[t] = sum over the ranks s that t went to of partial_s[slot of t at s], where
 //   partial_s[j] = sum over k with local_ids[j, k] >= 0 of weights[j, k] * FFN_e(rows[j]) at s:

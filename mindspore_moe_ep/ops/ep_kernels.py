@@ -276,7 +276,8 @@ class DeliverRows(KernelCell):
 
 
 class ExpertsCombine(KernelCell):
-    """Prefill inference: ``(rows [R*C, H], local_ids [R*C, K], weights [R*C, K], row_counts [R],
+    """Prefill inference: ``(rows [R*C, H] (or int8 rows, int32 [R*C, W]: dequantized as the
+    experts read them), local_ids [R*C, K], weights [R*C, K], row_counts [R],
     token_slot [T, R], slot_token [R*C, 1], gate_up_weight [L, H, 2F], down_weight [L, F, H])``
     -> ``(y [T, H], tokens_per_expert [L] int32)``, in rounds of ``round_rows`` received rows
     per source (the same on every rank).
