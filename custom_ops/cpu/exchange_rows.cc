@@ -27,7 +27,8 @@
 // recv_notes' are zero (a zero note reads as "no local expert" to the caller).
 // quant_mode 2 (int8 per token, int8_rows.h): the source quantizes each row of x once, the
 // quantized rows travel (pulled or packed) and each receiver dequantizes them into recv_rows as
-// they land (a pull batch at a time, while in cache).
+// they land (a pull batch at a time, while in cache), or, when recv_rows is int32 [R*C, W],
+// keeps them quantized there (inference: the row-wise experts dequantize as they read).
 #include <algorithm>
 #include <cstring>
 #include <memory>

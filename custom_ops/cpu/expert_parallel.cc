@@ -52,8 +52,9 @@
 //     rows), read straight from the source's x where the ranks read each other's memory.
 //
 // quant_mode 2 (both operators): token rows travel as per-token int8 rows (int8_rows.h),
-// quantized once at the source and dequantized into expand_x / rows as they land; the Combine
-// and the Return move their partial sums in the compute dtype.
+// quantized once at the source and dequantized into expand_x / rows as they land (FusedDeliver
+// with rows of int32 [R*C, W] keeps them quantized, for the row-wise experts); the Combine and
+// the Return move their partial sums in the compute dtype.
 //
 //   MoeEpFusedReturn    partial [R*C, H] (one row per received row, e.g. the experts' weighted
 //                       sum over this rank's experts), recv_counts [R], token_slot [T, R],
