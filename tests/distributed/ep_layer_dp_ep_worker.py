@@ -6,9 +6,9 @@ Usage: msrun --worker_num=4 ... ep_layer_dp_ep_worker.py
 """
 import mindspore_moe_ep as mee
 
-from ep_layer_common import run_parts, set_mode, single_process, tiny_layer_config
-from ep_layer_reference import (check_gradients, check_layer_forward, layer_inputs,
-                                reference_gradients)
+from ep_layer_common import run_parts, single_process, tiny_layer_config
+from ep_layer_reference import (check_gradients_against_single_process, check_phases_in_modes,
+                                layer_inputs)
 
 
 def group_of(rank, ep_size):
@@ -28,24 +28,8 @@ def dp_ep_part(report, rank, world):
     shapes = [(12,), (5,), (9,), (1,)]
     inputs = layer_inputs(4242, shapes, 16)
     xs = [x for x, _ in inputs]
-    references = {}
-    for mode in ("pynative", "graph"):
-        set_mode(report, mode)
-        for phase in ("prefill", "decode"):
-            def body(phase=phase):
-                _, references[phase] = check_layer_forward(
-                    report, f"dp_ep/{phase}", layer, ref_layer, xs, rank, phase, mode,
-                    references.get(phase))
-            report.run(f"dp_ep/{phase}", body)
-    set_mode(report, "pynative")
-    reference = {}
-
-    def reference_body():
-        reference["value"] = reference_gradients(ref_layer, inputs)  # over the whole world
-
-    report.run("dp_ep/grad/reference", reference_body)
-    report.run("dp_ep/grad", lambda: check_gradients(
-        report, "dp_ep/grad", layer, ref_layer, inputs, rank, reference["value"]))
+    check_phases_in_modes(report, "dp_ep", layer, ref_layer, xs, rank, ("pynative", "graph"))
+    check_gradients_against_single_process(report, "dp_ep/grad", layer, ref_layer, inputs, rank)
 
 
 PART_FUNCTIONS = {"dp_ep": dp_ep_part}

@@ -19,7 +19,8 @@ import mindspore_moe_ep as mee
 
 from ep_layer_common import (MASTER_SEED, deepseek_layer_config, graph_modes, run_parts,
                              set_mode, single_process, tiny_layer_config)
-from ep_layer_reference import check_layer_forward, layer_inputs, set_expert_bias
+from ep_layer_reference import (check_layer_forward, check_phases_in_modes, layer_inputs,
+                                set_expert_bias)
 
 
 # Token shapes per source rank (indexed by rank; uneven on purpose: a rank with no tokens, one
@@ -59,16 +60,7 @@ def layer_part(report, rank, world):
         if bias:
             set_expert_bias([layer, ref_layer], 7, config.model.num_experts)
         xs = [x for x, _ in layer_inputs(seed, shapes[:world], hidden)]
-        references = {}
-        for mode in modes:
-            set_mode(report, mode)
-            for phase in ("prefill", "decode"):
-                def body(phase=phase):
-                    _, references[phase] = check_layer_forward(
-                        report, f"layer/{name}/{phase}", layer, ref_layer, xs, rank, phase, mode,
-                        references.get(phase))
-                report.run(f"layer/{name}/{phase}", body)
-        set_mode(report, "pynative")
+        check_phases_in_modes(report, f"layer/{name}", layer, ref_layer, xs, rank, modes)
         report.check(f"layer/{name}/decode_path_is_fused",
                      type(layer.decode_dispatcher).__name__ == "FusedDecodeDispatcher",
                      type(layer.decode_dispatcher).__name__)

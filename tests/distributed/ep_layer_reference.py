@@ -10,7 +10,7 @@ from mindspore import Tensor, nn, ops
 import mindspore_moe_ep as mee
 from mindspore_moe_ep.comm.window import world_all_gather
 
-from ep_layer_common import GRAD_REL_TOL, LAYER_REL_TOL, MASTER_SEED, REPEATS, numpy_of
+from ep_layer_common import GRAD_REL_TOL, LAYER_REL_TOL, MASTER_SEED, REPEATS, numpy_of, set_mode
 
 
 class Forward(nn.Cell):
@@ -198,3 +198,32 @@ def check_gradients(report, case, layer, ref_layer, inputs, rank, reference):
         report.equal(f"determinism/{case}/repeat{repeat}/dx", again_dx, dx)
         for index, (grad, first) in enumerate(zip(again_grads, grads)):
             report.equal(f"determinism/{case}/repeat{repeat}/param{index}", grad, first)
+
+
+def check_phases_in_modes(report, case, layer, ref_layer, xs, rank, modes):
+    """check_layer_forward of prefill and decode in each of ``modes`` (cases ``case/prefill``
+    and ``case/decode``; the EP = 1 reference computed once per phase); ends in PYNATIVE_MODE."""
+    references = {}
+    for mode in modes:
+        set_mode(report, mode)
+        for phase in ("prefill", "decode"):
+            def body(phase=phase, mode=mode):
+                _, references[phase] = check_layer_forward(
+                    report, f"{case}/{phase}", layer, ref_layer, xs, rank, phase, mode,
+                    references.get(phase))
+            report.run(f"{case}/{phase}", body)
+    set_mode(report, "pynative")
+
+
+def check_gradients_against_single_process(report, case, layer, ref_layer, inputs, rank):
+    """check_gradients against the EP = 1 gradients of every source's loss (cases
+    ``case/reference`` and ``case``): the reducer sums data-parallel replicas too."""
+    reference = {}
+
+    def reference_body():
+        reference["value"] = reference_gradients(ref_layer, inputs)
+
+    report.run(f"{case}/reference", reference_body)
+    if "value" in reference:
+        report.run(case, lambda: check_gradients(report, case, layer, ref_layer, inputs, rank,
+                                                 reference["value"]))

@@ -25,9 +25,9 @@ from mindspore import Tensor
 
 import mindspore_moe_ep as mee
 
-from ep_layer_common import BAD_TIMEOUT_S, run_parts, set_mode, single_process, tiny_layer_config
-from ep_layer_reference import (check_gradients, check_layer_forward, layer_inputs,
-                                reference_gradients)
+from ep_layer_common import BAD_TIMEOUT_S, run_parts, single_process, tiny_layer_config
+from ep_layer_reference import (check_gradients_against_single_process, check_phases_in_modes,
+                                layer_inputs)
 
 SHAPES = [(13,), (0,), (32,), (1,)]    # tokens per source rank (a rank without tokens included)
 GRAD_SHAPES = [(12,), (7,), (3,), (10,)]
@@ -63,16 +63,7 @@ def forward_part(report, rank, world):
             report.equal(f"forward/{name}/reference_quantized",
                          ref_layer.plan(8, "prefill").quantized, True)
             xs = [x for x, _ in layer_inputs(31, SHAPES[:world], 16)]
-            references = {}
-            for mode in modes:
-                set_mode(report, mode)
-                for phase in ("prefill", "decode"):
-                    def body(phase=phase, mode=mode):
-                        _, references[phase] = check_layer_forward(
-                            report, f"forward/{name}/{phase}", layer, ref_layer, xs, rank, phase,
-                            mode, references.get(phase))
-                    report.run(f"forward/{name}/{phase}", body)
-            set_mode(report, "pynative")
+            check_phases_in_modes(report, f"forward/{name}", layer, ref_layer, xs, rank, modes)
             layer.close()
         finally:
             for variable in environment:
@@ -91,15 +82,8 @@ def grad_part(report, rank, world):
             each.set_train(True)
             report.equal(f"grad/{name}/quantized", each.plan(4, "prefill").quantized, True)
         inputs = layer_inputs(41, GRAD_SHAPES[:world], 16)
-        reference = {}
-
-        def reference_body():  # over the whole world (the reducer sums data-parallel replicas)
-            reference["value"] = reference_gradients(ref_layer, inputs)
-
-        report.run(f"grad/{name}/reference", reference_body)
-        if "value" in reference:
-            report.run(f"grad/{name}", lambda: check_gradients(
-                report, f"grad/{name}", layer, ref_layer, inputs, rank, reference["value"]))
+        check_gradients_against_single_process(report, f"grad/{name}", layer, ref_layer, inputs,
+                                               rank)
         layer.close()
 
 
