@@ -18,8 +18,10 @@ test also runs the kernel test files under the scalar cap (and AVX2 on AVX-512 C
 process, the way MOE_EP_CPU_ISA is meant to be used.
 """
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import mindspore as ms
 import numpy as np
@@ -29,6 +31,7 @@ from mindspore import Tensor
 from mindspore_moe_ep.ops import (CPU_ISAS, CombineKernel, ExpertsWeightedSum, GroupedMatmul,
                                   GroupedSwiGLU, bfloat16_gemm, cpu_isa, detected_cpu_isa,
                                   set_bfloat16_gemm, set_cpu_isa)
+from mindspore_moe_ep.ops.kernel_library import library_path
 from test_experts_weighted_sum import make_inputs, tensors
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -185,6 +188,76 @@ def test_direct_bfloat16_gemm_against_the_converted_one():
         bound = 2 * k_in * 2.0 ** -24 * terms.sum(axis=0) + 2.0 ** -8 * np.abs(exact)
         difference = np.abs(outputs["direct"][row] - outputs["converted"][row])
         assert (difference <= bound).all(), row
+
+
+# A stand-in for oneDNN: the GEMMs take as long as SHIM_SGEMM_MS / SHIM_BF16_MS say (and compute
+# nothing), and dnnl_get_effective_cpu_isa returns SHIM_ISA (left out with -DNO_EFFECTIVE_ISA).
+ONEDNN_SHIM = textwrap.dedent("""
+    #include <stdint.h>
+    #include <stdlib.h>
+    #include <time.h>
+    static int pause_ms(const char *variable) {
+      const char *value = getenv(variable);
+      struct timespec wait = {0, (value ? atol(value) : 0) * 1000000L};
+      nanosleep(&wait, 0);
+      return 0;
+    }
+    int dnnl_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                   int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+      return pause_ms("SHIM_SGEMM_MS");
+    }
+    int dnnl_gemm_bf16bf16f32(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
+                              const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
+                              float beta, float *c, int64_t ldc) {
+      return pause_ms("SHIM_BF16_MS");
+    }
+    #ifndef NO_EFFECTIVE_ISA
+    int dnnl_get_effective_cpu_isa(void) { return (int)strtol(getenv("SHIM_ISA"), 0, 0); }
+    #endif
+""")
+
+
+@pytest.mark.skipif(detected_cpu_isa() != "avx512",
+                    reason="oneDNN's bfloat16 GEMM is only a candidate on CPUs with AVX-512; "
+                           "this CPU has " + detected_cpu_isa())
+def test_bfloat16_gemm_choice_follows_the_instruction_set_not_a_timing(tmp_path):
+    """The automatic choice is a rule of oneDNN's effective instruction set: direct exactly when
+    it includes AMX. It used to be timed once per process, so that under load the ranks of one
+    launch took either path and a bfloat16 model's outputs changed from launch to launch (the
+    two paths round differently). Against a stand-in oneDNN whose GEMMs take as long as it is
+    told: a slow direct GEMM with AMX is still direct, a fast one without AMX still converted."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) to build the stand-in oneDNN")
+    source = tmp_path / "onednn_shim.c"
+    source.write_text(ONEDNN_SHIM)
+    shims = {}
+    for name, flags in (("shim", []), ("shim_without_isa", ["-DNO_EFFECTIVE_ISA"])):
+        shims[name] = str(tmp_path / f"lib{name}.so")
+        subprocess.run([compiler, "-x", "c", "-O1", "-shared", "-fPIC", *flags, str(source),
+                        "-o", shims[name]], check=True, capture_output=True)
+    # A fresh process that loads only the kernel library (not MindSpore, whose oneDNN would be
+    # found first), pointed at the stand-in, and asks for the choice.
+    script = ("import ctypes, sys; library = ctypes.CDLL(sys.argv[1]); "
+              "library.MoeEpBFloat16Gemm.restype = ctypes.c_char_p; "
+              "print(library.MoeEpBFloat16Gemm().decode())")
+
+    def choice(shim, isa, sgemm_ms, bf16_ms):
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("MOE_EP_BF16_GEMM", "MOE_EP_CPU_ISA")}
+        environment.update(MOE_EP_DNNL_LIBRARY=shims[shim], SHIM_ISA=hex(isa),
+                           SHIM_SGEMM_MS=str(sgemm_ms), SHIM_BF16_MS=str(bf16_ms))
+        return subprocess.run([sys.executable, "-c", script, library_path()], env=environment,
+                              capture_output=True, text=True, check=True).stdout.split()[-1]
+
+    # dnnl_cpu_isa_t: avx512_core_amx 0xfef (0x1fef with AMX-FP16; 0x3e7 in older oneDNN)
+    for isa in (0xfef, 0x1fef, 0x3e7):
+        assert choice("shim", isa, sgemm_ms=0, bf16_ms=5) == "direct", hex(isa)
+    # avx2, avx512_core, avx512_core_bf16, avx512_core_fp16: no AMX
+    for isa in (0x7, 0x27, 0xe7, 0x1ef):
+        assert choice("shim", isa, sgemm_ms=5, bf16_ms=0) == "converted", hex(isa)
+    # a oneDNN that cannot tell its instruction set: converted (the path that works everywhere)
+    assert choice("shim_without_isa", 0, sgemm_ms=5, bf16_ms=0) == "converted"
 
 
 def test_bad_environment_values_are_refused():

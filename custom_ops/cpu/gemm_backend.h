@@ -7,9 +7,10 @@
 // variable MOE_EP_DNNL_LIBRARY (set by mindspore_moe_ep/ops/kernel_library.py). Without it a plain
 // C++ loop is used. bfloat16 products run either "direct" (oneDNN's bfloat16 GEMM) or
 // "converted" (widened to float32 panel by panel, like float16; see Gemm below), whichever is
-// faster on the CPU: direct only with AVX-512 (elsewhere oneDNN falls back to a very slow
-// reference loop) and only if, timed once per process, it beats the float32 GEMM (it does with
-// AMX, it does not where bfloat16 is emulated or, measured, with AVX512-BF16 alone).
+// faster on the CPU, by a fixed rule (never a timing: the two paths round differently, and every
+// process on a machine must take the same one): direct only where oneDNN uses AMX (its effective
+// ISA, dnnl_get_effective_cpu_isa) and the kernels' ISA is AVX-512; measured, the direct GEMM
+// beats the float32 one only with AMX, not where bfloat16 is emulated or with AVX512-BF16 alone.
 // MOE_EP_BF16_GEMM=direct|converted|auto (default) overrides the choice.
 #ifndef MOE_EP_GEMM_BACKEND_H_
 #define MOE_EP_GEMM_BACKEND_H_

@@ -230,8 +230,10 @@ def set_cpu_isa(name: str) -> None:
 
 def bfloat16_gemm() -> str:
     """How bfloat16 grouped matmuls multiply now: "direct" (oneDNN's bfloat16 GEMM) or
-    "converted" (widened to float32 panel by panel). Chosen by speed on this CPU (timed once per
-    process, a few milliseconds) unless MOE_EP_BF16_GEMM or set_bfloat16_gemm() says."""
+    "converted" (widened to float32 panel by panel). Unless MOE_EP_BF16_GEMM or
+    set_bfloat16_gemm() says: direct exactly where oneDNN multiplies with AMX (its effective
+    instruction set), the faster path there; a rule, not a timing, so that every process on a
+    machine takes the same path (the two round differently)."""
     return _library().MoeEpBFloat16Gemm().decode()
 
 

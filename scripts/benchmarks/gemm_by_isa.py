@@ -9,7 +9,8 @@ AVX512_CORE_BF16, AVX512_CORE_AMX), one fresh process per cap, so one machine st
 CPU kinds below it: AVX512_CORE is an AVX-512 CPU without bfloat16 arithmetic, AVX512_CORE_BF16
 one with AVX512-BF16 and no AMX. Each process times single-threaded size^3 GEMMs (float32 and
 bfloat16 inputs, float32 output) and reports ``bfloat16_gemm()``, the library's automatic choice
-(mindspore_moe_ep/ops/kernel_library.py; timed once per process in gemm_backend.cc).
+(mindspore_moe_ep/ops/kernel_library.py; a rule of oneDNN's effective instruction set in
+gemm_backend.cc: direct exactly with AMX).
 """
 import json
 import os
