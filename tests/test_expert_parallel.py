@@ -32,6 +32,7 @@ SLACK_S = 5.0         # scheduling slack on a loaded 2-core machine
 MIN_CONFIGURATIONS = {2: 64, 4: 42}  # seeded routing configurations per world size
 COMBINE_REL_TOL = 2e-6
 LAYER_REL_TOL = 1e-5
+BF16_LAYER_REL_TOL = 1.6e-2  # bfloat16 layers: ~2 bf16 ulps (distributed/ep_layer_common.py)
 GRAD_REL_TOL = 5e-5
 
 pytestmark = pytest.mark.skipif(not os.path.exists(MSRUN), reason="msrun is not installed")
@@ -132,8 +133,8 @@ def test_routing_configurations_cover_the_edge_cases(ep_run):
 def test_layer_prefill_and_decode_equal_single_process(ep_run):
     found = assert_all_pass(ep_run, "layer/", minimum=20)
     names = {name.split("/")[2] for _, name, _, _ in found}
-    assert {"tiny", "deepseek", "tiny_rounds", "hf_checkpoint"} <= names
-    for model in ("tiny", "deepseek", "tiny_rounds", "hf_checkpoint"):
+    assert {"tiny", "deepseek", "tiny_rounds", "tiny_bf16", "hf_checkpoint"} <= names
+    for model in ("tiny", "deepseek", "tiny_rounds", "tiny_bf16", "hf_checkpoint"):
         for phase in ("prefill", "decode"):
             assert any(name.endswith(f"layer/{model}/{phase}/output") for _, name, _, _ in found)
     # Inference prefill: the fused experts + combine in rounds (tiny_rounds), else unfused.
@@ -144,6 +145,7 @@ def test_layer_prefill_and_decode_equal_single_process(ep_run):
     assert any(name.endswith("layer/tiny_rounds/combine_round_rows") for _, name, _, _ in found)
     assert "graph" in modes_of(found)
     assert max_error(ep_run, "layer_output") <= LAYER_REL_TOL
+    assert max_error(ep_run, "layer_output_bfloat16") <= BF16_LAYER_REL_TOL
 
 
 def test_gradients_equal_single_process(ep_run):

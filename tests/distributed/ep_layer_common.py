@@ -26,6 +26,10 @@ MASTER_SEED = 20240611
 # Tolerances (max |actual - expected| / max |expected|), float32 throughout.
 COMBINE_REL_TOL = 2e-6   # per element, relative to sum_k |w (e + 1) x|: a few float32 roundings
 LAYER_REL_TOL = 1e-5     # EP vs EP = 1 forward: the same arithmetic up to summation order
+# bfloat16 layers: each expert rank rounds its partial sum of a token to bfloat16 before the
+# source adds them (EP = 1 rounds the token's whole sum once): up to ~2 bfloat16 ulps (2^-8
+# relative each) of the output apart (measured 6.6e-3 at world 4, tiny.yaml)
+BF16_LAYER_REL_TOL = 1.6e-2
 GRAD_REL_TOL = 5e-5      # EP vs EP = 1 gradients (sums over ranks in another order)
 BAD_TIMEOUT_S = 3.0      # dispatch.timeout_s of the layers that are made to fail
 REPEATS = 2              # extra runs of every layer forward / gradient, compared bitwise

@@ -3,9 +3,10 @@ concatenated batch.
 
 Parts (all by default; choose with ``--parts layer,capacity``):
 
-- ``layer``: prefill and decode outputs and statistics (tiny.yaml, and the DeepSeek-V3 routing
-  shrunk to hidden 64: shared expert, sigmoid, group-limited top-8, expert bias; inference
-  prefill unfused and in the fused experts + combine in rounds), each repeated bitwise; also
+- ``layer``: prefill and decode outputs and statistics (tiny.yaml in float32 and bfloat16, and
+  the DeepSeek-V3 routing shrunk to hidden 64: shared expert, sigmoid, group-limited top-8,
+  expert bias; inference prefill unfused and in the fused experts + combine in rounds), each
+  repeated bitwise; also
   both layers loaded from one Hugging Face-named checkpoint of the whole model (each EP rank
   loads only its own experts).
 - ``capacity``: capacity_factor under EP: output, per-expert counts and the group's dropped
@@ -17,8 +18,8 @@ import numpy as np
 
 import mindspore_moe_ep as mee
 
-from ep_layer_common import (MASTER_SEED, deepseek_layer_config, graph_modes, run_parts,
-                             set_mode, single_process, tiny_layer_config)
+from ep_layer_common import (BF16_LAYER_REL_TOL, MASTER_SEED, deepseek_layer_config,
+                             graph_modes, run_parts, set_mode, single_process, tiny_layer_config)
 from ep_layer_reference import (check_layer_forward, check_phases_in_modes, layer_inputs,
                                 set_expert_bias)
 
@@ -42,6 +43,10 @@ def layer_part(report, rank, world):
         ("tiny_rounds",
          tiny_layer_config(world, combine_round_tokens=5, decode_layout="grouped"),
          TINY_SHAPES, 16, 4, False, graph_modes(world)),
+        # bfloat16 weights and activations: equal to EP = 1 within BF16_LAYER_REL_TOL (routing
+        # and statistics exactly)
+        ("tiny_bf16", tiny_layer_config(world, dtype="bfloat16"), TINY_SHAPES, 16, 1, False,
+         ("pynative",)),
     ]
     for name, config, shapes, hidden, seed, bias, modes in cases:
         layer = mee.MoELayer(config)
@@ -60,7 +65,10 @@ def layer_part(report, rank, world):
         if bias:
             set_expert_bias([layer, ref_layer], 7, config.model.num_experts)
         xs = [x for x, _ in layer_inputs(seed, shapes[:world], hidden)]
-        check_phases_in_modes(report, f"layer/{name}", layer, ref_layer, xs, rank, modes)
+        tolerance = ({"rel_tol": BF16_LAYER_REL_TOL, "kind": "layer_output_bfloat16"}
+                     if config.runtime.dtype == "bfloat16" else {})
+        check_phases_in_modes(report, f"layer/{name}", layer, ref_layer, xs, rank, modes,
+                              **tolerance)
         report.check(f"layer/{name}/decode_path_is_fused",
                      type(layer.decode_dispatcher).__name__ == "FusedDecodeDispatcher",
                      type(layer.decode_dispatcher).__name__)
