@@ -89,14 +89,14 @@ def layers_and_batches(path, config):
 
 
 def format_table(plan):
-    head = (f"{'EP':>5} {'phase':>7} {'tokens':>7} {'nodes':>5} {'dispatch us':>11} "
+    head = (f"{'EP':>5} {'phase':>7} {'tokens':>7} {'nodes':>5} {'step us':>8} {'dispatch us':>11} "
             f"{'combine us':>10} {'experts us':>10} {'layer us':>9} {'disp GB/s':>9} "
             f"{'comb GB/s':>9} {'link':>5} {'imbal':>5} {'mem GiB':>8}")
     lines = [head, "-" * len(head)]
     for row in plan["rows"]:
         lines.append(
             f"{row['ep']:>5} {row['phase']:>7} {row['tokens_per_rank']:>7} {row['nodes']:>5} "
-            f"{row['dispatch_us']:>11.1f} {row['combine_us']:>10.1f} {row['experts_us']:>10.1f} "
+            f"{row.get('step_us', 0.0):>8.1f} {row['dispatch_us']:>11.1f} {row['combine_us']:>10.1f} {row['experts_us']:>10.1f} "
             f"{row['layer_us']:>9.1f} {row['dispatch_gbps']:>9.1f} {row['combine_gbps']:>9.1f} "
             f"{row['bottleneck_link']:>5} {row['imbalance']:>5.2f} "
             f"{row['memory_bytes'] / 2**30:>8.2f}")
@@ -122,7 +122,7 @@ def write_plot(plan, path):
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("EP size")
-    axis.set_ylabel("MoE layer step, us (dispatch + experts + combine)")
+    axis.set_ylabel("MoE layer step, us (step overhead + dispatch + experts + combine)")
     axis.set_title(f"{plan['cluster']['name']}: recommended EP {plan['recommendation']['ep']}")
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -220,3 +220,127 @@ def test_every_shipped_cluster_file_loads():
             "cpu_host.yaml"} <= set(names)
     for name in names:
         assert load_cluster(os.path.join(CLUSTERS, name)).cards_per_node >= 1
+
+
+# ---- a CPU host: cores shared by the ranks (issue 21, section 2, own runs) ------------------
+# The arithmetic of the model for a given calibration, checked by hand; the measured comparison
+# itself (timings) is in docs/scaling.md and scripts/plan_validation.py --layer-times.
+
+def cpu_host(**changes):
+    """A calibration with round numbers: 2 cores, 4 ranks per node."""
+    fields = dict(name="test host", cards_per_node=4, num_nodes=1, cores_per_node=2,
+                  intra_node_gbps=10.0, intra_node_latency_us=0.0, inter_node_gbps=1.0,
+                  inter_node_latency_us=0.0, device_memory_gib=4.0, memory_gbps=20.0,
+                  weight_pack_gbps=5.0, operator_overhead_us=50.0, step_overhead_us=1000.0,
+                  oversubscribed_step_overhead_us=3000.0, oversubscribed_compute_efficiency=0.8,
+                  tflops_float32=0.2, compute_sharing="per_node", shared_memory_window=True)
+    fields.update(changes)
+    from mindspore_moe_ep.planning import ClusterSpec
+    return ClusterSpec(**fields)
+
+
+def test_blom_expected_maximum_of_normals():
+    from mindspore_moe_ep.planning.routing import expected_max_z
+    assert expected_max_z(1) == 0.0
+    # exact: 1/sqrt(pi) for 2, 1.0294 for 4, 1.4236 for 8
+    assert expected_max_z(2) == pytest.approx(1 / math.sqrt(math.pi), abs=0.03)
+    assert expected_max_z(4) == pytest.approx(1.0294, abs=0.03)
+    assert expected_max_z(8) == pytest.approx(1.4236, abs=0.03)
+
+
+def test_cpu_host_shares_cores_and_bandwidth_among_its_ranks():
+    cluster = cpu_host()
+    assert [cluster.sharers(ep) for ep in (1, 2, 4, 8)] == [1, 2, 4, 4]
+    assert [cluster.oversubscription(ep) for ep in (1, 2, 3, 4)] == [1.0, 1.0, 1.5, 2.0]
+    assert [cluster.step_overhead(ep) for ep in (1, 2, 3, 4)] == [1000.0, 1000.0, 2000.0,
+                                                                  3000.0]
+    assert [cluster.compute_efficiency(ep) for ep in (2, 3, 4)] == pytest.approx([1.0, 0.9, 0.8])
+    # A device cluster is unaffected by the CPU fields' defaults.
+    h800 = load_cluster(os.path.join(CLUSTERS, "h800_infiniband.yaml"))
+    assert (h800.sharers(8), h800.oversubscription(8), h800.step_overhead(8)) == (1, 1.0, 0.0)
+
+
+def test_cpu_host_prefill_is_compute_bound_on_shared_cores():
+    # 4 experts at EP 2 and 4, top-1, 4096 tokens per rank: every local expert gets thousands
+    # of rows (its weights packed, then its FLOPs), the busiest rank is given (imbalance 1).
+    shape = LayerShape(hidden=1024, num_experts=4, expert_ffn=512, top_k=1,
+                       weight_dtype="float32")
+    options = PlanOptions(dispatch_dtype="float32", combine_dtype="float32",
+                          compute_dtype="float32", imbalance=1.0)
+    for ep, rate_per_rank in ((2, 0.2e12 / 2), (4, 0.2e12 * 0.8 / 4)):
+        row = estimate(shape, cpu_host(), ep, "prefill", 4096, options, capacity=4096)
+        pairs = 4096                                        # T * top_k * imbalance
+        compute_us = 6 * 1024 * 512 * pairs / rate_per_rank * 1e6
+        # Each expert's 4096 * ep / 4 rows run in GEMM calls of at most 512 rows (the CPU
+        # kernel's chunks), each call packing the expert's weights again.
+        calls = (4 // ep) * (4096 * ep // 4) // 512
+        weights_us = calls * 3 * 1024 * 512 * 4 / (5e9 / ep) * 1e6
+        assert row.experts_us == pytest.approx(compute_us + weights_us, rel=1e-9)
+        # Each token goes to its one expert's rank: 1/ep of rows stay, the rest to peers;
+        # the receiver copies both out of the window, at the node's copy rate shared by ep.
+        copied = 4096 * 4096                                 # rows x float32 row bytes
+        exchange_us = 50.0 * max(1, ep / 2) + copied / (10e9 / ep) * 1e6
+        assert row.dispatch_us == pytest.approx(exchange_us, rel=1e-9)
+        assert row.combine_us == pytest.approx(exchange_us, rel=1e-9)
+        assert row.step_us == {2: 1000.0, 4: 3000.0}[ep]
+        assert row.layer_us == pytest.approx(row.step_us + 2 * exchange_us + compute_us
+                                             + weights_us)
+
+
+def test_cpu_host_decode_reads_weights_once_per_touched_expert():
+    # EP 2, 8 experts (4 per rank), top-1, 1 token per rank: the group's 2 pairs fall on 2 of
+    # 8 experts; an expert gets one row with probability q1 = 2 (1/8) (7/8), two with
+    # q2 = (1/8)^2. One-row calls read the weights at memory_gbps, two-row calls pack them,
+    # and each call's FLOPs come on top (weights first, then arithmetic, on the same core).
+    from mindspore_moe_ep.planning.routing import expected_max_z
+    shape = LayerShape(hidden=256, num_experts=8, expert_ffn=128, top_k=1,
+                       weight_dtype="float32")
+    options = PlanOptions(dispatch_dtype="float32", combine_dtype="float32",
+                          compute_dtype="float32", imbalance=1.0)
+    row = estimate(shape, cpu_host(), 2, "decode", 1, options, capacity=128)
+    expert_bytes = 3 * 256 * 128 * 4
+    q1, q2 = 2 * (1 / 8) * (7 / 8), (1 / 8) ** 2
+    z = expected_max_z(2)
+    single = 4 * q1 + math.sqrt(4 * q1 * (1 - q1)) * z       # busiest of the 2 ranks
+    several = 4 * q2 + math.sqrt(4 * q2 * (1 - q2)) * z
+    flops = 6 * 256 * 128
+    rate = 0.2e12 / 2
+    expected = (single * expert_bytes / (20e9 / 2) + several * expert_bytes / (5e9 / 2)
+                + max(1, single) * flops / rate)                    # 1 pair: T * top_k
+    assert row.experts_us == pytest.approx(expected * 1e6, rel=1e-9)
+
+
+def test_own_runs_comparison_puts_the_estimate_next_to_the_measured_time(tmp_path, capsys):
+    # scripts/plan_validation.py --layer-times on a made-up measurement: the predicted column
+    # is the planner's estimate of that layer, the ratio predicted / measured.
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "benchmarks"))
+    import layer_times
+    import plan_validation
+    measured = {"machine": {"date_utc": "2026-12-03T00:00:00+00:00", "cpu_model": "test"},
+                "loads": {"2": {"started_utc": "x", "load_1m_before": 0.1,
+                                "load_1m_after": 0.2, "other_cores": 0.0}},
+                "rows": [{"workload": "end_to_end", "phase": "prefill", "tokens": 512, "ep": 2,
+                          "min_s": 0.040}]}
+    path = tmp_path / "layer_times.json"
+    path.write_text(json.dumps(measured))
+    cluster_path = tmp_path / "host.yaml"
+    from mindspore_moe_ep.planning import save_cluster
+    save_cluster(cpu_host(), cluster_path)
+    rows = plan_validation.own_runs(str(path), str(cluster_path))
+    config = layer_times.config_of("end_to_end", 2)
+    expected = estimate(LayerShape.from_config(config), cpu_host(), 2, "prefill", 512,
+                        PlanOptions(dispatch_dtype="float32", combine_dtype="float32",
+                                    compute_dtype="float32"),
+                        config.dispatch.max_tokens_per_rank)
+    assert rows[0]["predicted_ms"] == pytest.approx(expected.layer_us / 1e3)
+    assert rows[0]["ratio"] == pytest.approx(expected.layer_us / 40e3)
+    assert rows[0]["within"] == (abs(expected.layer_us / 40e3 - 1) <= 0.25)
+    assert "| end_to_end | prefill | 512 | 2 | layer_times.py | 40.0 |" in capsys.readouterr().out
+
+
+def test_shipped_cpu_host_file_is_a_calibration_of_shared_cores():
+    cluster = load_cluster(os.path.join(CLUSTERS, "cpu_host.yaml"))
+    assert cluster.compute_sharing == "per_node" and cluster.cores_per_node >= 1
+    assert cluster.weight_pack_gbps and cluster.step_overhead_us > 0
+    assert "scripts/calibrate_host.py" in cluster.source

@@ -59,7 +59,41 @@ class ClusterSpec:
     tflops_fp8: Optional[float] = option("The same in fp8.", default=None, gt=0)
     compute_sharing: ComputeSharing = option(
         "per_card: each card has the throughput above; per_node: the node's ranks share it "
-        "(a CPU host running several ranks on the same cores).", default="per_card")
+        "(a CPU host running several ranks on the same cores): the TFLOP/s, memory_gbps, "
+        "weight_pack_gbps and intra_node_gbps are then the node's, divided among the ranks of "
+        "the node that take part.", default="per_card")
+    cores_per_node: Optional[int] = option(
+        "CPU hosts: the cores the node's ranks share. Where more ranks than cores take part, "
+        "each rank's fixed CPU work (operator_overhead_us) takes ranks / cores longer, and the "
+        "oversubscribed_* figures apply; null: no such effect (devices).", default=None, gt=0)
+    weight_pack_gbps: Optional[float] = option(
+        "CPU hosts: the rate, GB/s, at which a GEMM call of two or more rows reads an expert's "
+        "weights (oneDNN packs the whole weight matrix in every call; memory_gbps is then the "
+        "rate of one-row calls, which read each weight once). Set, the experts' time is the "
+        "weight reads plus the FLOPs (a call packs, then computes, on the same core); null: one "
+        "roofline, max(FLOPs, weights at memory_gbps), over all experts (devices).",
+        default=None, gt=0)
+    step_overhead_us: float = option(
+        "Fixed cost of one layer step besides its dispatch, experts and combine: the graph "
+        "launch, the router and the framework's other operators, the ranks' skew at the start; "
+        "microseconds, with at most one rank per core.", default=0.0, ge=0)
+    oversubscribed_step_overhead_us: Optional[float] = option(
+        "The same with cards_per_node ranks on cores_per_node cores (a rank that waits for a "
+        "peer then waits for a core too); between cores_per_node and cards_per_node ranks "
+        "interpolated; null: step_overhead_us.", default=None, ge=0)
+    token_overhead_ns: float = option(
+        "CPU hosts: cost of one step per token of the rank's batch and hidden element, besides "
+        "the experts' GEMMs and the exchange's copies: the framework's element-wise operators "
+        "over [T, H] (casts, the router, the output sum), the exchange kernels' per-row work, "
+        "the sums at the source; nanoseconds at one rank per core (CPU work: ranks / cores "
+        "longer where ranks outnumber cores).", default=0.0, ge=0)
+    oversubscribed_operator_overhead_us: Optional[float] = option(
+        "operator_overhead_us with cards_per_node ranks on cores_per_node cores; interpolated "
+        "in between; null: operator_overhead_us times ranks / cores.", default=None, ge=0)
+    oversubscribed_compute_efficiency: float = option(
+        "The node's compute throughput with cards_per_node ranks on cores_per_node cores, as a "
+        "fraction of that with one rank per core (context switches between the ranks).",
+        default=1.0, gt=0)
     shared_memory_window: bool = option(
         "The ranks of a node exchange through this library's shared-memory window (CPU hosts): "
         "its R(R-1) slots count in the memory per rank.", default=False)
@@ -77,6 +111,52 @@ class ClusterSpec:
     @property
     def total_cards(self) -> int:
         return self.cards_per_node * self.num_nodes
+
+    def sharers(self, ep: int) -> int:
+        """Ranks of an EP-``ep`` group that share one node's throughput (1 per card)."""
+        return min(ep, self.cards_per_node) if self.compute_sharing == "per_node" else 1
+
+    def oversubscription(self, ep: int) -> float:
+        """Ranks per core on a node of an EP-``ep`` group, at least 1 (1 without
+        cores_per_node): how much longer a rank's fixed CPU work takes than on a core of its
+        own."""
+        if self.cores_per_node is None:
+            return 1.0
+        return max(1.0, min(ep, self.cards_per_node) / self.cores_per_node)
+
+    def _oversubscribed_share(self, ep: int) -> Optional[float]:
+        """Where an EP-``ep`` group's ranks on a node lie between cores_per_node (0) and
+        cards_per_node (1) ranks; None with at most one rank per core (or no cores_per_node)."""
+        ranks = min(ep, self.cards_per_node)
+        if (self.cores_per_node is None or ranks <= self.cores_per_node
+                or self.cards_per_node <= self.cores_per_node):
+            return None
+        return (ranks - self.cores_per_node) / (self.cards_per_node - self.cores_per_node)
+
+    def step_overhead(self, ep: int) -> float:
+        """step_overhead_us for an EP-``ep`` group: oversubscribed_step_overhead_us at
+        cards_per_node ranks per node, interpolated between cores_per_node and it."""
+        share = self._oversubscribed_share(ep)
+        if share is None or self.oversubscribed_step_overhead_us is None:
+            return self.step_overhead_us
+        return (self.step_overhead_us
+                + share * (self.oversubscribed_step_overhead_us - self.step_overhead_us))
+
+    def operator_overhead(self, ep: int) -> float:
+        """operator_overhead_us for an EP-``ep`` group: the oversubscribed figure at
+        cards_per_node ranks per node (interpolated), else times the ranks per core."""
+        share = self._oversubscribed_share(ep)
+        if share is None or self.oversubscribed_operator_overhead_us is None:
+            return self.operator_overhead_us * self.oversubscription(ep)
+        return (self.operator_overhead_us
+                + share * (self.oversubscribed_operator_overhead_us - self.operator_overhead_us))
+
+    def compute_efficiency(self, ep: int) -> float:
+        """oversubscribed_compute_efficiency at cards_per_node ranks per node, interpolated
+        from 1 at cores_per_node ranks."""
+        share = self._oversubscribed_share(ep)
+        return 1.0 if share is None else 1.0 + share * (self.oversubscribed_compute_efficiency
+                                                        - 1.0)
 
     def tflops(self, dtype: str) -> float:
         """Matmul TFLOP/s of one card in ``dtype``; an unsupported dtype raises, naming both."""

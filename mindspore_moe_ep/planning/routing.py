@@ -19,6 +19,7 @@ per-expert loads, with redundant experts placed on the hottest ones.
 """
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -109,20 +110,37 @@ def destinations(routing: Routing, ep: int, cards_per_node: int) -> Destinations
                         remote_nodes=(nodes - 1) * p_node)
 
 
+def expected_max_z(count: int) -> float:
+    """E[max of ``count`` independent standard normals], by Blom's approximation
+    Phi^-1((n - 0.375) / (n + 0.25)) (within 0.02 of the exact values: 0.564 for 2, 1.029 for
+    4, 1.424 for 8); 0 for one. The asymptotic sqrt(2 ln n) overstates it at small n (1.18 for
+    2, 1.67 for 4), where a CPU host's EP sizes are."""
+    if count <= 1:
+        return 0.0
+    return NormalDist().inv_cdf((count - 0.375) / (count + 0.25))
+
+
+def busiest(count: float, probability: float, ranks: int) -> float:
+    """Expected largest of ``ranks`` independent Binomial(count, probability) draws (Gaussian
+    approximation: mean + sigma * expected_max_z(ranks))."""
+    mean = count * probability
+    return mean + math.sqrt(max(count * probability * (1 - probability), 0.0)) * expected_max_z(
+        ranks)
+
+
 def receive_imbalance(routing: Routing, ep: int, tokens_per_rank: int) -> float:
     """Busiest rank's received (token, rank) rows over the mean, under uniform routing.
 
     Each of the group's ``ep * tokens_per_rank`` tokens reaches a given rank with probability
     p, so a rank receives Binomial(N, p) rows; the largest of ``ep`` such counts is about
-    mean + sigma * sqrt(2 ln ep) (the Gaussian maximum).
+    mean + sigma * z(ep), z the expected maximum of ``ep`` standard normals
+    (:func:`expected_max_z`).
     """
     if ep == 1:
         return 1.0
     p = 1 - miss_probability(routing, routing.num_experts // ep)
     total = ep * tokens_per_rank
-    mean = total * p
-    sigma = math.sqrt(total * p * (1 - p))
-    return 1 + sigma * math.sqrt(2 * math.log(ep)) / mean
+    return busiest(total, p, ep) / (total * p)
 
 
 def imbalance_from_loads(tokens_per_expert: Sequence[float], ep: int,

@@ -505,3 +505,44 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- other jobs on the machine ---------------------------------------------------------------
+
+def _busy_and_steal_seconds():
+    """(busy, steal) CPU seconds of the whole machine since boot (/proc/stat, every core)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+class OtherLoad:
+    """The CPU that processes other than this one and its finished children used while the block
+    ran, in cores (0.0: the machine was ours alone)::
+
+        with bc.OtherLoad() as other:
+            reports = bc.launch_msrun(...)      # children must have exited by the block's end
+        other.cores, other.steal_cores
+
+    The machine's busy time (/proc/stat) minus this process's and its waited-for descendants'
+    CPU time (os.times), over the block's wall time. ``steal_cores``: time the hypervisor gave
+    to other guests."""
+
+    def __enter__(self):
+        self._busy, self._steal = _busy_and_steal_seconds()
+        times = os.times()
+        self._own = times.user + times.system + times.children_user + times.children_system
+        self._wall = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        busy, steal = _busy_and_steal_seconds()
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system
+        wall = max(time.monotonic() - self._wall, 1e-9)
+        self.wall_s = wall
+        self.cores = max(0.0, (busy - self._busy) - (own - self._own)) / wall
+        self.steal_cores = (steal - self._steal) / wall
+        return False
