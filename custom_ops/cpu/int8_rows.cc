@@ -193,39 +193,32 @@ MOE_EP_AVX2 inline void Dequantize16(const int8_t *q, __m256 scale, __m256 &firs
                          scale);
 }
 
-MOE_EP_AVX2 void DequantizeAvx2(const int8_t *q, int64_t hidden, float scale, float *out) {
-  const __m256 scale_lanes = _mm256_set1_ps(scale);
-  int64_t i = 0;
-  for (; i + 16 <= hidden; i += 16) {
-    __m256 first, second;
-    Dequantize16(q + i, scale_lanes, first, second);
-    Store16(out + i, first, second, /*streaming=*/false);
-  }
-  DequantizeScalar(q + i, hidden - i, scale, out + i);
+// 16 float lanes stored as 16 elements in order (float32 and float16: Store16; bfloat16 rounds
+// each lane into the lower half of a 32-bit lane and packs them, since Store16's bfloat16 form
+// takes even / odd lanes).
+MOE_EP_AVX2 inline void StoreInOrder16(float *out, __m256 first, __m256 second) {
+  Store16(out, first, second, /*streaming=*/false);
 }
 
-MOE_EP_AVX2 void DequantizeAvx2(const int8_t *q, int64_t hidden, float scale, Float16 *out) {
-  const __m256 scale_lanes = _mm256_set1_ps(scale);
-  int64_t i = 0;
-  for (; i + 16 <= hidden; i += 16) {
-    __m256 first, second;
-    Dequantize16(q + i, scale_lanes, first, second);
-    Store16(out + i, first, second, /*streaming=*/false);
-  }
-  DequantizeScalar(q + i, hidden - i, scale, out + i);
+MOE_EP_AVX2 inline void StoreInOrder16(Float16 *out, __m256 first, __m256 second) {
+  Store16(out, first, second, /*streaming=*/false);
 }
 
-MOE_EP_AVX2 void DequantizeAvx2(const int8_t *q, int64_t hidden, float scale, BFloat16 *out) {
+MOE_EP_AVX2 inline void StoreInOrder16(BFloat16 *out, __m256 first, __m256 second) {
+  const __m256i low = _mm256_srli_epi32(RoundToBFloat16UpperHalves(first), 16);
+  const __m256i high = _mm256_srli_epi32(RoundToBFloat16UpperHalves(second), 16);
+  const __m256i halves = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i *>(out), halves);
+}
+
+template <typename T>
+MOE_EP_AVX2 void DequantizeAvx2(const int8_t *q, int64_t hidden, float scale, T *out) {
   const __m256 scale_lanes = _mm256_set1_ps(scale);
   int64_t i = 0;
   for (; i + 16 <= hidden; i += 16) {
     __m256 first, second;
     Dequantize16(q + i, scale_lanes, first, second);
-    // 32-bit lanes with the bfloat16 in their lower half, packed to 16 bits in order
-    const __m256i low = _mm256_srli_epi32(RoundToBFloat16UpperHalves(first), 16);
-    const __m256i high = _mm256_srli_epi32(RoundToBFloat16UpperHalves(second), 16);
-    const __m256i halves = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), halves);
+    StoreInOrder16(out + i, first, second);
   }
   DequantizeScalar(q + i, hidden - i, scale, out + i);
 }
