@@ -14,7 +14,9 @@ from .experts import GroupedSwiGLUExperts, SharedExpert
 from .router import TopKRouter
 from .runtime import ascend_backend_active, mindspore_dtype
 from .state_dict import export_hf_moe_state_dict, load_hf_moe_state_dict
-from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
+from .ops.kernel_library import explain_kernel_errors
+from .load_balancing.replica_selection import ReplicaSelector, initial_placement
+from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group, group_hosts
 from .dispatcher import check_tokens_fit
 from .token_dispatcher import LocalTokenDispatcher
 
@@ -59,6 +61,37 @@ def _build_dispatchers(config, group):
         decode = FusedDecodeDispatcher(group, router.top_k, dispatch.max_tokens_per_rank, window,
                                        quant)
     return prefill, decode, window
+
+
+def _ranks_per_host(host_of_rank):
+    """Ranks per host for plan_placement: None for one host (or unknown hosts), else the size of
+    the equal, consecutive host blocks (None if the hosts are not laid out that way)."""
+    if host_of_rank is None or len(set(host_of_rank)) == 1:
+        return None
+    per_host = host_of_rank.count(host_of_rank[0])
+    blocks = [host_of_rank[i:i + per_host] for i in range(0, len(host_of_rank), per_host)]
+    return per_host if all(len(set(block)) == 1 and len(block) == per_host
+                           for block in blocks) else None
+
+
+def _float32_array(parameter):
+    """A Parameter's values as float32 NumPy (exact for float16 and bfloat16)."""
+    return parameter.asnumpy().astype(np.float32)
+
+
+def _optimizer_states(optimizer, weights):
+    """The optimizer's Parameters that shadow ``weights``: same shape, and named as the weight
+    with one more dotted component (``ParameterTuple.clone(prefix)``: ``adam_m.<weight name>``,
+    or inside it once wrapping Cells have renamed both), in weights order; [] for None."""
+    if optimizer is None:
+        return []
+
+    def shadows(state, weight):
+        parts = state.name.split(".")
+        return state is not weight and state.shape == weight.shape and any(
+            ".".join(parts[:i] + parts[i + 1:]) == weight.name for i in range(len(parts)))
+    return [state for weight in weights for state in optimizer.get_parameters()
+            if shadows(state, weight)]
 
 
 @dataclass(frozen=True)
@@ -114,9 +147,19 @@ class MoELayer(nn.Cell):
         self.compute_dtype = dtype
         self.group = expert_parallel_group(config)
         check_same_config_on_all_ranks(config, self.group)
-        self.local_expert_indices = self.group.local_expert_indices
         self.prefill_dispatcher, self.decode_dispatcher, self._window = _build_dispatchers(
             config, self.group)
+        # Where the experts live (load_balancing): the placement of logical experts in this
+        # group's physical slots, and, under expert parallelism, the Cell that sends each
+        # (token, expert) pair to one of the expert's replicas (slot ids are what dispatchers see).
+        self.placement = initial_placement(model.num_experts, self.group.size,
+                                           self.group.experts_per_rank)
+        self.local_expert_indices = list(self.placement.rank_experts(self.group.group_rank))
+        self.host_of_rank = (None if self.group.size == 1 or self._window is not None
+                             else group_hosts(self.group))
+        self.replica_selector = (ReplicaSelector(self.placement, self.group.group_rank,
+                                                 self.host_of_rank)
+                                 if self.group.size > 1 else None)
         self.decode_token_threshold = config.dispatch.decode_token_threshold
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
@@ -157,6 +200,8 @@ class MoELayer(nn.Cell):
         self.load_history = statistic("load_history", np.zeros(
             (self.load_window, model.num_experts), np.float32))                       # [W, E]
         self.load_steps = statistic("load_steps", np.zeros(1, np.int32))   # forwards since reset
+        self.slot_load_history = statistic("slot_load_history", np.zeros(
+            (self.load_window, len(self.local_expert_indices)), np.float32))          # [W, S]
 
     def __call__(self, x, *args, **kwargs):
         """Checks ``x`` and ``phase`` before any work (see :meth:`check_input`); under expert
@@ -216,15 +261,17 @@ class MoELayer(nn.Cell):
         _, dispatcher_name, path, _ = self._plan_fields(tokens.shape[0], phase)
         dispatcher = self._dispatcher_named(dispatcher_name)
         routed_input = tokens.astype(self.compute_dtype)                           # [T, H]
+        slot_ids = (expert_ids if self.replica_selector is None
+                    else self.replica_selector(expert_ids))                        # [T, K]
         if path == GROUPED:
             output, tokens_per_expert, num_dropped = self._grouped_step(
-                dispatcher, routed_input, expert_ids, routing_weights)
+                dispatcher, routed_input, slot_ids, routing_weights)
         elif path == EXPERTS_COMBINE:
             output, tokens_per_expert, num_dropped = self._experts_combine_step(
-                dispatcher, routed_input, expert_ids, routing_weights)
+                dispatcher, routed_input, slot_ids, routing_weights)
         else:
             output, tokens_per_expert, num_dropped = self._rowwise_step(
-                dispatcher, routed_input, expert_ids, routing_weights)
+                dispatcher, routed_input, slot_ids, routing_weights)
         output = output.astype(ms.float32)
         if self.shared_expert is not None:
             output = output + self.shared_expert(tokens)
@@ -235,14 +282,17 @@ class MoELayer(nn.Cell):
         ops.assign(self.last_num_dropped, num_dropped)
         ops.assign(self.last_aux_loss, aux_loss)
         ops.assign(self.last_z_loss, z_loss)
-        self._record_load(routed_per_expert)
+        self._record_load(routed_per_expert, tokens_per_expert)
         return output.reshape(input_shape).astype(x.dtype)
 
-    def _record_load(self, routed_per_expert):
-        """Writes this forward's routed_per_expert [E] into the load window's next row (no
-        communication: the ranks are summed by :meth:`load_stats`)."""
-        slot = self.load_steps % self.load_window                                 # [1]
-        ops.scatter_update(self.load_history, slot, routed_per_expert.reshape(1, -1))
+    def _record_load(self, routed_per_expert, tokens_per_expert):
+        """Writes this forward's routed_per_expert [E] and the rows this rank's slots received
+        [S] into the load window's next row (no communication: the ranks are summed by
+        :meth:`load_stats`)."""
+        row = self.load_steps % self.load_window                                  # [1]
+        ops.scatter_update(self.load_history, row, routed_per_expert.reshape(1, -1))
+        ops.scatter_update(self.slot_load_history, row,
+                           tokens_per_expert.astype(ms.float32).reshape(1, -1))
         ops.assign_add(self.load_steps, ops.ones((1,), ms.int32))
 
     def _grouped_step(self, dispatcher, x, expert_ids, routing_weights):
@@ -302,6 +352,12 @@ class MoELayer(nn.Cell):
             raise ValueError("phase='decode' is inference only (the fused decode operators have "
                              "no gradient): call layer.set_train(False), or use phase='prefill' "
                              "or None in training")
+        if self.training and self.group.redundant_experts:
+            raise ValueError(f"parallel.redundant_experts = {self.group.redundant_experts}: "
+                             f"replicated experts are inference only (their gradients would "
+                             f"differ and nothing sums them); call layer.set_train(False), or "
+                             f"set redundant_experts to 0 for training (rebalance() still "
+                             f"relocates experts without replicas)")
         if phase == "decode" and self.decode_dispatcher is not None:
             return (phase, "decode", ROWWISE if self.decode_rowwise else GROUPED,
                     self.decode_dispatcher.quantized)
@@ -369,24 +425,97 @@ class MoELayer(nn.Cell):
         """
         from .load_balancing import load_stats_from_window
         local = np.rint(self.load_history.asnumpy()).astype(np.int64)               # [W, E]
+        local_slots = np.rint(self.slot_load_history.asnumpy()).astype(np.int64)    # [W, S]
         steps = int(self.load_steps.asnumpy()[0])
-        total = local
+        total, slot_history = local, local_slots[None]                               # [1, W, S]
         if self.group.world_size > 1:
             from .comm.window import world_all_gather
-            gathered = world_all_gather(np.concatenate([[steps], local.reshape(-1)]))
+            gathered = world_all_gather(np.concatenate(
+                [[steps], local.reshape(-1), local_slots.reshape(-1)]))
             if (gathered[:, 0] != steps).any():  # the same on every rank: all raise together
                 raise RuntimeError(f"load_stats: the ranks recorded different numbers of "
                                    f"forwards {gathered[:, 0].tolist()} since the last reset; "
                                    f"call the layer and reset_load_stats on every rank")
-            total = gathered[:, 1:].sum(axis=0).reshape(local.shape)
-        return load_stats_from_window(total, local, steps, self.group.size,
-                                      self.group.world_size // self.group.size)
+            total = gathered[:, 1:1 + local.size].sum(axis=0).reshape(local.shape)
+            slot_history = gathered[:, 1 + local.size:].reshape(
+                -1, self.group.size, *local_slots.shape).sum(axis=0)                 # [R, W, S]
+        stats = load_stats_from_window(total, local, steps, self.group.size,
+                                       self.group.world_size // self.group.size, slot_history)
+        stats["slot_experts"] = list(self.placement.slot_experts)
+        return stats
 
     def reset_load_stats(self):
         """Empties the load window (this rank only; call it on every rank, e.g. after each
         :meth:`load_stats`, for windows that do not overlap)."""
-        self.load_history.set_data(Tensor(np.zeros(self.load_history.shape, np.float32)))
+        for history in (self.load_history, self.slot_load_history):
+            history.set_data(Tensor(np.zeros(history.shape, np.float32)))
         self.load_steps.set_data(Tensor(np.zeros(1, np.int32)))
+
+    def rebalance(self, placement=None, optimizer=None):
+        """Moves the experts (and replicas) to a new placement; a collective over the world.
+
+        ``placement``: a :class:`~mindspore_moe_ep.load_balancing.Placement` of this layer's
+        ``model.num_experts`` experts over the group's R ranks x S slots, or None to plan one
+        with :func:`~mindspore_moe_ep.load_balancing.plan_placement` from :meth:`load_stats`
+        (so every rank plans the same). Expert weights travel through the layer's row exchange
+        (load_balancing/relocation.py), with ``optimizer``'s per-weight states when given
+        (Parameters cloned from the weights with a prefix, as AdamW's moments), then the replica
+        tables are swapped in place: static shapes, nothing recompiles, and the layer computes
+        the same function. Starts a new load window. Returns the placement in force.
+
+        Every rank must pass the same placement; if any rank's is refused or differs, every rank
+        raises naming the ranks, and a failed move (a dead peer: the exchange's timeout) raises
+        too. Either way the old placement stays in force.
+        """
+        from .load_balancing import move_slot_arrays, plan_placement, relocation_sources
+        from .comm.window import world_all_gather
+        if self.group.size == 1:
+            raise ValueError("rebalance() needs parallel.expert_parallel > 1: with one rank "
+                             "every expert is local and there is nothing to move")
+        try:
+            if placement is None:
+                placement = plan_placement(self.load_stats()["tokens_per_expert"],
+                                           self.group.size, self.group.experts_per_rank,
+                                           _ranks_per_host(self.host_of_rank))
+            placement.check()
+            sources = relocation_sources(self.placement, placement)
+            proposal, refusal = np.asarray(placement.slot_experts, np.int32), ""
+        except (TypeError, ValueError, AttributeError) as error:
+            proposal = np.full(self.group.num_slots, -1, np.int32)
+            refusal = f"{type(error).__name__}: {error}"
+        proposals = world_all_gather(proposal)                                  # [world, R*S]
+        refused = [rank for rank, row in enumerate(proposals) if row[0] < 0]
+        differing = [rank for rank, row in enumerate(proposals)
+                     if not np.array_equal(row, proposals[0])]
+        if refused or differing:
+            own = f"this rank's was refused: {refusal}; " if refusal else ""
+            raise ValueError(f"rebalance: {own}ranks {refused} refused their placement and "
+                             f"ranks {differing} differ from rank 0's; the old placement stays "
+                             f"in force (pass the same placement on every rank, or None)")
+        weights = [self.experts.gate_up_weight, self.experts.down_weight]
+        states = _optimizer_states(optimizer, weights)
+        arrays = [_float32_array(param) for param in weights + states]
+        exchange = self.prefill_dispatcher.exchange
+
+        def exchange_rows(rows, counts):
+            received, received_counts = exchange(Tensor(rows), Tensor(counts))
+            return received.asnumpy(), received_counts.asnumpy()
+        try:
+            with explain_kernel_errors():
+                moved = move_slot_arrays(arrays, sources, self.group.group_rank, exchange_rows,
+                                         self.config.dispatch.max_tokens_per_rank,
+                                         self.hidden_size)
+        except RuntimeError as error:
+            raise RuntimeError(f"rebalance: moving the expert weights failed, the old placement "
+                               f"stays in force (the exchange cannot be used again: close the "
+                               f"layer and build a new one on every rank): {error}") from error
+        for param, array in zip(weights + states, moved):
+            param.set_data(Tensor(array).astype(param.dtype))
+        self.replica_selector.set_placement(placement)
+        self.placement = placement
+        self.local_expert_indices = list(placement.rank_experts(self.group.group_rank))
+        self.reset_load_stats()
+        return placement
 
     def update_expert_bias(self, tokens_per_expert=None):
         """One aux-loss-free balancing step from observed load.

@@ -1,8 +1,10 @@
 """Expert-parallel groups: which ranks share one copy of the experts, and which experts are local.
 
 With ``parallel.expert_parallel = R`` and a world of W ranks, the ranks form W / R data-parallel
-replicas of an R-way expert-parallel group; group g holds ranks [g*R, (g+1)*R), and group rank r
-owns the E / R consecutive experts starting at r * E / R.
+replicas of an R-way expert-parallel group; group g holds ranks [g*R, (g+1)*R). Each group rank
+holds S = (E + N) / R physical expert slots (N = ``parallel.redundant_experts``); physical slot p
+lives on group rank p // S. Which logical expert each slot holds is the layer's placement
+(``load_balancing``); the static one puts expert e in slot e (rank e // S) when N = 0.
 """
 import hashlib
 import json
@@ -22,7 +24,8 @@ class ExpertParallelGroup:
     world_size: int
     rank: int                    # global rank
     group_ranks: Tuple[int, ...]  # global ranks of this expert-parallel group, in group order
-    num_experts: int
+    num_experts: int             # E, logical (the router's ids)
+    redundant_experts: int = 0   # N, extra physical slots over the group
 
     @property
     def size(self) -> int:
@@ -33,13 +36,14 @@ class ExpertParallelGroup:
         return self.group_ranks.index(self.rank)
 
     @property
-    def experts_per_rank(self) -> int:
-        return self.num_experts // self.size
+    def num_slots(self) -> int:
+        """Physical expert slots over the group: E + N (the dispatchers' expert ids)."""
+        return self.num_experts + self.redundant_experts
 
     @property
-    def local_expert_indices(self):
-        start = self.group_rank * self.experts_per_rank
-        return list(range(start, start + self.experts_per_rank))
+    def experts_per_rank(self) -> int:
+        """S: the physical experts (slots) each rank holds, the dispatchers' local experts."""
+        return self.num_slots // self.size
 
 
 def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
@@ -52,13 +56,25 @@ def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
                 f"parallel.expert_parallel = {ep_size} needs a distributed launch: run under "
                 f"msrun (see scripts/msrun_moe.sh) and call mindspore.communication.init() "
                 f"before building MoELayer, or set expert_parallel to 1")
-        return ExpertParallelGroup(1, 0, (0,), num_experts)
+        return ExpertParallelGroup(1, 0, (0,), num_experts, config.parallel.redundant_experts)
 
     from mindspore.communication import get_group_size, get_rank
     world_size, rank = get_group_size(), get_rank()
     config.parallel.data_parallel_size(world_size)  # checks that the sizes fit
     first = rank // ep_size * ep_size
-    return ExpertParallelGroup(world_size, rank, tuple(range(first, first + ep_size)), num_experts)
+    return ExpertParallelGroup(world_size, rank, tuple(range(first, first + ep_size)), num_experts,
+                               config.parallel.redundant_experts)
+
+
+def group_hosts(group: ExpertParallelGroup) -> Tuple[int, ...]:
+    """A host label per group rank (equal labels: one shared-memory domain), from one world
+    AllGather of each rank's domain digest; a collective over the world."""
+    from .comm.window import shared_memory_domain, world_all_gather
+    digest = hashlib.sha256(shared_memory_domain().encode()).digest()[:16]
+    digests = world_all_gather(np.frombuffer(digest, dtype=np.int32))         # [world, 4]
+    labels = {}
+    return tuple(labels.setdefault(digests[rank].tobytes(), len(labels))
+                 for rank in group.group_ranks)
 
 
 def _compared_settings(config: MoEConfig) -> bytes:

@@ -228,10 +228,14 @@ def export_hf_moe_state_dict(layer, prefix=""):
     stacked = _gather_group(layer, local)
     replicated = {name: _replicated(layer.group, name, value) for name, value in stacked.items()
                   if name not in ("experts.gate_up", "experts.down")}
-    gate_up = stacked["experts.gate_up"]                                    # [R, E_loc, H, 2F]
-    gate_up = gate_up.reshape((model.num_experts,) + gate_up.shape[2:])     # [E, H, 2F]
+    # Slot p of the group holds logical expert placement.slot_experts[p] (replicas are equal
+    # copies: the first one of each expert is exported).
+    slot_experts = list(layer.placement.slot_experts)
+    first_slot = [slot_experts.index(expert) for expert in range(model.num_experts)]
+    gate_up = stacked["experts.gate_up"]                                    # [R, S, H, 2F]
+    gate_up = gate_up.reshape((-1,) + gate_up.shape[2:])[first_slot]        # [E, H, 2F]
     down = stacked["experts.down"]
-    down = down.reshape((model.num_experts,) + down.shape[2:])              # [E, F, H]
+    down = down.reshape((-1,) + down.shape[2:])[first_slot]                 # [E, F, H]
 
     exported = {}
 

@@ -146,6 +146,8 @@ def main(argv=None):
     local_prompts = [prompts[index] for index in ids]
     if not args.no_warmup:  # compile (GRAPH_MODE) and warm up on the same shapes, untimed
         generator.generate(local_prompts, min(args.max_new_tokens, 2), sampling, longest, ids)
+        if generator.rebalance_interval:  # parallel.rebalance_interval: start balanced
+            generator.rebalance()
     for layer in model.moe_layers():
         layer.reset_load_stats()    # the load window covers the timed generation only
     result = generator.generate(local_prompts, args.max_new_tokens, sampling, longest, ids)
@@ -176,6 +178,7 @@ def main(argv=None):
             "decode_steps": result.decode_steps, "decode_s": decode_s,
             "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None,
             "prefill_tokens_per_s": sum(map(len, prompts)) / prefill_s,
+            "rebalances": result.rebalances, "rebalance_s": result.rebalance_s,
         },
         "paths": {"prefill": phase_paths(model, lm.max_batch_size * longest, "prefill"),
                   "decode": phase_paths(model, lm.max_batch_size, args.decode_phase)},

@@ -68,7 +68,7 @@ LIMIT_CASES = [
     ("A3", {"expert_parallel": 144, "num_experts": 144},
      {"expert_parallel": 12, "num_experts": 144}, "parallel.expert_parallel"),
     ("A2", {"expert_parallel": 16, "num_experts": 256},
-     {"expert_parallel": 16, "num_experts": 512}, "experts per rank"),               # <= 24 (A2)
+     {"expert_parallel": 16, "num_experts": 512}, "expert slots per rank"),          # <= 24 (A2)
     ("A2", {"dtype": "float16"}, {"dtype": "float32"}, "runtime.dtype"),
     ("A3", {"dtype": "bfloat16"}, {"dtype": "float32"}, "runtime.dtype"),
     ("A2", {"capacity_factor": None}, {"capacity_factor": 1.25}, "router.capacity_factor"),

@@ -7,6 +7,8 @@ lm_worker.py) run scripts/train.py and scripts/generate.py as a user would under
   sampled tokens and first-token logits at EP 4 (PyNative and GRAPH_MODE), EP 2 and EP 1 (DP 4),
   and in one plain process (test_lm.py adds GRAPH_MODE there); a missing rank file is refused
   naming it;
+- training rebalanced every 2 steps keeps the losses; generation with redundant experts,
+  rebalanced during decode, keeps the tokens;
 - bad input is refused on every rank (the launch ends instead of hanging);
 - scripts/msrun_lm.sh (the main job's launcher) trains, checkpoints and generates.
 """
@@ -109,6 +111,25 @@ def test_ep4_checkpoint_gives_the_same_tokens_at_ep4_ep2_ep1_in_both_modes(ep4):
     sampled = generate("--checkpoint", os.path.join(work, "run"), "--max-new-tokens", "8",
                        "--json", "--no-warmup", "--temperature", "0.8")
     assert reports[0]["sampled_ep4"]["tokens"] == [p["tokens"] for p in sampled["prompts"]]
+
+
+def test_rebalanced_training_and_generation_keep_the_models_numbers(ep4):
+    """parallel.rebalance_interval: training rebalanced every 2 steps (experts and AdamW moments
+    relocated) gives the losses of the run without it; generation with one redundant slot per
+    rank, rebalanced every 3 decode steps, gives the same greedy tokens and first logits."""
+    work, reports = ep4
+    single = generate("--checkpoint", os.path.join(work, "run"), "--max-new-tokens", "8",
+                      "--json", "--with-logits", "--no-warmup")
+    for report in reports.values():
+        losses, rebalanced = report["losses"], report["rebalanced_losses"]
+        assert sorted(losses) == sorted(rebalanced) == ["1", "2", "3", "4"]
+        for step in losses:
+            assert abs(losses[step] - rebalanced[step]) <= LOSS_TOL, (step, losses, rebalanced)
+        replicas = report["ep4_replicas_rebalanced"]
+        assert replicas["timings"]["rebalances"] == 2
+        assert replicas["tokens"] == [p["tokens"] for p in single["prompts"]]
+        assert close_logits(replicas["first_logits"],
+                            [p["first_logits"] for p in single["prompts"]])
 
 
 def test_bad_input_is_refused_on_every_rank(ep4):

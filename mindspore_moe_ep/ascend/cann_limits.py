@@ -134,7 +134,9 @@ def limit_violations(config, soc: str) -> Tuple[str, ...]:
     limits = LIMITS[soc]
     model, router = config.model, config.router
     hidden, batch, top_k = model.hidden_size, config.dispatch.max_tokens_per_rank, router.top_k
-    ep, experts = config.parallel.expert_parallel, model.num_experts
+    # moe_expert_num: the physical expert slots (experts + parallel.redundant_experts); the
+    # operators see slot ids, so replicas need nothing of them.
+    ep, experts = config.parallel.expert_parallel, config.num_expert_slots
     reasons = []
     if limits.exact_hidden is not None and hidden != limits.exact_hidden:
         reasons.append(f"model.hidden_size = {hidden}: {soc} needs exactly {limits.exact_hidden}")
@@ -150,14 +152,15 @@ def limit_violations(config, soc: str) -> Tuple[str, ...]:
         reasons.append(f"parallel.expert_parallel = {ep} (ep_world_size): {soc} allows "
                        f"{_one_of(limits.ep_world_sizes)}")
     if not 0 < experts <= limits.max_experts:
-        reasons.append(f"model.num_experts = {experts} (moe_expert_num): at most "
-                       f"{limits.max_experts}")
+        reasons.append(f"model.num_experts + parallel.redundant_experts = {experts} "
+                       f"(moe_expert_num): at most {limits.max_experts}")
     if experts % ep:
-        reasons.append(f"model.num_experts = {experts} (moe_expert_num) must be divisible by "
-                       f"parallel.expert_parallel = {ep}")
+        reasons.append(f"model.num_experts + parallel.redundant_experts = {experts} "
+                       f"(moe_expert_num) must be divisible by parallel.expert_parallel = {ep}")
     elif limits.max_local_experts is not None and experts // ep > limits.max_local_experts:
-        reasons.append(f"experts per rank = {experts // ep} (model.num_experts / "
-                       f"parallel.expert_parallel): {soc} allows at most {limits.max_local_experts}")
+        reasons.append(f"expert slots per rank = {experts // ep} ((model.num_experts + "
+                       f"parallel.redundant_experts) / parallel.expert_parallel): {soc} allows "
+                       f"at most {limits.max_local_experts}")
     if config.runtime.dtype not in limits.dtypes:
         reasons.append(f"runtime.dtype = {config.runtime.dtype!r}: the fused operators take "
                        f"{' or '.join(limits.dtypes)}")
@@ -211,11 +214,11 @@ def cann_dispatch_arguments(config, group, soc: str,
     if reasons:
         return CannDoesNotFit(soc, reasons)
     ep, top_k = group.size, config.router.top_k
-    local_experts = config.model.num_experts // ep
+    local_experts = config.num_local_experts  # slots per rank
     max_bs = config.dispatch.max_tokens_per_rank
     return CannDispatchArguments(
         soc=soc, group_ep=group_name or cann_group_name(group.group_ranks), ep_world_size=ep,
-        ep_rank_id=group.group_rank, moe_expert_num=config.model.num_experts,
+        ep_rank_id=group.group_rank, moe_expert_num=config.num_expert_slots,
         local_expert_num=local_experts, top_k=top_k, hidden_size=config.model.hidden_size,
         max_bs=max_bs, global_bs=max_bs * ep, expand_rows=max_bs * ep * min(local_experts, top_k),
         shared_expert_num=1 if soc == "A3" else 0,

@@ -282,6 +282,17 @@ class ParallelConfig(_Section):
         "tokens per expert of the last load_window_steps forwards, updated in the step without "
         "communication and summed over all ranks only by layer.load_stats() (a collective; "
         "docs/load_balancing.md).", default=100, ge=1)
+    redundant_experts: int = option(
+        "Extra physical expert slots in each expert-parallel group, spread evenly over its ranks "
+        "(a multiple of expert_parallel): each rank holds (num_experts + redundant_experts) / "
+        "expert_parallel slots, and the extra ones hold replicas of hot experts (placed by "
+        "layer.rebalance() from the load statistics; at start the lowest expert ids). A token "
+        "routed to a replicated expert goes to one of its replicas. Inference only, dropless "
+        "only (docs/load_balancing.md).", default=0, ge=0)
+    rebalance_interval: int = option(
+        "The model scripts (scripts/train.py, scripts/generate.py) call rebalance() on every MoE "
+        "layer after every rebalance_interval steps, placing the experts (and replicas) by the "
+        "load of the window since the last rebalance; 0 = never.", default=0, ge=0)
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` ranks, checking that the sizes fit."""
@@ -537,11 +548,31 @@ class MoEConfig:
         _require(experts % ranks == 0,
                  f"model.num_experts = {experts} is not divisible by parallel.expert_parallel = "
                  f"{ranks}; every rank must hold the same number of experts")
+        redundant = self.parallel.redundant_experts
+        _require(redundant % ranks == 0,
+                 f"parallel.redundant_experts = {redundant} is not divisible by "
+                 f"parallel.expert_parallel = {ranks}; the extra slots are spread evenly over "
+                 f"the ranks")
+        _require((experts + redundant) // ranks <= experts,
+                 f"parallel.redundant_experts = {redundant} gives "
+                 f"{(experts + redundant) // ranks} expert slots per rank, more than the "
+                 f"{experts} experts (a rank holds at most one replica of each expert): at "
+                 f"most {experts * ranks - experts} with expert_parallel = {ranks}")
+        _require(redundant == 0 or router.capacity_factor is None,
+                 f"parallel.redundant_experts = {redundant} needs a dropless layer, but "
+                 f"router.capacity_factor = {router.capacity_factor}; set one of them to 0 / "
+                 f"null")
 
     @property
     def num_local_experts(self) -> int:
-        """Number of routed experts held by each rank."""
-        return self.model.num_experts // self.parallel.expert_parallel
+        """Number of routed expert slots each rank holds (its experts and replicas)."""
+        return ((self.model.num_experts + self.parallel.redundant_experts)
+                // self.parallel.expert_parallel)
+
+    @property
+    def num_expert_slots(self) -> int:
+        """Physical expert slots over an expert-parallel group: experts + redundant replicas."""
+        return self.model.num_experts + self.parallel.redundant_experts
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "MoEConfig":

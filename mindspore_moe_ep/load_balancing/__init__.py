@@ -1,14 +1,17 @@
 """Expert load balancing (docs/load_balancing.md).
 
 - :mod:`.stats`: the expert-load window of a layer, summarised (``MoELayer.load_stats()``);
-- :mod:`.placement`: where each expert and replica goes, from observed loads.
+- :mod:`.placement`: where each expert and replica goes, from observed loads;
+- :mod:`.replica_selection`: which replica serves each (token, expert) (a Cell);
+- :mod:`.relocation`: moving the expert weights to a new placement.
 
-Pure Python and NumPy: nothing here imports MindSpore.
+Only :mod:`.replica_selection` imports MindSpore.
 """
 from .placement import Placement, plan_placement, relocate_without_replicas, static_placement
+from .relocation import move_slot_arrays, relocation_sources
 from .stats import (chronological_window, load_stats_from_window, load_stats_to_json,
                     max_over_mean, rank_loads)
 
 __all__ = ["Placement", "chronological_window", "load_stats_from_window", "load_stats_to_json",
-           "max_over_mean", "plan_placement", "rank_loads", "relocate_without_replicas",
-           "static_placement"]
+           "max_over_mean", "move_slot_arrays", "plan_placement", "rank_loads",
+           "relocate_without_replicas", "relocation_sources", "static_placement"]

@@ -5,7 +5,10 @@ that this rank's router chose in each of its last ``parallel.load_window_steps``
 ring buffer ``load_history`` [W, E] and a forward counter ``load_steps``. The functions here
 turn that buffer (already summed over the ranks by ``MoELayer.load_stats``) into the summary the
 layer returns, the training and generation scripts save, and ``scripts/plot_expert_load.py``
-draws. With the static placement expert e lives on expert-parallel rank e // L (L = E / R).
+draws. The tokens each expert-parallel rank computed come from a second ring buffer per layer,
+``slot_load_history`` [W, S]: the rows each of the rank's S expert slots received per forward
+(whatever expert, or replica, the slot held); without it (``rank_loads``) the static placement
+is assumed: expert e on rank e // L (L = E / R).
 """
 import numpy as np
 
@@ -41,16 +44,20 @@ def max_over_mean(values):
     return float(values.max() / values.mean()) if total > 0 else 1.0
 
 
-def load_stats_from_window(group_history, local_history, steps, num_ranks, data_parallel=1):
+def load_stats_from_window(group_history, local_history, steps, num_ranks, data_parallel=1,
+                           slot_history=None):
     """The summary ``MoELayer.load_stats()`` returns.
 
     ``group_history`` [W, E]: the ring buffer summed over every rank of the world (the
     expert-parallel group and its data-parallel replicas); ``local_history`` [W, E]: this
-    rank's own; ``steps``: forwards recorded since the last reset; ``num_ranks``: R.
+    rank's own; ``steps``: forwards recorded since the last reset; ``num_ranks``: R;
+    ``slot_history`` [R, W, S]: the rows each rank's slots received (summed over the
+    data-parallel replicas of that rank), or None for the static placement's count.
 
     Keys: ``tokens_per_expert`` [E] (window sum over all ranks), ``tokens_per_expert_per_step``
-    [S, E] (oldest first, S = ``window_steps``), ``rank_loads`` [R] (tokens the experts of each
-    expert-parallel rank received, over all replicas), ``rank_load_max_over_mean``,
+    [S, E] (oldest first, S = ``window_steps``), ``rank_loads`` [R] (rows the expert slots of
+    each expert-parallel rank received, over all data-parallel replicas),
+    ``rank_load_max_over_mean``,
     ``expert_load_max_over_mean``, ``window_steps`` (S = min(steps, W)), ``window_capacity``
     (W), ``total_steps`` (forwards since the reset), ``local_tokens_per_expert`` [E] (this
     rank's tokens only), ``expert_parallel`` (R), ``data_parallel``.
@@ -58,7 +65,11 @@ def load_stats_from_window(group_history, local_history, steps, num_ranks, data_
     per_step = chronological_window(group_history, steps).astype(np.int64)       # [S, E]
     local = chronological_window(local_history, steps).astype(np.int64)          # [S, E]
     tokens_per_expert = per_step.sum(axis=0)                                      # [E]
-    loads = rank_loads(tokens_per_expert, num_ranks)                             # [R]
+    if slot_history is None:
+        loads = rank_loads(tokens_per_expert, num_ranks)                         # [R]
+    else:
+        loads = np.array([chronological_window(history, steps).sum()
+                          for history in np.asarray(slot_history)], np.int64)    # [R]
     return {
         "tokens_per_expert": tokens_per_expert,
         "tokens_per_expert_per_step": per_step,

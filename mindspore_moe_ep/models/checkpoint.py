@@ -3,12 +3,17 @@
 A checkpoint is a directory ``step_NNNNNN/`` with
 
 - ``rank_<r>.ckpt`` for each expert-parallel rank r = 0 .. R-1 (MindSpore checkpoint files,
-  written by data-parallel replica 0): rank r's experts of every MoE layer (experts
-  ``[r E/R, (r+1) E/R)``, stacked on axis 0) and their AdamW moments; ``rank_0.ckpt`` also holds
+  written by data-parallel replica 0): rank r's expert slots of every MoE layer (stacked on
+  axis 0: the experts ``[r E/R, (r+1) E/R)`` under the static placement; after a
+  ``rebalance()`` the layer's placement, which ``meta.json`` records per parameter as
+  ``expert_slots``) and their AdamW moments; ``rank_0.ckpt`` also holds
   everything replicated (attention, norms, embeddings, routers with their expert bias, dense
   FFNs, shared experts, their moments and the optimiser step), once;
 - ``meta.json``: the config, the step, the EP and DP sizes, the data position and the expert
   placement.
+
+Loading gathers each logical expert from a slot that holds it into the loading model's own
+placement (its initial one: a rebalanced placement is not restored, the numbers are).
 
 ``DIR/latest`` names the newest complete checkpoint of a run; it is written last, so a run killed
 while saving leaves the previous one in place. Loading at another EP size gathers each rank's
@@ -50,10 +55,12 @@ def step_directory_name(step):
 
 def is_model_state(name):
     """Whether a Parameter is saved: not a KV cache, not a layer's statistic (last forward,
-    load window)."""
+    load window), not a replica table."""
     leaf = name.rsplit(".", 1)[-1]
-    return (leaf not in ("k_cache", "v_cache", "load_history", "load_steps")
-            and not leaf.startswith("last_"))
+    return (leaf not in ("k_cache", "v_cache", "load_history", "load_steps",
+                         "slot_load_history")
+            and not leaf.startswith("last_")
+            and "replica_selector." not in name)  # per-rank tables, rebuilt from the placement
 
 
 def _base_name(name):
@@ -110,7 +117,11 @@ def save_checkpoint(directory, step, model, optimizer, config, extra=None):
         os.replace(partial, target)
     _barrier()
     if group.rank == 0:
-        per_rank = config.model.num_experts // group.size
+        per_rank = group.experts_per_rank  # slots: logical experts in expert_slots
+        names = dict((id(param), name) for name, param in model.parameters_and_names())
+        expert_slots = {names[id(param)]: list(layer.placement.slot_experts)
+                        for layer in model.moe_layers()
+                        for param in layer.experts.get_parameters()}
         meta = {
             "format": FORMAT_VERSION, "step": step, "config": config.to_dict(),
             "expert_parallel": group.size, "data_parallel": group.world_size // group.size,
@@ -119,6 +130,7 @@ def save_checkpoint(directory, step, model, optimizer, config, extra=None):
             "expert_placement": {rank_file_name(rank): [rank * per_rank, (rank + 1) * per_rank]
                                  for rank in range(group.size)},
             "expert_parameters": sorted(_expert_names(model)),
+            "expert_slots": expert_slots,
             **(extra or {}),
         }
         _write_atomically(os.path.join(path, META_FILE), json.dumps(meta, indent=1))
@@ -189,12 +201,14 @@ def load_checkpoint(path, model, optimizer=None, config=None):
             raise CheckpointError(f"{file}: rank file missing; the checkpoint was saved at "
                                   f"expert_parallel = {meta['expert_parallel']} and needs "
                                   f"{', '.join(meta['files'])}")
-    reader = _RankFiles(files, config.model.num_experts)
-    group = model.moe_layers()[0].group
+    reader = _RankFiles(files, config.model.num_experts, meta.get("expert_slots", {}))
     experts = _expert_names(model)
+    local_experts = {name: layer.local_expert_indices for layer in model.moe_layers()
+                     for name, param in model.parameters_and_names()
+                     if any(param is own for own in layer.experts.get_parameters())}
     for name, param in _state(model, optimizer):
         if _base_name(name) in experts:
-            value, source = reader.experts(name, group.local_expert_indices)
+            value, source = reader.experts(name, local_experts[_base_name(name)])
         else:
             value, source = reader.replicated(name)
         if tuple(value.shape) != tuple(param.shape):
@@ -208,9 +222,10 @@ def load_checkpoint(path, model, optimizer=None, config=None):
 class _RankFiles:
     """Reads the rank files of a checkpoint on demand; gathers experts across them."""
 
-    def __init__(self, files, num_experts):
+    def __init__(self, files, num_experts, expert_slots):
         self.files = files
-        self.per_file = num_experts // len(files)
+        self.num_experts = num_experts
+        self.expert_slots = expert_slots  # {parameter: [slot expert]} (absent: static)
         self.loaded = {}
         self.used = set()
 
@@ -232,10 +247,13 @@ class _RankFiles:
         return self._get(0, name), self.files[0]
 
     def experts(self, name, expert_indices):
-        """[len(expert_indices), ...]: the rows of those global experts, from their files."""
-        rows = [self._get(expert // self.per_file, name)[expert % self.per_file]
-                for expert in expert_indices]
-        return np.stack(rows), self.files[expert_indices[0] // self.per_file]
+        """[len(expert_indices), ...]: the rows of those logical experts, each from the first
+        slot that holds it in the saved placement (static: expert e in slot e)."""
+        slots = self.expert_slots.get(_base_name(name), list(range(self.num_experts)))
+        per_file = len(slots) // len(self.files)
+        first_slot = [slots.index(expert) for expert in expert_indices]
+        rows = [self._get(slot // per_file, name)[slot % per_file] for slot in first_slot]
+        return np.stack(rows), self.files[first_slot[0] // per_file]
 
     def check_all_used(self, with_optimizer):
         """Refuse keys of the checkpoint that the model does not have (another model)."""

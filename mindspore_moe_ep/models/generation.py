@@ -65,14 +65,19 @@ class Generation:
     decode_steps: int = 0
     step_times: List[float] = field(default_factory=list)       # each decode step, wall
     forward_times: List[float] = field(default_factory=list)    # its model call (to host logits)
+    rebalances: int = 0                # rebalance() rounds over the MoE layers (not in decode_s)
+    rebalance_s: float = 0.0
 
 
 class Generator:
     """Runs prefill and decode steps of a model with a KV cache of ``cache_batch_size`` rows."""
 
-    def __init__(self, model, end_of_sequence=END_OF_SEQUENCE):
+    def __init__(self, model, end_of_sequence=END_OF_SEQUENCE, rebalance_interval=None):
         """``end_of_sequence``: the token that ends a sequence (None: only max_new_tokens does,
-        e.g. for benchmarks). It also pads prompts and unused rows (0 if None)."""
+        e.g. for benchmarks). It also pads prompts and unused rows (0 if None).
+        ``rebalance_interval``: rebalance every MoE layer (``layer.rebalance()``, planned from
+        its load window) after every that many decode steps; None takes
+        ``parallel.rebalance_interval``, 0 never (nor at EP 1)."""
         if not model.cache_batch_size:
             raise ValueError("Generator needs a model built with cache_batch_size > 0 (the KV "
                              "cache's rows)")
@@ -81,7 +86,16 @@ class Generator:
         self.max_seq_len = model.config.lm.max_seq_len
         self.end_of_sequence = end_of_sequence
         self.padding = END_OF_SEQUENCE if end_of_sequence is None else end_of_sequence
+        if rebalance_interval is None:
+            rebalance_interval = model.config.parallel.rebalance_interval
+        self.rebalance_interval = (rebalance_interval
+                                   if model.config.parallel.expert_parallel > 1 else 0)
         model.set_train(False)
+
+    def rebalance(self):
+        """Every MoE layer's ``rebalance()`` (a collective), planned from its load window."""
+        for layer in self.model.moe_layers():
+            layer.rebalance()
 
     def generate(self, prompts, max_new_tokens, sampling=Sampling(), prompt_length=None,
                  prompt_ids=None):
@@ -125,6 +139,12 @@ class Generator:
             active = self._append(result, next_tokens, max_new_tokens)
             keep_going = self._any_rank_active(active)
             result.step_times.append(time.perf_counter() - step_started)
+            if (keep_going and self.rebalance_interval
+                    and len(result.step_times) % self.rebalance_interval == 0):
+                rebalance_started = time.perf_counter()
+                self.rebalance()
+                result.rebalances += 1
+                result.rebalance_s += time.perf_counter() - rebalance_started
         result.decode_steps = len(result.step_times)
         result.decode_s = float(sum(result.step_times))
         return result

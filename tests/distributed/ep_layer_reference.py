@@ -2,6 +2,9 @@
 weights: the cells that run a layer's forward and gradients (one per layer, so that GRAPH_MODE
 compiles each once), the per-source inputs, and the checks of outputs, statistics and gradients
 (each repeated and compared bitwise: determinism)."""
+import os
+import sys
+
 import numpy as np
 
 import mindspore as ms
@@ -9,6 +12,9 @@ from mindspore import Tensor, nn, ops
 
 import mindspore_moe_ep as mee
 from mindspore_moe_ep.comm.window import world_all_gather
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from reference.numpy_replicas import reference_slots  # noqa: E402
 
 from ep_layer_common import GRAD_REL_TOL, LAYER_REL_TOL, MASTER_SEED, REPEATS, numpy_of, set_mode
 
@@ -108,6 +114,26 @@ def reference_forward(ref_layer, xs, members, phase):
     return outputs, stats
 
 
+def expected_slot_rows(layer, ref_layer, xs, ref_stats):
+    """[S] rows each of this rank's slots must compute: from the EP = 1 statistics under the
+    static placement, else by the replica rule over every group member's routed tokens."""
+    group = layer.group
+    slot_experts = list(layer.placement.slot_experts)
+    if slot_experts == list(range(group.num_experts)):
+        start = group.group_rank * group.experts_per_rank
+        return ref_stats["tokens_per_expert"][start:start + group.experts_per_rank]
+    rows = np.zeros(group.num_slots, np.int64)
+    for member_rank, member in enumerate(group.group_ranks):
+        if flat(xs[member]).shape[0] == 0:
+            continue
+        expert_ids, _ = ref_layer.route(Tensor(flat(xs[member])))
+        slots = reference_slots(expert_ids.asnumpy(), slot_experts, group.experts_per_rank,
+                                member_rank)
+        rows += np.bincount(slots.reshape(-1), minlength=group.num_slots)
+    start = group.group_rank * group.experts_per_rank
+    return rows[start:start + group.experts_per_rank]
+
+
 def check_layer_forward(report, case, layer, ref_layer, xs, rank, phase, mode, reference=None,
                         rel_tol=LAYER_REL_TOL, kind="layer_output"):
     """EP output and statistics vs EP = 1 on the concatenated batch of this rank's group.
@@ -125,10 +151,8 @@ def check_layer_forward(report, case, layer, ref_layer, xs, rank, phase, mode, r
     y = numpy_of(forward_cell(layer, phase)(x) if mode == "graph" else layer(x, phase))
     report.close(f"{case}/output", y, expected[rank], rel_tol, kind)
     stats = layer.stats()
-    local = slice(group.group_rank * group.experts_per_rank,
-                  (group.group_rank + 1) * group.experts_per_rank)
     report.equal(f"{case}/tokens_per_expert", stats["tokens_per_expert"],
-                 ref_stats["tokens_per_expert"][local])
+                 expected_slot_rows(layer, ref_layer, xs, ref_stats))
     # routed_per_expert and num_dropped are per rank: their sums over the group are the
     # single-process values (a world AllGather; every rank runs the same cases).
     gathered = world_all_gather(np.concatenate([stats["routed_per_expert"],
@@ -179,12 +203,10 @@ def reference_gradients(ref_layer, inputs, concatenate=False):
 
 
 def check_gradients(report, case, layer, ref_layer, inputs, rank, reference):
-    group = layer.group
     dx, grads = ep_gradients(layer, *inputs[rank])
     ref_dxs, ref_grads = reference
     report.close(f"{case}/dx", dx, ref_dxs[rank], GRAD_REL_TOL, "gradient")
-    local = slice(group.group_rank * group.experts_per_rank,
-                  (group.group_rank + 1) * group.experts_per_rank)
+    local = list(layer.local_expert_indices)  # the logical expert of each slot
     params = layer.trainable_params()
     report.equal(f"{case}/parameter_count", len(grads), len(ref_grads))
     expert_ids = {id(param) for param in layer.experts.trainable_params()}
