@@ -37,7 +37,8 @@ def group_of(cfg, rank=0, first=0) -> ExpertParallelGroup:
     ep = cfg.parallel.expert_parallel
     return ExpertParallelGroup(world_size=first + ep, rank=first + rank,
                                group_ranks=tuple(range(first, first + ep)),
-                               num_experts=cfg.model.num_experts)
+                               num_experts=cfg.model.num_experts,
+                               redundant_experts=cfg.parallel.redundant_experts)
 
 
 def reasons(soc, **changes):
@@ -91,7 +92,7 @@ def test_experts_must_divide_the_ranks():
     stub = SimpleNamespace(
         model=SimpleNamespace(hidden_size=7168, num_experts=250),
         router=SimpleNamespace(top_k=8, capacity_factor=None),
-        parallel=SimpleNamespace(expert_parallel=64),
+        parallel=SimpleNamespace(expert_parallel=64, redundant_experts=0),
         dispatch=SimpleNamespace(max_tokens_per_rank=256),
         runtime=SimpleNamespace(dtype="bfloat16"))
     failures = limit_violations(stub, "A2")
@@ -143,6 +144,24 @@ def test_arguments_of_deepseek_v3_on_256_a3_ranks():
     documented = 2 + math.ceil(256 * 2 * (7168 + 128) * (256 * 1 + 8 + 1) * 2 / MIB)
     tiling_check = math.ceil(256 * 256 * 7168 * 2 * 2 * 1 / MIB)
     assert arguments.hccl_buffsize_mb == max(documented, tiling_check) == 1891
+
+
+def test_redundant_experts_become_slots_of_the_fused_operators():
+    """CANN's operators see physical slot ids: moe_expert_num = experts + redundant slots and
+    local_expert_num = slots per rank (128 experts on 64 A2 cards, one redundant slot per card:
+    128 + 64 = 192 slots, 3 per card), and the buffers are sized for them. DeepSeek-V3's 256
+    experts with any redundant slot exceed the 256 moe_expert_num of MindSpore 2.10's docstring:
+    refused (decode then takes the HCCL all-to-all-v), naming both fields."""
+    cfg = load_config(os.path.join(REPO, "yaml_configs", "deepseek_v3_64npu.yaml"),
+                      num_experts=128, redundant_experts=64)
+    arguments = cann_dispatch_arguments(cfg, group_of(cfg, rank=5), "A2")
+    assert isinstance(arguments, CannDispatchArguments)
+    assert (arguments.moe_expert_num, arguments.local_expert_num) == (192, 3)
+    assert arguments.expand_rows == 256 * 64 * 3          # A = globalBs * min(L, K)
+    full = cfg.replace(num_experts=256)
+    refused = cann_dispatch_arguments(full, group_of(full, rank=5), "A2")
+    assert isinstance(refused, CannDoesNotFit)
+    assert "model.num_experts + parallel.redundant_experts = 320" in str(refused)
 
 
 def test_the_256_rank_config_does_not_fit_a2():

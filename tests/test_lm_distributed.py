@@ -116,7 +116,8 @@ def test_ep4_checkpoint_gives_the_same_tokens_at_ep4_ep2_ep1_in_both_modes(ep4):
 def test_rebalanced_training_and_generation_keep_the_models_numbers(ep4):
     """parallel.rebalance_interval: training rebalanced every 2 steps (experts and AdamW moments
     relocated) gives the losses of the run without it; generation with one redundant slot per
-    rank, rebalanced every 3 decode steps, gives the same greedy tokens and first logits."""
+    rank, rebalanced every 3 decode steps, gives the same greedy tokens and first logits; the
+    rebalanced run's checkpoint loads at EP 4 and in one process alike."""
     work, reports = ep4
     single = generate("--checkpoint", os.path.join(work, "run"), "--max-new-tokens", "8",
                       "--json", "--with-logits", "--no-warmup")
@@ -130,6 +131,15 @@ def test_rebalanced_training_and_generation_keep_the_models_numbers(ep4):
         assert replicas["tokens"] == [p["tokens"] for p in single["prompts"]]
         assert close_logits(replicas["first_logits"],
                             [p["first_logits"] for p in single["prompts"]])
+    # The rebalanced run's checkpoint (experts saved in their relocated slots, meta.json's
+    # expert_slots) gives one process the tokens EP 4 got from it.
+    relocated = generate("--checkpoint", os.path.join(work, "rebalanced"), "--max-new-tokens",
+                         "8", "--json", "--with-logits", "--no-warmup")
+    for report in reports.values():
+        assert report["ep4_from_rebalanced"]["tokens"] == [p["tokens"]
+                                                           for p in relocated["prompts"]]
+        assert close_logits(report["ep4_from_rebalanced"]["first_logits"],
+                            [p["first_logits"] for p in relocated["prompts"]])
 
 
 def test_bad_input_is_refused_on_every_rank(ep4):

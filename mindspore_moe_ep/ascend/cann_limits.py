@@ -136,7 +136,8 @@ def limit_violations(config, soc: str) -> Tuple[str, ...]:
     hidden, batch, top_k = model.hidden_size, config.dispatch.max_tokens_per_rank, router.top_k
     # moe_expert_num: the physical expert slots (experts + parallel.redundant_experts); the
     # operators see slot ids, so replicas need nothing of them.
-    ep, experts = config.parallel.expert_parallel, config.num_expert_slots
+    ep = config.parallel.expert_parallel
+    experts = model.num_experts + config.parallel.redundant_experts
     reasons = []
     if limits.exact_hidden is not None and hidden != limits.exact_hidden:
         reasons.append(f"model.hidden_size = {hidden}: {soc} needs exactly {limits.exact_hidden}")

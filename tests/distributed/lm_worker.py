@@ -60,6 +60,8 @@ def plan_ep4(work):
                        ("ep2_pynative", ["--mode", "pynative", "--expert-parallel", "2"]),
                        ("ep1_pynative", ["--mode", "pynative", "--expert-parallel", "1"])]:
         report[name] = generations(generate("--checkpoint", run, *argv, *GENERATE))
+    report["ep4_from_rebalanced"] = generations(generate(
+        "--checkpoint", rebalanced, "--mode", "pynative", *GENERATE))
     report["ep4_replicas_rebalanced"] = generations(generate(
         "--checkpoint", run, "--mode", "pynative", "--set", "parallel.redundant_experts=4",
         "--set", "parallel.rebalance_interval=3", *GENERATE))

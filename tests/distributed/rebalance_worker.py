@@ -90,6 +90,10 @@ def replicas_part(report, rank, world):
         report.equal(f"replicas/{name}/placement", list(layer.placement.slot_experts),
                      list(placement.slot_experts))
         check_slot_weights(report, f"replicas/{name}/after", layer, ref_layer)
+        exported, expected = layer.hf_state_dict(), ref_layer.hf_state_dict()
+        report.equal(f"replicas/{name}/hf_export_keys", sorted(exported), sorted(expected))
+        for key in sorted(expected):
+            report.equal(f"replicas/{name}/hf_export/{key}", exported.get(key), expected[key])
         check_phases_in_modes(report, f"replicas/{name}/after", layer, ref_layer, xs, rank,
                               modes)
         layer.close()
