@@ -18,7 +18,7 @@ import bench_common as bc
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 ORDER = ["local_kernels", "prefill_exchange", "decode_latency", "prefill_memory",
          "expert_compute", "end_to_end", "bound_independence", "lm_decode",
-         "quantized_dispatch"]
+         "quantized_dispatch", "load_balance"]
 
 
 def load(out_dir):
@@ -130,6 +130,17 @@ def target_rows(results):
             rows.append(["quantized_dispatch", f"{goal}, {transport}, hidden "
                          f"{summary['hidden']} (worst of EP 2 / 4)", item["target"],
                          fmt(item["worst_over_ranks"]) + "x", verdict(item["met"])])
+    if "load_balance" in results:
+        for group, item in sorted(results["load_balance"]["summary"].items()):
+            rows.append(["load_balance", f"{group.upper()}: rank max/mean with one redundant "
+                         f"slot per rank, worst skew", "<= 1.10",
+                         fmt(item["redundant_max_over_mean_worst"]),
+                         verdict(item["max_over_mean_met"])])
+            if item["prefill_speedup_zipf_1.2"] is not None:
+                rows.append(["load_balance", f"{group.upper()}: prefill step, redundant slots "
+                             f"vs static placement, Zipf 1.2", ">= 1.3x",
+                             fmt(item["prefill_speedup_zipf_1.2"]) + "x",
+                             verdict(item["prefill_speedup_met"])])
     return rows
 
 

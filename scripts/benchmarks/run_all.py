@@ -17,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ["local_kernels", "prefill_exchange", "decode_latency", "prefill_memory",
               "expert_compute", "end_to_end", "bound_independence", "lm_decode",
-              "quantized_dispatch"]
+              "quantized_dispatch", "load_balance"]
 
 
 def main(argv=None):
