@@ -67,14 +67,10 @@ def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
 
 
 def group_hosts(group: ExpertParallelGroup) -> Tuple[int, ...]:
-    """A host label per group rank (equal labels: one shared-memory domain), from one world
-    AllGather of each rank's domain digest; a collective over the world."""
-    from .comm.window import shared_memory_domain, world_all_gather
-    digest = hashlib.sha256(shared_memory_domain().encode()).digest()[:16]
-    digests = world_all_gather(np.frombuffer(digest, dtype=np.int32))         # [world, 4]
-    labels = {}
-    return tuple(labels.setdefault(digests[rank].tobytes(), len(labels))
-                 for rank in group.group_ranks)
+    """A host label per group rank (equal labels: one shared-memory domain); a collective over
+    the world."""
+    from .comm.window import host_labels
+    return host_labels(group.group_ranks)
 
 
 def _compared_settings(config: MoEConfig) -> bytes:

@@ -65,7 +65,7 @@ def test_every_exchange_case_passes_on_every_rank(exchange_run):
         cases = {name.split("/")[1] for name, _, _ in report["checks"]}
         assert {"placement", "chunked", "gradient", "allgather_equals_shm",
                 "repeated_runs_identical", "three_exchanges", "two_rank_groups",
-                "window_transports", "large_payload", "keep_tail"} <= cases
+                "window_transports", "large_payload", "keep_tail", "two_level"} <= cases
         assert report["auto_transport"] == "ExchangeRows"  # all ranks on this host
 
 

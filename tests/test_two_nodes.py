@@ -2,8 +2,9 @@
 1, the same master) of two workers each, each launch in its own mount namespace with a private
 tmpfs on /dev/shm, so the two "hosts" share no shared memory, as two machines would not.
 
-The layer must see which ranks share a host (ranks 0-1 and 2-3) and, with ``transport: auto``,
-give the single-process result (an EP = 1 layer over the concatenated batch) in prefill and
+The layer must see which ranks share a host (ranks 0-1 and 2-3) and, with ``transport: auto``
+(which picks the two-level exchange: a window per host, AllGather for the rows crossing hosts)
+and with ``allgather`` forced, give the single-process result (an EP = 1 layer over the concatenated batch) in prefill and
 decode, forward and backward. Workers: tests/distributed/two_node_worker.py. Needs
 ``unshare --mount`` (root or user namespaces); where the sandbox refuses it the test is skipped
 with the reason, since then two hosts cannot be simulated on one machine.
@@ -120,13 +121,17 @@ def test_the_layer_sees_which_ranks_share_a_host(two_node_run):
 def test_auto_transport_picks_the_cross_host_exchange(two_node_run):
     for rank, report in two_node_run.results.items():
         # No window can span the hosts, so no fused decode operators either.
-        assert report["exchange"] in ("AllGatherExchangeRows", "TwoLevelExchangeRows"), report
+        assert report["exchange"] == "TwoLevelExchangeRows", report
+        assert report["exchange_allgather"] == "AllGatherExchangeRows", report
         assert report["decode_dispatcher"] == "NoneType", report
 
 
+@pytest.mark.parametrize("transport", ["auto", "allgather"])
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_two_hosts_give_the_single_process_result(two_node_run, phase):
+def test_two_hosts_give_the_single_process_result(two_node_run, phase, transport):
+    """auto: the two-level exchange (window inside a host, AllGather across); allgather forced."""
+    key = "phases" if transport == "auto" else f"phases_{transport}"
     for rank, report in two_node_run.results.items():
-        case = report["phases"][phase]
+        case = report[key][phase]
         assert case["forward_error"] <= LAYER_REL_TOL, (rank, phase, case)
         assert case["grad_error"] <= LAYER_REL_TOL, (rank, phase, case)

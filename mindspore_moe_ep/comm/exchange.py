@@ -20,7 +20,10 @@ row that was not sent is exactly zero, whoever reads it.
   (the ``MoeEpExchangeRows`` / ``MoeEpExchangeRowsKeepTail`` kernels). Any dtype; rows travel
   by single copy or, in chunks, through the window's slots.
 - :class:`AllGatherExchangeRows`: any placement, with MindSpore's AllGather (R times more data).
-- :func:`make_exchange` picks one ("auto": shared memory when every group is on one host).
+- :class:`~.two_level.TwoLevelExchangeRows` (``two_level.py``): groups spanning hosts, the
+  rows between ranks of one host through a window, only the others through AllGather.
+- :func:`make_exchange` picks one ("auto": shared memory when every group is on one host, two
+  levels when every host holds several ranks of each group, AllGather otherwise).
 
 Graph mode (measured with MindSpore 2.10 on CPU): the exchange kernel acts on other processes,
 so it is marked ``side_effect_io``. Without that mark GRAPH_MODE dropped kernels whose outputs
@@ -41,9 +44,9 @@ from mindspore.common import dtype as mstype
 from mindspore.communication import GlobalComm, get_group_size, get_rank
 
 from ..ops.kernel_library import KernelCell, KernelError, custom_op
-from .window import (DEFAULT_SLOT_BYTES, CommWindow, group_shares_memory, world_all_gather)
+from .window import DEFAULT_SLOT_BYTES, CommWindow, host_labels, world_all_gather
 
-TRANSPORTS = ("auto", "shm", "allgather")
+TRANSPORTS = ("auto", "shm", "two_level", "allgather")
 
 
 def _check_max_tokens_per_rank(max_tokens_per_rank: int) -> None:
@@ -264,10 +267,12 @@ class AllGatherExchangeRows(nn.Cell):
                 f"zero_tail={self.zero_tail}")
 
 
-def _every_group_shares_memory(group_ranks: Sequence[int]) -> bool:
-    """Whether every rank's group is on one host (so all ranks pick the same transport)."""
-    own_group_local = group_shares_memory(group_ranks)
-    return bool(world_all_gather([int(own_group_local)]).all())
+def _group_hosts(group_ranks: Sequence[int], rank: int):
+    """(a host label per rank of this group, [world] the ranks each rank's group has on that
+    rank's host): two world AllGathers, so every rank decides the transport alike."""
+    host_of_rank = host_labels(group_ranks)
+    own = host_of_rank.count(host_of_rank[list(group_ranks).index(rank)])
+    return host_of_rank, world_all_gather([own])[:, 0]
 
 
 def make_exchange(max_tokens_per_rank: int, *, transport: str = "auto",
@@ -292,12 +297,28 @@ def make_exchange(max_tokens_per_rank: int, *, transport: str = "auto",
     rank = get_rank(world_group) if rank is None else rank
     if group_ranks is None:
         group_ranks = list(range(get_group_size(world_group)))
+    host_of_rank = None
     if transport != "allgather":
-        all_local = _every_group_shares_memory(group_ranks)
+        host_of_rank, ranks_per_host = _group_hosts(group_ranks, rank)
+        all_local = bool((ranks_per_host == len(group_ranks)).all())
+        # Two levels: every rank's group has the same L > 1 ranks on each of its hosts.
+        two_level = bool((ranks_per_host == ranks_per_host[0]).all() and ranks_per_host[0] > 1)
         if transport == "shm" and not all_local:
             raise ValueError("transport 'shm' needs the ranks of every expert-parallel group on "
-                             "one host (sharing /dev/shm); use 'auto' or 'allgather'")
-        transport = "shm" if all_local else "allgather"
+                             "one host (sharing /dev/shm); use 'auto', 'two_level' or "
+                             "'allgather'")
+        if transport == "two_level" and not (two_level or all_local):
+            raise ValueError(f"transport 'two_level' needs every host to hold the same number "
+                             f"(> 1) of each expert-parallel group's ranks; ranks per host of "
+                             f"each rank's group: {ranks_per_host.tolist()}; use 'auto' or "
+                             f"'allgather'")
+        if transport == "auto":
+            transport = "shm" if all_local else "two_level" if two_level else "allgather"
+    if transport == "two_level":
+        from .two_level import TwoLevelExchangeRows
+        return TwoLevelExchangeRows(max_tokens_per_rank, group_ranks, rank, host_of_rank,
+                                    slot_bytes, timeout_s, attach_timeout_s, timeout_setting,
+                                    zero_tail)
     if transport == "shm":
         window = CommWindow.open(group_ranks, rank, slot_bytes, timeout_s, attach_timeout_s,
                                  timeout_setting=timeout_setting,

@@ -137,6 +137,15 @@ def group_shares_memory(group_ranks: Sequence[int]) -> bool:
     return all(np.array_equal(digests[rank], digests[group_ranks[0]]) for rank in group_ranks)
 
 
+def host_labels(group_ranks: Sequence[int]) -> tuple:
+    """A host label per rank of ``group_ranks`` (equal labels: one /dev/shm, numbered in order
+    of first appearance). Collective (world)."""
+    digests = world_all_gather(_domain_digest())
+    labels = {}
+    return tuple(labels.setdefault(digests[member].tobytes(), len(labels))
+                 for member in group_ranks)
+
+
 def _share_job_token(group_ranks: Sequence[int]) -> str:
     """Every rank draws a token; each group uses its first rank's. Collective (world)."""
     own_token = np.frombuffer(secrets.token_bytes(JOB_TOKEN_BYTES), dtype=np.int32)

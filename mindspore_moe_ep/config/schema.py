@@ -22,7 +22,7 @@ from .errors import ConfigError, located_in
 ScoreFunc = Literal["softmax", "sigmoid"]
 AuxLossType = Literal["none", "switch", "seq"]
 GroupScore = Literal["top2_sum", "max"]
-Transport = Literal["auto", "shm", "allgather"]
+Transport = Literal["auto", "shm", "two_level", "allgather"]
 DecodeLayout = Literal["rowwise", "grouped"]
 DispatchQuant = Literal["none", "int8"]
 ExecutionMode = Literal["graph", "pynative"]
@@ -329,7 +329,11 @@ class DispatchConfig(_Section):
         default="rowwise")
     transport: Transport = option(
         "How ranks exchange tokens: shm (shared-memory buffers between processes on one host), "
-        "allgather (collective communication), or auto (chosen at run time).", default="auto")
+        "two_level (a group spanning hosts with several of its ranks on each: shared memory "
+        "between the ranks of a host, MindSpore's AllGather for the rows that cross hosts), "
+        "allgather (collective communication only), or auto (shm if every group is on one "
+        "host, else two_level if it fits, else allgather; chosen at run time).",
+        default="auto")
     timeout_s: float = option(
         "Seconds a rank waits for its peers in one exchange before failing.", default=60.0, gt=0)
     attach_timeout_s: float = option(

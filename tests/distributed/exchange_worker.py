@@ -25,6 +25,7 @@ from mindspore.communication import get_group_size, get_rank, init
 
 from mindspore_moe_ep.comm import (AllGatherExchangeRows, CommWindow, ExchangeRows,
                                    make_exchange)
+from mindspore_moe_ep.comm.two_level import TwoLevelExchangeRows
 from mindspore_moe_ep.ops.kernel_library import explain_kernel_errors
 
 CAPACITY = 6       # rows per peer block
@@ -137,11 +138,32 @@ def pair_of(rank: int) -> list:
     return [first, first + 1]
 
 
-def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, rank: int,
-              world: int) -> None:
+def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, two_level,
+              rank: int, world: int) -> None:
     main = ExchangeRows(windows["main"], CAPACITY)
     tiny = ExchangeRows(windows["tiny"], CAPACITY)
     gathered = AllGatherExchangeRows(CAPACITY)
+
+    def two_level_placement(dtype_name):
+        modulo = modulo_for(dtype_name)
+        for name, exchange in (("zero_tail", two_level), ("keep_tail", two_level.keep_tail())):
+            rows = to_tensor(send_rows_of(rank, world, "random", modulo=modulo), dtype_name)
+            counts = Tensor(send_counts_of(rank, world, "random"))
+            recv_rows, recv_counts = exchange(rows, counts)
+            expected_rows, expected_counts = expected_recv(rank, world, "random", modulo=modulo)
+            received = to_numpy(recv_rows)
+            if name == "keep_tail":  # only the counted rows are specified
+                keep = np.zeros(world * CAPACITY, bool)
+                for source, count in enumerate(expected_counts):
+                    keep[source * CAPACITY:source * CAPACITY + count] = True
+                received, expected_rows = received[keep], expected_rows[keep]
+            report.equal(f"two_level/{dtype_name}/{name}/rows", received, expected_rows)
+            report.equal(f"two_level/{dtype_name}/{name}/counts", recv_counts.asnumpy(),
+                         expected_counts)
+
+    two_level_dtypes = DTYPES if report.mode == "pynative" else ("float32", "bfloat16")
+    for dtype_name in two_level_dtypes:
+        report.run(f"two_level/{dtype_name}", lambda: two_level_placement(dtype_name))
 
     def placement(dtype_name, plan):
         modulo = modulo_for(dtype_name)
@@ -255,7 +277,8 @@ def run_cases(report: CheckReport, windows: dict, pair_exchanges: dict, rank: in
             expected[destination * CAPACITY:destination * CAPACITY + count] = \
                 weights_of(destination)[rank * CAPACITY:rank * CAPACITY + count]
         weights = Tensor(weights_of(rank))
-        for name, exchange in (("shm", main), ("shm_chunked", tiny), ("allgather", gathered)):
+        for name, exchange in (("shm", main), ("shm_chunked", tiny), ("allgather", gathered),
+                               ("two_level", two_level)):
             gradient = ms.grad(make_weighted_sum(exchange, weights), grad_position=0)
             report.equal(f"gradient/{name}", gradient(rows, counts).asnumpy(), expected)
         # zero_tail=False: the gradient's rows past the send counts are unspecified like the
@@ -375,7 +398,13 @@ def main() -> None:
                              timeout_s=TIMEOUT_S),
         "allgather": make_exchange(CAPACITY, transport="allgather", group_ranks=pair_of(rank)),
     }
+    # Two simulated hosts of two ranks each (all on this machine; one host at world 2): the
+    # pairs' rows through a window each, the rest through AllGather.
+    two_level = TwoLevelExchangeRows(CAPACITY, ranks, rank, [r // 2 for r in ranks],
+                                     slot_bytes=TINY_SLOT * 16, timeout_s=TIMEOUT_S,
+                                     attach_timeout_s=TIMEOUT_S)
     windows["pair"] = pair_exchanges["shm"].window
+    windows["two_level_host"] = two_level.host_window
     values.update({
         "segment_names": [window.segment_name for window in windows.values()],
         "names_left_after_open": [window.segment_name for window in windows.values()
@@ -388,7 +417,7 @@ def main() -> None:
         ms.set_context(mode=mode)
         mode_started = time.monotonic()
         report = CheckReport(mode_name)
-        run_cases(report, windows, pair_exchanges, rank, world)
+        run_cases(report, windows, pair_exchanges, two_level, rank, world)
         checks += report.checks
         values.update(report.values)
         values[f"{mode_name}_s"] = time.monotonic() - mode_started

@@ -2,7 +2,8 @@
 its own mount namespace with a private /dev/shm; tests/test_two_nodes.py launches them).
 
 Each rank reports which ranks share its /dev/shm (``group_shares_memory`` of every pair), the
-exchange the layer picked (``transport: auto``), and, for prefill and decode, the scaled error
+exchange the layer picked (``transport: auto``: the two-level exchange; and ``allgather``
+forced), and, for each and for prefill and decode, the scaled error
 of its output and of the gradient of sum(y * weights) w.r.t. its input against an EP = 1 layer
 over the concatenated batch (the single-process result). PyNative mode; EP 4 = the world.
 """
@@ -60,24 +61,28 @@ def main():
               "shares_with": {}, "phases": {}}
     for peer in range(world):  # collective (a world AllGather each): every rank, same count
         report["shares_with"][str(peer)] = bool(group_shares_memory([rank, peer]))
-    layer = mee.MoELayer(config(world))
     reference = mee.MoELayer(config(world).replace(expert_parallel=1,
                                                    max_tokens_per_rank=16 * world))
-    report["exchange"] = type(layer.prefill_dispatcher.exchange).__name__
-    report["decode_dispatcher"] = type(layer.decode_dispatcher).__name__
-    for cell in (layer, reference):
-        cell.set_train(False)
-    for phase in ("prefill", "decode"):
-        x, weights = inputs(rank, phase), output_weights(rank, phase)
-        y, dx = value_and_input_grad(layer, x, weights, phase)
-        everything = np.concatenate([inputs(r, phase) for r in range(world)])
-        all_weights = np.concatenate([output_weights(r, phase) for r in range(world)])
-        y_ref, dx_ref = value_and_input_grad(reference, everything, all_weights, phase)
-        mine = slice(rank * TOKENS[phase], (rank + 1) * TOKENS[phase])
-        report["phases"][phase] = {"path": layer.dispatcher_for(TOKENS[phase], phase).__class__.__name__,
-                                   "forward_error": scaled_error(y, y_ref[mine]),
-                                   "grad_error": scaled_error(dx, dx_ref[mine])}
-    layer.close()
+    reference.set_train(False)
+    for transport in ("auto", "allgather"):
+        layer = mee.MoELayer(config(world).replace(transport=transport))
+        layer.set_train(False)
+        key = "" if transport == "auto" else f"_{transport}"
+        report[f"exchange{key}"] = type(layer.prefill_dispatcher.exchange).__name__
+        report[f"decode_dispatcher{key}"] = type(layer.decode_dispatcher).__name__
+        report[f"phases{key}"] = {}
+        for phase in ("prefill", "decode"):
+            x, weights = inputs(rank, phase), output_weights(rank, phase)
+            y, dx = value_and_input_grad(layer, x, weights, phase)
+            everything = np.concatenate([inputs(r, phase) for r in range(world)])
+            all_weights = np.concatenate([output_weights(r, phase) for r in range(world)])
+            y_ref, dx_ref = value_and_input_grad(reference, everything, all_weights, phase)
+            mine = slice(rank * TOKENS[phase], (rank + 1) * TOKENS[phase])
+            report[f"phases{key}"][phase] = {
+                "path": layer.dispatcher_for(TOKENS[phase], phase).__class__.__name__,
+                "forward_error": scaled_error(y, y_ref[mine]),
+                "grad_error": scaled_error(dx, dx_ref[mine])}
+        layer.close()
     launch.write_result(report)
 
 
