@@ -57,7 +57,9 @@ def test_candidates_prefer_the_own_host():
         assert candidates[0, :counts[0]].tolist() == same_host
 
 
-def test_selector_cell_follows_the_rule(mode):
+@pytest.mark.parametrize("path", ["kernel", "mindspore_ops"])
+def test_selector_cell_follows_the_rule(mode, path):
+    """The CPU kernel and the element-wise ops (Ascend's path) both give the NumPy rule."""
     from mindspore import Tensor
     from mindspore_moe_ep.load_balancing.replica_selection import ReplicaSelector
     placement = plan_placement([9.0, 5.0, 3.0, 2.0, 1.0, 1.0], num_ranks=3, slots_per_rank=3)
@@ -65,9 +67,20 @@ def test_selector_cell_follows_the_rule(mode):
     expert_ids = np.stack([rng.permutation(6)[:2] for _ in range(23)]).astype(np.int32)
     for rank in range(3):
         selector = ReplicaSelector(placement, rank)
+        if path == "mindspore_ops":
+            selector._kernel = None
         slots = selector(Tensor(expert_ids)).asnumpy()
         np.testing.assert_array_equal(
             slots, reference_slots(expert_ids, placement.slot_experts, 3, rank))
+
+
+def test_selector_kernel_names_a_bad_expert_id():
+    from mindspore import Tensor
+    from mindspore_moe_ep.load_balancing.replica_selection import ReplicaSelector
+    from mindspore_moe_ep.ops import KernelError
+    selector = ReplicaSelector(initial_placement(4, 2, 3), 0)
+    with pytest.raises(KernelError, match=r"expert_ids\[1,0\] = 7 is out of range \[0, 4\)"):
+        selector(Tensor(np.array([[0, 1], [7, 2]], np.int32))).asnumpy()
 
 
 def test_replicas_split_an_experts_tokens_evenly():

@@ -15,7 +15,10 @@ The choice is deterministic and splits an expert's tokens evenly over its replic
 
 Each rank keeps its own candidate table, [E, R] slot ids (row e: e's candidates, repeated to
 fill the row) and [E] candidate counts, as Parameters: a rebalance swaps them in place, so
-nothing recompiles.
+nothing recompiles. On CPU the selection is one kernel (``MoeEpSelectReplicas``,
+``custom_ops/cpu/replica_selection.cc``): it runs before every dispatch, and five element-wise
+MindSpore ops cost about 0.12 ms of launches per layer and step in GRAPH_MODE here; on Ascend,
+those ops.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -23,6 +26,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ..ops.kernel_library import KernelCell, custom_op
+from ..runtime import ascend_backend_active
 from .placement import Placement, plan_placement, static_placement
 
 
@@ -62,7 +67,7 @@ def replica_candidates(placement: Placement, rank: int,
     return candidates, counts
 
 
-class ReplicaSelector(nn.Cell):
+class ReplicaSelector(KernelCell):
     """``slot_ids = selector(expert_ids)``: [T, K] logical ids -> [T, K] physical slot ids of
     this rank's tokens (module docstring). :meth:`set_placement` swaps the tables in place."""
 
@@ -76,6 +81,12 @@ class ReplicaSelector(nn.Cell):
                                     requires_grad=False)                          # [E, R]
         self.candidate_counts = Parameter(Tensor(counts), name="replica_candidate_counts",
                                           requires_grad=False)                    # [E]
+        self._rank = Tensor([rank], ms.int32)
+        self._kernel = None
+        if not ascend_backend_active():
+            self._kernel = custom_op(
+                "MoeEpSelectReplicas", out_shape=lambda ids, candidates, counts, rank: ids,
+                out_dtype=lambda ids, candidates, counts, rank: ms.int32)
 
     def set_placement(self, placement: Placement) -> None:
         candidates, counts = replica_candidates(placement, self.rank, self.host_of_rank)
@@ -83,6 +94,8 @@ class ReplicaSelector(nn.Cell):
         self.candidate_counts.set_data(Tensor(counts))
 
     def construct(self, expert_ids):
+        if self._kernel is not None:
+            return self._kernel(expert_ids, self.candidates, self.candidate_counts, self._rank)
         tokens = expert_ids.shape[0]
         counts = ops.gather(self.candidate_counts, expert_ids, 0)                  # [T, K]
         position = ops.arange(tokens, dtype=ms.int32).reshape(-1, 1) + self.rank  # [T, 1]
