@@ -160,6 +160,11 @@ class MoELayer(nn.Cell):
         self.replica_selector = (ReplicaSelector(self.placement, self.group.group_rank,
                                                  self.host_of_rank)
                                  if self.group.size > 1 else None)
+        # Training with replicas: which slots of the world hold each local slot's expert (the
+        # gradient reducer sums them, grad_sync.py).
+        self.replica_grad_sum = (Parameter(Tensor(self._replica_grad_sum(self.placement)),
+                                           name="replica_grad_sum", requires_grad=False)
+                                 if self.group.redundant_experts else None)
         self.decode_token_threshold = config.dispatch.decode_token_threshold
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
@@ -352,12 +357,6 @@ class MoELayer(nn.Cell):
             raise ValueError("phase='decode' is inference only (the fused decode operators have "
                              "no gradient): call layer.set_train(False), or use phase='prefill' "
                              "or None in training")
-        if self.training and self.group.redundant_experts:
-            raise ValueError(f"parallel.redundant_experts = {self.group.redundant_experts}: "
-                             f"replicated experts are inference only (their gradients would "
-                             f"differ and nothing sums them); call layer.set_train(False), or "
-                             f"set redundant_experts to 0 for training (rebalance() still "
-                             f"relocates experts without replicas)")
         if phase == "decode" and self.decode_dispatcher is not None:
             return (phase, "decode", ROWWISE if self.decode_rowwise else GROUPED,
                     self.decode_dispatcher.quantized)
@@ -512,10 +511,22 @@ class MoELayer(nn.Cell):
         for param, array in zip(weights + states, moved):
             param.set_data(Tensor(array).astype(param.dtype))
         self.replica_selector.set_placement(placement)
+        if self.replica_grad_sum is not None:
+            self.replica_grad_sum.set_data(Tensor(self._replica_grad_sum(placement)))
         self.placement = placement
         self.local_expert_indices = list(placement.rank_experts(self.group.group_rank))
         self.reset_load_stats()
         return placement
+
+    def _replica_grad_sum(self, placement):
+        """[S, W * S] float32: 1 where world slot (w, s) holds the expert of local slot j (every
+        group of the world has this placement: rebalance() checks that all ranks agree)."""
+        slot_experts = np.asarray(placement.slot_experts)
+        size, slots = self.group.size, self.group.experts_per_rank
+        world_slots = np.concatenate([slot_experts[(rank % size) * slots:(rank % size + 1) * slots]
+                                      for rank in range(self.group.world_size)])   # [W * S]
+        local = placement.rank_experts(self.group.group_rank)
+        return (np.asarray(local)[:, None] == world_slots[None, :]).astype(np.float32)
 
     def update_expert_bias(self, tokens_per_expert=None):
         """One aux-loss-free balancing step from observed load.

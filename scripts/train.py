@@ -123,11 +123,6 @@ def main(argv=None):
         raise SystemExit(f"error: train.eval_sequences = {train.eval_sequences} is not a multiple "
                          f"of train.global_batch_size = {train.global_batch_size}; validation "
                          f"runs in chunks of a training step's sequences")
-    if config.parallel.redundant_experts:
-        raise SystemExit(f"error: parallel.redundant_experts = "
-                         f"{config.parallel.redundant_experts}: replicated experts are inference "
-                         f"only; train with 0 (parallel.rebalance_interval still relocates the "
-                         f"experts) and add replicas for serving")
     train_data, validation_data = load_corpus()
     validation = shard_rows(validation_batch(validation_data, train.eval_sequences,
                                              train.seq_len), rank, world_size,
@@ -185,7 +180,8 @@ def main(argv=None):
         if interval and config.parallel.expert_parallel > 1 and done % interval == 0 \
                 and done < train.steps:
             # Each layer plans from its load window (since the last log or rebalance) and
-            # starts a new one; the AdamW moments move with the weights.
+            # starts a new one; the AdamW moments move with the weights (a replica gets its
+            # source's), and the gradient reducer sums each expert's replicas.
             started = time.perf_counter()
             for layer in model.moe_layers():
                 layer.rebalance(optimizer=step_cell.optimizer)

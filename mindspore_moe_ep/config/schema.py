@@ -287,8 +287,9 @@ class ParallelConfig(_Section):
         "(a multiple of expert_parallel): each rank holds (num_experts + redundant_experts) / "
         "expert_parallel slots, and the extra ones hold replicas of hot experts (placed by "
         "layer.rebalance() from the load statistics; at start the lowest expert ids). A token "
-        "routed to a replicated expert goes to one of its replicas. Inference only, dropless "
-        "only (docs/load_balancing.md).", default=0, ge=0)
+        "routed to a replicated expert goes to one of its replicas; in training the gradient "
+        "reducer sums each expert's replicas so they take one update. Dropless only "
+        "(docs/load_balancing.md).", default=0, ge=0)
     rebalance_interval: int = option(
         "The model scripts (scripts/train.py, scripts/generate.py) call rebalance() on every MoE "
         "layer after every rebalance_interval steps, placing the experts (and replicas) by the "

@@ -58,7 +58,7 @@ def is_model_state(name):
     load window), not a replica table."""
     leaf = name.rsplit(".", 1)[-1]
     return (leaf not in ("k_cache", "v_cache", "load_history", "load_steps",
-                         "slot_load_history")
+                         "slot_load_history", "replica_grad_sum")
             and not leaf.startswith("last_")
             and "replica_selector." not in name)  # per-rank tables, rebuilt from the placement
 

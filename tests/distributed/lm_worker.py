@@ -6,8 +6,9 @@ what they returned. ``plan`` (argv[1]) is one of:
 
 - ``ep2`` (2 workers, PyNative): train EP 2 for 40 steps with checkpoints at 20 and 40; resume
   from step 20 into another directory; generate from the final checkpoint (greedy and sampled).
-- ``ep4`` (4 workers, PyNative unless stated): train EP 4 for 4 steps, and again with the
-  experts rebalanced every 2 steps (parallel.rebalance_interval); generate from the first
+- ``ep4`` (4 workers, PyNative unless stated): train EP 4 for 4 steps, again with the
+  experts rebalanced every 2 steps (parallel.rebalance_interval), and again with one redundant
+  expert slot per rank as well; generate from the first
   checkpoint at EP 4 (PyNative and GRAPH_MODE), EP 2 (x DP 2) and EP 1 (x DP 4): the experts
   resharded; at EP 4 with one redundant expert slot per rank, rebalanced every 3 decode steps;
   sampled at EP 4; then two bad inputs that every rank must refuse (an empty prompt, a
@@ -54,7 +55,10 @@ def plan_ep4(work):
     run, rebalanced = os.path.join(work, "run"), os.path.join(work, "rebalanced")
     report = {"losses": train("--out", run, "--set", "train.steps=4")["losses"],
               "rebalanced_losses": train("--out", rebalanced, "--set", "train.steps=4",
-                                         "--set", "parallel.rebalance_interval=2")["losses"]}
+                                         "--set", "parallel.rebalance_interval=2")["losses"],
+              "replicas_losses": train("--out", os.path.join(work, "replicas"), "--set",
+                                       "train.steps=4", "--set", "parallel.redundant_experts=4",
+                                       "--set", "parallel.rebalance_interval=2")["losses"]}
     for name, argv in [("ep4_pynative", ["--mode", "pynative"]),
                        ("ep4_graph", ["--mode", "graph"]),
                        ("ep2_pynative", ["--mode", "pynative", "--expert-parallel", "2"]),

@@ -13,8 +13,8 @@ Parts (all by default; choose with ``--parts a,b``):
 - ``rebalance``: skewed load, ``rebalance()`` from the statistics, outputs before and after
   (a GRAPH_MODE cell compiled before runs after), the planned placement equal to
   ``plan_placement`` of the routed counts; relocation without replicas with an optimizer (its
-  moments move with the weights) and training gradients after it; training with replicas
-  refused.
+  moments move with the weights) and training gradients after it; training gradients with
+  replicas (each slot's reduced gradient its expert's whole one), before and after a rebalance.
 - ``refusal``: rank 1 passes another placement, then rank 2 an invalid one: every rank raises
   naming them, and the old placement stays in force.
 - ``hung``: rank 3 enters the weight exchange late: the others fail within the exchange timeout
@@ -131,13 +131,22 @@ def rebalance_part(report, rank, world):
                  f"{after['rank_load_max_over_mean']}")
     report.equal("rebalance/dropless", after["rank_loads"].sum(),
                  int(routed.sum()))
-    layer.set_train(True)
-    try:
-        layer(Tensor(xs[rank]), "prefill")
-        report.check("rebalance/training_with_replicas_refused", False, "no error")
-    except ValueError as error:
-        report.check("rebalance/training_with_replicas_refused",
-                     "redundant_experts" in str(error), str(error))
+    layer.close()
+
+    # Training with replicas: every slot's reduced gradient is its expert's whole gradient
+    # (EP 1's), so replicas take one update; then a rebalance with the optimizer and again.
+    config = tiny_layer_config(world, redundant_experts=world, aux_loss_type="switch",
+                               aux_loss_coeff=0.01)
+    layer = mee.MoELayer(config)
+    ref_layer = mee.MoELayer(single_process(config.replace(redundant_experts=0)))
+    for each in (layer, ref_layer):
+        each.set_train(True)
+    inputs = layer_inputs(47, GRAD_SHAPES[:world], 16)
+    check_gradients_against_single_process(report, "replicas/grad", layer, ref_layer, inputs,
+                                           rank)
+    layer.rebalance(plan_placement(routed, world, layer.group.experts_per_rank))
+    check_gradients_against_single_process(report, "replicas/grad_after_rebalance", layer,
+                                           ref_layer, inputs, rank)
     layer.close()
 
     # Relocation without replicas, with an optimizer, then training.
