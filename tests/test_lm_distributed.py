@@ -193,7 +193,7 @@ def test_bad_input_is_refused_on_every_rank(ep4):
 def test_a_missing_rank_file_is_refused(ep4, tmp_path):
     work, _ = ep4
     checkpoint = tmp_path / "ckpt"
-    shutil.copytree(os.path.join(work, "run", "step_000002"), checkpoint)
+    shutil.copytree(os.path.join(work, "run", "step_000004"), checkpoint)
     os.chmod(checkpoint / "rank_2.ckpt", 0o644)
     os.remove(checkpoint / "rank_2.ckpt")
     with pytest.raises(SystemExit) as caught:
