@@ -394,8 +394,9 @@ class MoELayer(nn.Cell):
     def stats(self):
         """Statistics of the last forward, as plain Python / NumPy values.
 
-        - ``tokens_per_expert`` [local experts]: rows each of this rank's experts computed
-          (after capacity drops; all experts when expert_parallel is 1);
+        - ``tokens_per_expert`` [local slots]: rows each of this rank's expert slots computed
+          (after capacity drops; all experts when expert_parallel is 1; the logical expert of
+          each slot is ``local_expert_indices``);
         - ``routed_per_expert`` [num_experts]: this rank's tokens' choices, before drops (the
           load the aux loss and the expert-bias update see);
         - ``num_dropped``: (token, expert) pairs dropped by capacity on this rank's experts;
@@ -417,10 +418,11 @@ class MoELayer(nn.Cell):
         :meth:`update_expert_bias`); the step itself records without communication. Returns
         the dict of :func:`mindspore_moe_ep.load_balancing.load_stats_from_window`:
         ``tokens_per_expert`` [E], ``tokens_per_expert_per_step`` [S, E] (oldest first),
-        ``rank_loads`` [R] (expert e lives on rank e // L), their max/mean
+        ``rank_loads`` [R] (the rows each rank's slots received), their max/mean
         (``rank_load_max_over_mean``, ``expert_load_max_over_mean``), ``window_steps``,
         ``window_capacity``, ``total_steps``, this rank's ``local_tokens_per_expert`` [E],
-        ``expert_parallel`` and ``data_parallel``. Forwards in eval mode count too.
+        ``expert_parallel``, ``data_parallel`` and ``slot_experts`` (the placement: the logical
+        expert of each of the group's R x S slots). Forwards in eval mode count too.
         """
         from .load_balancing import load_stats_from_window
         local = np.rint(self.load_history.asnumpy()).astype(np.int64)               # [W, E]

@@ -149,6 +149,23 @@ def ms_worker(args):
     bc.write_worker_result({"rank": rank, "results": results})
 
 
+def draw_balance(plt, entries):
+    """Bars of the most loaded rank / mean per (EP size, routing), one per placement."""
+    groups = [(e["ranks"], e["routing"]) for e in entries if e["placement"] == "static"]
+    width = 0.27
+    for offset, placement in enumerate(PLACEMENTS):
+        values = [next(e["max_over_mean"] for e in entries if e["ranks"] == ranks
+                       and e["routing"] == routing and e["placement"] == placement)
+                  for ranks, routing in groups]
+        plt.bar([i + (offset - 1) * width for i in range(len(groups))], values, width,
+                label=placement)
+    plt.xticks(range(len(groups)), [f"EP {r}\n{routing}" for r, routing in groups], fontsize=7)
+    plt.axhline(TARGET_MAX_OVER_MEAN, color="black", linestyle="--", linewidth=0.8)
+    plt.ylabel("most loaded rank / mean (rows received)")
+    plt.title(f"Expert load balance, top-{TOP_K} of {EXPERTS} experts")
+    plt.legend(fontsize=7)
+
+
 def merge(reports):
     """Per (routing, placement): the slowest rank's times; the loads are the same everywhere."""
     merged = {}
@@ -213,6 +230,8 @@ def main(argv=None):
               f"{TARGET_MAX_OVER_MEAN}); prefill x static at zipf 1.2: "
               f"{speedup[0] if speedup else float('nan'):.2f} (target >= "
               f"{TARGET_PREFILL_SPEEDUP})", flush=True)
+    if not args.no_plot:
+        bc.save_plot(args.out, NAME, lambda plt: draw_balance(plt, entries))
     bc.write_results(args.out, NAME, {
         "config": {"ranks": ranks, "experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN,
                    "expert_ffn": FFN, "prefill_tokens_per_rank": args.prefill_tokens,
