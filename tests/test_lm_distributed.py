@@ -86,6 +86,20 @@ def test_ep2_resume_is_bit_exact(ep2):
             assert loss == report["losses"][step], step
 
 
+def test_ep2_graph_mode_training_with_relocation_keeps_the_losses(ep2):
+    """A compiled training step keeps running after rebalance() rewrote the expert weights, the
+    AdamW moments and the replica tables in place: the same losses, and the placement moved."""
+    _, reports = ep2
+    for report in reports.values():
+        graph = report["graph"]
+        assert sorted(graph["0"]) == sorted(graph["2"]) == ["1", "2", "3", "4"]
+        for step in graph["0"]:
+            assert abs(graph["0"][step] - graph["2"][step]) <= LOSS_TOL, graph
+        static = list(range(8))
+        assert all(layer == static for record in graph["slots_0"] for layer in record)
+        assert any(layer != static for layer in graph["slots_2"][-1]), graph["slots_2"]
+
+
 def test_ep2_generation_equals_one_process_ep1_on_the_resharded_checkpoint(ep2):
     work, reports = ep2
     for name, extra in [("greedy", []), ("sampled", ["--temperature", "0.8", "--top-p", "0.95"])]:

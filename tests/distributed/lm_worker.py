@@ -5,7 +5,8 @@ launch (msrun's start-up costs ~20 s), each as a user would run them under msrun
 what they returned. ``plan`` (argv[1]) is one of:
 
 - ``ep2`` (2 workers, PyNative): train EP 2 for 40 steps with checkpoints at 20 and 40; resume
-  from step 20 into another directory; generate from the final checkpoint (greedy and sampled).
+  from step 20 into another directory; in GRAPH_MODE, 4 steps without and with the experts
+  relocated every 2 steps; generate from the final checkpoint (greedy and sampled).
 - ``ep4`` (4 workers, PyNative unless stated): train EP 4 for 4 steps, again with the
   experts rebalanced every 2 steps (parallel.rebalance_interval), and again with one redundant
   expert slot per rank as well; generate from the first
@@ -15,6 +16,7 @@ what they returned. ``plan`` (argv[1]) is one of:
   checkpoint of another config). (GRAPH_MODE at EP 1 is in test_lm.py; each GRAPH_MODE
   generation here costs ~10 s of compilation on 4 workers sharing 2 cores.)
 """
+import json
 import os
 import sys
 
@@ -45,9 +47,18 @@ def plan_ep2(work):
     trained = train("--out", run, "--set", "train.log_every=1")
     resumed_losses = train("--out", resumed, "--resume", os.path.join(run, "step_000020"),
                            "--set", "train.log_every=1")["losses"]
+    graph = {}
+    for interval in ("0", "2"):  # GRAPH_MODE training, without and with relocation every 2 steps
+        out = os.path.join(work, f"graph_rebalance_{interval}")
+        graph[interval] = train("--out", out, "--mode", "graph", "--set", "train.steps=4",
+                                "--set", "train.log_every=1", "--set",
+                                f"parallel.rebalance_interval={interval}")["losses"]
+        with open(os.path.join(out, "expert_load.jsonl"), encoding="utf-8") as records:
+            graph[f"slots_{interval}"] = [[layer["slot_experts"] for layer in
+                                           json.loads(line)["layers"]] for line in records]
     greedy = generate("--checkpoint", run, *GENERATE)
     sampled = generate("--checkpoint", run, "--temperature", "0.8", "--top-p", "0.95", *GENERATE)
-    return {"losses": trained["losses"], "resumed_losses": resumed_losses,
+    return {"losses": trained["losses"], "resumed_losses": resumed_losses, "graph": graph,
             "greedy": generations(greedy), "sampled": generations(sampled)}
 
 
