@@ -15,7 +15,8 @@ from .router import TopKRouter
 from .runtime import ascend_backend_active, mindspore_dtype
 from .state_dict import export_hf_moe_state_dict, load_hf_moe_state_dict
 from .ops.kernel_library import explain_kernel_errors
-from .load_balancing.replica_selection import ReplicaSelector, initial_placement
+from .load_balancing.replica_selection import (ReplicaSelector, initial_placement,
+                                               replica_gradient_sum)
 from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group, group_hosts
 from .dispatcher import check_tokens_fit
 from .token_dispatcher import LocalTokenDispatcher
@@ -77,21 +78,6 @@ def _ranks_per_host(host_of_rank):
 def _float32_array(parameter):
     """A Parameter's values as float32 NumPy (exact for float16 and bfloat16)."""
     return parameter.asnumpy().astype(np.float32)
-
-
-def _optimizer_states(optimizer, weights):
-    """The optimizer's Parameters that shadow ``weights``: same shape, and named as the weight
-    with one more dotted component (``ParameterTuple.clone(prefix)``: ``adam_m.<weight name>``,
-    or inside it once wrapping Cells have renamed both), in weights order; [] for None."""
-    if optimizer is None:
-        return []
-
-    def shadows(state, weight):
-        parts = state.name.split(".")
-        return state is not weight and state.shape == weight.shape and any(
-            ".".join(parts[:i] + parts[i + 1:]) == weight.name for i in range(len(parts)))
-    return [state for weight in weights for state in optimizer.get_parameters()
-            if shadows(state, weight)]
 
 
 @dataclass(frozen=True)
@@ -162,7 +148,7 @@ class MoELayer(nn.Cell):
                                  if self.group.size > 1 else None)
         # Training with replicas: which slots of the world hold each local slot's expert (the
         # gradient reducer sums them, grad_sync.py).
-        self.replica_grad_sum = (Parameter(Tensor(self._replica_grad_sum(self.placement)),
+        self.replica_grad_sum = (Parameter(Tensor(self._replica_gradient_sum(self.placement)),
                                            name="replica_grad_sum", requires_grad=False)
                                  if self.group.redundant_experts else None)
         self.decode_token_threshold = config.dispatch.decode_token_threshold
@@ -468,7 +454,8 @@ class MoELayer(nn.Cell):
         raises naming the ranks, and a failed move (a dead peer: the exchange's timeout) raises
         too. Either way the old placement stays in force.
         """
-        from .load_balancing import move_slot_arrays, plan_placement, relocation_sources
+        from .load_balancing import (agree_on_placement, move_slot_arrays, optimizer_states,
+                                     plan_placement, relocation_sources)
         from .comm.window import world_all_gather
         if self.group.size == 1:
             raise ValueError("rebalance() needs parallel.expert_parallel > 1: with one rank "
@@ -479,22 +466,13 @@ class MoELayer(nn.Cell):
                                            self.group.size, self.group.experts_per_rank,
                                            _ranks_per_host(self.host_of_rank))
             placement.check()
-            sources = relocation_sources(self.placement, placement)
-            proposal, refusal = np.asarray(placement.slot_experts, np.int32), ""
+            sources, refusal = relocation_sources(self.placement, placement), None
         except (TypeError, ValueError, AttributeError) as error:
-            proposal = np.full(self.group.num_slots, -1, np.int32)
             refusal = f"{type(error).__name__}: {error}"
-        proposals = world_all_gather(proposal)                                  # [world, R*S]
-        refused = [rank for rank, row in enumerate(proposals) if row[0] < 0]
-        differing = [rank for rank, row in enumerate(proposals)
-                     if not np.array_equal(row, proposals[0])]
-        if refused or differing:
-            own = f"this rank's was refused: {refusal}; " if refusal else ""
-            raise ValueError(f"rebalance: {own}ranks {refused} refused their placement and "
-                             f"ranks {differing} differ from rank 0's; the old placement stays "
-                             f"in force (pass the same placement on every rank, or None)")
+        agree_on_placement(None if refusal else placement, refusal, self.group.num_slots,
+                           world_all_gather)
         weights = [self.experts.gate_up_weight, self.experts.down_weight]
-        states = _optimizer_states(optimizer, weights)
+        states = optimizer_states(optimizer, weights)
         arrays = [_float32_array(param) for param in weights + states]
         exchange = self.prefill_dispatcher.exchange
 
@@ -514,21 +492,14 @@ class MoELayer(nn.Cell):
             param.set_data(Tensor(array).astype(param.dtype))
         self.replica_selector.set_placement(placement)
         if self.replica_grad_sum is not None:
-            self.replica_grad_sum.set_data(Tensor(self._replica_grad_sum(placement)))
+            self.replica_grad_sum.set_data(Tensor(self._replica_gradient_sum(placement)))
         self.placement = placement
         self.local_expert_indices = list(placement.rank_experts(self.group.group_rank))
         self.reset_load_stats()
         return placement
 
-    def _replica_grad_sum(self, placement):
-        """[S, W * S] float32: 1 where world slot (w, s) holds the expert of local slot j (every
-        group of the world has this placement: rebalance() checks that all ranks agree)."""
-        slot_experts = np.asarray(placement.slot_experts)
-        size, slots = self.group.size, self.group.experts_per_rank
-        world_slots = np.concatenate([slot_experts[(rank % size) * slots:(rank % size + 1) * slots]
-                                      for rank in range(self.group.world_size)])   # [W * S]
-        local = placement.rank_experts(self.group.group_rank)
-        return (np.asarray(local)[:, None] == world_slots[None, :]).astype(np.float32)
+    def _replica_gradient_sum(self, placement):
+        return replica_gradient_sum(placement, self.group.group_rank, self.group.world_size)
 
     def update_expert_bias(self, tokens_per_expert=None):
         """One aux-loss-free balancing step from observed load.

@@ -192,6 +192,40 @@ def test_unchanged_placement_moves_nothing():
         np.testing.assert_array_equal(actual, wanted)
 
 
+def test_agreement_names_refusing_and_differing_ranks():
+    from mindspore_moe_ep.load_balancing import agree_on_placement
+    good = initial_placement(4, 2, 3)
+    other = plan_placement([1.0, 1.0, 1.0, 9.0], 2, 3)
+    assert other.slot_experts != good.slot_experts
+
+    def gather_of(*rows):
+        return lambda mine: np.stack(rows)
+    agree_on_placement(good, None, 6, gather_of(good.slot_experts, good.slot_experts))
+    refused = np.full(6, -1, np.int32)
+    with pytest.raises(ValueError, match=r"ranks \[1\] refused .* ranks \[1\] differ"):
+        agree_on_placement(good, None, 6, gather_of(good.slot_experts, refused))
+    with pytest.raises(ValueError, match=r"this rank's was refused: bad; ranks \[0\]"):
+        agree_on_placement(None, "bad", 6, gather_of(refused, good.slot_experts))
+    with pytest.raises(ValueError, match=r"ranks \[\] refused .* ranks \[1\] differ"):
+        agree_on_placement(good, None, 6, gather_of(good.slot_experts, other.slot_experts))
+
+
+def test_replica_gradient_sum_marks_every_copy_of_each_slots_expert():
+    """[S, W*S]: world rank w's slot s counts for this rank's slot j iff they hold one expert
+    (two data-parallel replicas of a 2-rank group: W = 4)."""
+    from mindspore_moe_ep.load_balancing.replica_selection import replica_gradient_sum
+    placement = plan_placement([5.0, 1.0, 1.0, 1.0], 2, 3)
+    slot_experts = placement.slot_experts
+    for rank in range(4):
+        matrix = replica_gradient_sum(placement, rank, 4)
+        assert matrix.shape == (3, 12)
+        for j, expert in enumerate(placement.rank_experts(rank % 2)):
+            expected = [1.0 if slot_experts[(w % 2) * 3 + s] == expert else 0.0
+                        for w in range(4) for s in range(3)]
+            assert matrix[j].tolist() == expected
+            assert matrix[j].sum() == 2 * placement.replicas[expert]  # each group's copies
+
+
 # ---- config ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,message", [

@@ -116,3 +116,35 @@ def move_slot_arrays(arrays: Sequence[np.ndarray], sources: np.ndarray, rank: in
                 out.shape[1:])
             offset += size
     return result
+
+
+def agree_on_placement(placement, refusal, num_slots, all_gather) -> None:
+    """Raises ValueError on every rank unless every rank of the world proposes the same
+    placement. ``placement``: this rank's (None if refused, with the reason in ``refusal``);
+    ``all_gather``: [n] int32 -> [world, n] (a collective every rank calls once here)."""
+    proposal = (np.asarray(placement.slot_experts, np.int32) if placement is not None
+                else np.full(num_slots, -1, np.int32))
+    proposals = all_gather(proposal)                                              # [world, n]
+    refused = [rank for rank, row in enumerate(proposals) if row[0] < 0]
+    differing = [rank for rank, row in enumerate(proposals)
+                 if not np.array_equal(row, proposals[0])]
+    if refused or differing:
+        own = f"this rank's was refused: {refusal}; " if refusal else ""
+        raise ValueError(f"rebalance: {own}ranks {refused} refused their placement and ranks "
+                         f"{differing} differ from rank 0's; the old placement stays in force "
+                         f"(pass the same placement on every rank, or None)")
+
+
+def optimizer_states(optimizer, weights) -> list:
+    """The optimizer's Parameters that shadow ``weights``: same shape, and named as the weight
+    with one more dotted component (``ParameterTuple.clone(prefix)``: ``adam_m.<weight name>``,
+    or inside it once wrapping Cells have renamed both), in weights order; [] for None."""
+    if optimizer is None:
+        return []
+
+    def shadows(state, weight):
+        parts = state.name.split(".")
+        return state is not weight and state.shape == weight.shape and any(
+            ".".join(parts[:i] + parts[i + 1:]) == weight.name for i in range(len(parts)))
+    return [state for weight in weights for state in optimizer.get_parameters()
+            if shadows(state, weight)]

@@ -67,6 +67,19 @@ def replica_candidates(placement: Placement, rank: int,
     return candidates, counts
 
 
+def replica_gradient_sum(placement: Placement, rank: int, world_size: int) -> np.ndarray:
+    """[S, W * S] float32 for training with replicas: 1 where slot s of world rank w holds the
+    expert of this rank's slot j (every expert-parallel group of the world runs ``placement``;
+    group rank = world rank mod R). The gradient reducer multiplies every rank's slot gradients
+    by it, so each replica gets the sum over all copies of its expert."""
+    slot_experts = np.asarray(placement.slot_experts)
+    size, slots = placement.num_ranks, placement.slots_per_rank
+    world_slots = np.concatenate([slot_experts[(w % size) * slots:(w % size + 1) * slots]
+                                  for w in range(world_size)])                  # [W * S]
+    local = np.asarray(placement.rank_experts(rank % size))                     # [S]
+    return (local[:, None] == world_slots[None, :]).astype(np.float32)
+
+
 class ReplicaSelector(KernelCell):
     """``slot_ids = selector(expert_ids)``: [T, K] logical ids -> [T, K] physical slot ids of
     this rank's tokens (module docstring). :meth:`set_placement` swaps the tables in place."""
