@@ -187,7 +187,11 @@ def test_plan_json_has_one_row_per_ep_phase_and_batch():
     row = plan["rows"][0]
     assert row["dispatch_bytes"] / row["combine_bytes"] == pytest.approx(
         (7168 + 224) / (2 * 7168))
-    assert plan["recommendation"]["ep"] in (16, 32) and plan["recommendation"]["reasons"]
+    recommendation = plan["recommendation"]
+    assert recommendation["ep"] in (16, 32) and recommendation["reasons"]
+    # the config value of the redundant slots: per rank x ranks (parallel.redundant_experts)
+    assert recommendation["redundant_experts"] == (recommendation["redundant_experts_per_rank"]
+                                                   * recommendation["ep"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -132,15 +132,18 @@ def recommend(rows: List[Estimate], shape: LayerShape, cluster: ClusterSpec,
                    f"saves less than {fused_min_saving:.0%} (or EP = 1)")
     imbalance = max(row.imbalance for row in chosen_rows)
     redundant = 1 if imbalance > 1.2 else 0
-    reasons.append(f"redundant experts per rank {redundant}: expected busiest-rank load "
-                   f"{imbalance:.2f}x the mean")
+    reasons.append(f"redundant experts per rank {redundant} (parallel.redundant_experts: "
+                   f"{redundant * chosen}, then layer.rebalance() / parallel.rebalance_interval "
+                   f"places them): expected busiest-rank load {imbalance:.2f}x the mean")
     slot = min(capacity * shape.hidden * BYTES_PER_ELEMENT[shape.weight_dtype], 4 * MIB)
     result = {"ep": chosen, "decode_token_threshold": threshold,
               "max_tokens_per_rank": capacity, "redundant_experts_per_rank": redundant,
+              "redundant_experts": redundant * chosen,
               "window_slot_bytes": slot, "reasons": reasons}
     if options.hccl_soc:
         from ..ascend.cann_limits import hccl_buffsize_mb
         result["hccl_buffsize_mb"] = hccl_buffsize_mb(
-            options.hccl_soc, min(max(threshold, 1), 512), chosen, shape.num_experts // chosen,
+            options.hccl_soc, min(max(threshold, 1), 512), chosen,
+            shape.num_experts // chosen + redundant,
             shape.top_k, shape.hidden)
     return result
