@@ -8,7 +8,8 @@ Parts (all by default; choose with ``--parts a,b``):
 
 - ``replicas``: one redundant slot per rank at EP 4 and EP 2 (two data-parallel replicas),
   prefill and decode, over the window (row-wise decode, grouped decode with the fused experts +
-  combine in rounds) and over AllGather, PyNative and (EP 2) GRAPH_MODE; every slot's weights
+  combine in rounds) and over AllGather, with int8 rows, PyNative and (EP 2) GRAPH_MODE; every
+  slot's weights
   are its logical expert's; the rows of every slot as the rule says (dropless).
 - ``rebalance``: skewed load, ``rebalance()`` from the statistics, outputs before and after
   (a GRAPH_MODE cell compiled before runs after), the planned placement equal to
@@ -71,6 +72,8 @@ def replicas_part(report, rank, world):
                            combine_round_tokens=5), ("pynative",)),
         ("ep2", tiny_layer_config(2, redundant_experts=2), graph_modes(2)),
         ("ep2_allgather", tiny_layer_config(2, redundant_experts=2, transport="allgather"),
+         ("pynative",)),
+        ("ep4_int8", tiny_layer_config(world, redundant_experts=world, quant="int8"),
          ("pynative",)),
     ]
     for name, config, modes in cases:
