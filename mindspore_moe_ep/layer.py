@@ -454,8 +454,8 @@ class MoELayer(nn.Cell):
         raises naming the ranks, and a failed move (a dead peer: the exchange's timeout) raises
         too. Either way the old placement stays in force.
         """
-        from .load_balancing import (agree_on_placement, move_slot_arrays, optimizer_states,
-                                     plan_placement, relocation_sources)
+        from .load_balancing import (Placement, agree_on_placement, move_slot_arrays,
+                                     optimizer_states, plan_placement, relocation_sources)
         from .comm.window import world_all_gather
         if self.group.size == 1:
             raise ValueError("rebalance() needs parallel.expert_parallel > 1: with one rank "
@@ -465,9 +465,13 @@ class MoELayer(nn.Cell):
                 placement = plan_placement(self.load_stats()["tokens_per_expert"],
                                            self.group.size, self.group.experts_per_rank,
                                            _ranks_per_host(self.host_of_rank))
+            if not isinstance(placement, Placement):
+                raise TypeError(f"rebalance(placement): expected a load_balancing.Placement "
+                                f"(e.g. from plan_placement) or None, got "
+                                f"{type(placement).__name__}")
             placement.check()
             sources, refusal = relocation_sources(self.placement, placement), None
-        except (TypeError, ValueError, AttributeError) as error:
+        except (TypeError, ValueError) as error:
             refusal = f"{type(error).__name__}: {error}"
         agree_on_placement(None if refusal else placement, refusal, self.group.num_slots,
                            world_all_gather)

@@ -201,7 +201,9 @@ def refusal_part(report, rank, world):
     for case, mine, expected_text in (
             ("differs", other if rank == 1 else good, "ranks [1] differ"),
             ("invalid", plan_placement(loads, world * 2, 2) if rank == 2 else good,
-             "ranks [2] refused")):
+             "ranks [2] refused"),
+            ("not_a_placement", [0, 1, 2] if rank == 0 else good,
+             "expected a load_balancing.Placement" if rank == 0 else "ranks [0] refused")):
         try:
             layer.rebalance(mine)
             report.check(f"refusal/{case}", False, "no error")
