@@ -103,6 +103,11 @@ SHIPPED_VALUES = {
         "max_seq_len": 256, "steps": 100, "global_batch_size": 16, "seq_len": 128,
         "mode": "graph",
     },
+    "lm_deepseek_v3_mini_4cpu_balanced.yaml": {
+        "hidden_size": 256, "num_experts": 64, "expert_parallel": 4, "num_layers": 6,
+        "steps": 100, "mode": "graph", "redundant_experts": 4, "rebalance_interval": 25,
+        "load_window_steps": 100,
+    },
 }
 
 
