@@ -217,6 +217,10 @@ def print_report(summary, run):
         run.log(f"{name:7s}: MoE phase {path['phase']!r}, {path['tokens_per_rank']} tokens/rank, "
                 f"{path['dispatcher']}, experts {path['experts_path']}"
                 f"{', rows int8' if path['quantized'] else ''}", PREFIX)
+    if timings["rebalances"]:
+        run.log(f"experts rebalanced {timings['rebalances']} times during decode "
+                f"(parallel.rebalance_interval; {timings['rebalance_s']:.2f} s, not in the decode "
+                f"time)", PREFIX)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,31 @@ def test_bad_generation_input_is_refused(ep1_run, argv, message):
     with pytest.raises(SystemExit) as caught:
         generate("--checkpoint", str(ep1_run[0]), *argv)
     assert message in str(caught.value)
+
+
+def test_generate_report_says_when_experts_were_rebalanced():
+    """scripts/generate.py's printed report names the rebalances of parallel.rebalance_interval
+    (and prints nothing about them when there were none)."""
+    from lm_scripts import load_script
+    print_report = load_script("generate").print_report
+    path = {"phase": "decode", "tokens_per_rank": 4, "dispatcher": "FusedDecodeDispatcher",
+            "experts_path": "rowwise", "quantized": False}
+    summary = {"checkpoint_step": 100, "checkpoint_expert_parallel": 4, "expert_parallel": 4,
+               "world_size": 4, "mode": "graph", "prompts": [],
+               "paths": {"prefill": path, "decode": path},
+               "timings": {"time_to_first_token_s": 0.1, "time_per_output_token_s": 0.05,
+                           "decode_tokens_per_s": 80.0, "decode_steps": 47, "rebalances": 2,
+                           "rebalance_s": 1.25}}
+
+    class Run:
+        lines = []
+
+        def log(self, message, prefix):
+            self.lines.append(message)
+    run = Run()
+    print_report(summary, run)
+    assert run.lines[-1] == ("experts rebalanced 2 times during decode "
+                             "(parallel.rebalance_interval; 1.25 s, not in the decode time)")
+    run.lines.clear()
+    print_report(dict(summary, timings=dict(summary["timings"], rebalances=0)), run)
+    assert not any("rebalanced" in line for line in run.lines)
