@@ -17,7 +17,8 @@ from .state_dict import export_hf_moe_state_dict, load_hf_moe_state_dict
 from .ops.kernel_library import explain_kernel_errors
 from .load_balancing.replica_selection import (ReplicaSelector, initial_placement,
                                                replica_gradient_sum)
-from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group, group_hosts
+from .comm.window import host_labels, world_all_gather
+from .parallel_state import check_same_config_on_all_ranks, expert_parallel_group
 from .dispatcher import check_tokens_fit
 from .token_dispatcher import LocalTokenDispatcher
 
@@ -73,11 +74,6 @@ def _ranks_per_host(host_of_rank):
     blocks = [host_of_rank[i:i + per_host] for i in range(0, len(host_of_rank), per_host)]
     return per_host if all(len(set(block)) == 1 and len(block) == per_host
                            for block in blocks) else None
-
-
-def _float32_array(parameter):
-    """A Parameter's values as float32 NumPy (exact for float16 and bfloat16)."""
-    return parameter.asnumpy().astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -140,17 +136,18 @@ class MoELayer(nn.Cell):
         # (token, expert) pair to one of the expert's replicas (slot ids are what dispatchers see).
         self.placement = initial_placement(model.num_experts, self.group.size,
                                            self.group.experts_per_rank)
-        self.local_expert_indices = list(self.placement.rank_experts(self.group.group_rank))
         self.host_of_rank = (None if self.group.size == 1 or self._window is not None
-                             else group_hosts(self.group))
+                             else host_labels(self.group.group_ranks))
         self.replica_selector = (ReplicaSelector(self.placement, self.group.group_rank,
                                                  self.host_of_rank)
                                  if self.group.size > 1 else None)
         # Training with replicas: which slots of the world hold each local slot's expert (the
         # gradient reducer sums them, grad_sync.py).
-        self.replica_grad_sum = (Parameter(Tensor(self._replica_gradient_sum(self.placement)),
-                                           name="replica_grad_sum", requires_grad=False)
-                                 if self.group.redundant_experts else None)
+        self.replica_grad_sum = (
+            Parameter(Tensor(replica_gradient_sum(self.placement, self.group.group_rank,
+                                                  self.group.world_size)),
+                      name="replica_grad_sum", requires_grad=False)
+            if self.group.redundant_experts else None)
         self.decode_token_threshold = config.dispatch.decode_token_threshold
         self.router = TopKRouter(config, param_dtype=dtype)
         self.experts = GroupedSwiGLUExperts(self.local_expert_indices, model.hidden_size,
@@ -193,6 +190,11 @@ class MoELayer(nn.Cell):
         self.load_steps = statistic("load_steps", np.zeros(1, np.int32))   # forwards since reset
         self.slot_load_history = statistic("slot_load_history", np.zeros(
             (self.load_window, len(self.local_expert_indices)), np.float32))          # [W, S]
+
+    @property
+    def local_expert_indices(self):
+        """The logical expert of each of this rank's slots (its part of ``placement``)."""
+        return list(self.placement.rank_experts(self.group.group_rank))
 
     def __call__(self, x, *args, **kwargs):
         """Checks ``x`` and ``phase`` before any work (see :meth:`check_input`); under expert
@@ -416,7 +418,6 @@ class MoELayer(nn.Cell):
         steps = int(self.load_steps.asnumpy()[0])
         total, slot_history = local, local_slots[None]                               # [1, W, S]
         if self.group.world_size > 1:
-            from .comm.window import world_all_gather
             gathered = world_all_gather(np.concatenate(
                 [[steps], local.reshape(-1), local_slots.reshape(-1)]))
             if (gathered[:, 0] != steps).any():  # the same on every rank: all raise together
@@ -456,7 +457,6 @@ class MoELayer(nn.Cell):
         """
         from .load_balancing import (Placement, agree_on_placement, move_slot_arrays,
                                      optimizer_states, plan_placement, relocation_sources)
-        from .comm.window import world_all_gather
         if self.group.size == 1:
             raise ValueError("rebalance() needs parallel.expert_parallel > 1: with one rank "
                              "every expert is local and there is nothing to move")
@@ -477,7 +477,7 @@ class MoELayer(nn.Cell):
                            world_all_gather)
         weights = [self.experts.gate_up_weight, self.experts.down_weight]
         states = optimizer_states(optimizer, weights)
-        arrays = [_float32_array(param) for param in weights + states]
+        arrays = [param.asnumpy().astype(np.float32) for param in weights + states]  # exact
         exchange = self.prefill_dispatcher.exchange
 
         def exchange_rows(rows, counts):
@@ -496,14 +496,11 @@ class MoELayer(nn.Cell):
             param.set_data(Tensor(array).astype(param.dtype))
         self.replica_selector.set_placement(placement)
         if self.replica_grad_sum is not None:
-            self.replica_grad_sum.set_data(Tensor(self._replica_gradient_sum(placement)))
+            self.replica_grad_sum.set_data(Tensor(replica_gradient_sum(
+                placement, self.group.group_rank, self.group.world_size)))
         self.placement = placement
-        self.local_expert_indices = list(placement.rank_experts(self.group.group_rank))
         self.reset_load_stats()
         return placement
-
-    def _replica_gradient_sum(self, placement):
-        return replica_gradient_sum(placement, self.group.group_rank, self.group.world_size)
 
     def update_expert_bias(self, tokens_per_expert=None):
         """One aux-loss-free balancing step from observed load.
@@ -516,7 +513,6 @@ class MoELayer(nn.Cell):
         if tokens_per_expert is None:
             tokens_per_expert = self.stats()["routed_per_expert"]
             if self.group.world_size > 1:
-                from .comm.window import world_all_gather
                 tokens_per_expert = world_all_gather(tokens_per_expert).sum(axis=0)
         return self.router.update_expert_bias(tokens_per_expert,
                                               self.config.router.bias_update_rate)

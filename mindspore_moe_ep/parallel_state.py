@@ -66,13 +66,6 @@ def expert_parallel_group(config: MoEConfig) -> ExpertParallelGroup:
                                config.parallel.redundant_experts)
 
 
-def group_hosts(group: ExpertParallelGroup) -> Tuple[int, ...]:
-    """A host label per group rank (equal labels: one shared-memory domain); a collective over
-    the world."""
-    from .comm.window import host_labels
-    return host_labels(group.group_ranks)
-
-
 def _compared_settings(config: MoEConfig) -> bytes:
     """The config as sorted JSON, without its run-time-only workload section."""
     settings = config.to_dict()

@@ -188,16 +188,14 @@ def experts_rate(shape, processes, cores, duration_s=4.0):
 
 def msrun_worker():
     """Exchange bandwidth and fixed cost, and a thin layer's steps, at R = world ranks."""
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor
     import mindspore_moe_ep as mee
     from mindspore.communication import get_group_size
     from mindspore_moe_ep.comm import make_exchange
-    from mindspore_moe_ep.comm.window import world_all_gather
     rank = bc.start_mindspore("graph", distributed=True)
     world = get_group_size()
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
+    barrier = bc.world_barrier
 
     def best_after_barrier(function, repeats, group=None):
         """The best of ``repeats`` calls, each after a barrier; with ``group``, the median of
@@ -217,18 +215,6 @@ def msrun_worker():
                                     for i in range(0, len(samples) - group + 1, group)]))
         return min(samples)
 
-    class Repeat(nn.Cell):
-        def __init__(self, exchange, calls):
-            super().__init__()
-            self.exchange, self.calls = exchange, calls
-
-        def construct(self, rows, counts):
-            received_counts = counts
-            for _ in range(self.calls):
-                received, received_counts = self.exchange(rows, counts)
-                rows = ops.depend(rows, received)
-            return received_counts
-
     result = {}
     # Bandwidth: full blocks of 8 MiB per rank (as MoELayer sizes the window: a block a slot).
     capacity = EXCHANGE_BYTES // (EXCHANGE_HIDDEN * 4) // world
@@ -236,7 +222,7 @@ def msrun_worker():
                              slot_bytes=capacity * EXCHANGE_HIDDEN * 4).keep_tail()
     rows = Tensor(np.ones((world * capacity, EXCHANGE_HIDDEN), np.float32))
     full = Tensor(np.full(world, capacity, np.int32))
-    bulk = Repeat(exchange, 4)
+    bulk = bc.repeat_exchange(exchange, 4)
     result["bulk_s"] = best_after_barrier(lambda: bulk(rows, full).asnumpy(), 8) / 4
     exchange.window.close()
     # Fixed cost: one row to every rank, 1 and FIXED_CALLS exchanges in one graph launch (the
@@ -244,7 +230,8 @@ def msrun_worker():
     exchange = make_exchange(4, transport="shm").keep_tail()
     rows = Tensor(np.ones((world * 4, EXCHANGE_HIDDEN), np.float32))
     one = Tensor(np.ones(world, np.int32))
-    single, repeated = Repeat(exchange, 1), Repeat(exchange, FIXED_CALLS)
+    single = bc.repeat_exchange(exchange, 1)
+    repeated = bc.repeat_exchange(exchange, FIXED_CALLS)
     result["one_row_x1_s"] = best_after_barrier(lambda: single(rows, one).asnumpy(), 30,
                                                 group=STEP_REPEATS)
     result["one_row_xN_s"] = best_after_barrier(lambda: repeated(rows, one).asnumpy(), 30,

@@ -151,7 +151,8 @@ class _AllGatherCounts(_GroupAllGather):
 
 
 class _AllGatherRows(_GroupAllGather):
-    """(send_rows [R*C, ...], recv_counts [R]) -> recv_rows [R*C, ...].
+    """(send_rows [R*C, ...], send_counts [R], recv_counts [R]) -> recv_rows [R*C, ...]
+    (``send_counts`` unused: the signature of every exchange's rows half, _ReversibleRows).
 
     Runs after the counts' AllGather on every rank (``depend`` on recv_counts), so all ranks
     issue the collectives in the same order. Works in float32 for bfloat16 payloads (CPU
@@ -163,7 +164,7 @@ class _AllGatherRows(_GroupAllGather):
         super().__init__(*layout)
         self._zero_tail = zero_tail
 
-    def construct(self, send_rows, recv_counts):
+    def construct(self, send_rows, send_counts, recv_counts):
         world, group_size, rows_per_rank = (self._world_size, self._group_size,
                                              self._max_tokens_per_rank)
         payload_dtype = send_rows.dtype
@@ -186,27 +187,29 @@ class _AllGatherRows(_GroupAllGather):
 
 
 class _ReversibleRows(nn.Cell):
-    """_AllGatherRows with the reverse exchange as its gradient (CPU has no ReduceScatter).
+    """The rows half of a collective exchange (``rows(send_rows, send_counts, recv_counts)``:
+    _AllGatherRows, two_level._TwoLevelRows) with the reverse exchange as its gradient (CPU has
+    no ReduceScatter): ``reverse_rows(d_recv_rows, recv_counts, counts(recv_counts))``.
 
     A separate single-output Cell because a custom Cell bprop with a tuple output fails in
     GRAPH_MODE ("The func graph is empty ... zeros_like"). The reverse exchange always zeroes
     its tails (the gradient of unsent rows is zero).
     """
 
-    def __init__(self, counts: _AllGatherCounts, rows: _AllGatherRows,
-                 reverse_rows: _AllGatherRows):
+    def __init__(self, counts: _AllGatherCounts, rows: nn.Cell, reverse_rows: nn.Cell):
         super().__init__()
         self._counts = counts
         self._rows = rows
         self._reverse_rows = reverse_rows
 
-    def construct(self, send_rows, recv_counts):
-        return self._rows(send_rows, recv_counts)
+    def construct(self, send_rows, send_counts, recv_counts):
+        return self._rows(send_rows, send_counts, recv_counts)
 
-    def bprop(self, send_rows, recv_counts, out, dout):
+    def bprop(self, send_rows, send_counts, recv_counts, out, dout):
         d_recv_rows = ops.depend(dout, out)  # after the forward exchange
         reverse_counts = self._counts(recv_counts)
-        return self._reverse_rows(d_recv_rows, reverse_counts), ops.zeros_like(recv_counts)
+        return (self._reverse_rows(d_recv_rows, recv_counts, reverse_counts),
+                ops.zeros_like(send_counts), ops.zeros_like(recv_counts))
 
 
 class AllGatherExchangeRows(nn.Cell):
@@ -243,7 +246,7 @@ class AllGatherExchangeRows(nn.Cell):
 
     def construct(self, send_rows, send_counts):
         recv_counts = self._counts(send_counts)
-        return self._rows(send_rows, recv_counts), recv_counts
+        return self._rows(send_rows, send_counts, recv_counts), recv_counts
 
     def keep_tail(self) -> "AllGatherExchangeRows":
         """The same exchange (same group) with unspecified tails."""

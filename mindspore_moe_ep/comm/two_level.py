@@ -22,7 +22,8 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.communication import GlobalComm, get_group_size
 
-from .exchange import _AllGatherCounts, _check_max_tokens_per_rank, exchange_kernel
+from .exchange import (_AllGatherCounts, _ReversibleRows, _check_max_tokens_per_rank,
+                       exchange_kernel)
 from .window import CommWindow
 
 
@@ -50,10 +51,8 @@ class _TwoLevelRows(nn.Cell):
     def __init__(self, window, group_ranks, group_rank, host_of_rank, max_tokens_per_rank,
                  zero_tail):
         super().__init__()
-        size = len(group_ranks)
         local, remote = host_blocks(host_of_rank, group_rank)
         self._rows_per_rank = max_tokens_per_rank
-        self._group_size = size
         self._zero_tail = zero_tail
         self._local_exchange = exchange_kernel(len(local), max_tokens_per_rank,
                                                zero_tail=zero_tail)
@@ -62,7 +61,7 @@ class _TwoLevelRows(nn.Cell):
         self._remote_blocks = Tensor(np.array(remote, np.int32))                   # [R-L]
         # Rows of the gathered [world * (R-L), C, ...] addressed to this rank: source s sends
         # its remote blocks in ascending destination order; this rank is one of them.
-        remote_count = size - len(local)
+        remote_count = len(remote)
         sources = []
         for source in remote:
             _, source_remote = host_blocks(host_of_rank, source)
@@ -81,6 +80,8 @@ class _TwoLevelRows(nn.Cell):
         return ops.gather(blocks, indices, 0).reshape((-1,) + shape)
 
     def construct(self, send_rows, send_counts, recv_counts):
+        if not self._has_remote:  # the whole group on this host: the window alone
+            return self._local_exchange(send_rows, send_counts, self._window_id)[0]
         payload_dtype = send_rows.dtype
         rows = send_rows
         if payload_dtype == mstype.bfloat16:  # CPU Gather / Reshape / AllGather lack bfloat16
@@ -89,15 +90,12 @@ class _TwoLevelRows(nn.Cell):
         local_counts = ops.gather(send_counts, self._local_blocks, 0)
         local_recv, _ = self._local_exchange(self._blocks(rows, self._local_blocks),
                                              local_counts, self._window_id)       # [L*C, ...]
-        if self._has_remote:
-            remote_send = ops.depend(self._blocks(rows, self._remote_blocks), recv_counts)
-            remote_send = ops.depend(remote_send, local_recv)
-            gathered = self._all_gather(remote_send)                # [world*(R-L)*C, ...]
-            remote_recv = self._blocks(gathered, self._gathered_blocks)            # [(R-L)*C]
-            recv = ops.concat((local_recv, remote_recv), 0)                        # [R*C, ...]
-            recv = self._blocks(recv, self._source_order)
-        else:  # the whole group on this host: the window alone
-            recv = self._blocks(local_recv, self._source_order)
+        remote_send = ops.depend(self._blocks(rows, self._remote_blocks), recv_counts)
+        remote_send = ops.depend(remote_send, local_recv)
+        gathered = self._all_gather(remote_send)                    # [world*(R-L)*C, ...]
+        remote_recv = self._blocks(gathered, self._gathered_blocks)                # [(R-L)*C]
+        recv = ops.concat((local_recv, remote_recv), 0)                            # [R*C, ...]
+        recv = self._blocks(recv, self._source_order)
         if self._zero_tail:  # remote tails hold what the senders had there; local ones are 0
             keep = (ops.arange(self._rows_per_rank).reshape(1, -1)
                     < recv_counts.reshape(-1, 1))                                  # [R, C]
@@ -108,30 +106,10 @@ class _TwoLevelRows(nn.Cell):
         return recv
 
 
-class _ReversibleTwoLevelRows(nn.Cell):
-    """_TwoLevelRows with the reverse exchange as its gradient (one output: see _ReversibleRows
-    in exchange.py for why)."""
-
-    def __init__(self, counts, rows, reverse_rows):
-        super().__init__()
-        self._counts = counts
-        self._rows = rows
-        self._reverse_rows = reverse_rows
-
-    def construct(self, send_rows, send_counts, recv_counts):
-        return self._rows(send_rows, send_counts, recv_counts)
-
-    def bprop(self, send_rows, send_counts, recv_counts, out, dout):
-        d_recv_rows = ops.depend(dout, out)  # after the forward exchange
-        reverse_counts = self._counts(recv_counts)
-        return (self._reverse_rows(d_recv_rows, recv_counts, reverse_counts),
-                ops.zeros_like(send_counts), ops.zeros_like(recv_counts))
-
-
 class TwoLevelExchangeRows(nn.Cell):
     """All-to-all-v of rows for a group spanning hosts (module doc): the host's ranks through a
     shared-memory window, the other hosts through AllGather. ``host_of_rank``: a host label per
-    group rank (``parallel_state.group_hosts``). Collective over the world: every rank builds
+    group rank (``window.host_labels``). Collective over the world: every rank builds
     it, with its own group. ``zero_tail=False``: rows past the counts are unspecified."""
 
     def __init__(self, max_tokens_per_rank: int, group_ranks: Sequence[int], rank: int,
@@ -160,7 +138,7 @@ class TwoLevelExchangeRows(nn.Cell):
         def rows(tail):
             return _TwoLevelRows(host_window, group_ranks, group_rank, host_of_rank,
                                  max_tokens_per_rank, tail)
-        self._rows = _ReversibleTwoLevelRows(self._counts, rows(self.zero_tail), rows(True))
+        self._rows = _ReversibleRows(self._counts, rows(self.zero_tail), rows(True))
 
     def construct(self, send_rows, send_counts):
         recv_counts = self._counts(send_counts)

@@ -87,11 +87,13 @@ def _state(model, optimizer):
     return state
 
 
-def _expert_names(model):
-    """Keys of the routed experts' Parameters (stacked [local experts, ...]) of every layer."""
-    experts = {id(param) for layer in model.moe_layers()
-               for param in layer.experts.get_parameters()}
-    return {name for name, param in model.parameters_and_names() if id(param) in experts}
+def _expert_layers(model):
+    """{key: its MoE layer} of the routed experts' Parameters (stacked [local slots, ...]) of
+    every layer."""
+    layer_of = {id(param): layer for layer in model.moe_layers()
+                for param in layer.experts.get_parameters()}
+    return {name: layer_of[id(param)] for name, param in model.parameters_and_names()
+            if id(param) in layer_of}
 
 
 def _barrier():
@@ -107,8 +109,8 @@ def save_checkpoint(directory, step, model, optimizer, config, extra=None):
     group = model.moe_layers()[0].group
     path = os.path.join(directory, step_directory_name(step))
     os.makedirs(path, exist_ok=True)
+    experts = _expert_layers(model)
     if group.rank == group.group_rank:  # data-parallel replica 0 writes; replicas are copies
-        experts = _expert_names(model)
         entries = [{"name": name, "data": param} for name, param in _state(model, optimizer)
                    if _base_name(name) in experts or group.group_rank == 0]
         target = os.path.join(path, rank_file_name(group.group_rank))
@@ -118,10 +120,6 @@ def save_checkpoint(directory, step, model, optimizer, config, extra=None):
     _barrier()
     if group.rank == 0:
         per_rank = group.experts_per_rank  # slots: logical experts in expert_slots
-        names = dict((id(param), name) for name, param in model.parameters_and_names())
-        expert_slots = {names[id(param)]: list(layer.placement.slot_experts)
-                        for layer in model.moe_layers()
-                        for param in layer.experts.get_parameters()}
         meta = {
             "format": FORMAT_VERSION, "step": step, "config": config.to_dict(),
             "expert_parallel": group.size, "data_parallel": group.world_size // group.size,
@@ -129,8 +127,9 @@ def save_checkpoint(directory, step, model, optimizer, config, extra=None):
             "files": [rank_file_name(rank) for rank in range(group.size)],
             "expert_placement": {rank_file_name(rank): [rank * per_rank, (rank + 1) * per_rank]
                                  for rank in range(group.size)},
-            "expert_parameters": sorted(_expert_names(model)),
-            "expert_slots": expert_slots,
+            "expert_parameters": sorted(experts),
+            "expert_slots": {name: list(layer.placement.slot_experts)
+                             for name, layer in experts.items()},
             **(extra or {}),
         }
         _write_atomically(os.path.join(path, META_FILE), json.dumps(meta, indent=1))
@@ -202,13 +201,11 @@ def load_checkpoint(path, model, optimizer=None, config=None):
                                   f"expert_parallel = {meta['expert_parallel']} and needs "
                                   f"{', '.join(meta['files'])}")
     reader = _RankFiles(files, config.model.num_experts, meta.get("expert_slots", {}))
-    experts = _expert_names(model)
-    local_experts = {name: layer.local_expert_indices for layer in model.moe_layers()
-                     for name, param in model.parameters_and_names()
-                     if any(param is own for own in layer.experts.get_parameters())}
+    experts = _expert_layers(model)
     for name, param in _state(model, optimizer):
         if _base_name(name) in experts:
-            value, source = reader.experts(name, local_experts[_base_name(name)])
+            value, source = reader.experts(name,
+                                           experts[_base_name(name)].local_expert_indices)
         else:
             value, source = reader.replicated(name)
         if tuple(value.shape) != tuple(param.shape):

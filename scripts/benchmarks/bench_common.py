@@ -471,6 +471,31 @@ def start_mindspore(mode: str = "graph", distributed: bool = False) -> int:
     return get_rank()
 
 
+def world_barrier() -> None:
+    """Waits until every msrun worker arrives (a one-value AllGather over the world)."""
+    from mindspore_moe_ep.comm.window import world_all_gather
+    world_all_gather(np.zeros(1, np.int32))
+
+
+def repeat_exchange(exchange, calls: int):
+    """A Cell ``(rows, counts) -> received counts`` running ``exchange`` ``calls`` times in one
+    launch, each after the previous one's rows (``ops.depend``), so none is pruned."""
+    from mindspore import nn, ops
+
+    class RepeatExchange(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.exchange = exchange
+
+        def construct(self, rows, counts):
+            received_counts = counts
+            for _ in range(calls):
+                received, received_counts = self.exchange(rows, counts)
+                rows = ops.depend(rows, received)
+            return received_counts
+    return RepeatExchange()
+
+
 def threads_per_process(world_size: int) -> int:
     """The same policy for every framework: the usable cores shared evenly by the processes."""
     try:

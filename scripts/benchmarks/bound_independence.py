@@ -12,8 +12,6 @@ time of each and their ratio. Target (issue 17): default-bound step <= 1.05x the
 """
 import sys
 
-import numpy as np
-
 import bench_common as bc
 from end_to_end import HF_CONFIG, WORLD, inputs
 
@@ -47,7 +45,6 @@ def ms_worker(quick):
     from mindspore.communication import get_rank, init
 
     import mindspore_moe_ep as mee
-    from mindspore_moe_ep.comm.window import world_all_gather
 
     ms.set_context(mode=ms.GRAPH_MODE)
     init()
@@ -66,7 +63,7 @@ def ms_worker(quick):
     for _ in range(rounds):  # alternate the layers: both see the same load
         for name in BOUNDS:
             for phase in ("train", "prefill"):
-                world_all_gather(np.zeros(1, np.int32))
+                bc.world_barrier()
                 start = time.perf_counter()
                 steps[name][phase]()
                 samples[name][phase].append(time.perf_counter() - start)

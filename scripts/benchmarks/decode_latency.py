@@ -59,13 +59,11 @@ def settings(quick):
 def ms_worker(quick):
     from mindspore import Tensor, nn, ops
     import mindspore_moe_ep as mee
-    from mindspore_moe_ep.comm.window import world_all_gather
 
     rank = bc.start_mindspore("graph", distributed=True)
     hiddens, token_counts, repeats, calls = settings(quick)
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
+    barrier = bc.world_barrier
 
     class RoundTrip(nn.Cell):
         """``calls`` round trips with identity experts, grouped (dispatch / combine) or row-wise

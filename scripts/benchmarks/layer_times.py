@@ -71,15 +71,13 @@ def config_of(name, ep):
 def ms_worker(quick):
     from mindspore import Tensor
     import mindspore_moe_ep as mee
-    from mindspore_moe_ep.comm.window import world_all_gather
 
     rank = bc.start_mindspore("graph", distributed=True)
     from mindspore.communication import get_group_size
     ep = get_group_size()
     steps, repeats = workloads(quick)
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
+    barrier = bc.world_barrier
 
     results = []
     for name, plan in steps.items():

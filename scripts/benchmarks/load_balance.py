@@ -29,7 +29,6 @@ over repetitions of each rank's step time, the slowest rank's. The rebalance its
 once. Targets (issue 19): ``redundant`` max/mean <= 1.10 at every skew, and its prefill step >=
 1.3x faster than ``static`` at s = 1.2.
 """
-import argparse
 import json
 import os
 import sys
@@ -83,7 +82,6 @@ def ms_worker(args):
     from mindspore import Tensor, nn
     from mindspore.communication import get_group_size
     import mindspore_moe_ep as mee
-    from mindspore_moe_ep.comm.window import world_all_gather
     from mindspore_moe_ep.load_balancing import relocate_without_replicas
 
     rank = bc.start_mindspore("graph", distributed=True)
@@ -91,8 +89,7 @@ def ms_worker(args):
     repeats = 3 if args.quick else 5
     gate = np.linalg.qr(np.random.default_rng(5).standard_normal((HIDDEN, EXPERTS)))[0].T
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
+    barrier = bc.world_barrier
 
     class Step(nn.Cell):
         def __init__(self, layer, phase):

@@ -54,28 +54,15 @@ def repeats_for(size, quick):
 # ---- MindSpore worker (msrun) ----------------------------------------------------------------
 
 def ms_worker(sizes, quick):
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor
     from mindspore.communication import get_group_size
     from mindspore_moe_ep.comm import make_exchange
-    from mindspore_moe_ep.comm.window import DEFAULT_SLOT_BYTES, world_all_gather
+    from mindspore_moe_ep.comm.window import DEFAULT_SLOT_BYTES
 
     rank = bc.start_mindspore("graph", distributed=True)
     world = get_group_size()
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
-
-    class RepeatExchange(nn.Cell):
-        def __init__(self, exchange, calls):
-            super().__init__()
-            self.exchange, self.calls = exchange, calls
-
-        def construct(self, rows, counts):
-            received_counts = counts
-            for _ in range(self.calls):
-                received, received_counts = self.exchange(rows, counts)
-                rows = ops.depend(rows, received)
-            return received_counts
+    barrier = bc.world_barrier
 
     results = []
     for size in sizes:
@@ -89,7 +76,7 @@ def ms_worker(sizes, quick):
         for slot_name, slot_bytes in (("default 1 MiB", DEFAULT_SLOT_BYTES),
                                       ("one peer block", block_bytes)):
             exchange = make_exchange(capacity, transport="shm", slot_bytes=slot_bytes)
-            cell = RepeatExchange(exchange, calls)
+            cell = bc.repeat_exchange(exchange, calls)
             assert list(cell(rows, counts).asnumpy()) == [capacity] * world  # compile + check
             samples = []
             for _ in range(repeats):

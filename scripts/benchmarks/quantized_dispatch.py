@@ -65,15 +65,13 @@ def ms_worker(quick, transport):
     from mindspore import Tensor, nn, ops
     from mindspore.communication import get_group_size
     import mindspore_moe_ep as mee
-    from mindspore_moe_ep.comm.window import world_all_gather
     from mindspore_moe_ep.runtime import mindspore_dtype
 
     rank = bc.start_mindspore("graph", distributed=True)
     world = get_group_size()
     hiddens, repeats, calls = settings(quick, transport)
 
-    def barrier():
-        world_all_gather(np.zeros(1, np.int32))
+    barrier = bc.world_barrier
 
     class Deliver(nn.Cell):
         """``calls`` prefill deliveries; returns the received counts, after the last delivery's
