@@ -1,7 +1,7 @@
 """CPU host settings applied when the package is imported, so that a user's own script runs as
 fast as the benchmarks without calling anything.
 
-Two process-wide settings matter when several msrun workers share a CPU host (measured in
+Three process-wide settings matter when several msrun workers share a CPU host (measured in
 docs/performance.md):
 
 - ``MS_DEV_HOST_BLOCKING_RUN=1``: MindSpore runs host tasks on the calling thread instead of
@@ -11,6 +11,14 @@ docs/performance.md):
 - the library's kernel threads per process: unless ``MOE_EP_NUM_THREADS`` says, the usable
   cores shared evenly by the msrun workers on this host (more threads than that only contend
   for the cores), handed to the kernel library when it is loaded.
+- MindSpore's CPU operator threads (``mindspore.device_context.cpu.op_tuning.threads_num``):
+  the same count as the kernel threads. MindSpore's kernel thread pool spins (``sched_yield``)
+  between the operators of a graph; with more ranks than cores that spin takes the cores from
+  the ranks doing the work (one MoE layer's decode step at EP 4 on 2 cores ran 1.4x faster
+  with one thread per rank). Set when the first kernel is built (MindSpore takes it at any
+  time, also after graphs have run) unless the script has set it already. MindSpore refuses a
+  second ``threads_num`` call: a script that wants its own value calls it before building a
+  layer (or sets ``MOE_EP_NUM_THREADS``, which both counts follow).
 
 Each is set only where the environment does not already say (an explicit setting always wins),
 and only on CPU hosts (no Ascend toolkit in the environment). ``MOE_EP_HOST_DEFAULTS=0`` turns
@@ -27,6 +35,7 @@ KERNEL_THREADS_VARIABLE = "MOE_EP_NUM_THREADS"
 ASCEND_TOOLKIT_VARIABLES = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")
 
 _applied: Dict[str, str] = {}
+_active = False  # the host defaults apply to this process (a CPU host, not opted out)
 
 
 def usable_cores() -> int:
@@ -79,8 +88,10 @@ def on_ascend_host() -> bool:
 def apply_host_defaults() -> Dict[str, str]:
     """Sets the CPU host defaults that the environment does not set (see the module docstring);
     returns what it set."""
+    global _active
     if os.environ.get(OPT_OUT_VARIABLE, "1") == "0" or on_ascend_host():
         return {}
+    _active = True
     if HOST_BLOCKING_RUN_VARIABLE not in os.environ:
         os.environ[HOST_BLOCKING_RUN_VARIABLE] = "1"  # child processes (workers) want it too
         _applied[HOST_BLOCKING_RUN_VARIABLE] = "1"
@@ -101,8 +112,26 @@ def default_kernel_threads() -> int:
     return int(_applied.get("kernel_threads", 0))
 
 
+def apply_operator_threads() -> int:
+    """Sets MindSpore's CPU operator threads to this process's kernel thread count
+    (``MOE_EP_NUM_THREADS`` when set, else :func:`default_kernel_threads`) where the host
+    defaults apply and the script has not set them; returns the count set (0: none)."""
+    if not _active or "operator_threads" in _applied:
+        return 0
+    explicit = os.environ.get(KERNEL_THREADS_VARIABLE, "")
+    threads = int(explicit) if explicit.isdigit() else default_kernel_threads()
+    from mindspore._c_expression import RuntimeConf
+    from mindspore.device_context.cpu.op_tuning import threads_num
+    if threads <= 0 or RuntimeConf.get_instance().is_op_threads_num_configured():
+        return 0
+    threads_num(threads)
+    _applied["operator_threads"] = str(threads)
+    return threads
+
+
 def applied_host_defaults() -> Dict[str, str]:
-    """What this package set at import: MS_DEV_HOST_BLOCKING_RUN and the kernel threads
-    ("kernel_threads": "auto" until the first kernel is built), where it set them (empty if
-    opted out)."""
+    """What this package set: MS_DEV_HOST_BLOCKING_RUN at import, the kernel threads
+    ("kernel_threads": "auto" until the first kernel is built) and MindSpore's operator threads
+    ("operator_threads", when the first kernel is built), where it set them (empty if opted
+    out)."""
     return dict(_applied)

@@ -62,8 +62,10 @@ def library_path() -> str:
 @functools.lru_cache(maxsize=None)
 def _hand_over_host_defaults(path: str) -> None:
     """Gives the loaded kernel library this process's default thread count (host_defaults.py)
-    before its first kernel runs; MindSpore's Custom ops load the same library instance."""
-    from ..host_defaults import default_kernel_threads
+    before its first kernel runs (MindSpore's Custom ops load the same library instance), and
+    MindSpore's CPU operators the same count."""
+    from ..host_defaults import apply_operator_threads, default_kernel_threads
+    apply_operator_threads()
     threads = default_kernel_threads()
     if threads > 0:
         library = ctypes.CDLL(path)

@@ -33,6 +33,13 @@ slowest rank's best repetition (each repetition starts after a barrier). Also re
 time per round trip (the process's, every thread, mean over ranks and repetitions), whose
 ratios other jobs on the machine disturb less than the wall times'.
 Targets: fused <= 0.6x the prefill path; fused <= 0.2x gloo.
+
+A second table, ``token rows``: the decode round trip of the fused pair (``deliver`` as the
+layer calls it in inference + ``return_rows``, 128 tokens per rank) with float32, bfloat16 and
+int8 rows (``dispatch.quant: int8``; the return trip stays in the compute dtype) at hidden 2048
+and 7168, EP 2 and 4: time per round trip, payload GB/s, speed-ups over float32 / bfloat16 rows
+(``quantized_dispatch.py``'s measurement, shared-memory window). ``--no-token-rows`` leaves it
+out.
 """
 import os
 import sys
@@ -41,6 +48,7 @@ import time
 import numpy as np
 
 import bench_common as bc
+import quantized_dispatch
 
 NAME = "decode_latency"
 WORLD = 4
@@ -223,6 +231,8 @@ def merge(reports):
 
 def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
+    parser.add_argument("--no-token-rows", action="store_true",
+                        help="leave out the float32 / bfloat16 / int8 token rows table")
     args = parser.parse_args(argv)
     if args.role == "ms":
         return ms_worker(args.quick)
@@ -243,7 +253,8 @@ def main(argv=None):
                    "OMP_NUM_THREADS": str(threads)}
     script = os.path.abspath(__file__)
     extra = ["--quick"] if args.quick else []
-    progress = bc.Progress(NAME, 2 if have_torch else 1)
+    row_ranks = [] if args.no_token_rows else [2, WORLD]
+    progress = bc.Progress(NAME, (2 if have_torch else 1) + len(row_ranks))
     merged = merge(bc.launch_msrun(script, WORLD, ["--role", "ms", *extra], env=environment))
     progress.step(f"MindSpore, {WORLD} msrun workers")
     if have_torch:
@@ -304,13 +315,20 @@ def main(argv=None):
                "met_vs_gloo": bool(worst_gloo <= 0.2)}
     print(f"[{NAME}] worst case: fused = {worst_unfused:.2f}x the prefill path (target <= 0.6), "
           f"{worst_gloo:.2f}x gloo (target <= 0.2)", flush=True)
+    token_rows = []
+    if row_ranks:
+        token_rows, table_rows = quantized_dispatch.measure_row_formats(
+            row_ranks, ["shm"], args.quick, what=("decode",), progress=progress)
+        print(f"[{NAME}] token rows through the fused decode round trip:", flush=True)
+        print(bc.table(quantized_dispatch.ROW_FORMAT_HEADER, table_rows))
     bc.write_results(args.out, NAME, {
         "config": {"ranks": WORLD, "experts": EXPERTS, "top_k": TOP_K, "hiddens": hiddens,
                    "tokens_per_rank": token_counts, "max_tokens_per_rank": MAX_TOKENS,
                    "expert_ffn_size_for_layer": EXPERT_FFN, "dtype": "float32",
                    "repeats": repeats, "calls_per_launch": calls,
                    "threads_per_process": threads, "quick": args.quick},
-        "method": __doc__.split("\n\n", 2)[2], "rows": entries, "summary": summary})
+        "method": __doc__.split("\n\n", 2)[2], "rows": entries, "summary": summary,
+        "token_rows": token_rows})
     if not args.no_plot:
         def draw(plt):
             for hidden, color in zip(hiddens, ("tab:blue", "tab:orange")):

@@ -26,6 +26,12 @@ to every rank including itself, every block full):
 GB/s per rank = S / time of one exchange, the time being the slowest rank's best repetition
 (every repetition starts after a barrier). Each framework runs alone on the machine.
 Targets: ExchangeRows >= 3x gloo and >= 0.5x the single-copy bound.
+
+A second table, ``token rows``: the layer's own prefill exchange (``deliver`` as ``MoELayer``
+calls it in inference, 512 tokens per rank, top-8 of 64 experts) with float32, bfloat16 and
+int8 rows (``dispatch.quant: int8``) at hidden 2048 and 7168, EP 2 and 4: time per exchange,
+payload GB/s, speed-ups over float32 / bfloat16 rows (``quantized_dispatch.py``'s measurement,
+shared-memory window). ``--no-token-rows`` leaves it out.
 """
 import os
 import sys
@@ -34,6 +40,7 @@ import time
 import numpy as np
 
 import bench_common as bc
+import quantized_dispatch
 
 NAME = "prefill_exchange"
 HIDDEN = 1024  # float32 values per row: 4 KiB rows
@@ -148,6 +155,8 @@ def main(argv=None):
     parser = bc.argument_parser(__doc__.split("\n\n")[0], worker_roles=True)
     parser.add_argument("--ranks", default="2,4", help="comma-separated worker counts")
     parser.add_argument("--sizes-mib", default=None, help="comma-separated MiB per rank")
+    parser.add_argument("--no-token-rows", action="store_true",
+                        help="leave out the float32 / bfloat16 / int8 token rows table")
     args = parser.parse_args(argv)
     sizes = ([int(s) * MIB for s in args.sizes_mib.split(",")] if args.sizes_mib
              else sizes_for(args.quick))
@@ -170,7 +179,8 @@ def main(argv=None):
     script = os.path.abspath(__file__)
     worker_args = ["--sizes-mib", ",".join(str(s // MIB) for s in sizes)] + (
         ["--quick"] if args.quick else [])
-    progress = bc.Progress(NAME, len(ranks) * (2 if have_torch else 1) + 1)
+    progress = bc.Progress(NAME, len(ranks) * (2 if have_torch else 1) + 1
+                           + (0 if args.no_token_rows else len(ranks)))
     isolated = {size: bc.memcpy_seconds(size, threads=1, repeats=15)["min_s"] for size in sizes}
     kernel_copy = {size: bc.memcpy_seconds(size, repeats=15, cross_memory=True)["min_s"]
                    for size in sizes}
@@ -234,11 +244,18 @@ def main(argv=None):
                "summary_slot": "one peer block (MoELayer's default window sizing)"}
     print(f"[{NAME}] worst over sizes and ranks (slot = one peer block): {worst_gloo:.2f}x gloo "
           f"(target 3x), {worst_bound:.2f}x single-copy bound (target 0.5x)", flush=True)
+    token_rows = []
+    if not args.no_token_rows:
+        token_rows, table_rows = quantized_dispatch.measure_row_formats(
+            ranks, ["shm"], args.quick, what=("prefill",), progress=progress)
+        print(f"[{NAME}] token rows through the layer's prefill exchange:", flush=True)
+        print(bc.table(quantized_dispatch.ROW_FORMAT_HEADER, table_rows))
     bc.write_results(args.out, NAME, {
         "config": {"ranks": ranks, "bytes_per_rank": sizes, "row_bytes": ROW_BYTES,
                    "dtype": "float32", "mode": "GRAPH_MODE", "quick": args.quick,
                    "threads_per_process": {str(w): bc.threads_per_process(w) for w in ranks}},
-        "method": __doc__.split("\n\n", 2)[2], "rows": entries, "summary": summary})
+        "method": __doc__.split("\n\n", 2)[2], "rows": entries, "summary": summary,
+        "token_rows": token_rows})
     if not args.no_plot:
         def draw(plt):
             for world, color in zip(ranks, ("tab:blue", "tab:orange", "tab:green")):

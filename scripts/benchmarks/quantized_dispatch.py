@@ -5,6 +5,9 @@ the prefill exchange and the decode round trip, EP 2 and 4.
     python scripts/benchmarks/quantized_dispatch.py [--quick] [--out DIR] [--ranks 2,4]
                                                      [--transports shm,allgather]
 
+``prefill_exchange.py`` and ``decode_latency.py`` run the same measurement over the
+shared-memory window (their "token rows" tables) through :func:`measure_row_formats`.
+
 msrun workers (expert parallelism R = 2 and 4), 64 experts, top-8 routing drawn at random, hidden
 2048 and 7168, ``MoELayer`` built as a user builds it (defaults), one layer per (transport,
 hidden, rows). Transports: ``shm``, what a layer on one host uses (the shared-memory window:
@@ -31,12 +34,15 @@ Measured, GRAPH_MODE, several calls per launch (chained with ``ops.depend``):
   FusedReturn over the window; the all-to-all-v over AllGather).
 
 Time = the slowest rank's best repetition (each starts after a barrier). Effective payload GB/s =
-rows delivered to this rank x hidden x bytes per value of the compute dtype / time (the bytes the
-experts receive). Targets (same run; like for like, the same layer with and without int8
+payload rows x hidden x bytes per value of the compute dtype / time, the payload rows being the
+most any rank has: in the prefill exchange the rows delivered to the rank (what its experts
+receive), in the decode round trip twice the rows it sends (each token row once to every rank
+holding one of its experts, and its partial sum back). Targets (same run; like for like, the same layer with and without int8
 rows): int8 prefill exchange >= 2.5x faster than float32 and >= 1.5x faster than bfloat16 at
 hidden 7168; int8 decode round trip >= 1.5x faster than float32 at 128 tokens per rank.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -47,6 +53,7 @@ import bench_common as bc
 NAME = "quantized_dispatch"
 EXPERTS, TOP_K = 64, 8
 PREFILL_TOKENS, DECODE_TOKENS = 512, 128
+WHAT = {"prefill": "prefill exchange", "decode": "decode round trip"}
 VARIANTS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
             "int8": ("float32", "int8"), "int8 (bf16 layer)": ("bfloat16", "int8")}
 TARGETS = {"prefill_int8_vs_float32": 2.5, "prefill_int8_vs_bfloat16": 1.5,
@@ -61,7 +68,7 @@ def settings(quick, transport):
     return (hiddens, 3, 2) if quick else (hiddens, 5, 4)
 
 
-def ms_worker(quick, transport):
+def ms_worker(quick, transport, what=tuple(WHAT)):
     from mindspore import Tensor, nn, ops
     from mindspore.communication import get_group_size
     import mindspore_moe_ep as mee
@@ -126,10 +133,12 @@ def ms_worker(quick, transport):
             layer.set_train(False)
             assert layer.plan(PREFILL_TOKENS, "prefill").quantized == (quant == "int8")
             value_bytes = 4 if dtype == "float32" else 2
-            for what, tokens, cell in (
-                    ("prefill exchange", PREFILL_TOKENS, Deliver(layer.prefill_dispatcher)),
-                    ("decode round trip", DECODE_TOKENS,
-                     RoundTrip(layer.dispatcher_for(DECODE_TOKENS, "decode")))):
+            for name in what:
+                if name == "prefill":
+                    tokens, cell = PREFILL_TOKENS, Deliver(layer.prefill_dispatcher)
+                else:
+                    tokens, cell = DECODE_TOKENS, RoundTrip(
+                        layer.dispatcher_for(DECODE_TOKENS, "decode"))
                 ids, weights = bc.random_routing(tokens, TOP_K, EXPERTS, seed=1000 * rank + tokens)
                 x = Tensor(np.random.default_rng(rank).standard_normal(
                     (tokens, hidden), dtype=np.float32)).astype(mindspore_dtype(dtype))
@@ -137,22 +146,23 @@ def ms_worker(quick, transport):
                     (world * PREFILL_TOKENS, hidden), dtype=np.float32)).astype(
                         mindspore_dtype(dtype))
                 best, median, out = timed(cell, (x, Tensor(ids), Tensor(weights), partial))
-                if what == "prefill exchange":
-                    received_rows = int(out.sum())
-                else:  # each token row goes once to every rank holding one of its experts
-                    received_rows = None
-                results.append({"what": what, "rows": variant, "hidden": hidden,
+                if name == "prefill":  # the rows delivered to this rank
+                    payload_rows = int(out.sum())
+                else:  # each token row goes to every rank holding one of its experts and back
+                    experts_per_rank = EXPERTS // world
+                    payload_rows = 2 * sum(len(set(row // experts_per_rank)) for row in ids)
+                results.append({"what": WHAT[name], "rows": variant, "hidden": hidden,
                                 "transport": transport,
                                 "tokens": tokens, "min_s": best, "median_s": median,
-                                "received_rows": received_rows, "value_bytes": value_bytes})
+                                "payload_rows": payload_rows, "value_bytes": value_bytes})
             layer.close()
             del layer
     bc.write_worker_result({"rank": rank, "results": results})
 
 
 def merge(reports):
-    """Per (transport, what, rows, hidden): the slowest rank's best time, and the most rows a
-    rank received."""
+    """Per (transport, what, rows, hidden): the slowest rank's best time, and the most payload
+    rows of a rank."""
     merged = {}
     for report in reports:
         for entry in report["results"]:
@@ -160,10 +170,42 @@ def merge(reports):
             current = merged.setdefault(key, dict(entry))
             current["min_s"] = max(current["min_s"], entry["min_s"])
             current["median_s"] = max(current["median_s"], entry["median_s"])
-            if entry["received_rows"] is not None:
-                current["received_rows"] = max(current["received_rows"] or 0,
-                                               entry["received_rows"])
+            current["payload_rows"] = max(current["payload_rows"], entry["payload_rows"])
     return merged
+
+
+def measure_row_formats(ranks, transports, quick, what=tuple(WHAT), progress=None):
+    """Runs the workers (one msrun launch per transport and world size) and returns
+    (entries, table rows): per (transport, ranks, what, hidden, rows) the slowest rank's best
+    time, payload GB/s and the speed-ups over float32 / bfloat16 rows of the same run."""
+    rows, entries = [], []
+    for transport, world in [(t, w) for t in transports for w in ranks]:
+        threads = bc.threads_per_process(world)
+        worker_args = ["--role", "ms", "--transport", transport, "--what", ",".join(what)] + (
+            ["--quick"] if quick else [])
+        merged = merge(bc.launch_msrun(os.path.abspath(__file__), world, worker_args,
+                                       env={"MOE_EP_NUM_THREADS": str(threads),
+                                            "OMP_NUM_THREADS": str(threads)}))
+        if progress:
+            progress.step(f"token rows, {transport}, {world} msrun workers")
+        for (_, what_name, variant, hidden), entry in sorted(merged.items()):
+            float32 = merged[(transport, what_name, "float32", hidden)]["min_s"]
+            bfloat16 = merged[(transport, what_name, "bfloat16", hidden)]["min_s"]
+            gbps = entry["payload_rows"] * hidden * entry["value_bytes"] / entry["min_s"] / 1e9
+            entries.append({"transport": transport, "ranks": world, "what": what_name,
+                            "rows": variant, "hidden": hidden,
+                            "tokens_per_rank": entry["tokens"], "time_s": entry["min_s"],
+                            "median_s": entry["median_s"], "payload_gbps": gbps,
+                            "speedup_vs_float32": float32 / entry["min_s"],
+                            "speedup_vs_bfloat16": bfloat16 / entry["min_s"]})
+            rows.append([transport, world, what_name, hidden, variant, entry["tokens"],
+                         entry["min_s"] * 1e3, gbps, float32 / entry["min_s"],
+                         bfloat16 / entry["min_s"]])
+    return entries, rows
+
+
+ROW_FORMAT_HEADER = ["transport", "ranks", "what", "hidden", "rows", "tokens/rank", "ms",
+                     "payload GB/s", "x float32", "x bfloat16"]
 
 
 def main(argv=None):
@@ -172,40 +214,16 @@ def main(argv=None):
     parser.add_argument("--transports", default="shm,allgather",
                         help="comma-separated dispatch.transport values")
     parser.add_argument("--transport", default=None, help=argparse.SUPPRESS)  # worker's
+    parser.add_argument("--what", default=",".join(WHAT), help=argparse.SUPPRESS)  # worker's
     args = parser.parse_args(argv)
     if args.role == "ms":
-        return ms_worker(args.quick, args.transport)
+        return ms_worker(args.quick, args.transport, args.what.split(","))
     ranks = [int(r) for r in args.ranks.split(",")]
     transports = args.transports.split(",")
     print(f"[{NAME}] {bc.describe_machine(bc.machine_info())}", flush=True)
     progress = bc.Progress(NAME, len(ranks) * len(transports))
-    rows, entries = [], []
-    for transport, world in [(t, w) for t in transports for w in ranks]:
-        threads = bc.threads_per_process(world)
-        worker_args = ["--role", "ms", "--transport", transport] + (
-            ["--quick"] if args.quick else [])
-        merged = merge(bc.launch_msrun(__file__, world, worker_args,
-                                       env={"MOE_EP_NUM_THREADS": str(threads),
-                                            "OMP_NUM_THREADS": str(threads)}))
-        progress.step(f"{transport}, {world} msrun workers")
-        for (_, what, variant, hidden), entry in sorted(merged.items()):
-            float32 = merged[(transport, what, "float32", hidden)]["min_s"]
-            bfloat16 = merged[(transport, what, "bfloat16", hidden)]["min_s"]
-            delivered = entry["received_rows"]
-            gbps = (delivered * hidden * entry["value_bytes"] / entry["min_s"] / 1e9
-                    if delivered else None)
-            entries.append({"transport": transport, "ranks": world, "what": what,
-                            "rows": variant, "hidden": hidden,
-                            "tokens_per_rank": entry["tokens"], "time_s": entry["min_s"],
-                            "median_s": entry["median_s"], "payload_gbps": gbps,
-                            "speedup_vs_float32": float32 / entry["min_s"],
-                            "speedup_vs_bfloat16": bfloat16 / entry["min_s"]})
-            rows.append([transport, world, what, hidden, variant, entry["tokens"],
-                         entry["min_s"] * 1e3,
-                         gbps, float32 / entry["min_s"], bfloat16 / entry["min_s"]])
-    print(bc.table(["transport", "ranks", "what", "hidden", "rows", "tokens/rank", "ms",
-                    "payload GB/s",
-                    "x float32", "x bfloat16"], rows))
+    entries, rows = measure_row_formats(ranks, transports, args.quick, progress=progress)
+    print(bc.table(ROW_FORMAT_HEADER, rows))
 
     def worst(what, hidden, variant, versus, transport="shm"):
         values = [e[f"speedup_vs_{versus}"] for e in entries

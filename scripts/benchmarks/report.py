@@ -41,6 +41,16 @@ def verdict(met):
     return "met" if met else "**not met**"
 
 
+def token_rows_table(entries):
+    """The float32 / bfloat16 / int8 token rows table (quantized_dispatch.py's rows)."""
+    return bc.table(["transport", "ranks", "what", "hidden", "rows", "tokens/rank", "ms",
+                     "payload GB/s", "x float32", "x bfloat16"],
+                    [[x["transport"], x["ranks"], x["what"], x["hidden"], x["rows"],
+                      x["tokens_per_rank"], fmt(x["time_s"] * 1e3, 3), fmt(x["payload_gbps"]),
+                      fmt(x["speedup_vs_float32"]), fmt(x["speedup_vs_bfloat16"])]
+                     for x in entries])
+
+
 def target_rows(results):
     """[benchmark, what, target, measured, verdict] for every target."""
     rows = []
@@ -193,6 +203,10 @@ def details(results):
                          ["ranks", "MiB/rank", "window slot", "ExchangeRows", "gloo",
                           "1-copy bound", "readv bound", "x gloo", "x bound", "x readv bound"],
                          rows))
+        if r.get("token_rows"):
+            parts.append("Token rows through the layer's prefill exchange (float32, bfloat16 "
+                         "and int8 rows; `dispatch.quant: int8`):\n\n"
+                         + token_rows_table(r["token_rows"]))
     if "decode_latency" in results:
         r = results["decode_latency"]
         rows = [[x["hidden"], x["tokens_per_rank"], fmt(x["fused_us"], 0),
@@ -217,6 +231,13 @@ def details(results):
                                  "prefill path", "gloo", "fused/prefill", "fused/gloo",
                                  "grouped/gloo", "CPU fused/prefill", "CPU fused/gloo",
                                  "layer decode", "layer decode grouped", "layer prefill"], rows))
+        if r.get("token_rows"):
+            parts.append("Token rows through the fused decode round trip (float32, bfloat16 "
+                         "and int8 rows out, the compute dtype back):\n\n"
+                         + token_rows_table(r["token_rows"]))
+    if "quantized_dispatch" in results:
+        parts.append("### quantized_dispatch\n\n" + token_rows_table(
+            results["quantized_dispatch"]["rows"]))
     if "prefill_memory" in results:
         r = results["prefill_memory"]
         designs = list(r["analytic"][0]["designs"])
