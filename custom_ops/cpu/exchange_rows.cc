@@ -36,6 +36,7 @@
 #include "comm_window.h"
 #include "int8_rows.h"
 #include "kernel_common.h"
+#include "scratch.h"
 
 namespace moe_ep {
 namespace {
@@ -180,7 +181,7 @@ void DeliverRows(const DeliverRowsArgs &args) {
   // Quantized rows land in scratch first and are dequantized from there into rows_out, unless
   // rows_out keeps them quantized (int32 rows, for experts that dequantize as they read).
   uint8_t *landing = dequantize_on_landing
-                         ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                         ? ScratchBytes(Scratch::kInt8ReceivedRows,
                                             world_size * capacity * travel_bytes)
                          : rows_out;
   int32_t *received = args.recv_counts.data_as<int32_t>();

@@ -62,6 +62,7 @@
 #include "int8_rows.h"
 #include "kernel_common.h"
 #include "row_sums.h"
+#include "scratch.h"
 #include "swiglu.h"
 
 namespace moe_ep {
@@ -110,8 +111,8 @@ void ForEachBlock(const ExpertsShapes &shapes, Visit &&visit) {  // visit(first,
   }
 }
 
-// Float32 sums of the used rows, zeroed: `out` itself for float32, else a buffer of its own
-// (only the used rows' pages are touched), which Finish rounds into `out`.
+// Float32 sums of the used rows, zeroed: `out` itself for float32, else per-thread scratch
+// (scratch.h; only the used rows' pages are touched), which Finish rounds into `out`.
 template <typename T>
 class RowSums {
  public:
@@ -119,8 +120,7 @@ class RowSums {
     if constexpr (std::is_same_v<T, float>) {
       sums_ = out;
     } else {
-      own_.reset(new float[shapes.num_rows * shapes.hidden]);
-      sums_ = own_.get();
+      sums_ = ScratchArray<float>(Scratch::kTokenSums, shapes.num_rows * shapes.hidden);
     }
     ForEachBlock(shapes, [&](int64_t first, int64_t used_end, int64_t) {
       std::fill(sums_ + first * shapes.hidden, sums_ + used_end * shapes.hidden, 0.0f);
@@ -147,7 +147,6 @@ class RowSums {
   const ExpertsShapes &shapes_;
   T *out_;
   float *sums_ = nullptr;
-  std::unique_ptr<float[]> own_;
 };
 
 // `count` pairs of `expert` from its `first`.
@@ -235,16 +234,16 @@ void AddExpertOutputsOfType(const ExpertsShapes &shapes, const PairsPerExpert &p
     AppendChunks(expert, static_cast<int64_t>(pairs[expert].size()), chunk_rows, chunks);
   }
   // One scratch per wave slot: gathered rows (then the expert outputs) [rows, H], gate_up,
-  // hidden, for the largest chunk of this call (a small step gets a small scratch).
-  const int64_t largest_chunk = LargestChunk(chunks);
-  std::vector<std::unique_ptr<T[]>> scratch(std::min<int64_t>(chunks.size(),
-                                                              std::max(1, KernelThreadCount())));
+  // hidden, for the largest chunk of this call (a small step touches a small part), sliced
+  // from the calling thread's scratch (scratch.h) before the waves start.
+  const int64_t slot_elements = LargestChunk(chunks) * (hidden + 3 * f);
+  const int64_t slots = std::min<int64_t>(chunks.size(), std::max(1, KernelThreadCount()));
+  T *scratch = ScratchArray<T>(Scratch::kExpertChunks, slots * slot_elements);
   RunInWaves(
       static_cast<int64_t>(chunks.size()),
       [&](int64_t index, int64_t slot) {
         const Chunk &chunk = chunks[index];
-        if (!scratch[slot]) scratch[slot].reset(new T[largest_chunk * (hidden + 3 * f)]);
-        T *gathered = scratch[slot].get(), *gate_up = gathered + chunk.count * hidden;
+        T *gathered = scratch + slot * slot_elements, *gate_up = gathered + chunk.count * hidden;
         ffn.Forward(chunk.expert, pairs[chunk.expert].data() + chunk.first, chunk.count,
                     gathered, gate_up, gate_up + chunk.count * 2 * f, /*out=*/gathered);
       },
@@ -254,7 +253,8 @@ void AddExpertOutputsOfType(const ExpertsShapes &shapes, const PairsPerExpert &p
         for (int64_t i = 0; i < chunk.count; ++i) {
           const ExpertPair &pair = chunk_pairs[i];
           const float weight = weights[pair.row * shapes.top_k + pair.k];
-          AddWeightedRow(scratch[slot].get() + i * hidden, weight, hidden, sum_row(pair.row));
+          AddWeightedRow(scratch + slot * slot_elements + i * hidden, weight, hidden,
+                         sum_row(pair.row));
         }
       });
 }

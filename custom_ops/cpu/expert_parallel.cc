@@ -73,6 +73,7 @@
 #include "gather_sum.h"
 #include "int8_rows.h"
 #include "kernel_common.h"
+#include "scratch.h"
 
 namespace moe_ep {
 namespace {
@@ -175,36 +176,17 @@ void ExpertParallelLayout(const ExpertParallelLayoutArgs &args) {
 // Fused decode operators
 // ---------------------------------------------------------------------------------------------
 
-// Staging memory of the fused operators, kept per thread across calls: a fresh buffer of this
-// size would be zero-filled and page-faulted on every decode step, which profiling showed to be
-// most of the step's time. Only the rows the counts declare are ever written or read, so it is
-// neither zeroed nor otherwise touched: the buffers are sized for R * C rows, but only the pages
-// of rows a step uses become resident (a decode step with a few tokens under a large
-// dispatch.max_tokens_per_rank keeps a few pages, not R * C rows; the in-window Combine never
-// touches `recv`).
+// Staging memory of the fused operators (message rows sent and received) is per-thread scratch
+// (scratch.h): a fresh buffer would be page-faulted on every decode step, which profiling
+// showed to be most of the step's time. Only the rows the counts declare are ever written or
+// read, so it is neither zeroed nor otherwise touched: sized for R * C rows, it keeps resident
+// only the pages of rows the steps use (the in-window Combine never touches the received one).
 struct StagingBuffers {
-  // Grows without initialising (new[] of a byte array leaves the pages untouched).
-  class Bytes {
-   public:
-    uint8_t *data() const { return bytes_.get(); }
-    void GrowTo(int64_t size) {
-      if (size > size_) {
-        bytes_.reset(new uint8_t[size]);
-        size_ = size;
-      }
-    }
+  uint8_t *send, *recv;  // message rows, [R * C, row bytes] each
 
-   private:
-    std::unique_ptr<uint8_t[]> bytes_;
-    int64_t size_ = 0;
-  };
-  Bytes send, recv;  // message rows, [R * C, row bytes] each
-
-  static StagingBuffers &ForThisThread(int64_t message_bytes) {
-    thread_local StagingBuffers buffers;
-    buffers.send.GrowTo(message_bytes);
-    buffers.recv.GrowTo(message_bytes);
-    return buffers;
+  static StagingBuffers ForThisThread(int64_t message_bytes) {
+    return {ScratchBytes(Scratch::kStagingSend, message_bytes),
+            ScratchBytes(Scratch::kStagingReceived, message_bytes)};
   }
 };
 
@@ -293,7 +275,7 @@ struct DecodeMessages {
   TravellingRows source;               // x's rows as they travel (quantized or not)
   bool pull = false;
   MessageLayout layout{0, 0};
-  StagingBuffers *staging = nullptr;   // send: the message rows; recv: the received ones
+  StagingBuffers staging{nullptr, nullptr};  // send: the message rows; recv: the received ones
   std::vector<int32_t> send_counts;    // [R]
   std::vector<int32_t> received;       // [R], filled by the exchange
   std::vector<int32_t> offered_token;  // [R*C]: the token a pull note offers
@@ -301,12 +283,12 @@ struct DecodeMessages {
 
   RowExchange Exchange() {
     // Only the counted message rows are read: the receive tails need no zeroing.
-    return RowExchange{staging->send.data(), send_counts.data(), staging->recv.data(),
+    return RowExchange{staging.send, send_counts.data(), staging.recv,
                        received.data(), capacity, layout.row_bytes(), /*zero_tail=*/false,
                        operation};
   }
   ReceivedMessages Received() const {
-    return ReceivedMessages{staging->recv.data(), layout, received.data(), world_size, capacity,
+    return ReceivedMessages{staging.recv, layout, received.data(), world_size, capacity,
                             top_k};
   }
 };
@@ -350,7 +332,7 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
       messages.pull ? notes_layout : MessageLayout{messages.source.row_bytes, 2 * top_k};
   const int64_t row_bytes = messages.layout.row_bytes();
   const int64_t payload_bytes = messages.layout.payload_bytes;
-  messages.staging = &StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  messages.staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   messages.send_counts.assign(world_size, 0);
   messages.received.assign(world_size, 0);
   messages.offered_token.assign(world_size * capacity, kNone);
@@ -363,7 +345,7 @@ DecodeMessages PrepareDecodeMessages(CommWindow &window, const TensorArg &x,
     const std::vector<int32_t> &sent = plan.tokens_for_rank[rank];
     messages.send_counts[rank] = static_cast<int32_t>(sent.size());
     for (int64_t i = 0; i < static_cast<int64_t>(sent.size()); ++i) {
-      uint8_t *row = messages.staging->send.data() + (rank * capacity + i) * row_bytes;
+      uint8_t *row = messages.staging.send + (rank * capacity + i) * row_bytes;
       const int64_t t = sent[i];
       slot_of[t * world_size + rank] = static_cast<int32_t>(rank * capacity + i);
       messages.offered_token[rank * capacity + i] = static_cast<int32_t>(t);
@@ -425,7 +407,7 @@ void FusedDispatch(const FusedDispatchArgs &args) {
     std::vector<int64_t> more_rows, more_begin(world_size * capacity + 1, 0);
     std::vector<int64_t> first_row(source_rows.quantized ? world_size * capacity : 0);
     uint8_t *landing = source_rows.quantized
-                           ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                           ? ScratchBytes(Scratch::kInt8ReceivedRows,
                                               world_size * capacity * travel_bytes)
                            : nullptr;
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
@@ -549,7 +531,7 @@ void FusedDeliver(const FusedDeliverArgs &args) {
     // Each received row is read from its source once, straight into its row of `rows` (or,
     // quantized and dequantized on landing, into scratch, then into `rows` a batch at a time).
     uint8_t *landing = dequantize_on_landing
-                           ? Int8ScratchBytes(Int8Scratch::kReceivedRows,
+                           ? ScratchBytes(Scratch::kInt8ReceivedRows,
                                               world_size * capacity * travel_bytes)
                            : out;
     auto plan_copies = [&](std::vector<std::vector<RowCopy>> &copies) {
@@ -645,33 +627,33 @@ void ReturnAndSum(CommWindow &window, const char *operation, const int32_t *coun
     }
   };
   if (window.CanShareRows(capacity, row_bytes)) {
-    StagingBuffers &staging = StagingBuffers::ForThisThread(capacity * row_bytes);
+    const StagingBuffers staging = StagingBuffers::ForThisThread(capacity * row_bytes);
     const auto sum_in_place = [&](const std::vector<const uint8_t *> &rows,
                                   const std::vector<int32_t> &returned_counts) {
       check_token_slots(returned_counts.data());
       GatherSumFromBlocks(rows, capacity, token_slot, y);
     };
-    window.ShareRows(SharedRows{counts, capacity, row_bytes, staging.send.data(), write_block,
+    window.ShareRows(SharedRows{counts, capacity, row_bytes, staging.send, write_block,
                                 sum_in_place, operation});
     return;
   }
-  StagingBuffers &staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
+  const StagingBuffers staging = StagingBuffers::ForThisThread(world_size * capacity * row_bytes);
   if (blocks == nullptr) {
     // Before the exchange, so that a bad input abandons the window.
     AbandonOnFailure(window, [&] {
       for (int64_t source = 0; source < world_size; ++source) {
-        write_block(source, staging.send.data() + source * capacity * row_bytes);
+        write_block(source, staging.send + source * capacity * row_bytes);
       }
       return 0;
     });
-    blocks = staging.send.data();
+    blocks = staging.send;
   }
   std::vector<int32_t> returned_counts(world_size);
-  window.ExchangeRows(RowExchange{blocks, counts, staging.recv.data(), returned_counts.data(),
+  window.ExchangeRows(RowExchange{blocks, counts, staging.recv, returned_counts.data(),
                                   capacity, row_bytes, /*zero_tail=*/false, operation});
   check_token_slots(returned_counts.data());
   const int64_t returned_shape[2] = {world_size * capacity, y.dim(1)};
-  const TensorArg returned_rows{"returned_rows", staging.recv.data(), 2, returned_shape, y.dtype};
+  const TensorArg returned_rows{"returned_rows", staging.recv, 2, returned_shape, y.dtype};
   GatherSum(returned_rows, token_slot, nullptr, y);
 }
 

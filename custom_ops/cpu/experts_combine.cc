@@ -42,6 +42,7 @@
 #include "expert_ffn.h"
 #include "kernel_common.h"
 #include "row_sums.h"
+#include "scratch.h"
 
 namespace moe_ep {
 namespace {
@@ -85,18 +86,17 @@ void ExpertsCombine(const ExpertsCombineArgs &args, CommWindow &window,
   const float *weights = args.weights.data_as<const float>();
   const int32_t *slots = args.token_slot.data_as<const int32_t>();
 
-  // A round's buffers: partial sums to send [R*B, H], returned rows [R*B, H], and for 16-bit
-  // types the partial sums in float32 (for float32 they are the send rows themselves).
+  // A round's buffers (per-thread scratch kept across calls, scratch.h): partial sums to send
+  // [R*B, H], returned rows [R*B, H], and for 16-bit types the partial sums in float32 (for
+  // float32 they are the send rows themselves) and the output's float32 sums.
   const int64_t round_elements = world_size * round_rows * hidden;
-  std::unique_ptr<T[]> send(new T[round_elements]), recv(new T[round_elements]);
-  std::unique_ptr<float[]> own_partial, own_sums;
-  float *partial = reinterpret_cast<float *>(send.get());
+  T *send = ScratchArray<T>(Scratch::kRoundSend, round_elements);
+  T *recv = ScratchArray<T>(Scratch::kRoundReceived, round_elements);
+  float *partial = reinterpret_cast<float *>(send);
   float *sums = reinterpret_cast<float *>(args.y.data_as<T>());
   if constexpr (!std::is_same_v<T, float>) {
-    own_partial.reset(new float[round_elements]);
-    partial = own_partial.get();
-    own_sums.reset(new float[tokens * hidden]);
-    sums = own_sums.get();
+    partial = ScratchArray<float>(Scratch::kRoundPartial, round_elements);
+    sums = ScratchArray<float>(Scratch::kTokenSums, tokens * hidden);
   }
   const int64_t min_rows_per_thread = MinItemsPerThread(row_bytes);
   ParallelFor(tokens, min_rows_per_thread, [&](int64_t begin, int64_t end) {
@@ -127,13 +127,13 @@ void ExpertsCombine(const ExpertsCombineArgs &args, CommWindow &window,
         const int64_t first = source * round_rows;
         ParallelFor(round_counts[source], min_rows_per_thread, [&](int64_t begin, int64_t end) {
           for (int64_t i = first + begin; i < first + end; ++i) {
-            RoundRow(partial + i * hidden, hidden, send.get() + i * hidden);
+            RoundRow(partial + i * hidden, hidden, send + i * hidden);
           }
         });
       }
     }
-    window.ExchangeRows(RowExchange{reinterpret_cast<const uint8_t *>(send.get()),
-                                    round_counts.data(), reinterpret_cast<uint8_t *>(recv.get()),
+    window.ExchangeRows(RowExchange{reinterpret_cast<const uint8_t *>(send),
+                                    round_counts.data(), reinterpret_cast<uint8_t *>(recv),
                                     returned.data(), round_rows, row_bytes,
                                     /*zero_tail=*/false, "ExpertsCombine (prefill)"});
     // At the source: rank d returned the rows of slots d*C + offset .. + returned[d], in order.
@@ -155,7 +155,7 @@ void ExpertsCombine(const ExpertsCombineArgs &args, CommWindow &window,
           const int64_t slot = slots[t * world_size + rank];
           const int64_t i = slot - rank * capacity - offset;
           if (slot == -1 || i < 0 || i >= round_rows) continue;
-          AddWeightedRow(recv.get() + (rank * round_rows + i) * hidden, 1.0f, hidden,
+          AddWeightedRow(recv + (rank * round_rows + i) * hidden, 1.0f, hidden,
                          sums + t * hidden);
         }
       }

@@ -23,6 +23,7 @@
 #include <sstream>
 #include <string>
 
+#include "scratch.h"
 #include "simd_convert.h"
 
 namespace moe_ep {
@@ -43,20 +44,6 @@ RowDtype RowDtypeOf(const TensorArg &tensor) {
   if (tensor.dtype == "bfloat16") return RowDtype::kBFloat16;
   Fail(kInvalidArgument, tensor.name, " has dtype ", tensor.dtype,
        "; expected float32, float16 or bfloat16");
-}
-
-uint8_t *Int8ScratchBytes(Int8Scratch which, int64_t bytes) {
-  struct Buffer {
-    std::unique_ptr<uint8_t[]> data;
-    int64_t size = 0;
-  };
-  thread_local Buffer buffers[2];
-  Buffer &buffer = buffers[static_cast<int>(which)];
-  if (bytes > buffer.size) {
-    buffer.data.reset(new uint8_t[bytes]);  // not value-initialised: no page is touched here
-    buffer.size = bytes;
-  }
-  return buffer.data.get();
 }
 
 namespace {
@@ -301,7 +288,7 @@ TravellingRows RowsToSend(const TensorArg &x, QuantMode mode) {
     return rows;
   }
   rows.row_bytes = Int8RowBytes(rows.hidden);
-  uint8_t *quantized = Int8ScratchBytes(Int8Scratch::kSourceRows, rows.count * rows.row_bytes);
+  uint8_t *quantized = ScratchBytes(Scratch::kInt8SourceRows, rows.count * rows.row_bytes);
   QuantizeRowsInt8(x.data, rows.dtype, rows.hidden, 0, rows.count, quantized, x.name);
   rows.rows = quantized;
   return rows;

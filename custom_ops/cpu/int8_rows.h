@@ -67,14 +67,8 @@ void QuantizeRowsInt8(const void *rows, RowDtype dtype, int64_t hidden, int64_t 
 // Writes the dequantized form of one quantized row into `out` (hidden elements of `dtype`).
 void DequantizeRowInt8(const uint8_t *row, int64_t hidden, RowDtype dtype, void *out);
 
-// Per-thread scratch for quantized rows, kept across calls and grown without initialising (only
-// the pages of rows a step uses become resident): one for the rows a source offers, one for the
-// rows a receiver lands before dequantizing them.
-enum class Int8Scratch { kSourceRows, kReceivedRows };
-uint8_t *Int8ScratchBytes(Int8Scratch which, int64_t bytes);
-
 // A source's token rows as they travel: x itself (QuantMode::kNone), or its rows quantized once,
-// here, into per-thread scratch (Int8Scratch::kSourceRows).
+// here, into per-thread scratch (Scratch::kInt8SourceRows, scratch.h).
 struct TravellingRows {
   const uint8_t *rows = nullptr;  // [count, row_bytes]
   int64_t row_bytes = 0;          // bytes of one travelling row
